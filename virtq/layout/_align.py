@@ -1,0 +1,10 @@
+from __future__ import annotations
+
+
+def align_up(value: int, align: int) -> int:
+    """Round ``value`` up to a multiple of ``align`` (a power of two)."""
+    return (value + align - 1) & ~(align - 1)
+
+
+def is_power_of_two(value: int) -> bool:
+    return value > 0 and value & (value - 1) == 0

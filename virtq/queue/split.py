@@ -1,0 +1,585 @@
+"""The driver side of a split virtqueue (VIRTIO 1.2 §2.7), sans-I/O.
+
+:class:`SplitQueue` is built *over* memory you own: a :class:`~virtq.memory.MemoryRegion`, a
+:class:`~virtq.layout.SplitLayout` saying where each part lives inside it, and the IOVA the
+device uses for the region's byte 0.  It never allocates, never writes an eventfd or a
+doorbell: :meth:`SplitQueue.publish` *returns* whether the device wants a notification and
+the transport acts on it.
+
+Trust model: the device is an untrusted peer.  Everything the driver needs to know about its
+own chains (free list, per-head token, descriptor indices, writable capacity) is shadowed in
+Python and never read back from shared memory; every value the device writes (``used.idx``,
+``used.ring[].id``/``len``, ``used.flags``, ``avail_event``) passes one ingress point,
+:meth:`SplitQueue._reap`, before it is acted on.  A violation raises
+:class:`~virtq.errors.DeviceProtocolError` and marks the queue broken: every later operation
+raises :class:`~virtq.errors.QueueBrokenError` until :meth:`SplitQueue.reset`.
+
+Memory ordering (see ``docs/memory-ordering.md``): descriptors and ``avail.ring[]`` are
+written before :func:`publish_barrier` and the single 2-byte ``avail.idx`` store; the
+notification decision reads ``used.flags``/``avail_event`` only after :func:`full_fence`;
+reaping reads ``used.idx`` once, then :func:`observe_barrier`, then the elements.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from virtq._sys.fence import full_fence, observe_barrier, publish_barrier
+from virtq.abi import (
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VIRTQ_USED_F_NO_NOTIFY,
+    VirtqDesc,
+    avail_ring_type,
+    used_ring_type,
+)
+from virtq.errors import (
+    ArgumentError,
+    DeviceError,
+    DeviceProtocolError,
+    LayoutError,
+    QueueBrokenError,
+    QueueFullError,
+    QueueStateError,
+    VirtqError,
+)
+from virtq.layout import SplitLayout, distance, need_event, wrap_add
+from virtq.layout.split import DESC_SIZE, avail_nbytes, used_nbytes
+from virtq.memory import MemoryRegion
+from virtq.types import Iova
+
+if sys.byteorder != "little":  # pragma: no cover - no big-endian CI machine
+    raise ImportError(
+        "virtq.queue maps ring fields with native-endian memoryview casts; virtio 1.x rings "
+        "are little-endian, so this host is not supported"
+    )
+
+#: One buffer of a chain: ``(iova, length)``.
+Buffer = tuple[int, int]
+
+_DESC = struct.Struct("<QIHH")  # addr, len, flags, next (struct virtq_desc, §2.7.5)
+_U32_LIMIT = 1 << 32
+_U64_LIMIT = 1 << 64
+_FREE: Any = object()  # token of a head that is not in flight
+
+#: Public operations that are replaced by raisers once the queue is closed or broken.
+_GUARDED = (
+    "add", "publish", "pop_used", "drain_used", "disable_interrupts", "enable_interrupts",
+    "kick_needed",
+)
+
+
+class SplitQueue:
+    """A split virtqueue, driver side.
+
+    ``iova`` is the device-visible address of the region's byte 0 (so ``desc_iova`` is
+    ``iova + layout.desc``).  ``start_index`` seeds ``avail.idx``, ``used.idx`` and the shadow
+    counters -- vhost-user's SET_VRING_BASE uses it, and so do tests that want the u16
+    wrap-around within a handful of operations.  With ``indirect=True`` chains of more than
+    one buffer go into the per-head indirect tables that ``layout`` reserves
+    (``SplitLayout.compute(..., indirect_size=K)``).
+    """
+
+    def __init__(
+        self,
+        region: MemoryRegion,
+        layout: SplitLayout,
+        *,
+        iova: Iova,
+        event_idx: bool = False,
+        indirect: bool = False,
+        start_index: int = 0,
+        strict_len: bool = True,
+    ) -> None:
+        if region.nbytes < layout.nbytes:
+            raise LayoutError(
+                "layout.nbytes", layout.nbytes, f"exceeds the region's {region.nbytes} bytes"
+            )
+        if indirect and not layout.indirect_size:
+            raise LayoutError(
+                "indirect", indirect,
+                "needs a layout with indirect tables: SplitLayout.compute(..., indirect_size=K)",
+            )
+        if not isinstance(start_index, int) or not 0 <= start_index <= 0xFFFF:
+            raise ArgumentError("start_index", start_index, "must be a u16 (0..65535)")
+        if not isinstance(iova, int) or not 0 <= iova < _U64_LIMIT:
+            raise ArgumentError("iova", iova, "must be a u64")
+        n = layout.queue_size
+        self.region = region
+        self.layout = layout
+        self.size = n
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.strict_len = strict_len
+        self.iova = iova
+        self.desc_iova = Iova(iova + layout.desc)
+        self.avail_iova = Iova(iova + layout.avail)
+        self.used_iova = Iova(iova + layout.used)
+        self._mask = n - 1
+
+        # Zero-copy views.  Each index field is read/written as its own 2-byte element so
+        # no access ever tears or spans a neighbouring field (spec-notes §4.3).
+        self._mem = region.view(0, layout.nbytes)
+        self._desc_mem = self._mem[layout.desc : layout.desc + DESC_SIZE * n]
+        # avail as u16[]: [0] flags, [1] idx, [2 + i] ring[i], [2 + n] used_event
+        self._avail = self._mem[layout.avail : layout.avail + avail_nbytes(n)].cast("H")
+        used_mem = self._mem[layout.used : layout.used + used_nbytes(n)]
+        # used as u16[]: [0] flags, [1] idx, [2 + 4n] avail_event
+        self._used_h = used_mem.cast("H")
+        # used elements as u32[]: ring[i].id at [1 + 2i], ring[i].len at [2 + 2i]
+        self._used_w = used_mem[: 4 + 8 * n].cast("I")
+        self._used_mem = used_mem
+        self._indirect_base = layout.indirect
+        self._indirect_size = layout.indirect_size
+        self._idx_used_event = 2 + n
+        self._idx_avail_event = 2 + 4 * n
+        self._reset_state(start_index)
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def _reset_state(self, start_index: int) -> None:
+        n = self.size
+        # The driver zeroes the rings (§2.7: "The driver MUST initialize ... used.flags to 0";
+        # a recycled region may hold a previous queue's state).
+        self._desc_mem[:] = bytes(len(self._desc_mem))
+        self._avail[:] = memoryview(bytes(2 * len(self._avail))).cast("H")
+        self._used_h[:] = memoryview(bytes(2 * len(self._used_h))).cast("H")
+        # Both indices start at start_index; so do the event words, so the first publish and
+        # the first completion notify even before the peer has written its event word.
+        self._avail[1] = start_index
+        self._used_h[1] = start_index
+        self._avail[self._idx_used_event] = start_index
+        self._used_h[self._idx_avail_event] = start_index
+        self.next_avail = start_index  # shadow avail.idx, including added-but-unpublished
+        self.published = start_index  # last value stored to avail.idx
+        self.last_used = start_index  # next used.ring slot to reap
+        self._free: list[int] = list(range(n - 1, -1, -1))  # stack of free descriptors
+        self._tokens: list[Any] = [_FREE] * n  # per head: caller token or _FREE
+        self._rest: list[tuple[int, ...]] = [()] * n  # per head: non-head descriptors
+        self._capacity: list[int] = [0] * n  # per head: device-writable bytes
+        self._position: list[int] = [0] * n  # per head: avail index it was added at
+        self._interrupts = True
+        self._broken: DeviceError | None = None
+        for name in _GUARDED:
+            self.__dict__.pop(name, None)
+
+    def reset(self, start_index: int | None = None) -> list[Any]:
+        """Forget every chain and re-initialise the rings; returns the tokens that were in
+        flight (in no particular order) so the caller can fail them.
+
+        Only valid while the device is not using the rings (after a device reset, after a
+        vhost-user backend died, before SET_VRING_BASE on a reconnect).  ``start_index``
+        defaults to the current ``next_avail``, so a reconnecting backend told
+        ``SET_VRING_BASE(next_avail)`` carries on where the old one stopped.
+        """
+        if self._mem is None:
+            raise QueueStateError("queue is closed")
+        lost = [t for t in self._tokens if t is not _FREE]
+        self._reset_state(self.next_avail if start_index is None else start_index)
+        return lost
+
+    # -- properties -------------------------------------------------------------------------
+
+    @property
+    def num_free(self) -> int:
+        """Free descriptors (a direct chain of k buffers needs k, an indirect one 1)."""
+        return len(self._free)
+
+    @property
+    def num_in_flight(self) -> int:
+        """Chains added and not yet reaped (published or not)."""
+        return distance(self.last_used, self.next_avail)
+
+    @property
+    def broken(self) -> DeviceError | None:
+        """The device error that broke the queue, or ``None``."""
+        return self._broken
+
+    # -- adding buffers -----------------------------------------------------------------
+
+    def add(
+        self, readable: Sequence[Buffer], writable: Sequence[Buffer], token: Any = None
+    ) -> int:
+        """Add one chain: ``readable`` buffers (device reads them) then ``writable`` ones
+        (device writes them), each ``(iova, length)`` -- the order §2.7.4.2 requires.
+        Returns the head descriptor index.  Not visible to the device until
+        :meth:`publish`.  ``token`` comes back from :meth:`pop_used`.
+
+        Raises :class:`QueueFullError` (with ``needed``/``free``) when the chain does not fit;
+        nothing is written in that case, nor on any other error.
+        """
+        nr = len(readable)
+        nw = len(writable)
+        count = nr + nw
+        free = self._free
+        if count == 1 and free:
+            # Fast path: one buffer, one descriptor.
+            buf = readable[0] if nr else writable[0]
+            try:
+                iova, length = buf
+                ok = 0 <= iova < _U64_LIMIT and 0 < length < _U32_LIMIT
+            except (TypeError, ValueError):
+                ok = False
+            if not ok or type(iova) is not int or type(length) is not int:
+                _bad_buffer(buf)
+            head = free.pop()
+            _DESC.pack_into(
+                self._desc_mem, head * DESC_SIZE, iova, length, 0 if nr else VIRTQ_DESC_F_WRITE, 0
+            )
+            self._rest[head] = ()
+            self._capacity[head] = 0 if nr else length
+        else:
+            head = self._add_chain(readable, writable, count)
+        idx = self.next_avail
+        self._avail[2 + (idx & self._mask)] = head
+        self._tokens[head] = token
+        self._position[head] = idx
+        self.next_avail = (idx + 1) & 0xFFFF
+        return head
+
+    def _add_chain(self, readable: Sequence[Buffer], writable: Sequence[Buffer], count: int) -> int:
+        if count == 0:
+            raise ArgumentError("buffers", count, "a chain needs at least one buffer")
+        buffers = [*readable, *writable]
+        total = 0
+        capacity = 0
+        for i, buf in enumerate(buffers):
+            if not _valid_buffer(buf):
+                _bad_buffer(buf)
+            length = buf[1]
+            total += length
+            if i >= len(readable):
+                capacity += length
+        if total >= _U32_LIMIT:  # §2.7.5.3.1: a chain's total length fits in 32 bits
+            raise ArgumentError("buffers", total, "a chain's total length must be < 2**32")
+        free = self._free
+        flags = [0] * len(readable) + [VIRTQ_DESC_F_WRITE] * len(writable)
+        if self.indirect and count > 1:
+            if count > self._indirect_size:
+                raise ArgumentError(
+                    "buffers", count,
+                    f"chain longer than the {self._indirect_size}-entry indirect table",
+                )
+            if not free:
+                raise QueueFullError(1, 0)
+            head = free.pop()
+            table = self._indirect_base + head * DESC_SIZE * self._indirect_size  # type: ignore[operator]
+            mem = self._mem
+            last = count - 1
+            for i, (iova, length) in enumerate(buffers):
+                nxt = VIRTQ_DESC_F_NEXT if i < last else 0
+                _DESC.pack_into(mem, table + i * DESC_SIZE, iova, length, flags[i] | nxt,
+                                i + 1 if i < last else 0)
+            # §2.7.5.3.1: the device ignores WRITE on the descriptor that points to a table.
+            _DESC.pack_into(self._desc_mem, head * DESC_SIZE, self.iova + table,
+                            DESC_SIZE * count, VIRTQ_DESC_F_INDIRECT, 0)
+            self._rest[head] = ()
+        else:
+            if count > len(free):
+                raise QueueFullError(count, len(free))
+            descs = [free.pop() for _ in range(count)]
+            desc_mem = self._desc_mem
+            last = count - 1
+            for i, (iova, length) in enumerate(buffers):
+                if i < last:
+                    _DESC.pack_into(desc_mem, descs[i] * DESC_SIZE, iova, length,
+                                    flags[i] | VIRTQ_DESC_F_NEXT, descs[i + 1])
+                else:
+                    _DESC.pack_into(desc_mem, descs[i] * DESC_SIZE, iova, length, flags[i], 0)
+            head = descs[0]
+            self._rest[head] = tuple(descs[1:])
+        self._capacity[head] = capacity
+        return head
+
+    def publish(self) -> bool:
+        """Expose every added chain to the device with one ``avail.idx`` store.
+
+        Returns True when the device wants an available-buffer notification (§2.7.10:
+        ``used.flags`` lacks ``VIRTQ_USED_F_NO_NOTIFY``, or with event idx
+        ``vring_need_event(avail_event, new, old)``).  Returns False when nothing was added.
+        """
+        new = self.next_avail
+        old = self.published
+        if new == old:
+            return False
+        # Descriptors and ring entries must be visible before the index (§2.7.13.3.1 step 4).
+        publish_barrier()
+        self._avail[1] = new
+        self.published = new
+        # The decision below loads what the device wrote; it must not be satisfied before the
+        # idx store is globally visible, or a device that just went to sleep is never woken.
+        full_fence()
+        if self.event_idx:
+            return need_event(self._used_h[self._idx_avail_event], new, old)
+        return not self._used_h[0] & VIRTQ_USED_F_NO_NOTIFY
+
+    def kick_needed(self) -> bool:
+        """Re-evaluate the notification decision for everything published so far (for a
+        transport that wants to re-check after a spurious wake-up).  Always notifying is also
+        correct: devices must tolerate spurious notifications."""
+        full_fence()
+        if self.event_idx:
+            return need_event(self._used_h[self._idx_avail_event], self.published,
+                              wrap_add(self.published, -1))
+        return not self._used_h[0] & VIRTQ_USED_F_NO_NOTIFY
+
+    # -- reaping ------------------------------------------------------------------------------
+
+    def pop_used(self) -> tuple[Any, int] | None:
+        """The next completed chain as ``(token, written_len)``, or None.
+
+        Completions arrive in whatever order the device chooses.  ``written_len`` is what the
+        device reported writing into the chain's device-writable part (validated against its
+        capacity).
+        """
+        used_idx = self._used_h[1]
+        if used_idx == self.last_used:
+            return None
+        got = self._reap(used_idx, 1)
+        return got[0]
+
+    def drain_used(self) -> list[tuple[Any, int]]:
+        """All completed chains, in used-ring order (reads ``used.idx`` once)."""
+        used_idx = self._used_h[1]
+        if used_idx == self.last_used:
+            return []
+        return self._reap(used_idx, distance(self.last_used, used_idx))
+
+    def _reap(self, used_idx: int, count: int) -> list[tuple[Any, int]]:
+        """The single ingress point for device-written used-ring state."""
+        last_used = self.last_used
+        # used.idx may run ahead of last_used by at most the number of published chains.
+        if distance(last_used, used_idx) > distance(last_used, self.published):
+            self._fail(DeviceProtocolError(
+                "used.idx", used_idx,
+                f"at most {distance(last_used, self.published)} ahead of last_used "
+                f"{last_used:#x} (published avail.idx {self.published:#x})",
+            ), [])
+        # Read the elements only after the index that announced them (§2.7.14).
+        observe_barrier()
+        used_w = self._used_w
+        tokens = self._tokens
+        mask = self._mask
+        n = self.size
+        free = self._free
+        out: list[tuple[Any, int]] = []
+        for _ in range(count):
+            slot = last_used & mask
+            head = used_w[1 + 2 * slot]
+            length = used_w[2 + 2 * slot]
+            if head >= n or tokens[head] is _FREE:
+                self.last_used = last_used
+                self._fail(DeviceProtocolError(
+                    f"used.ring[{slot}].id", head, f"a head in flight (queue size {n})"), out)
+            if distance(self.published, self._position[head]) < distance(
+                self.published, self.next_avail
+            ):
+                self.last_used = last_used
+                self._fail(DeviceProtocolError(
+                    f"used.ring[{slot}].id", head, "a head that has been published"), out)
+            if length > self._capacity[head] and self.strict_len:
+                self.last_used = last_used
+                self._fail(DeviceProtocolError(
+                    f"used.ring[{slot}].len", length,
+                    f"<= {self._capacity[head]}, the writable capacity of head {head}"), out)
+            out.append((tokens[head], length))
+            tokens[head] = _FREE
+            free.append(head)
+            rest = self._rest[head]
+            if rest:
+                free.extend(rest)
+            last_used = (last_used + 1) & 0xFFFF
+        self.last_used = last_used
+        return out
+
+    # -- interrupt (used-buffer notification) control ------------------------------------
+
+    def disable_interrupts(self) -> None:
+        """Ask the device not to send used-buffer notifications (advisory, §2.7.10)."""
+        self._interrupts = False
+        if self.event_idx:
+            # used_event one behind last_used: the device notifies only after 65536 more.
+            self._avail[self._idx_used_event] = wrap_add(self.last_used, -1)
+        else:
+            self._avail[0] = VIRTQ_AVAIL_F_NO_INTERRUPT
+
+    def enable_interrupts(self) -> bool:
+        """Ask for used-buffer notifications again.  Returns True if used entries arrived
+        meanwhile: the caller must poll again instead of sleeping (the race of §2.7.13.5 --
+        the device may have completed a buffer after the last poll and before it could see
+        this request, and will not notify for it)."""
+        self._interrupts = True
+        if self.event_idx:
+            self._avail[self._idx_used_event] = self.last_used
+        else:
+            self._avail[0] = 0
+        # Store (flags/used_event) -> load (used.idx): needs a full fence.
+        full_fence()
+        return bool(self._used_h[1] != self.last_used)
+
+    def has_used(self) -> bool:
+        """True when the device has published completions not yet reaped."""
+        return bool(self._used_h[1] != self.last_used)
+
+    # -- failure and teardown -----------------------------------------------------------
+
+    def _fail(self, err: DeviceProtocolError, completed: list[tuple[Any, int]]) -> NoReturn:
+        # Completions validated before the bad element are handed over on the error, so no
+        # token is lost: they are neither returned by reset() nor reaped again.
+        err.completed = completed
+        self._broken = err
+        self._disable(lambda: QueueBrokenError(err))
+        raise err
+
+    def _disable(self, make_error: Callable[[], VirtqError]) -> None:
+        # Instance attributes shadow the methods, so the hot paths need no state check.
+        def refuse(*args: object, **kwargs: object) -> NoReturn:
+            raise make_error()
+
+        for name in _GUARDED:
+            setattr(self, name, refuse)
+
+    def close(self) -> None:
+        """Release the views of the region (idempotent), so the region can be closed."""
+        if self._mem is None:
+            return
+        for name in ("_avail", "_used_h", "_used_w", "_used_mem", "_desc_mem"):
+            getattr(self, name).release()
+        self._mem.release()
+        self._mem = None  # type: ignore[assignment]
+        self._disable(lambda: QueueStateError("queue is closed"))
+
+    def __enter__(self) -> SplitQueue:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- inspection ---------------------------------------------------------------------
+
+    def ring(self) -> SplitRingView:
+        """ctypes structures laid over the live rings (for inspection and tools; release
+        with ``close()`` on the returned view before closing the region)."""
+        if self._mem is None:
+            raise QueueStateError("queue is closed")
+        return SplitRingView(self._mem, self.layout)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Driver state and ring indices as a plain dict (for logs, tests, the CLI)."""
+        closed = self._mem is None
+        return {
+            "size": self.size,
+            "next_avail": self.next_avail,
+            "published": self.published,
+            "last_used": self.last_used,
+            "num_free": self.num_free,
+            "num_in_flight": self.num_in_flight,
+            "in_flight_heads": [h for h, t in enumerate(self._tokens) if t is not _FREE],
+            "event_idx": self.event_idx,
+            "indirect": self.indirect,
+            "interrupts": self._interrupts,
+            "broken": None if self._broken is None else str(self._broken),
+            "closed": closed,
+            "desc_iova": self.desc_iova,
+            "avail_iova": self.avail_iova,
+            "used_iova": self.used_iova,
+            "avail.flags": None if closed else self._avail[0],
+            "avail.idx": None if closed else self._avail[1],
+            "avail.used_event": None if closed else self._avail[self._idx_used_event],
+            "used.flags": None if closed else self._used_h[0],
+            "used.idx": None if closed else self._used_h[1],
+            "used.avail_event": None if closed else self._used_h[self._idx_avail_event],
+        }
+
+    def describe(self) -> str:
+        """A human-readable dump of the driver state and the live rings."""
+        snap = self.snapshot()
+        lines = [
+            f"SplitQueue size={self.size} desc@{self.desc_iova:#x} avail@{self.avail_iova:#x} "
+            f"used@{self.used_iova:#x} event_idx={self.event_idx} indirect={self.indirect}",
+            f"  driver: next_avail={snap['next_avail']:#06x} published={snap['published']:#06x} "
+            f"last_used={snap['last_used']:#06x} free={snap['num_free']} "
+            f"in_flight={snap['num_in_flight']} broken={snap['broken']}",
+        ]
+        if self._mem is None:
+            lines.append("  (closed)")
+            return "\n".join(lines)
+        view = self.ring()
+        try:
+            avail, used = view.avail, view.used
+            lines.append(f"  avail: flags={avail.flags:#x} idx={avail.idx:#06x} "
+                         f"used_event={avail.used_event:#06x}")
+            lines.append(f"  used:  flags={used.flags:#x} idx={used.idx:#06x} "
+                         f"avail_event={used.avail_event:#06x}")
+            for head in snap["in_flight_heads"]:
+                chain = []
+                d = head
+                for _ in range(self.size):
+                    desc = view.desc[d]
+                    chain.append(f"[{d}] addr={desc.addr:#x} len={desc.len} "
+                                 f"flags={_flag_names(desc.flags)} next={desc.next}")
+                    if not desc.flags & VIRTQ_DESC_F_NEXT:
+                        break
+                    d = desc.next & self._mask
+                lines.append(f"  head {head}: " + " -> ".join(chain))
+            pending = distance(self.last_used, used.idx)
+            for k in range(min(pending, self.size)):
+                slot = wrap_add(self.last_used, k) & self._mask
+                elem = used.ring[slot]
+                lines.append(f"  used.ring[{slot}] = id {elem.id} len {elem.len} (unreaped)")
+        finally:
+            view.close()
+        return "\n".join(lines)
+
+
+class SplitRingView:
+    """ctypes structures over a split ring: ``desc`` (VirtqDesc[N]), ``avail``, ``used``."""
+
+    def __init__(self, mem: memoryview, layout: SplitLayout) -> None:
+        n = layout.queue_size
+        self._views = [
+            mem[layout.desc : layout.desc + DESC_SIZE * n],
+            mem[layout.avail : layout.avail + avail_nbytes(n)],
+            mem[layout.used : layout.used + used_nbytes(n)],
+        ]
+        self.desc: Any = (VirtqDesc * n).from_buffer(self._views[0])
+        self.avail: Any = avail_ring_type(n).from_buffer(self._views[1])
+        self.used: Any = used_ring_type(n).from_buffer(self._views[2])
+
+    def close(self) -> None:
+        del self.desc, self.avail, self.used
+        for v in self._views:
+            v.release()
+
+    def __enter__(self) -> SplitRingView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _flag_names(flags: int) -> str:
+    names = [n for bit, n in ((VIRTQ_DESC_F_NEXT, "NEXT"), (VIRTQ_DESC_F_WRITE, "WRITE"),
+                              (VIRTQ_DESC_F_INDIRECT, "INDIRECT")) if flags & bit]
+    return "|".join(names) or "0"
+
+
+def _valid_buffer(buf: object) -> bool:
+    if not isinstance(buf, tuple | list) or len(buf) != 2:
+        return False
+    iova, length = buf
+    return (
+        type(iova) is int and type(length) is int
+        and 0 <= iova < _U64_LIMIT and 0 < length < _U32_LIMIT
+    )
+
+
+def _bad_buffer(buf: object) -> NoReturn:
+    raise ArgumentError(
+        "buffer", buf, "need (iova, length) ints with 0 <= iova < 2**64, 0 < length < 2**32"
+    )
