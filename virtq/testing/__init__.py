@@ -1,0 +1,14 @@
+"""Public test helpers: a device-side peer, a hostile device, conformance suites."""
+
+from virtq.testing.conformance import check_iova_allocator, check_memory_region
+from virtq.testing.device import DeviceQueue, DriverProtocolError, Segment
+from virtq.testing.hostile import HostileDevice
+
+__all__ = [
+    "DeviceQueue",
+    "DriverProtocolError",
+    "HostileDevice",
+    "Segment",
+    "check_iova_allocator",
+    "check_memory_region",
+]
