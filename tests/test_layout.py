@@ -97,7 +97,7 @@ def test_split_rejects_bad_sizes(bad):
 
 @pytest.mark.parametrize("bad", [0, 32769, 65536, -1])
 def test_packed_rejects_bad_sizes(bad):
-    with pytest.raises(LayoutError, match="1..32768"):
+    with pytest.raises(LayoutError, match=r"1\.\.32768"):
         PackedLayout.compute(bad)
 
 

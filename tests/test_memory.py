@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 
@@ -90,8 +91,6 @@ def test_attach_checks_size_and_dups_fd():
 
 
 def test_unclosed_region_warns(recwarn):
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         r = MemfdRegion(4096)

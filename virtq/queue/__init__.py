@@ -1,5 +1,6 @@
 """Driver-side virtqueues over memory you own."""
 
 from virtq.queue.split import Buffer, SplitQueue, SplitRingView
+from virtq.queue.userqueue import DescTableAddrs, UsedBuffer, UserQueue
 
-__all__ = ["Buffer", "SplitQueue", "SplitRingView"]
+__all__ = ["Buffer", "DescTableAddrs", "SplitQueue", "SplitRingView", "UsedBuffer", "UserQueue"]

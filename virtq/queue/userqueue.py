@@ -1,0 +1,211 @@
+"""A seed-compatible buffer pool: crosvm's ``UserQueue`` done right.
+
+For people porting from crosvm's vvu driver: one region holds the rings and N fixed
+buffers (the seed's layout, 1 KiB each by default); a queue is either device-readable
+(``write(data)`` sends) or device-writable (``read_data()`` receives).  Unlike the seed it
+handles any completion order (buffer slots are tracked by token, not by ``avail_idx % N``),
+re-posts a receive buffer only after the caller released the view of it, and validates every
+used element (through :class:`~virtq.queue.SplitQueue`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+from virtq.errors import ArgumentError, QueueFullError, QueueStateError
+from virtq.iova import DmaMapper, IovaAllocator
+from virtq.layout import SplitLayout
+from virtq.memory import MemfdRegion, MemoryRegion
+from virtq.queue.split import SplitQueue
+from virtq.types import Iova
+
+MAX_USERQUEUE_SIZE = 256  # the seed's cap (min(256, device max))
+
+
+class DescTableAddrs(NamedTuple):
+    """The three ring IOVAs a transport hands the device."""
+
+    desc: Iova
+    avail: Iova
+    used: Iova
+
+
+class UsedBuffer:
+    """A zero-copy view of a received buffer.  The buffer goes back to the device only when
+    this is released (``release()`` or leaving the ``with`` block) -- never while the caller
+    may still be reading it (the seed re-posted first: defect 2 in SEED.md)."""
+
+    def __init__(self, owner: UserQueue, slot: int, data: memoryview) -> None:
+        self._owner: UserQueue | None = owner
+        self.slot = slot
+        self.data = data
+        self.notify = False
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def tobytes(self) -> bytes:
+        return self.data.tobytes()
+
+    def release(self) -> bool:
+        """Re-post the buffer; returns whether the device wants a notification."""
+        owner = self._owner
+        if owner is None:
+            return False
+        self._owner = None
+        self.data.release()
+        self.notify = owner._repost(self.slot)
+        return self.notify
+
+    def __enter__(self) -> memoryview:
+        return self.data
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class UserQueue:
+    """``UserQueue(queue_size, device_writable, *, tag, iova_allocator, ...)``.
+
+    Allocates its region with ``memory_factory(nbytes)``, reserves an IOVA range with
+    ``iova_allocator.alloc(nbytes, tag=tag)`` and, if a ``dma_mapper`` is given, maps it (the
+    seed's ``alloc_iova``/``map_iova`` pair).  ``close()`` undoes all of it.
+    """
+
+    def __init__(
+        self,
+        queue_size: int,
+        device_writable: bool,
+        *,
+        tag: int = 0,
+        iova_allocator: IovaAllocator,
+        memory_factory: Callable[[int], MemoryRegion] = MemfdRegion,
+        dma_mapper: DmaMapper | None = None,
+        buffer_size: int = 1024,
+        event_idx: bool = False,
+        start_index: int = 0,
+    ) -> None:
+        if buffer_size <= 0:
+            raise ArgumentError("buffer_size", buffer_size, "must be positive")
+        self.layout = SplitLayout.compute(queue_size, buffer_size=buffer_size)
+        self.device_writable = device_writable
+        self.buffer_size = buffer_size
+        self._allocator = iova_allocator
+        self._mapper = dma_mapper
+        self.region = memory_factory(self.layout.nbytes)
+        self.iova: Iova | None = None
+        try:
+            self.iova = iova_allocator.alloc(
+                self.region.nbytes, align=4096, tag=tag, host_addr=self.region.host_addr
+            )
+            if dma_mapper is not None:
+                dma_mapper.map(self.iova, self.region.host_addr, self.region.nbytes)
+            self.queue = SplitQueue(
+                self.region, self.layout, iova=self.iova, event_idx=event_idx,
+                start_index=start_index,
+            )
+        except BaseException:
+            self._release_memory()
+            raise
+        assert self.layout.buffers is not None  # buffer_size > 0 was checked
+        self._buffers = self.region.view(self.layout.buffers, buffer_size * queue_size)
+        self._free_slots = list(range(queue_size - 1, -1, -1))
+        self._lent: set[int] = set()
+        if device_writable:
+            # Pre-post every buffer for the device to fill.
+            for slot in range(queue_size):
+                self._post_writable(slot)
+            self.queue.publish()
+
+    def _slot_iova(self, slot: int) -> int:
+        assert self.iova is not None
+        return self.iova + self.layout.buffers + slot * self.buffer_size  # type: ignore[operator]
+
+    def _post_writable(self, slot: int) -> None:
+        self.queue.add((), [(self._slot_iova(slot), self.buffer_size)], slot)
+
+    def desc_table_addrs(self) -> DescTableAddrs:
+        q = self.queue
+        return DescTableAddrs(q.desc_iova, q.avail_iova, q.used_iova)
+
+    # -- device-readable (tx) ------------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> bool:
+        """Copy ``data`` into a free buffer and publish it.  Returns whether the device
+        wants a notification (the caller notifies; the queue does no I/O)."""
+        if self.device_writable:
+            raise QueueStateError("write() is for device-readable queues; use read_data()")
+        if not 0 < len(data) <= self.buffer_size:
+            raise ArgumentError(
+                "data", len(data), f"length must be in 1..{self.buffer_size} (buffer size)"
+            )
+        self.ack_used()
+        if not self._free_slots:
+            raise QueueFullError(1, 0)
+        slot = self._free_slots.pop()
+        start = slot * self.buffer_size
+        self._buffers[start : start + len(data)] = data
+        try:
+            self.queue.add([(self._slot_iova(slot), len(data))], (), slot)
+        except BaseException:
+            self._free_slots.append(slot)
+            raise
+        return self.queue.publish()
+
+    def ack_used(self) -> int:
+        """Reclaim the buffers the device has consumed; returns how many."""
+        if self.device_writable:
+            raise QueueStateError("ack_used() is for device-readable queues")
+        done = self.queue.drain_used()
+        for slot, _ in done:
+            self._free_slots.append(slot)
+        return len(done)
+
+    # -- device-writable (rx) ------------------------------------------------------------
+
+    def read_data(self) -> UsedBuffer | None:
+        """The next filled buffer as a zero-copy :class:`UsedBuffer`, or None."""
+        if not self.device_writable:
+            raise QueueStateError("read_data() is for device-writable queues; use write()")
+        got = self.queue.pop_used()
+        if got is None:
+            return None
+        slot, length = got
+        self._lent.add(slot)
+        start = slot * self.buffer_size
+        return UsedBuffer(self, slot, self._buffers[start : start + length])
+
+    def _repost(self, slot: int) -> bool:
+        self._lent.discard(slot)
+        if self.queue.region.closed:
+            return False
+        self._post_writable(slot)
+        return self.queue.publish()
+
+    # -- teardown ------------------------------------------------------------------------
+
+    def _release_memory(self) -> None:
+        if self.iova is not None:
+            if self._mapper is not None:
+                self._mapper.unmap(self.iova, self.region.nbytes)
+            self._allocator.free(self.iova)
+            self.iova = None
+        self.region.close()
+
+    def close(self) -> None:
+        if self.region.closed:
+            return
+        if self._lent:
+            raise QueueStateError(
+                f"{len(self._lent)} received buffer(s) still lent out; release them first"
+            )
+        self._buffers.release()
+        self.queue.close()
+        self._release_memory()
+
+    def __enter__(self) -> UserQueue:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
