@@ -187,7 +187,7 @@ def test_cross_process_round_trip_with_wraparound(no_leaks):
 @pytest.mark.parametrize(
     "bufs",
     [[(-1, 4)], [(0, 0)], [(0, 1 << 32)], [(1 << 64, 4)], [(1.5, 4)], [("a", 4)], [(0,)],
-     [5], [(True, 4)]],
+     [5], [(0, "4")], [(None, 4)]],
 )
 def test_bad_buffers_rejected_without_side_effects(bufs):
     with ring() as r:
@@ -413,3 +413,55 @@ def test_describe_and_ring_views():
         with r.q.ring() as view:
             assert view.avail.idx == 1
             assert view.used.idx == 0
+
+
+# -- add_many ---------------------------------------------------------------------------
+
+
+def test_add_many_one_descriptor_chains_round_trip():
+    with ring(n=8, start_index=0xFFFE) as r:
+        chains = [([(r.buf(i), 4)], [], i) if i % 2 else ([], [(r.buf(i), 8)], i)
+                  for i in range(8)]
+        assert r.q.add_many(chains) == 8
+        assert r.q.num_free == 0
+        r.q.publish()
+        popped = []
+        while (c := r.dev.pop()) is not None:
+            popped.append((c[0], [(s.length, s.writable) for s in c[1]]))
+        assert [segs for _, segs in popped] == [
+            [(8, True)] if i % 2 == 0 else [(4, False)] for i in range(8)]
+        for head, segs in reversed(popped):
+            r.dev.push(head, 8 if segs[0][1] else 0)
+        assert sorted(r.q.drain_used()) == sorted(
+            (i, 0 if i % 2 else 8) for i in range(8))
+
+
+def test_add_many_mixed_chains_and_indirect():
+    with ring(n=8, indirect=True, indirect_size=3) as r:
+        chains = [([(r.buf(0), 4), (r.buf(1), 4)], [(r.buf(2), 4)], "a"),
+                  ([(r.buf(3), 4)], [], "b")]
+        assert r.q.add_many(chains) == 2
+        r.q.publish()
+        assert device_echo_all(r)
+        assert sorted(t for t, _ in r.q.drain_used()) == ["a", "b"]
+
+
+@pytest.mark.parametrize("indirect", [False, True])
+def test_add_many_is_all_or_nothing(indirect):
+    with ring(n=4, indirect=indirect, indirect_size=4 if indirect else 0) as r:
+        r.q.add([(r.buf(0), 4)], [], token="keep")
+        before = r.q.snapshot()
+        with pytest.raises(QueueFullError) as info:
+            r.q.add_many([([(r.buf(1), 4)], [], i) for i in range(4)])
+        assert (info.value.needed, info.value.free) == (4, 3)
+        assert r.q.snapshot() == before
+        # a bad buffer in the middle of a batch: nothing of the batch stays
+        with pytest.raises(ArgumentError):
+            r.q.add_many([([(r.buf(1), 4)], [], 1), ([(r.buf(1), 0)], [], 2)])
+        assert r.q.snapshot() == before
+        with pytest.raises(ArgumentError):
+            r.q.add_many([([(r.buf(1), 4), (r.buf(2), 4)], [], 1), ([(-1, 4)], [], 2)])
+        assert r.q.snapshot() == before
+        r.q.publish()
+        device_echo_all(r)
+        assert r.q.drain_used() == [("keep", 0)]

@@ -140,4 +140,16 @@ MECHANISM, full_fence, publish_barrier, observe_barrier, FULL_FENCE_CODE = _buil
 ``observe_barrier()``: load->load.  ``FULL_FENCE_CODE`` is the machine code actually mapped,
 read back from the executable page (empty for the spinlock fallback)."""
 
-__all__ = ["FULL_FENCE_CODE", "MECHANISM", "full_fence", "observe_barrier", "publish_barrier"]
+#: False where the hardware already orders stores (loads), so hot paths can skip the call.
+PUBLISH_BARRIER_NEEDED = publish_barrier is not _noop
+OBSERVE_BARRIER_NEEDED = observe_barrier is not _noop
+
+__all__ = [
+    "FULL_FENCE_CODE",
+    "MECHANISM",
+    "OBSERVE_BARRIER_NEEDED",
+    "PUBLISH_BARRIER_NEEDED",
+    "full_fence",
+    "observe_barrier",
+    "publish_barrier",
+]
