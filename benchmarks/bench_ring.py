@@ -20,11 +20,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from naive_ring import NaiveRing  # noqa: E402
+from naive_ring import NaiveRing
 
-from virtq.layout import SplitLayout  # noqa: E402
-from virtq.memory import MemfdRegion  # noqa: E402
-from virtq.queue import SplitQueue  # noqa: E402
+from virtq.layout import SplitLayout
+from virtq.memory import MemfdRegion
+from virtq.queue import SplitQueue
 
 N = 256
 BASE = 0x10_0000_0000
@@ -148,7 +148,7 @@ def main() -> None:
     print("|" + "---|" * 10)
     for chain, batch, ev, ind in configs:
         kinds = ["virtq", "naive"] + (["virtq-many"] if batch > 1 else [])
-        best = {k: (1e18, 1e18) for k in kinds}
+        best = dict.fromkeys(kinds, (1e+18, 1e+18))
         for _ in range(args.rounds):  # interleaved; keep the best of each (least disturbed)
             for kind in kinds:
                 feat = kind != "naive"

@@ -71,6 +71,7 @@ Buffer = tuple[int, int]
 # addr, len, flags, next (struct virtq_desc, §2.7.5); one call writes a whole descriptor.
 _PACK_DESC = struct.Struct("<QIHH").pack_into
 _U32_LIMIT = 1 << 32
+_SEQUENTIAL = list(range(32769))  # indirect table entries are chained 0 -> 1 -> 2 ...
 _U64_LIMIT = 1 << 64
 #: Shadow state of an in-flight head: (token, writable capacity, other descriptors,
 #: avail index at add time).
@@ -145,6 +146,8 @@ class SplitQueue:
         # ... and as u64[]: ring[i] = id | len << 32, one load per element
         self._used_q = used_mem[4 : 4 + 8 * n].cast("Q")
         self._used_mem = used_mem
+        self._mem_h = self._mem.cast("H")  # 2-byte stores anywhere in the rings' region
+        self._layout_desc = layout.desc
         self._indirect_base = layout.indirect
         self._indirect_size = layout.indirect_size
         self._idx_used_event = 2 + n
@@ -349,8 +352,7 @@ class SplitQueue:
             head = free[-1]
             table = self._indirect_base + head * DESC_SIZE * self._indirect_size  # type: ignore[operator]
             # Entries are chained 0 -> 1 -> ... inside the table (§2.7.5.3.2).
-            capacity = self._write_chain(
-                self._mem, table, range(count), readable, writable, count)
+            capacity = self._write_chain(table, _SEQUENTIAL[: count + 1], readable, writable)
             # §2.7.5.3.1: the device ignores WRITE on the descriptor that points to a table.
             _PACK_DESC(self._desc_mem, head << 4, self.iova + table, DESC_SIZE * count,
                        VIRTQ_DESC_F_INDIRECT, 0)
@@ -359,42 +361,49 @@ class SplitQueue:
         if count > len(free):
             raise QueueFullError(count, len(free))
         descs = free[-count:]
-        descs.reverse()
-        capacity = self._write_chain(self._desc_mem, 0, descs, readable, writable, count)
+        descs.append(0)  # "next" of the last descriptor
+        capacity = self._write_chain(self._layout_desc, descs, readable, writable)
         del free[-count:]
-        return descs[0], (token, capacity, tuple(descs[1:]), self.next_avail)
+        return descs[0], (token, capacity, tuple(descs[1:count]), self.next_avail)
 
-    @staticmethod
-    def _write_chain(  # noqa: PLR0917 - private hot path, positional on purpose
-        mem: memoryview, base: int, descs: Sequence[int], readable: Sequence[Buffer],
-        writable: Sequence[Buffer], count: int,
+    def _write_chain(
+        self, base: int, chain: list[int], readable: Sequence[Buffer], writable: Sequence[Buffer]
     ) -> int:
-        """Write descriptors ``descs`` (at ``base + 16 * d``), chained in order; returns the
-        writable capacity.  Raises ArgumentError for a malformed buffer, before the caller
-        commits anything (the descriptors written so far are free slots nobody reads)."""
-        last = count - 1
+        """Write descriptors ``chain[:-1]`` (at ``base + 16 * d`` in the region), each linked
+        to the next with NEXT; returns the writable capacity.  Raises ArgumentError for a
+        malformed buffer before the caller commits anything (what was written so far sits
+        in free slots nobody reads)."""
+        mem = self._mem
         total = 0
         capacity = 0
         i = 0
+        buf: object = None
         try:
-            for bufs, flags in ((readable, 0), (writable, VIRTQ_DESC_F_WRITE)):
-                for buf in bufs:
-                    iova, length = buf
-                    if not length > 0:
-                        raise ValueError
-                    if i < last:
-                        _PACK_DESC(mem, base + (descs[i] << 4), iova, length,
-                                   flags | VIRTQ_DESC_F_NEXT, descs[i + 1])
-                    else:
-                        _PACK_DESC(mem, base + (descs[i] << 4), iova, length, flags, 0)
-                    total += length
-                    if flags:
-                        capacity += length
-                    i += 1
+            for buf in readable:
+                iova, length = buf
+                if not length > 0:
+                    raise ValueError
+                _PACK_DESC(mem, base + (chain[i] << 4), iova, length, VIRTQ_DESC_F_NEXT,
+                           chain[i + 1])
+                total += length
+                i += 1
+            for buf in writable:
+                iova, length = buf
+                if not length > 0:
+                    raise ValueError
+                _PACK_DESC(mem, base + (chain[i] << 4), iova, length,
+                           VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, chain[i + 1])
+                capacity += length
+                i += 1
         except (TypeError, ValueError, struct.error):
             _bad_buffer(buf)
-        if total >= _U32_LIMIT:  # §2.7.5.3.1: a chain's total length fits in 32 bits
-            raise ArgumentError("buffers", total, "a chain's total length must be < 2**32")
+        # The last descriptor ends the chain: clear its NEXT (flags at byte 12, §2.7.5).
+        self._mem_h[(base + (chain[i - 1] << 4) + 12) >> 1] = (
+            VIRTQ_DESC_F_WRITE if writable else 0
+        )
+        if total + capacity >= _U32_LIMIT:  # §2.7.5.3.1: total length fits in 32 bits
+            raise ArgumentError(
+                "buffers", total + capacity, "a chain's total length must be < 2**32")
         return capacity
 
     def publish(self) -> bool:
@@ -556,7 +565,8 @@ class SplitQueue:
         """Release the views of the region (idempotent), so the region can be closed."""
         if self._mem is None:
             return
-        for name in ("_avail", "_used_h", "_used_w", "_used_q", "_used_mem", "_desc_mem"):
+        for name in ("_avail", "_used_h", "_used_w", "_used_q", "_used_mem", "_desc_mem",
+                     "_mem_h"):
             getattr(self, name).release()
         self._mem.release()
         self._mem = None  # type: ignore[assignment]

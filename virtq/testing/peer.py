@@ -75,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             served = serve(dev, args.count, timeout=args.timeout)
         finally:
             dev.close()
-    print(f"peer: served {served} chains", file=sys.stderr)
-    return 0
+    return 0 if served == args.count else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,5 @@
+import sys
+
+from virtq.cli import main
+
+sys.exit(main())
