@@ -1,0 +1,102 @@
+"""The seam between device drivers (``virtq.devices``) and transports.
+
+A transport is how a driver reaches a device: vhost-user (a Unix socket to a backend
+process), virtio-pci through VFIO, or an in-process test device.  Device drivers are written
+once against :class:`Transport` and work over all of them.
+
+Life cycle (mirrors VIRTIO 1.2 §3.1.1 "Driver Requirements: Device Initialization")::
+
+    t = SomeTransport.open(...)           # reset, ACKNOWLEDGE, DRIVER
+    accepted = t.negotiate(wanted)        # features: offered & wanted (+ required) -> FEATURES_OK
+    cfg = t.read_config(0, 8)             # device-specific configuration space
+    arena = t.alloc_dma(nbytes)           # device-visible memory (rings and data buffers)
+    q = SplitQueue(arena.region, layout, iova=arena.iova, ...)
+    t.attach_queue(0, q)                  # hand the rings to the device
+    t.start()                             # DRIVER_OK / rings enabled
+    ... q.add(...); q.publish() and t.notify(0); t.wait(0, timeout); q.drain_used() ...
+    t.close()                             # reset the device, release every fd and mapping
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from virtq.memory import MemoryRegion
+from virtq.queue import SplitQueue
+from virtq.types import Iova
+
+
+@dataclass(eq=False)
+class DmaArena:
+    """Memory the device can reach: ``region`` is seen by the device at ``iova``."""
+
+    region: MemoryRegion
+    iova: Iova
+    #: Transport-private bookkeeping (e.g. the IOVA reservation to free on close).
+    private: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return self.region.nbytes
+
+    def addr(self, offset: int) -> Iova:
+        """Device address of byte ``offset`` of the region."""
+        return Iova(self.iova + offset)
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """What a device driver needs from a transport."""
+
+    @property
+    def device_features(self) -> int:
+        """Feature bits the device offers (transport-internal bits masked out)."""
+        ...
+
+    def negotiate(self, wanted: int) -> int:
+        """Accept ``device_features & wanted`` plus the bits the transport itself requires
+        (``VIRTIO_F_VERSION_1``; ``VIRTIO_F_ACCESS_PLATFORM`` behind an IOMMU).  Returns the
+        accepted set.  Raises ``TransportError`` if the device refuses (FEATURES_OK not set)
+        or lacks a required bit."""
+        ...
+
+    def num_queues(self) -> int:
+        """How many virtqueues the device has."""
+        ...
+
+    def max_queue_size(self, index: int) -> int:
+        """The largest size queue ``index`` accepts (0 if it does not exist)."""
+        ...
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        """``size`` bytes of the device-specific configuration space at ``offset``."""
+        ...
+
+    def alloc_dma(self, nbytes: int) -> DmaArena:
+        """Allocate ``nbytes`` (rounded up) of memory the device can reach, and make it
+        reachable (vhost-user memory table, IOMMU mapping).  Freed by :meth:`close`."""
+        ...
+
+    def attach_queue(self, index: int, queue: SplitQueue) -> None:
+        """Give the device queue ``index``: size, ring addresses, notifications.  The queue's
+        region must come from :meth:`alloc_dma`."""
+        ...
+
+    def start(self) -> None:
+        """Finish initialisation (DRIVER_OK, rings enabled): the device may now run."""
+        ...
+
+    def notify(self, index: int) -> None:
+        """Available-buffer notification for queue ``index`` (a kick)."""
+        ...
+
+    def wait(self, index: int, timeout: float | None) -> bool:
+        """Block until a used-buffer notification for queue ``index`` arrives or
+        ``timeout`` seconds pass (None: forever); True if one arrived.  Pending stale
+        signals are drained.  In polling mode this returns False at once."""
+        ...
+
+    def close(self) -> None:
+        """Reset the device and release every fd, mapping and IOVA (idempotent)."""
+        ...
