@@ -141,3 +141,16 @@ def test_wrap_add_and_distance(a, n):
     b = wrap_add(a, n)
     assert 0 <= b <= 0xFFFF
     assert distance(a, b) == n % 65536
+
+
+def test_shifted_layout_keeps_sizes_and_alignment():
+    lay = SplitLayout.compute(64, buffer_size=512, indirect_size=4)
+    moved = lay.shifted(3 * 4096)
+    assert moved.desc == 3 * 4096
+    assert moved.avail - moved.desc == lay.avail - lay.desc
+    assert moved.used - moved.desc == lay.used - lay.desc
+    assert moved.buffer(1) == lay.buffer(1) + 3 * 4096
+    assert moved.indirect_table(2) == lay.indirect_table(2) + 3 * 4096
+    assert moved.nbytes == lay.nbytes + 3 * 4096
+    with pytest.raises(LayoutError):
+        lay.shifted(100)

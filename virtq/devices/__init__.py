@@ -1,0 +1,7 @@
+"""Device drivers over any transport."""
+
+from virtq.devices.blk import BlkDevice, BlkRequest
+from virtq.devices.dma import DmaBuffer
+from virtq.devices.errors import BlkIOError, BlkUnsupportedError
+
+__all__ = ["BlkDevice", "BlkIOError", "BlkRequest", "BlkUnsupportedError", "DmaBuffer"]

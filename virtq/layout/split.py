@@ -20,7 +20,7 @@ nothing extra is needed for ``VIRTIO_F_EVENT_IDX`` (the seed's TODO saying other
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from virtq.errors import LayoutError
 from virtq.layout._align import align_up, is_power_of_two
@@ -134,6 +134,22 @@ class SplitLayout:
             nbytes=align_up(end, page_size),
             page_size=page_size,
             legacy=legacy,
+        )
+
+    def shifted(self, offset: int) -> SplitLayout:
+        """The same layout placed ``offset`` bytes into a larger region (several queues
+        sharing one region).  ``offset`` must keep every part's alignment."""
+        if offset < 0 or offset % self.page_size:
+            raise LayoutError("offset", offset, f"must be a multiple of page_size "
+                              f"{self.page_size}")
+        return replace(
+            self,
+            desc=Offset(self.desc + offset),
+            avail=Offset(self.avail + offset),
+            used=Offset(self.used + offset),
+            buffers=None if self.buffers is None else Offset(self.buffers + offset),
+            indirect=None if self.indirect is None else Offset(self.indirect + offset),
+            nbytes=self.nbytes + offset,
         )
 
     # Offsets of single fields, for tools that inspect a ring (the queue itself uses

@@ -1,0 +1,544 @@
+"""virtio-blk driver (VIRTIO 1.2 §5.2) over any :class:`~virtq.transport.Transport`.
+
+A request is a chain: a 16-byte device-readable header (type, reserved, sector), the data
+buffers (device-readable for writes, device-writable for reads), and a 1-byte
+device-writable status (§5.2.6).  Each in-flight request owns a *slot*: a header, a status
+byte and (for copying I/O) a bounce buffer in the device's memory arena.  Zero-copy I/O
+passes :class:`~virtq.devices.dma.DmaBuffer`\\ s from :meth:`BlkDevice.alloc_buffer` instead.
+
+Submission is lazy: ``submit_*`` adds chains; :meth:`BlkDevice.kick` (called by ``wait`` and
+``poll``) publishes them with one index store per queue and notifies only when the device
+asks for it (event idx).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import struct
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, Self
+
+from virtq.abi import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC
+from virtq.devices.dma import DmaBuffer
+from virtq.devices.errors import BlkIOError, BlkUnsupportedError
+from virtq.errors import ArgumentError, DeviceError, QueueStateError, VirtqError
+from virtq.iova import IovaAllocator
+from virtq.layout import SplitLayout, align_up
+from virtq.queue import SplitQueue
+from virtq.transport.base import DmaArena, Transport
+from virtq.transport.errors import DeviceRefusedError
+from virtq.transport.vhost_user import VhostUserTransport
+
+SECTOR_SIZE = 512
+
+# Feature bits (§5.2.3)
+VIRTIO_BLK_F_SIZE_MAX = 1
+VIRTIO_BLK_F_SEG_MAX = 2
+VIRTIO_BLK_F_GEOMETRY = 4
+VIRTIO_BLK_F_RO = 5
+VIRTIO_BLK_F_BLK_SIZE = 6
+VIRTIO_BLK_F_FLUSH = 9
+VIRTIO_BLK_F_TOPOLOGY = 10
+VIRTIO_BLK_F_MQ = 12
+
+# Request types and status (§5.2.6)
+VIRTIO_BLK_T_IN = 0
+VIRTIO_BLK_T_OUT = 1
+VIRTIO_BLK_T_FLUSH = 4
+VIRTIO_BLK_T_GET_ID = 8
+VIRTIO_BLK_S_OK = 0
+VIRTIO_BLK_S_IOERR = 1
+VIRTIO_BLK_S_UNSUPP = 2
+VIRTIO_BLK_ID_BYTES = 20
+
+_HEADER = struct.Struct("<IIQ")  # type, reserved, sector
+_SLOT_META = 32  # header (16) + status (1), padded
+_KIND_NAMES = {VIRTIO_BLK_T_IN: "read", VIRTIO_BLK_T_OUT: "write",
+               VIRTIO_BLK_T_FLUSH: "flush", VIRTIO_BLK_T_GET_ID: "get_id"}
+_STATUS_POISON = 0xFF  # written before submission: a status the device never wrote is caught
+
+
+class BlkRequest:
+    """A submitted request.  :meth:`wait` returns its result (the bytes read, when the
+    request copied them) or raises the request's error."""
+
+    __slots__ = ("_dev", "bounce", "error", "into", "kind", "nbytes", "queue", "result",
+                 "sector", "slot", "status", "written")
+
+    def __init__(self, dev: BlkDevice, kind: int, sector: int, nbytes: int, *, queue: int,
+                 slot: int, bounce: bool, into: Sequence[DmaBuffer] | None) -> None:
+        self._dev = dev
+        self.kind = kind
+        self.sector = sector
+        self.nbytes = nbytes
+        self.queue = queue
+        self.slot = slot
+        self.bounce = bounce
+        self.into = into
+        self.status: int | None = None
+        self.written = 0
+        self.result: bytes | None = None
+        self.error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status is not None or self.error is not None
+
+    def wait(self, timeout: float | None = None) -> bytes | None:
+        """Block until this request completes; returns the data read (copying reads and
+        GET_ID) or None; raises :class:`BlkIOError`, :class:`BlkUnsupportedError` or the
+        transport's error."""
+        if not self.done:
+            self._dev.wait([self], timeout=timeout)
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    def __repr__(self) -> str:
+        state = "done" if self.done else "in flight"
+        return (f"<BlkRequest {_KIND_NAMES.get(self.kind, self.kind)} sector={self.sector} "
+                f"nbytes={self.nbytes} {state}>")
+
+
+class BlkDevice:
+    """A virtio-blk device.  Build it with :meth:`connect_vhost_user`, :meth:`open_vfio`,
+    or over any transport: ``BlkDevice(transport)``.  Closing the device closes the
+    transport."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        queue_size: int = 128,
+        num_queues: int = 1,
+        max_io: int = 128 * 1024,
+        max_segments: int = 8,
+        indirect: bool = False,
+        event_idx: bool = True,
+        poll: bool = False,
+    ) -> None:
+        if max_io <= 0 or max_io % SECTOR_SIZE:
+            raise ArgumentError("max_io", max_io, "must be a positive multiple of 512")
+        self.transport = transport
+        self.poll_mode = poll
+        self.max_io = max_io
+        self._closed = False
+        try:
+            self._setup(queue_size, num_queues, max_segments, indirect, event_idx)
+        except BaseException:
+            transport.close()
+            raise
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def _setup(self, queue_size: int, num_queues: int, max_segments: int, indirect: bool,
+               event_idx: bool) -> None:
+        t = self.transport
+        wanted = (1 << VIRTIO_BLK_F_SIZE_MAX | 1 << VIRTIO_BLK_F_SEG_MAX
+                  | 1 << VIRTIO_BLK_F_BLK_SIZE | 1 << VIRTIO_BLK_F_FLUSH
+                  | 1 << VIRTIO_BLK_F_RO | 1 << VIRTIO_BLK_F_TOPOLOGY)
+        if num_queues > 1:
+            wanted |= 1 << VIRTIO_BLK_F_MQ
+        if event_idx:
+            wanted |= 1 << VIRTIO_F_EVENT_IDX
+        if indirect:
+            wanted |= 1 << VIRTIO_F_INDIRECT_DESC
+        self.features = t.negotiate(wanted)
+        if indirect and not self.features >> VIRTIO_F_INDIRECT_DESC & 1:
+            raise DeviceRefusedError("the device does not offer VIRTIO_F_INDIRECT_DESC")
+        if num_queues > 1 and not self.features >> VIRTIO_BLK_F_MQ & 1:
+            raise DeviceRefusedError(f"{num_queues} queues asked, the device has no MQ")
+        # Configuration layout (§5.2.4): capacity le64 @0, size_max le32 @8,
+        # seg_max le32 @12, geometry @16, blk_size le32 @20.
+        config = t.read_config(0, 24)
+        self.capacity: int = struct.unpack_from("<Q", config, 0)[0]
+        self.size_max: int | None = (struct.unpack_from("<I", config, 8)[0]
+                                     if self._has(VIRTIO_BLK_F_SIZE_MAX) else None)
+        self.seg_max: int | None = (struct.unpack_from("<I", config, 12)[0]
+                                    if self._has(VIRTIO_BLK_F_SEG_MAX) else None)
+        self.block_size: int = (struct.unpack_from("<I", config, 20)[0]
+                                if self._has(VIRTIO_BLK_F_BLK_SIZE) else SECTOR_SIZE)
+        self.read_only = self._has(VIRTIO_BLK_F_RO)
+        self.flush_supported = self._has(VIRTIO_BLK_F_FLUSH)
+        if self.seg_max is not None and self.seg_max:
+            max_segments = min(max_segments, self.seg_max)
+
+        max_size = t.max_queue_size(0)
+        if max_size == 0:
+            raise DeviceRefusedError("the device has no request queue 0")
+        size = min(queue_size, max_size)
+        self.max_segments = max_segments
+        self.indirect = bool(self.features >> VIRTIO_F_INDIRECT_DESC & 1)
+        ev = bool(self.features >> VIRTIO_F_EVENT_IDX & 1)
+        # Direct chains need header + data segments + status descriptors each.
+        per_request = 1 if self.indirect else 2 + 1
+        self.slots_per_queue = max(1, size // per_request)
+        layout = SplitLayout.compute(
+            size, indirect_size=(2 + max_segments) if self.indirect else 0)
+        page = layout.page_size
+        ring_bytes = layout.nbytes
+        meta_off = num_queues * ring_bytes
+        nslots = num_queues * self.slots_per_queue
+        bounce_off = align_up(meta_off + nslots * _SLOT_META, page)
+        total = bounce_off + nslots * self.max_io
+        self.arena: DmaArena = t.alloc_dma(total)
+        self._meta_off = meta_off
+        self._bounce_off = bounce_off
+        self._mem = self.arena.region.view()
+        self.queues: list[SplitQueue] = []
+        self._free_slots: list[list[int]] = []
+        for i in range(num_queues):
+            q = SplitQueue(self.arena.region, layout.shifted(i * ring_bytes),
+                           iova=self.arena.iova, event_idx=ev, indirect=self.indirect)
+            self.queues.append(q)
+            base = i * self.slots_per_queue
+            self._free_slots.append(list(range(base + self.slots_per_queue - 1, base - 1, -1)))
+            t.attach_queue(i, q)
+        self._dirty = [False] * num_queues
+        self._in_flight: set[BlkRequest] = set()
+        self._next_queue = 0
+        self._user_arenas: list[DmaArena] = []
+        t.start()
+        if self.poll_mode:
+            for q in self.queues:
+                q.disable_interrupts()
+
+    def _has(self, bit: int) -> bool:
+        return bool(self.features >> bit & 1)
+
+    @classmethod
+    def connect_vhost_user(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        queue_size: int = 128,
+        num_queues: int = 1,
+        timeout: float = 5.0,
+        iova_allocator: IovaAllocator | None = None,
+        **options: Any,
+    ) -> Self:
+        """Connect to a vhost-user-blk back-end (qemu-storage-daemon, the embedded
+        :mod:`virtq.testing.backend`, ...) listening on ``path``."""
+        transport = VhostUserTransport.connect(path, timeout=timeout,
+                                               iova_allocator=iova_allocator)
+        return cls(transport, queue_size=queue_size, num_queues=num_queues, **options)
+
+    @classmethod
+    def open_vfio(
+        cls,
+        pci_address: str,
+        *,
+        iova_allocator: IovaAllocator | None = None,
+        memory: Any = None,
+        poll: bool = False,
+        **options: Any,
+    ) -> Self:
+        """Open a virtio-blk PCI device bound to ``vfio-pci`` (see docs/vfio.md)."""
+        # Imported on use: VFIO needs Linux-only ioctls the vhost-user path never touches.
+        vfio_pci = importlib.import_module("virtq.transport.vfio_pci")
+        transport = vfio_pci.VfioPciTransport.open(pci_address, iova_allocator=iova_allocator,
+                                          memory=memory, poll=poll)
+        return cls(transport, poll=poll, **options)
+
+    # -- buffers --------------------------------------------------------------------------
+
+    def alloc_buffer(self, nbytes: int) -> DmaBuffer:
+        """Device-visible memory for zero-copy I/O (``submit_read(..., into=buf)``).
+        Allocate few, large buffers and :meth:`DmaBuffer.slice` them: each call is a new
+        region the transport must register (vhost-user allows 8 in all)."""
+        arena = self.transport.alloc_dma(nbytes)
+        self._user_arenas.append(arena)
+        return DmaBuffer(arena, 0, arena.nbytes)
+
+    # -- submission ---------------------------------------------------------------------------
+
+    def _take_slot(self) -> tuple[int, int]:
+        self._check_open()
+        n = len(self.queues)
+        for k in range(n):
+            qi = (self._next_queue + k) % n
+            if self._free_slots[qi]:
+                self._next_queue = (qi + 1) % n
+                return qi, self._free_slots[qi].pop()
+        raise QueueStateError(
+            f"all {n * self.slots_per_queue} request slots are in flight; wait() for some")
+
+    def _submit(self, kind: int, sector: int, nbytes: int, *,
+                data: bytes | bytearray | memoryview | None = None,
+                into: Sequence[DmaBuffer] | None = None,
+                device_writes: bool) -> BlkRequest:
+        if not isinstance(sector, int) or sector < 0:
+            raise ArgumentError("sector", sector, "must be a non-negative int")
+        if into is not None:
+            if not into:
+                raise ArgumentError("into", into, "at least one buffer")
+            if len(into) > self.max_segments:
+                raise ArgumentError("into", len(into),
+                                    f"at most {self.max_segments} segments per request")
+            nbytes = sum(b.length for b in into)
+        elif nbytes > self.max_io:
+            raise ArgumentError("nbytes", nbytes, f"at most max_io={self.max_io} per request; "
+                                "read()/write() split larger transfers")
+        qi, slot = self._take_slot()
+        meta = self._meta_off + slot * _SLOT_META
+        _HEADER.pack_into(self._mem, meta, kind, 0, sector)
+        self._mem[meta + 16] = _STATUS_POISON
+        iova = self.arena.iova
+        header = [(iova + meta, 16)]
+        status = (iova + meta + 16, 1)
+        segments: list[tuple[int, int]] = []
+        bounce = into is None and nbytes > 0
+        if into is not None:
+            segments = [(b.iova, b.length) for b in into]
+        elif bounce:
+            boff = self._bounce_off + slot * self.max_io
+            if data is not None:
+                self._mem[boff : boff + nbytes] = data
+            segments = [(iova + boff, nbytes)]
+        req = BlkRequest(self, kind, sector, nbytes, queue=qi, slot=slot, bounce=bounce,
+                         into=into)
+        try:
+            if device_writes:
+                self.queues[qi].add(header, [*segments, status], req)
+            else:
+                self.queues[qi].add([*header, *segments], [status], req)
+        except BaseException:
+            self._free_slots[qi].append(slot)
+            raise
+        self._dirty[qi] = True
+        self._in_flight.add(req)
+        return req
+
+    @staticmethod
+    def _check_len(nbytes: int) -> None:
+        if not isinstance(nbytes, int) or nbytes <= 0 or nbytes % SECTOR_SIZE:
+            raise ArgumentError("nbytes", nbytes, "must be a positive multiple of 512")
+
+    def submit_read(self, sector: int, nbytes: int = 0, *,
+                    into: DmaBuffer | Sequence[DmaBuffer] | None = None) -> BlkRequest:
+        """Start reading ``nbytes`` at ``sector``.  Without ``into`` the data is copied out
+        of a bounce buffer and returned by ``wait()``; with ``into`` (one buffer or a
+        scatter list) the device writes straight into them."""
+        bufs = [into] if isinstance(into, DmaBuffer) else into
+        if bufs is not None:
+            for b in bufs:
+                self._check_len(b.length)
+        else:
+            self._check_len(nbytes)
+        return self._submit(VIRTIO_BLK_T_IN, sector, nbytes, into=bufs, device_writes=True)
+
+    def submit_write(self, sector: int,
+                     data: bytes | bytearray | memoryview | DmaBuffer | Sequence[DmaBuffer]
+                     ) -> BlkRequest:
+        """Start writing ``data`` (copied) or device buffers (zero-copy) at ``sector``."""
+        if self.read_only:
+            raise QueueStateError("the device is read-only (VIRTIO_BLK_F_RO)")
+        if isinstance(data, DmaBuffer):
+            data = [data]
+        if isinstance(data, list | tuple):
+            for b in data:
+                self._check_len(b.length)
+            return self._submit(VIRTIO_BLK_T_OUT, sector, 0, into=data, device_writes=False)
+        assert isinstance(data, bytes | bytearray | memoryview)
+        self._check_len(len(data))
+        return self._submit(VIRTIO_BLK_T_OUT, sector, len(data), data=data,
+                            device_writes=False)
+
+    def submit_flush(self) -> BlkRequest:
+        return self._submit(VIRTIO_BLK_T_FLUSH, 0, 0, device_writes=False)
+
+    def submit_get_id(self) -> BlkRequest:
+        return self._submit(VIRTIO_BLK_T_GET_ID, 0, VIRTIO_BLK_ID_BYTES, device_writes=True)
+
+    # -- completion --------------------------------------------------------------------------
+
+    def kick(self) -> None:
+        """Publish added requests; notify the queues whose device asked for it."""
+        for qi, dirty in enumerate(self._dirty):
+            if dirty:
+                self._dirty[qi] = False
+                if self.queues[qi].publish():
+                    self.transport.notify(qi)
+
+    def poll(self) -> int:
+        """Publish pending requests, then complete whatever the device finished; returns
+        how many requests completed."""
+        self.kick()
+        done = 0
+        for q in self.queues:
+            for req, written in q.drain_used():
+                self._complete(req, written)
+                done += 1
+        return done
+
+    def _complete(self, req: BlkRequest, written: int) -> None:
+        meta = self._meta_off + req.slot * _SLOT_META
+        status = self._mem[meta + 16]
+        req.written = written
+        if status == VIRTIO_BLK_S_OK:
+            if req.bounce and req.kind in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_GET_ID):
+                boff = self._bounce_off + req.slot * self.max_io
+                raw = bytes(self._mem[boff : boff + req.nbytes])
+                req.result = raw.rstrip(b"\0") if req.kind == VIRTIO_BLK_T_GET_ID else raw
+        else:
+            name = _KIND_NAMES.get(req.kind, str(req.kind))
+            cls = BlkUnsupportedError if status == VIRTIO_BLK_S_UNSUPP else BlkIOError
+            what = {VIRTIO_BLK_S_IOERR: "I/O error", VIRTIO_BLK_S_UNSUPP: "unsupported",
+                    _STATUS_POISON: "no status written"}.get(status, f"status {status}")
+            req.error = cls(f"{name} of {req.nbytes} bytes at sector {req.sector}: {what}",
+                            kind=name, sector=req.sector, nbytes=req.nbytes, status=status)
+        req.status = status
+        self._release(req)
+
+    def _release(self, req: BlkRequest) -> None:
+        self._in_flight.discard(req)
+        self._free_slots[req.queue].append(req.slot)
+
+    def _fail_all(self, err: BaseException) -> None:
+        """The transport failed: no request in flight can complete any more."""
+        for req in list(self._in_flight):
+            req.error = err
+            self._release(req)
+
+    def wait(self, requests: Iterable[BlkRequest] | None = None,
+             timeout: float | None = None) -> None:
+        """Until every request in ``requests`` (default: all in flight) is done.  Raises
+        TimeoutError after ``timeout`` seconds; a transport failure fails every request in
+        flight with that error and raises it."""
+        pending = list(self._in_flight if requests is None else requests)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        spins = 0
+        try:
+            while True:
+                self.poll()
+                if all(r.done for r in pending):
+                    return
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"{sum(not r.done for r in pending)} request(s) still "
+                                       f"in flight after {timeout} s")
+                if self.poll_mode:
+                    spins += 1
+                    if spins % 4096 == 0:
+                        self._check_transport()
+                    continue
+                # Re-enable notifications; if completions raced in meanwhile, poll again
+                # instead of sleeping (§2.7.13.5).
+                if any(q.enable_interrupts() for q in self.queues):
+                    continue
+                slice_ = 0.1 if remaining is None else min(0.1, remaining)
+                self.transport.wait(self._wait_queue(pending), slice_)
+        except (VirtqError, OSError) as err:
+            if not isinstance(err, DeviceError | OSError) or isinstance(err, BlkIOError):
+                raise
+            self._fail_all(err)
+            raise
+
+    def _wait_queue(self, pending: list[BlkRequest]) -> int:
+        for r in pending:
+            if not r.done:
+                return r.queue
+        return 0
+
+    def _check_transport(self) -> None:
+        check = getattr(self.transport, "check_alive", None)
+        if check is not None:
+            check()
+
+    # -- convenience ----------------------------------------------------------------------
+
+    def read(self, sector: int, nbytes: int) -> bytes:
+        """Read ``nbytes`` (a multiple of 512) at ``sector``; large reads are split into
+        ``max_io`` requests kept in flight together."""
+        self._check_len(nbytes)
+        chunks = []
+        for off in range(0, nbytes, self.max_io):
+            n = min(self.max_io, nbytes - off)
+            chunks.append(self._submit_when_free(
+                lambda s=sector + off // SECTOR_SIZE, n=n: self.submit_read(s, n)))
+        self.wait(chunks)
+        return b"".join(r.wait() or b"" for r in chunks)
+
+    def write(self, sector: int, data: bytes | bytearray | memoryview) -> None:
+        self._check_len(len(data))
+        view = memoryview(data)
+        reqs = []
+        for off in range(0, len(data), self.max_io):
+            part = view[off : off + self.max_io]
+            reqs.append(self._submit_when_free(
+                lambda s=sector + off // SECTOR_SIZE, p=part: self.submit_write(s, p)))
+        self.wait(reqs)
+        for r in reqs:
+            r.wait()
+
+    def _submit_when_free(self, submit: Any) -> BlkRequest:
+        while not any(self._free_slots):
+            self.wait([next(iter(self._in_flight))])
+        req: BlkRequest = submit()
+        return req
+
+    def flush(self) -> None:
+        """Make previous writes durable (VIRTIO_BLK_T_FLUSH)."""
+        if not self.flush_supported:
+            raise QueueStateError("the device did not offer VIRTIO_BLK_F_FLUSH")
+        self.submit_flush().wait()
+
+    def get_id(self) -> str:
+        """The device's identifier string (up to 20 bytes)."""
+        raw = self.submit_get_id().wait() or b""
+        return raw.decode("ascii", "replace")
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.capacity * SECTOR_SIZE
+
+    # -- teardown -------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise QueueStateError("BlkDevice is closed")
+
+    def close(self) -> None:
+        """Close the transport (and with it the queues and memory); requests still in
+        flight fail with :class:`QueueStateError`."""
+        if self._closed:
+            return
+        self._closed = True
+        self._fail_all(QueueStateError("BlkDevice was closed with the request in flight"))
+        mem = getattr(self, "_mem", None)
+        if mem is not None:
+            mem.release()
+        self.transport.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def reconnect(self, path: str | os.PathLike[str] | None = None) -> int:
+        """vhost-user only: connect to a new back-end after the old one died; requests
+        that were in flight fail with the disconnect error (if not already).  Returns how
+        many were lost."""
+        reconnect = getattr(self.transport, "reconnect", None)
+        if reconnect is None:
+            raise QueueStateError("this transport cannot reconnect")
+        lost = reconnect(path)
+        count = 0
+        for tokens in lost.values():
+            for req in tokens:
+                if not req.done:
+                    req.error = DeviceError("the back-end went away with the request in flight")
+                    count += 1
+                self._in_flight.discard(req)
+        # Every slot is free again: the rings were reset.
+        for qi in range(len(self.queues)):
+            base = qi * self.slots_per_queue
+            self._free_slots[qi] = list(range(base + self.slots_per_queue - 1, base - 1, -1))
+        self._in_flight.clear()
+        if self.poll_mode:
+            for q in self.queues:
+                q.disable_interrupts()
+        return count

@@ -1,0 +1,354 @@
+"""vhost-user as a :class:`~virtq.transport.Transport`.
+
+Two address spaces are kept apart (vhost-user.rst, "Memory regions"):
+
+* ring addresses in SET_VRING_ADDR are the *front-end's virtual addresses*
+  (``userspace_addr`` in the memory table) -- ``region.host_addr + offset`` here;
+* addresses inside descriptors are *guest physical* (``guest_phys_addr``) -- the arena's
+  ``iova``, reserved by an :class:`~virtq.iova.IovaAllocator` (identity: GPA == host
+  address; bump: any window you like).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Any, Self
+
+from virtq.abi import (
+    VIRTIO_CONFIG_S_ACKNOWLEDGE,
+    VIRTIO_CONFIG_S_DRIVER,
+    VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FEATURES_OK,
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+)
+from virtq.errors import ArgumentError
+from virtq.iova import IdentityAllocator, IovaAllocator
+from virtq.memory import MemfdRegion
+from virtq.queue import SplitQueue
+from virtq.transport.base import DmaArena
+from virtq.transport.errors import DeviceRefusedError
+from virtq.transport.vhost_user import protocol as P
+from virtq.transport.vhost_user.errors import (
+    VhostUserDisconnectedError,
+    VhostUserError,
+)
+from virtq.transport.vhost_user.frontend import DEFAULT_TIMEOUT, VhostUserFrontend
+
+#: Ring/transport feature bits (24..49) virtq implements; the others are never accepted.
+SUPPORTED_TRANSPORT_FEATURES = (
+    1 << VIRTIO_F_INDIRECT_DESC | 1 << VIRTIO_F_EVENT_IDX | 1 << VIRTIO_F_VERSION_1
+)
+_TRANSPORT_RANGE = ((1 << 50) - 1) & ~((1 << 24) - 1)
+#: Protocol features virtq implements.
+SUPPORTED_PROTOCOL_FEATURES = (
+    1 << P.ProtocolFeature.MQ
+    | 1 << P.ProtocolFeature.REPLY_ACK
+    | 1 << P.ProtocolFeature.CONFIG
+    | 1 << P.ProtocolFeature.STATUS
+)
+_EFD_FLAGS = os.EFD_CLOEXEC | os.EFD_NONBLOCK
+
+
+@dataclass(eq=False)
+class _Ring:
+    queue: SplitQueue
+    arena: DmaArena
+    kick: int
+    call: int
+    enabled: bool = False
+
+
+def _finalize(fds: list[int], what: str) -> None:
+    warnings.warn(f"{what} was not closed", ResourceWarning, stacklevel=2)
+    for fd in fds:
+        os.close(fd)
+
+
+class VhostUserTransport:
+    """Drive a vhost-user back-end (qemu-storage-daemon, DPDK, ...) from this process."""
+
+    def __init__(
+        self,
+        frontend: VhostUserFrontend,
+        *,
+        iova_allocator: IovaAllocator | None = None,
+        hugepages: bool = False,
+    ) -> None:
+        self.frontend = frontend
+        self.path = frontend.path
+        self.timeout = frontend.timeout
+        self.iova_allocator = iova_allocator or IdentityAllocator()
+        self.hugepages = hugepages
+        self._arenas: list[DmaArena] = []
+        self._rings: dict[int, _Ring] = {}
+        self._fds: list[int] = []  # eventfds, for the finalizer
+        self._mem_table_sent = False
+        self._started = False
+        self._closed = False
+        self.accepted_features = 0
+        self._finalizer = weakref.finalize(self, _finalize, self._fds, f"vhost-user {self.path}")
+        self._handshake()
+
+    @classmethod
+    def connect(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        iova_allocator: IovaAllocator | None = None,
+        hugepages: bool = False,
+    ) -> Self:
+        frontend = VhostUserFrontend.connect(path, timeout=timeout)
+        try:
+            return cls(frontend, iova_allocator=iova_allocator, hugepages=hugepages)
+        except BaseException:
+            frontend.close()
+            raise
+
+    # -- session set-up ---------------------------------------------------------------------
+
+    def _handshake(self) -> None:
+        fe = self.frontend
+        fe.set_owner()
+        self.offered_features = fe.get_features()
+        self.protocol_features = 0
+        if self.offered_features >> P.VHOST_USER_F_PROTOCOL_FEATURES & 1:
+            offered = fe.get_protocol_features()
+            self.protocol_features = offered & SUPPORTED_PROTOCOL_FEATURES
+            fe.set_protocol_features(self.protocol_features)
+        self._queue_num = fe.get_queue_num() if self._has(P.ProtocolFeature.MQ) else 1
+        self._set_status(VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER)
+
+    def _has(self, feature: P.ProtocolFeature) -> bool:
+        return bool(self.protocol_features >> feature & 1)
+
+    def _set_status(self, status: int) -> None:
+        if self._has(P.ProtocolFeature.STATUS):
+            self.frontend.set_status(status)
+
+    @property
+    def device_features(self) -> int:
+        """What the device offers, minus transport bits virtq does not implement."""
+        offered = self.offered_features & ~(1 << P.VHOST_USER_F_PROTOCOL_FEATURES)
+        return offered & (~_TRANSPORT_RANGE | SUPPORTED_TRANSPORT_FEATURES)
+
+    def negotiate(self, wanted: int) -> int:
+        if not self.device_features >> VIRTIO_F_VERSION_1 & 1:
+            raise DeviceRefusedError(
+                f"back-end at {self.path} does not offer VIRTIO_F_VERSION_1 "
+                f"(features {self.offered_features:#x}); virtq drives modern devices only")
+        accepted = self.device_features & (wanted | 1 << VIRTIO_F_VERSION_1)
+        extra = self.offered_features & (1 << P.VHOST_USER_F_PROTOCOL_FEATURES)
+        self.frontend.set_features(accepted | extra)
+        self.accepted_features = accepted
+        self._set_status(VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER
+                         | VIRTIO_CONFIG_S_FEATURES_OK)
+        return accepted
+
+    def num_queues(self) -> int:
+        return self._queue_num
+
+    def max_queue_size(self, index: int) -> int:
+        # vhost-user has no per-queue maximum; the virtio spec's split ring limit applies.
+        return 32768 if 0 <= index < self._queue_num else 0
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        if not self._has(P.ProtocolFeature.CONFIG):
+            raise DeviceRefusedError(f"back-end at {self.path} does not offer GET_CONFIG")
+        return self.frontend.get_config(offset, size)
+
+    # -- memory ---------------------------------------------------------------------------------
+
+    def alloc_dma(self, nbytes: int) -> DmaArena:
+        region = MemfdRegion(nbytes, name="virtq-vhost-user", hugepages=self.hugepages)
+        try:
+            gpa = self.iova_allocator.alloc(region.nbytes, host_addr=region.host_addr)
+        except BaseException:
+            region.close()
+            raise
+        arena = DmaArena(region, gpa)
+        self._arenas.append(arena)
+        if self._mem_table_sent:
+            self._send_mem_table()  # back-ends remap on a new table (rings included)
+        return arena
+
+    def _send_mem_table(self) -> None:
+        regions = []
+        for a in self._arenas:
+            fd = a.region.fd
+            assert fd is not None  # memfd regions always have one
+            regions.append((a.iova, a.region.nbytes, a.region.host_addr, a.region.fd_offset, fd))
+        self.frontend.set_mem_table(regions)
+        self._mem_table_sent = True
+
+    def _arena_of(self, queue: SplitQueue) -> DmaArena:
+        for arena in self._arenas:
+            if arena.region is queue.region:
+                if queue.iova != arena.iova:
+                    raise ArgumentError("queue.iova", queue.iova,
+                                        f"must be the arena's guest address {arena.iova:#x}")
+                return arena
+        raise ArgumentError("queue", queue, "its region was not allocated with alloc_dma()")
+
+    # -- rings ----------------------------------------------------------------------------------
+
+    def attach_queue(self, index: int, queue: SplitQueue) -> None:
+        if not 0 <= index < self._queue_num:
+            raise ArgumentError("index", index, f"the back-end has {self._queue_num} queue(s)")
+        if index in self._rings:
+            raise ArgumentError("index", index, "queue already attached")
+        arena = self._arena_of(queue)
+        kick = os.eventfd(0, _EFD_FLAGS)
+        self._fds.append(kick)
+        call = os.eventfd(0, _EFD_FLAGS)
+        self._fds.append(call)
+        ring = _Ring(queue, arena, kick, call)
+        self._rings[index] = ring
+        self._setup_ring(index, ring)
+
+    def _setup_ring(self, index: int, ring: _Ring) -> None:
+        if not self._mem_table_sent:
+            self._send_mem_table()
+        fe, q = self.frontend, ring.queue
+        uva = q.region.host_addr
+        fe.set_vring_num(index, q.size)
+        # The back-end starts consuming avail at this index and reads used.idx from memory;
+        # SplitQueue initialised both to it (start_index / reset()).
+        fe.set_vring_base(index, q.next_avail)
+        fe.set_vring_addr(index, desc=uva + q.layout.desc, used=uva + q.layout.used,
+                          avail=uva + q.layout.avail)
+        fe.set_vring_kick(index, ring.kick)
+        fe.set_vring_call(index, ring.call)
+        if self._started:
+            self._enable(index, ring)
+
+    def _enable(self, index: int, ring: _Ring) -> None:
+        # With PROTOCOL_FEATURES negotiated rings start disabled (vhost-user.rst "Ring states").
+        if self.offered_features >> P.VHOST_USER_F_PROTOCOL_FEATURES & 1:
+            self.frontend.set_vring_enable(index, True)
+        ring.enabled = True
+
+    def start(self) -> None:
+        for index, ring in self._rings.items():
+            self._enable(index, ring)
+        self._started = True
+        self._set_status(VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER
+                         | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK)
+
+    def get_vring_base(self, index: int) -> int:
+        """Stop ring ``index`` and return the next avail index the back-end would process."""
+        return self.frontend.get_vring_base(index)
+
+    # -- notifications --------------------------------------------------------------------
+
+    def notify(self, index: int) -> None:
+        os.eventfd_write(self._rings[index].kick, 1)
+
+    def call_fd(self, index: int) -> int:
+        """The eventfd the back-end signals for used buffers (for your own event loop)."""
+        return self._rings[index].call
+
+    def wait(self, index: int, timeout: float | None) -> bool:
+        """Wait for a used-buffer notification on ``index``; raises
+        :class:`VhostUserDisconnectedError` at once if the back-end goes away meanwhile."""
+        call = self._rings[index].call
+        sock = self.frontend.sock
+        poller = select.poll()
+        poller.register(call, select.POLLIN)
+        poller.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+        events = poller.poll(None if timeout is None else max(0, int(timeout * 1000)))
+        for fd, _ in events:
+            if fd == sock.fileno():
+                self.check_alive()
+        try:
+            os.eventfd_read(call)  # drain: one read resets the counter
+        except BlockingIOError:
+            return False
+        return True
+
+    def check_alive(self) -> None:
+        """Raise :class:`VhostUserDisconnectedError` if the back-end closed the socket
+        (non-blocking; for polling loops)."""
+        sock = self.frontend.sock
+        if sock.fileno() < 0:
+            raise VhostUserDisconnectedError(f"connection to {self.path} is closed")
+        r, _, x = select.select([sock], [], [sock], 0)
+        if r or x:
+            try:
+                data = sock.recv(1, 0x40 | 0x2)  # MSG_DONTWAIT | MSG_PEEK
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                raise VhostUserDisconnectedError(
+                    f"back-end at {self.path} is gone ({exc.strerror})") from exc
+            if not data:
+                raise VhostUserDisconnectedError(
+                    f"back-end at {self.path} closed the connection")
+            raise VhostUserError(f"back-end at {self.path} sent an unsolicited message",
+                                 got=data)
+
+    # -- reconnect and teardown -----------------------------------------------------------
+
+    def reconnect(self, path: str | os.PathLike[str] | None = None, *,
+                  timeout: float | None = None) -> dict[int, list[Any]]:
+        """Connect to a (new) back-end and bring every ring back.
+
+        In-flight chains cannot survive a back-end that died: their tokens are returned per
+        queue so the caller can fail them; each ring restarts at its ``next_avail``
+        (SET_VRING_BASE) with the same memory, features and addresses.
+        """
+        self.frontend.close()
+        self.frontend = VhostUserFrontend.connect(path or self.path,
+                                                  timeout=timeout or self.timeout)
+        self.path = self.frontend.path
+        self._mem_table_sent = False
+        wanted = self.accepted_features
+        self._handshake()
+        if self.accepted_features:
+            if self.device_features & wanted != wanted:
+                raise DeviceRefusedError(
+                    f"the new back-end offers {self.device_features:#x}, "
+                    f"which lacks negotiated features {wanted & ~self.device_features:#x}")
+            self.negotiate(wanted)
+        lost: dict[int, list[Any]] = {}
+        for index, ring in self._rings.items():
+            lost[index] = ring.queue.reset()
+            for fd in (ring.kick, ring.call):  # stale signals from the old back-end
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(fd)
+            self._setup_ring(index, ring)
+        if self._started:
+            self._set_status(VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER
+                             | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK)
+        return lost
+
+    def close(self) -> None:
+        """Disconnect, close the queues, release eventfds, memory and guest addresses."""
+        if self._closed:
+            return
+        self._closed = True
+        self.frontend.close()  # the back-end stops and resets the device on disconnect
+        for ring in self._rings.values():
+            ring.queue.close()
+        self._rings.clear()
+        self._finalizer.detach()
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+        for arena in self._arenas:
+            self.iova_allocator.free(arena.iova)
+            arena.region.close()
+        self._arenas.clear()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
