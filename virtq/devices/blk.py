@@ -118,6 +118,7 @@ class BlkDevice:
         indirect: bool = False,
         event_idx: bool = True,
         poll: bool = False,
+        start_index: int = 0,
     ) -> None:
         if max_io <= 0 or max_io % SECTOR_SIZE:
             raise ArgumentError("max_io", max_io, "must be a positive multiple of 512")
@@ -126,7 +127,7 @@ class BlkDevice:
         self.max_io = max_io
         self._closed = False
         try:
-            self._setup(queue_size, num_queues, max_segments, indirect, event_idx)
+            self._setup(queue_size, num_queues, max_segments, indirect, event_idx, start_index)
         except BaseException:
             transport.close()
             raise
@@ -134,7 +135,7 @@ class BlkDevice:
     # -- set-up ---------------------------------------------------------------------------------
 
     def _setup(self, queue_size: int, num_queues: int, max_segments: int, indirect: bool,
-               event_idx: bool) -> None:
+               event_idx: bool, start_index: int) -> None:
         t = self.transport
         wanted = (1 << VIRTIO_BLK_F_SIZE_MAX | 1 << VIRTIO_BLK_F_SEG_MAX
                   | 1 << VIRTIO_BLK_F_BLK_SIZE | 1 << VIRTIO_BLK_F_FLUSH
@@ -191,7 +192,8 @@ class BlkDevice:
         self._free_slots: list[list[int]] = []
         for i in range(num_queues):
             q = SplitQueue(self.arena.region, layout.shifted(i * ring_bytes),
-                           iova=self.arena.iova, event_idx=ev, indirect=self.indirect)
+                           iova=self.arena.iova, event_idx=ev, indirect=self.indirect,
+                           start_index=start_index)
             self.queues.append(q)
             base = i * self.slots_per_queue
             self._free_slots.append(list(range(base + self.slots_per_queue - 1, base - 1, -1)))

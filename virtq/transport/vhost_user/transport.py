@@ -94,7 +94,11 @@ class VhostUserTransport:
         self._closed = False
         self.accepted_features = 0
         self._finalizer = weakref.finalize(self, _finalize, self._fds, f"vhost-user {self.path}")
-        self._handshake()
+        try:
+            self._handshake()
+        except BaseException:
+            self._finalizer.detach()  # nothing is owned yet; connect() closes the socket
+            raise
 
     @classmethod
     def connect(

@@ -1,0 +1,207 @@
+"""BlkDevice over vhost-user against a real qemu-storage-daemon started by the fixtures."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from virtq.devices import BlkDevice, BlkIOError
+from virtq.iova import BumpAllocator, IdentityAllocator
+from virtq.testing.backends import QemuStorageDaemon, make_image, sector_pattern
+from virtq.transport.vhost_user import (
+    VhostUserConnectError,
+    VhostUserDisconnectedError,
+    VhostUserProtocolError,
+    VhostUserTimeoutError,
+)
+
+IMAGE_BYTES = 8 << 20
+SECTORS = IMAGE_BYTES // 512
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    return make_image(tmp_path / "disk.img", IMAGE_BYTES)
+
+
+@pytest.fixture
+def qsd(image: Path, tmp_path: Path):
+    with QemuStorageDaemon(image, tmp_path / "qsd.sock") as daemon:
+        yield daemon
+
+
+def expected(sector: int, nbytes: int) -> bytes:
+    return b"".join(sector_pattern(s) for s in range(sector, sector + nbytes // 512))
+
+
+def test_config_id_and_reads_match_the_image(qsd, no_leaks):
+    with BlkDevice.connect_vhost_user(qsd.socket_path) as dev:
+        assert dev.capacity == SECTORS
+        assert dev.capacity_bytes == IMAGE_BYTES
+        assert dev.block_size == 512
+        assert dev.get_id()  # QSD reports the export's node name
+        for sector in (0, 1, 777, SECTORS - 8):
+            assert dev.read(sector, 4096) == expected(sector, 4096)
+        # larger than max_io: split into several requests kept in flight together
+        assert dev.read(100, 3 * dev.max_io) == expected(100, 3 * dev.max_io)
+
+
+def test_writes_land_in_the_file_and_flush(qsd, image):
+    data = os.urandom(8192)
+    with BlkDevice.connect_vhost_user(qsd.socket_path) as dev:
+        dev.write(64, data)
+        dev.flush()
+        assert dev.read(64, 8192) == data
+    with open(image, "rb") as f:
+        f.seek(64 * 512)
+        assert f.read(8192) == data
+
+
+def test_read_past_the_end_is_a_blk_io_error(qsd):
+    with BlkDevice.connect_vhost_user(qsd.socket_path) as dev:
+        with pytest.raises(BlkIOError) as info:
+            dev.read(SECTORS, 512)
+        assert info.value.sector == SECTORS
+        assert info.value.status == 1
+        assert dev.read(0, 512) == sector_pattern(0)  # the device still works
+
+
+def test_zero_copy_read_split_over_several_data_descriptors(qsd):
+    with BlkDevice.connect_vhost_user(qsd.socket_path) as dev:
+        buf = dev.alloc_buffer(16384)
+        parts = [buf.slice(0, 512), buf.slice(4096, 1024), buf.slice(8192, 2560)]
+        req = dev.submit_read(40, into=parts)
+        assert req.wait() is None  # zero-copy: nothing returned, the data is in the buffers
+        got = b"".join(p.read() for p in parts)
+        assert got == expected(40, 4096)
+        # zero-copy write from a buffer, then read back
+        out = buf.slice(12288, 1024)
+        out.write(b"Z" * 1024)
+        dev.submit_write(9, out).wait()
+        assert dev.read(9, 1024) == b"Z" * 1024
+
+
+def test_many_requests_in_flight(image, tmp_path):
+    # aio=threads completes requests from a thread pool, so completions can overtake.
+    with QemuStorageDaemon(image, tmp_path / "t.sock", aio="threads") as daemon, \
+            BlkDevice.connect_vhost_user(daemon.socket_path, queue_size=256) as dev:
+        sectors = [(i * 397) % (SECTORS - 8) for i in range(dev.slots_per_queue)]
+        reqs = [dev.submit_read(s, 4096) for s in sectors]
+        order = []
+        remaining = set(reqs)
+        while remaining:
+            dev.wait(list(remaining)[:1])
+            for r in list(remaining):
+                if r.done:
+                    order.append(reqs.index(r))
+                    remaining.discard(r)
+        for s, r in zip(sectors, reqs, strict=True):
+            assert r.wait() == expected(s, 4096)
+        assert sorted(order) == list(range(len(reqs)))
+
+
+def test_get_vring_base_equals_driver_avail_index(qsd):
+    with BlkDevice.connect_vhost_user(qsd.socket_path) as dev:
+        for i in range(37):
+            dev.read(i, 512)
+        assert dev.transport.get_vring_base(0) == dev.queues[0].next_avail == 37 + 0
+
+
+def test_wraparound_of_the_16_bit_index(qsd):
+    with BlkDevice.connect_vhost_user(qsd.socket_path, start_index=0xFFF0) as dev:
+        for i in range(40):  # crosses 0xFFFF -> 0 after 16 requests
+            assert dev.read(i, 512) == sector_pattern(i)
+        assert dev.queues[0].next_avail == (0xFFF0 + 40) & 0xFFFF
+        assert dev.transport.get_vring_base(0) == dev.queues[0].next_avail
+
+
+@pytest.mark.parametrize("allocator", [IdentityAllocator, lambda: BumpAllocator(1 << 32, 1 << 40)],
+                         ids=["identity", "bump"])
+def test_both_guest_address_strategies(qsd, allocator):
+    alloc = allocator()
+    with BlkDevice.connect_vhost_user(qsd.socket_path, iova_allocator=alloc) as dev:
+        if isinstance(alloc, BumpAllocator):
+            assert dev.arena.iova == 1 << 32
+        else:
+            assert dev.arena.iova == dev.arena.region.host_addr
+        dev.write(5, b"q" * 1024)
+        assert dev.read(5, 1024) == b"q" * 1024
+        assert dev.read(300, 512) == sector_pattern(300)
+
+
+@pytest.mark.parametrize("poll", [False, True], ids=["eventfd", "poll"])
+def test_backend_killed_with_32_in_flight_then_reconnect(image, tmp_path, poll):
+    sock = tmp_path / "k.sock"
+    daemon = QemuStorageDaemon(image, sock).start()
+    try:
+        with BlkDevice.connect_vhost_user(sock, queue_size=128, indirect=True,
+                                          poll=poll) as dev:
+            assert dev.read(1, 512) == sector_pattern(1)
+            os.kill(daemon.pid, signal.SIGSTOP)  # hold the requests in flight
+            reqs = [dev.submit_read(i * 8, 4096) for i in range(32)]
+            dev.kick()
+            daemon.kill()
+            with pytest.raises(VhostUserDisconnectedError):
+                dev.wait(timeout=30)  # must fail fast, not run into this timeout
+            assert all(r.done for r in reqs)
+            for r in reqs:
+                with pytest.raises(VhostUserDisconnectedError):
+                    r.wait()
+            # A new back-end on the same socket: the rings come back at next_avail.
+            daemon = QemuStorageDaemon(image, sock).start()
+            dev.reconnect()
+            assert dev.read(200, 4096) == expected(200, 4096)
+            dev.write(3, b"after" * 1024 + b"\0" * 512)
+            assert dev.read(3, 5632)[:5120] == b"after" * 1024
+            assert dev.transport.get_vring_base(0) == dev.queues[0].next_avail
+    finally:
+        daemon.stop()
+
+
+def test_bad_socket_path():
+    with pytest.raises(VhostUserConnectError) as info:
+        BlkDevice.connect_vhost_user("/nonexistent/virtq.sock")
+    assert info.value.errno is not None
+    assert isinstance(info.value, OSError)
+
+
+def _silent_server(path: str, reply: bytes | None) -> tuple[socket.socket, threading.Thread]:
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+
+    def run():
+        conn, _ = srv.accept()
+        with conn:
+            conn.recv(4096)
+            if reply is not None:
+                conn.sendall(reply)
+            conn.settimeout(10)
+            # hold the connection open until the client gives up
+            with contextlib.suppress(OSError):
+                conn.recv(4096)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return srv, t
+
+
+@pytest.mark.parametrize(("reply", "error"), [
+    (None, VhostUserTimeoutError),  # a back-end that never answers
+    (b"HTTP/1.1 400 Bad Request\r\n\r\n", VhostUserProtocolError),  # the wrong peer
+])
+def test_peer_that_is_not_a_vhost_user_backend(tmp_path, reply, error):
+    path = str(tmp_path / "fake.sock")
+    srv, t = _silent_server(path, reply)
+    try:
+        with pytest.raises(error):
+            BlkDevice.connect_vhost_user(path, timeout=0.5)
+    finally:
+        t.join(timeout=5)
+        srv.close()
