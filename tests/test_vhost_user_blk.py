@@ -183,9 +183,10 @@ def _silent_server(path: str, reply: bytes | None) -> tuple[socket.socket, threa
             if reply is not None:
                 conn.sendall(reply)
             conn.settimeout(10)
-            # hold the connection open until the client gives up
+            # hold the connection open until the client hangs up (recv returns b"")
             with contextlib.suppress(OSError):
-                conn.recv(4096)
+                while conn.recv(4096):
+                    pass
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
