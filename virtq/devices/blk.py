@@ -23,7 +23,7 @@ from typing import Any, Self
 from virtq.abi import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC
 from virtq.devices.dma import DmaBuffer
 from virtq.devices.errors import BlkIOError, BlkUnsupportedError
-from virtq.errors import ArgumentError, DeviceError, QueueStateError, VirtqError
+from virtq.errors import ArgumentError, DeviceError, QueueStateError
 from virtq.iova import IovaAllocator
 from virtq.layout import SplitLayout, align_up
 from virtq.queue import SplitQueue
@@ -364,16 +364,44 @@ class BlkDevice:
                 if self.queues[qi].publish():
                     self.transport.notify(qi)
 
-    def poll(self) -> int:
-        """Publish pending requests, then complete whatever the device finished; returns
-        how many requests completed."""
+    def poll(self, timeout: float | None = 0) -> list[BlkRequest]:
+        """Publish pending requests, then return the requests the device completed (check
+        each one's ``error``, or call its ``wait()``).  With ``timeout`` (seconds, None =
+        forever) block until at least one completes or the time is up; 0 never blocks.
+
+        A transport failure (the back-end died) fails every request in flight with that
+        error and raises it."""
         self.kick()
-        done = 0
-        for q in self.queues:
-            for req, written in q.drain_used():
-                self._complete(req, written)
-                done += 1
-        return done
+        deadline = None if timeout is None else time.monotonic() + timeout
+        spins = 0
+        try:
+            while True:
+                done: list[BlkRequest] = []
+                for q in self.queues:
+                    for req, written in q.drain_used():
+                        self._complete(req, written)
+                        done.append(req)
+                if done or timeout == 0 or not self._in_flight:
+                    return done
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return done
+                if self.poll_mode:
+                    spins += 1
+                    if spins % 4096 == 0:
+                        self._check_transport()
+                    continue
+                # Re-enable notifications; if completions raced in meanwhile, reap again
+                # instead of sleeping (§2.7.13.5).
+                if any(q.enable_interrupts() for q in self.queues):
+                    continue
+                queue = next(iter(self._in_flight)).queue
+                self.transport.wait(queue, 0.1 if remaining is None else min(0.1, remaining))
+        except (DeviceError, OSError) as err:
+            if isinstance(err, BlkIOError):
+                raise
+            self._fail_all(err)
+            raise
 
     def _complete(self, req: BlkRequest, written: int) -> None:
         meta = self._meta_off + req.slot * _SLOT_META
@@ -407,42 +435,16 @@ class BlkDevice:
     def wait(self, requests: Iterable[BlkRequest] | None = None,
              timeout: float | None = None) -> None:
         """Until every request in ``requests`` (default: all in flight) is done.  Raises
-        TimeoutError after ``timeout`` seconds; a transport failure fails every request in
-        flight with that error and raises it."""
-        pending = list(self._in_flight if requests is None else requests)
+        TimeoutError after ``timeout`` seconds (the requests stay in flight)."""
+        pending = [r for r in (self._in_flight if requests is None else requests) if not r.done]
         deadline = None if timeout is None else time.monotonic() + timeout
-        spins = 0
-        try:
-            while True:
-                self.poll()
-                if all(r.done for r in pending):
-                    return
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"{sum(not r.done for r in pending)} request(s) still "
-                                       f"in flight after {timeout} s")
-                if self.poll_mode:
-                    spins += 1
-                    if spins % 4096 == 0:
-                        self._check_transport()
-                    continue
-                # Re-enable notifications; if completions raced in meanwhile, poll again
-                # instead of sleeping (§2.7.13.5).
-                if any(q.enable_interrupts() for q in self.queues):
-                    continue
-                slice_ = 0.1 if remaining is None else min(0.1, remaining)
-                self.transport.wait(self._wait_queue(pending), slice_)
-        except (VirtqError, OSError) as err:
-            if not isinstance(err, DeviceError | OSError) or isinstance(err, BlkIOError):
-                raise
-            self._fail_all(err)
-            raise
-
-    def _wait_queue(self, pending: list[BlkRequest]) -> int:
-        for r in pending:
-            if not r.done:
-                return r.queue
-        return 0
+        while pending:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(f"{len(pending)} request(s) still in flight after "
+                                   f"{timeout} s")
+            self.poll(timeout=remaining)
+            pending = [r for r in pending if not r.done]
 
     def _check_transport(self) -> None:
         check = getattr(self.transport, "check_alive", None)
