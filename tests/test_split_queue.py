@@ -466,3 +466,56 @@ def test_add_many_is_all_or_nothing(indirect):
         r.q.publish()
         device_echo_all(r)
         assert r.q.drain_used() == [("keep", 0)]
+
+
+# -- reserved (caller-built) chains ---------------------------------------------------
+
+
+def test_reserved_chains_are_reused_and_never_freed():
+    with ring(n=8) as r:
+        heads = r.q.reserve(2)
+        assert r.q.num_free == 6
+        h = heads[0]
+        r.put(0, b"abcd")
+        r.q.set_desc(h, r.buf(0), 4, 0, 0)
+        for i in range(3):  # the same chain, submitted again and again
+            r.q.add_reserved(h, token=i, capacity=0)
+            with pytest.raises(QueueStateError):
+                r.q.add_reserved(h, token="twice", capacity=0)
+            with pytest.raises(QueueStateError):
+                r.q.set_desc(h, r.buf(0), 4, 0, 0)
+            r.q.publish()
+            head, segs = r.dev.pop()
+            assert head == h
+            assert r.dev.read(segs[0].iova, 4) == b"abcd"
+            r.dev.push(head, 0)
+            assert r.q.pop_used() == (i, 0)
+            assert r.q.num_free == 6
+        # a normal chain still works beside it, and a reserved head cannot be faked
+        r.q.add([(r.buf(1), 1)], [], token="plain")
+        with pytest.raises(ArgumentError):
+            r.q.add_reserved(7 if 7 not in heads else 5, token="x", capacity=0)
+        with pytest.raises(QueueFullError):
+            r.q.reserve(6)
+        # capacity is enforced for reserved chains too
+        r.q.add_reserved(heads[1], token="w", capacity=2)
+        r.q.publish()
+        HostileDevice(r.region, r.layout).complete(heads[1], 3)
+        with pytest.raises(DeviceProtocolError):
+            r.q.drain_used()
+        # reset keeps the reservation
+        r.q.reset()
+        assert r.q.num_free == 6
+
+
+def test_enable_interrupts_delayed_asks_for_three_quarters():
+    with ring(n=8, event_idx=True) as r:
+        for i in range(8):
+            r.q.add([(r.buf(i), 1)], [], token=i)
+        r.q.publish()
+        assert r.q.enable_interrupts_delayed() is False
+        assert r.q.snapshot()["avail.used_event"] == 6  # last_used 0 + 8 * 3 // 4
+        chains = [r.dev.pop() for _ in range(8)]
+        notified = [r.dev.push(h, 0) for h, _ in chains]
+        assert notified == [False] * 6 + [True, False]  # the 7th completion crosses 6
+        assert len(r.q.drain_used()) == 8

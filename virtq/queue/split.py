@@ -73,14 +73,14 @@ _PACK_DESC = struct.Struct("<QIHH").pack_into
 _U32_LIMIT = 1 << 32
 _SEQUENTIAL = list(range(32769))  # indirect table entries are chained 0 -> 1 -> 2 ...
 _U64_LIMIT = 1 << 64
-#: Shadow state of an in-flight head: (token, writable capacity, other descriptors,
-#: avail index at add time).
-_HeadState = tuple[Any, int, tuple[int, ...], int]
+#: Shadow state of an in-flight head: (token, writable capacity, other descriptors --
+#: None for a reserved chain --, avail index at add time).
+_HeadState = tuple[Any, int, tuple[int, ...] | None, int]
 
 #: Public operations that are replaced by raisers once the queue is closed or broken.
 _GUARDED = (
-    "add", "publish", "pop_used", "drain_used", "disable_interrupts", "enable_interrupts",
-    "kick_needed",
+    "add", "add_many", "add_reserved", "publish", "pop_used", "drain_used",
+    "disable_interrupts", "enable_interrupts", "enable_interrupts_delayed", "kick_needed",
 )
 
 
@@ -172,7 +172,10 @@ class SplitQueue:
         self.next_avail = start_index  # shadow avail.idx, including added-but-unpublished
         self.published = start_index  # last value stored to avail.idx
         self.last_used = start_index  # next used.ring slot to reap
-        self._free: list[int] = list(range(n - 1, -1, -1))  # stack of free descriptors
+        # Reservations survive reset() (the caller rewrites its chains: the table was zeroed).
+        self._reserved: bytearray = getattr(self, "_reserved", None) or bytearray(n)
+        # stack of free descriptors
+        self._free: list[int] = [d for d in range(n - 1, -1, -1) if not self._reserved[d]]
         # Per head: None when not in flight, else (token, writable capacity, the chain's
         # other descriptors, the avail index it was added at) -- one tuple, one store.
         self._state: list[_HeadState | None] = [None] * n
@@ -406,6 +409,50 @@ class SplitQueue:
                 "buffers", total + capacity, "a chain's total length must be < 2**32")
         return capacity
 
+    # -- caller-built (persistent) chains -------------------------------------------------
+
+    def reserve(self, count: int) -> list[int]:
+        """Take ``count`` descriptors out of the free list for chains the caller builds and
+        keeps (a driver whose requests always have the same shape rewrites only what
+        changes, instead of building a chain per request).  Write them with
+        :meth:`set_desc`, submit with :meth:`add_reserved`; they never return to the free
+        list."""
+        free = self._free
+        if not 0 < count <= len(free):
+            raise QueueFullError(count, len(free))
+        taken = free[-count:]
+        del free[-count:]
+        for d in taken:
+            self._reserved[d] = 1
+        return taken[::-1]
+
+    def set_desc(self, index: int, addr: int, length: int, flags: int, next_: int) -> None:
+        """Write reserved descriptor ``index`` (not while its chain is in flight)."""
+        if not 0 <= index < self.size or not self._reserved[index]:
+            raise ArgumentError("index", index, "not a reserved descriptor (see reserve())")
+        if self._state[index] is not None:
+            raise QueueStateError(f"descriptor {index} heads a chain in flight")
+        if not 0 <= next_ < self.size:
+            raise ArgumentError("next_", next_, f"must be in 0..{self.size - 1}")
+        try:
+            _PACK_DESC(self._desc_mem, index << 4, addr, length, flags, next_)
+        except struct.error:
+            _bad_buffer((addr, length))
+
+    def add_reserved(self, head: int, token: Any, capacity: int) -> None:
+        """Make the caller-built chain at reserved descriptor ``head`` available (visible
+        after :meth:`publish`).  ``capacity`` is its device-writable byte count, against
+        which the device's ``len`` is validated.  On completion the descriptors stay
+        reserved."""
+        if head >= self.size or head < 0 or not self._reserved[head]:
+            raise ArgumentError("head", head, "not a reserved descriptor (see reserve())")
+        if self._state[head] is not None:
+            raise QueueStateError(f"chain {head} is already in flight")
+        idx = self.next_avail
+        self._avail[2 + (idx & self._mask)] = head
+        self._state[head] = (token, capacity, None, idx)
+        self.next_avail = (idx + 1) & 0xFFFF
+
     def publish(self) -> bool:
         """Expose every added chain to the device with one ``avail.idx`` store.
 
@@ -507,9 +554,10 @@ class SplitQueue:
                     f"<= {capacity}, the writable capacity of head {head}"), out)
             out.append((token, length))
             states[head] = None
-            free.append(head)
-            if rest:
-                free.extend(rest)
+            if rest is not None:  # None: a reserved chain, which stays the caller's
+                free.append(head)
+                if rest:
+                    free.extend(rest)
             last_used = (last_used + 1) & 0xFFFF
         self.last_used = last_used
         return out
@@ -538,6 +586,20 @@ class SplitQueue:
         # Store (flags/used_event) -> load (used.idx): needs a full fence.
         full_fence()
         return bool(self._used_h[1] != self.last_used)
+
+    def enable_interrupts_delayed(self) -> bool:
+        """Like :meth:`enable_interrupts`, but with event idx ask to be notified only once
+        about 3/4 of the chains in flight have completed (Linux
+        ``virtqueue_enable_cb_delayed``): one wake-up per batch instead of one per
+        completion.  Returns True if that many have already completed (poll again).
+        Without event idx it is :meth:`enable_interrupts`."""
+        if not self.event_idx:
+            return self.enable_interrupts()
+        self._interrupts = True
+        pending = ((self.published - self.last_used) & 0xFFFF) * 3 // 4
+        self._avail[self._idx_used_event] = (self.last_used + pending) & 0xFFFF
+        full_fence()  # store used_event -> load used.idx (§2.7.13.5)
+        return ((self._used_h[1] - self.last_used) & 0xFFFF) > pending
 
     def has_used(self) -> bool:
         """True when the device has published completions not yet reaped."""
