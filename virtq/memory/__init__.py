@@ -12,13 +12,17 @@ from virtq.memory.backends import (
     MemfdRegion,
 )
 from virtq.memory.base import MemoryRegion, MmapRegion
+from virtq.memory.vfio import IovaRangeError, VfioContainer, VfioDmaRegion
 
 __all__ = [
     "HUGEPAGE_2M",
     "PAGE_SIZE",
     "AnonymousRegion",
     "HugepageRegion",
+    "IovaRangeError",
     "MemfdRegion",
     "MemoryRegion",
     "MmapRegion",
+    "VfioContainer",
+    "VfioDmaRegion",
 ]
