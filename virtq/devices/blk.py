@@ -139,6 +139,13 @@ class BlkDevice:
         try:
             self._setup(queue_size, num_queues, max_segments, indirect, event_idx, start_index)
         except BaseException:
+            # Our own views pin the arena: release them first, or closing the transport
+            # fails with RegionBusyError and hides the error that stopped the set-up.
+            mem = getattr(self, "_mem", None)
+            if mem is not None:
+                mem.release()
+            for q in getattr(self, "queues", []):
+                q.close()
             transport.close()
             raise
 
