@@ -43,6 +43,7 @@ class RngDevice:
         self.timeout = timeout
         self._closed = False
         self._mem: memoryview | None = None
+        self.queue: SplitQueue | None = None
         try:
             self._setup(queue_size, buffer_size)
         except BaseException:
@@ -100,6 +101,7 @@ class RngDevice:
             raise ArgumentError("n", n, "must be a non-negative int")
         mem = self._check_open()
         q = self.queue
+        assert q is not None
         layout = self.layout
         iova = self.arena.iova
         out = bytearray()
@@ -125,6 +127,7 @@ class RngDevice:
 
     def _wait_used(self, deadline: float) -> list[tuple[Any, int]]:
         q = self.queue
+        assert q is not None
         t = self.transport
         while True:
             done = q.drain_used()
@@ -144,9 +147,12 @@ class RngDevice:
         return self._mem
 
     def _release(self) -> None:
+        # Views of the arena go first, so the transport can unmap and close it.
         if self._mem is not None:
             self._mem.release()
             self._mem = None
+        if self.queue is not None:
+            self.queue.close()
 
     @property
     def closed(self) -> bool:
