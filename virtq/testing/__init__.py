@@ -3,12 +3,15 @@
 from virtq.testing.conformance import check_iova_allocator, check_memory_region
 from virtq.testing.device import DeviceQueue, DriverProtocolError, Segment
 from virtq.testing.hostile import HostileDevice
+from virtq.testing.testpmd import PortStats, TestPmd
 
 __all__ = [
     "DeviceQueue",
     "DriverProtocolError",
     "HostileDevice",
+    "PortStats",
     "Segment",
+    "TestPmd",
     "check_iova_allocator",
     "check_memory_region",
 ]

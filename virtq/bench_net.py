@@ -1,0 +1,270 @@
+"""Packets per second of virtq's NetDevice against dpdk-testpmd, next to DPDK's own C
+virtio-user driver doing the same work against the same kind of back-end, in one run.
+
+    python -m virtq.bench_net [--seconds 3] [--frame-size 64] [--batch 32]
+
+* **TX**: the back-end (testpmd ``net_vhost0``) runs ``rxonly`` and counts; the front-end
+  transmits as fast as it can -- virtq's :meth:`NetDevice.send_batch`, or a second testpmd
+  with ``net_virtio_user0`` in ``txonly`` mode.  The rate is what the back-end counted.
+* **RX**: the back-end runs ``txonly`` and floods the front-end's receiveq; the rate is what
+  the front-end received (virtq's :meth:`NetDevice.recv_batch`, or the C front-end's
+  ``rxonly`` counter).
+
+Placement on a 2-CPU machine: the back-end's forwarding lcore is CPU 1; the front-end's
+data path runs on CPU 0 (this process is pinned there; the C front-end's forwarding lcore
+is 0 too).  "CPU µs/pkt" is the front-end's user+system CPU time over the window divided by
+the packets: for virtq this process (``psutil``), for the C driver its whole testpmd
+process -- a poll-mode driver burns one core whatever the rate, so that is its cost too.
+Numbers are for comparison within one run only; no absolute claim is made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from virtq.devices.net import NetDevice
+from virtq.testing.testpmd import TestPmd
+
+#: The target of issue 5: virtq's rate within this factor of the C driver's.
+TARGET_RATIO = 10.0
+
+
+@dataclass
+class Result:
+    direction: str  # "TX" or "RX"
+    driver: str
+    packets: int
+    seconds: float
+    cpu_seconds: float
+
+    @property
+    def pps(self) -> float:
+        return self.packets / self.seconds if self.seconds else 0.0
+
+    @property
+    def cpu_us_per_packet(self) -> float:
+        return self.cpu_seconds * 1e6 / self.packets if self.packets else float("inf")
+
+
+def _cpu(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return t.user + t.system
+
+
+@contextlib.contextmanager
+def _pinned(cpu: int) -> Iterator[None]:
+    """Run this process on ``cpu`` only (the CPU the C front-end's data path gets)."""
+    before = os.sched_getaffinity(0)
+    target = {cpu} if cpu in before else before
+    os.sched_setaffinity(0, target)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def _frames(size: int, count: int) -> list[bytes]:
+    # Broadcast destination, locally administered source, IPv4 ethertype, then a counter:
+    # distinct frames, as a traffic generator would send.
+    head = b"\xff" * 6 + b"\x02\x00\x00\x00\x00\x01" + b"\x08\x00"
+    body = size - len(head)
+    return [head + i.to_bytes(4, "little") + bytes(body - 4) for i in range(count)]
+
+
+# -- virtq ------------------------------------------------------------------------------------
+
+
+def virtq_tx(backend: TestPmd, sock: Path, args: argparse.Namespace, poll: bool) -> Result:
+    backend.set_forward_mode("rxonly")
+    backend.start_forwarding()
+    frames = _frames(args.frame_size, args.batch)
+    me = psutil.Process()
+    with NetDevice.connect_vhost_user(sock, queue_size=args.queue_size, poll=poll) as dev:
+        backend.wait_link(True)
+        send = dev.send_batch
+        warm_end = time.monotonic() + args.warmup
+        while time.monotonic() < warm_end:
+            send(frames, timeout=5)
+        deadline = time.monotonic() + 5
+        while dev.tx_in_flight and time.monotonic() < deadline:
+            dev.reclaim()  # every warm-up frame is counted before the counters are zeroed
+        backend.clear_stats()
+        sent = 0
+        c0, t0 = _cpu(me), time.perf_counter()
+        end = t0 + args.seconds
+        while True:
+            for _ in range(64):
+                sent += send(frames, timeout=5)
+            if time.perf_counter() >= end:
+                break
+        t1, c1 = time.perf_counter(), _cpu(me)
+        # Every frame sent must reach the back-end: the rate is what it counted.
+        stats = backend.wait_rx_packets(sent, timeout=5)
+    backend.wait_link(False)
+    if stats.rx_packets != sent:
+        raise RuntimeError(f"virtq sent {sent} frames, testpmd counted {stats.rx_packets}")
+    mode = "poll" if poll else "notify"
+    return Result("TX", f"virtq ({mode})", stats.rx_packets, t1 - t0, c1 - c0)
+
+
+def virtq_rx(backend: TestPmd, sock: Path, args: argparse.Namespace, poll: bool) -> Result:
+    backend.set_forward_mode("txonly")
+    me = psutil.Process()
+    with NetDevice.connect_vhost_user(sock, queue_size=args.queue_size, poll=poll) as dev:
+        backend.wait_link(True)
+        backend.start_forwarding()
+        recv = dev.recv_batch
+        wait = 0 if poll else 0.1
+        warm_end = time.monotonic() + args.warmup
+        while time.monotonic() < warm_end:
+            recv(args.queue_size, wait)
+        got = 0
+        c0, t0 = _cpu(me), time.perf_counter()
+        end = t0 + args.seconds
+        while True:
+            for _ in range(64):
+                got += len(recv(args.queue_size, wait))
+            if time.perf_counter() >= end:
+                break
+        t1, c1 = time.perf_counter(), _cpu(me)
+        backend.stop_forwarding()
+    backend.wait_link(False)
+    mode = "poll" if poll else "notify"
+    return Result("RX", f"virtq ({mode})", got, t1 - t0, c1 - c0)
+
+
+# -- DPDK's C virtio-user ---------------------------------------------------------------------
+
+
+def _c_window(counter: TestPmd, cpu_of: TestPmd, rx: bool, seconds: float) -> tuple[int, float,
+                                                                                   float]:
+    """(packets, seconds, front-end CPU seconds) over a window read from ``counter``."""
+    assert cpu_of.pid is not None
+    fe = psutil.Process(cpu_of.pid)
+    s0 = counter.port_stats()
+    t0, c0 = time.perf_counter(), _cpu(fe)
+    time.sleep(seconds)
+    s1 = counter.port_stats()
+    t1, c1 = time.perf_counter(), _cpu(fe)
+    packets = s1.rx_packets - s0.rx_packets if rx else s1.tx_packets - s0.tx_packets
+    return packets, t1 - t0, c1 - c0
+
+
+def c_tx(backend: TestPmd, sock: Path, args: argparse.Namespace) -> Result:
+    backend.set_forward_mode("rxonly")
+    backend.start_forwarding()
+    with TestPmd.virtio_user(sock, forward_mode="txonly", queue_size=args.queue_size,
+                             txpkts=args.frame_size) as fe:
+        backend.wait_link(True)
+        fe.start_forwarding()
+        time.sleep(args.warmup)
+        packets, secs, cpu = _c_window(backend, fe, rx=True, seconds=args.seconds)
+        fe.stop_forwarding()
+    backend.wait_link(False)
+    return Result("TX", "DPDK virtio-user (C)", packets, secs, cpu)
+
+
+def c_rx(backend: TestPmd, sock: Path, args: argparse.Namespace) -> Result:
+    backend.set_forward_mode("txonly")
+    with TestPmd.virtio_user(sock, forward_mode="rxonly", queue_size=args.queue_size) as fe:
+        backend.wait_link(True)
+        fe.start_forwarding()
+        backend.start_forwarding()
+        time.sleep(args.warmup)
+        packets, secs, cpu = _c_window(fe, fe, rx=True, seconds=args.seconds)
+        backend.stop_forwarding()
+        fe.stop_forwarding()
+    backend.wait_link(False)
+    return Result("RX", "DPDK virtio-user (C)", packets, secs, cpu)
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def table(results: Sequence[Result]) -> str:
+    c = {r.direction: r for r in results if "(C)" in r.driver}
+    lines = [
+        "| dir | front-end driver | packets | Mpps | C rate / this | CPU µs/pkt | "
+        f"this CPU / C CPU | rate within {TARGET_RATIO:g}x of C |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        base = c.get(r.direction)
+        if base is None or r is base:
+            ratio = cpu_ratio = "1.0" if base else "-"
+            verdict = "-"
+        else:
+            x = base.pps / r.pps if r.pps else float("inf")
+            ratio, verdict = f"{x:.1f}", "yes" if x <= TARGET_RATIO else "no"
+            cpu_ratio = f"{r.cpu_us_per_packet / base.cpu_us_per_packet:.1f}"
+        lines.append(f"| {r.direction} | {r.driver} | {r.packets} | {r.pps / 1e6:.3f} | "
+                     f"{ratio} | {r.cpu_us_per_packet:.3f} | {cpu_ratio} | {verdict} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="virtq bench net", description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=float, default=3.0, help="measurement window per row")
+    ap.add_argument("--warmup", type=float, default=0.5, help="seconds before each window")
+    ap.add_argument("--frame-size", type=int, default=64, help="bytes per frame (no FCS)")
+    ap.add_argument("--batch", type=int, default=32, help="frames per virtq send_batch")
+    ap.add_argument("--queue-size", type=int, default=256)
+    ap.add_argument("--mode", choices=("poll", "notify", "both"), default="both",
+                    help="virtq: busy-poll, sleep on notifications, or both rows")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="interleaved rounds per direction (rows sum them)")
+    ap.add_argument("--skip-c", action="store_true", help="no DPDK virtio-user baseline")
+    args = ap.parse_args(argv)
+    modes = {"poll": [True], "notify": [False], "both": [True, False]}[args.mode]
+
+    cpu = platform.processor() or platform.machine()
+    print(f"# bench net: {cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+          f"{args.frame_size}-byte frames, queue size {args.queue_size}, virtq batch "
+          f"{args.batch}, {args.rounds} x {args.seconds:g} s per row")
+    print("# back-end: dpdk-testpmd net_vhost0 (--no-huge), forwarding lcore on CPU 1; "
+          "front-end data path on CPU 0")
+    # Rounds interleave the drivers, so a noisy neighbour on the machine hits them alike;
+    # each row sums its rounds (packets, seconds and CPU time).
+    totals: dict[tuple[str, str], Result] = {}
+    with tempfile.TemporaryDirectory(prefix="virtq-bench-net-") as tmp:
+        sock = Path(tmp) / "vhost-net.sock"
+        with TestPmd.vhost(sock, txpkts=args.frame_size) as backend:
+            for direction in ("TX", "RX"):
+                for rnd in range(args.rounds):
+                    measured = []
+                    if not args.skip_c:
+                        measured.append((c_tx if direction == "TX" else c_rx)(
+                            backend, sock, args))
+                    with _pinned(0):
+                        for poll in modes:
+                            run = virtq_tx if direction == "TX" else virtq_rx
+                            measured.append(run(backend, sock, args, poll))
+                    for r in measured:
+                        print(f"# {direction} round {rnd + 1}: {r.driver}: "
+                              f"{r.pps / 1e6:.3f} Mpps", file=sys.stderr)
+                        key = (r.direction, r.driver)
+                        if key in totals:
+                            t = totals[key]
+                            t.packets += r.packets
+                            t.seconds += r.seconds
+                            t.cpu_seconds += r.cpu_seconds
+                        else:
+                            totals[key] = r
+    results = list(totals.values())
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,445 @@
+"""virtio-net driver (VIRTIO 1.2 §5.1) over any :class:`~virtq.transport.Transport`.
+
+One queue pair: queue 0 is the receiveq, queue 1 the transmitq (§5.1.2).  Every packet on
+either queue is preceded by a ``struct virtio_net_hdr`` (§5.1.6), 12 bytes with
+``VIRTIO_F_VERSION_1`` (``num_buffers`` is always present in 1.x, §5.1.6.1):
+
+    flags u8, gso_type u8, hdr_len le16, gso_size le16, csum_start le16, csum_offset le16,
+    num_buffers le16
+
+No offload feature is negotiated (no CSUM, no GSO/TSO, no MRG_RXBUF), so the transmit header
+is all zeros (§5.1.6.2: "no checksum, no segmentation") and received frames arrive whole, fully
+checksummed, one per buffer.  The driver therefore only has to:
+
+* **transmit** -- write ``zero header + frame`` into one per-slot buffer and add it as a
+  single device-readable descriptor (§5.1.6.2.1: flags 0 and num_buffers 0 without CSUM;
+  §2.7.4: a device must not assume any arrangement of descriptors -- only legacy drivers
+  without ANY_LAYOUT had to put the header in a descriptor of its own, §5.1.6.6);
+* **receive** -- keep the receiveq full of device-writable buffers of at least 1526 bytes
+  (§5.1.6.3.1: 12-byte header + a 1514-byte frame, the size a driver without MRG_RXBUF or
+  GUEST_TSO/UFO must post), strip the header, copy the frame out and re-post the buffer.
+
+Memory is one arena from :meth:`Transport.alloc_dma`: both rings, then ``queue_size``
+receive buffers, then ``queue_size`` transmit buffers.  Notifications follow the NAPI
+pattern: used-buffer notifications stay off while the driver is busy and are switched on
+only to sleep (§2.7.10); in ``poll`` mode they are never on.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import Any, NoReturn, Self
+
+from virtq.abi import VIRTIO_F_EVENT_IDX
+from virtq.errors import ArgumentError, DeviceProtocolError, QueueStateError, VirtqError
+from virtq.iova import IovaAllocator
+from virtq.layout import SplitLayout, align_up
+from virtq.queue import SplitQueue
+from virtq.transport.base import DmaArena, Transport
+from virtq.transport.errors import DeviceRefusedError, TransportError
+from virtq.transport.vhost_user import VhostUserTransport
+
+# Feature bits (§5.1.3) -- the ones this driver may accept.  MAC only lets it read the
+# address; offloads (CSUM, GUEST_*, HOST_*) are never accepted, so headers stay zero.
+VIRTIO_NET_F_MAC = 5
+VIRTIO_NET_F_MRG_RXBUF = 15  # not accepted: every frame must fit one receive buffer
+
+RX_QUEUE = 0
+TX_QUEUE = 1
+#: sizeof(struct virtio_net_hdr) with VERSION_1: num_buffers is always there (only the
+#: legacy interface drops it without MRG_RXBUF, §5.1.6.1).
+NET_HDR_SIZE = 12
+NET_HDR = struct.Struct("<BBHHHHH")
+#: Ethernet header: a frame shorter than this is not a frame.
+MIN_FRAME = 14
+#: §5.1.6.3.1: without MRG_RXBUF (and without GUEST_TSO*/UFO) receive buffers SHOULD hold
+#: at least 1526 bytes: the header plus a 1514-byte frame.
+MIN_RX_BUFFER = NET_HDR_SIZE + 1514
+#: Polling loops look at the transport's socket once per this many empty polls.
+_CHECK_EVERY = 4096
+
+
+class NetTimeoutError(VirtqError, TimeoutError):
+    """A transmit did not find ring space in time (the device stopped consuming); the
+    first ``sent`` frames of the call were queued and will still go out."""
+
+    def __init__(self, message: str, *, sent: int) -> None:
+        super().__init__(message)
+        self.sent = sent
+
+
+class NetDevice:
+    """A virtio-net device with one queue pair.  Build it with :meth:`connect_vhost_user`
+    or over any transport: ``NetDevice(transport)``.  Closing the device closes the
+    transport.
+
+    ``buffer_size`` is the size of every receive and transmit buffer, header included: the
+    largest frame is ``buffer_size - 12`` bytes.  ``poll=True`` busy-polls the rings
+    instead of sleeping on used-buffer notifications (lowest latency, one core spinning).
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        queue_size: int = 256,
+        buffer_size: int = 2048,
+        event_idx: bool = True,
+        poll: bool = False,
+    ) -> None:
+        self.transport = transport
+        self.poll_mode = poll
+        self.tx_packets = 0
+        self.tx_bytes = 0
+        self.rx_packets = 0
+        self.rx_bytes = 0
+        self._closed = False
+        try:
+            if not isinstance(buffer_size, int) or buffer_size < MIN_RX_BUFFER:
+                raise ArgumentError(
+                    "buffer_size", buffer_size,
+                    f"receive buffers must hold >= {MIN_RX_BUFFER} bytes (12-byte header + "
+                    "1514-byte frame, VIRTIO 1.2 §5.1.6.3.1)")
+            self.buffer_size = buffer_size
+            #: The largest frame :meth:`send` accepts.
+            self.max_frame = buffer_size - NET_HDR_SIZE
+            self._setup(queue_size, event_idx)
+        except BaseException:
+            self._release_views()
+            transport.close()
+            raise
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def _setup(self, queue_size: int, event_idx: bool) -> None:
+        t = self.transport
+        wanted = 1 << VIRTIO_NET_F_MAC
+        if event_idx:
+            wanted |= 1 << VIRTIO_F_EVENT_IDX
+        self.features = t.negotiate(wanted)
+        self.mac = self._read_mac()
+        for index, name in ((RX_QUEUE, "receiveq"), (TX_QUEUE, "transmitq")):
+            if t.max_queue_size(index) == 0:
+                raise DeviceRefusedError(f"the device has no {name} (queue {index})")
+        size = min(queue_size, t.max_queue_size(RX_QUEUE), t.max_queue_size(TX_QUEUE))
+        layout = SplitLayout.compute(size)  # validates size (power of two, <= 32768)
+        ring_bytes = layout.nbytes  # page-aligned, so shifted() keeps every alignment
+        bs = self.buffer_size
+        rx_off = 2 * ring_bytes
+        tx_off = align_up(rx_off + size * bs, layout.page_size)
+        self.arena: DmaArena = t.alloc_dma(tx_off + size * bs)
+        self._mem = self.arena.region.view()
+        ev = bool(self.features >> VIRTIO_F_EVENT_IDX & 1)
+        self.rxq = SplitQueue(self.arena.region, layout, iova=self.arena.iova, event_idx=ev)
+        self.txq = SplitQueue(self.arena.region, layout.shifted(ring_bytes),
+                              iova=self.arena.iova, event_idx=ev)
+        self.queue_size = size
+        # Per-slot addresses, precomputed: one list index per packet on the hot paths.
+        self._tx_starts = [tx_off + slot * bs + NET_HDR_SIZE for slot in range(size)]
+        self._tx_iovas = [self.arena.addr(tx_off + slot * bs) for slot in range(size)]
+        self._rx_starts = [rx_off + slot * bs + NET_HDR_SIZE for slot in range(size)]
+        # The transmit header is always zero and the device never writes device-readable
+        # buffers (§2.7.4), so each slot's header is written once, here.
+        self._mem[tx_off : tx_off + size * bs] = bytes(size * bs)
+        self._tx_free = list(range(size - 1, -1, -1))
+        # A receive buffer is always re-posted as the same chain: build each once.
+        self._rx_chains: list[tuple[Sequence[Any], Sequence[Any], int]] = [
+            ((), ((self.arena.addr(rx_off + slot * bs), bs),), slot) for slot in range(size)]
+        self._rx_ready: deque[bytes] = deque()
+        t.attach_queue(RX_QUEUE, self.rxq)
+        t.attach_queue(TX_QUEUE, self.txq)
+        # Fill the receiveq before DRIVER_OK: a device may deliver as soon as it runs
+        # (§5.1.5 step 3, "fill the receive queues with buffers").
+        self.rxq.add_many(self._rx_chains)
+        self.rxq.publish()
+        # Transmit completions are reaped on the next send, never waited for eagerly.
+        self.txq.disable_interrupts()
+        if self.poll_mode:
+            self.rxq.disable_interrupts()
+        t.start()
+        # No notification may precede DRIVER_OK (§3.1.1), so the receiveq's first kick
+        # comes now; a back-end that sleeps until kicked then sees the filled ring.
+        self.transport.notify(RX_QUEUE)
+
+    def _read_mac(self) -> bytes | None:
+        if not self.features >> VIRTIO_NET_F_MAC & 1:
+            return None
+        try:
+            # struct virtio_net_config (§5.1.4): mac u8[6] at offset 0.
+            return self.transport.read_config(0, 6)
+        except TransportError:
+            return None  # the transport cannot read config (vhost-user without CONFIG)
+
+    @classmethod
+    def connect_vhost_user(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        queue_size: int = 256,
+        timeout: float = 5.0,
+        iova_allocator: IovaAllocator | None = None,
+        hugepages: bool = False,
+        **options: Any,
+    ) -> Self:
+        """Connect to a vhost-user-net back-end (DPDK ``net_vhost``, :class:`~virtq.testing.
+        testpmd.TestPmd`, ...) listening on ``path``."""
+        transport = VhostUserTransport.connect(path, timeout=timeout,
+                                               iova_allocator=iova_allocator,
+                                               hugepages=hugepages)
+        try:
+            return cls(transport, queue_size=queue_size, **options)
+        except BaseException:
+            transport.close()  # idempotent; covers a TypeError before __init__ ran
+            raise
+
+    # -- transmit -------------------------------------------------------------------------
+
+    def send(self, frame: bytes | bytearray | memoryview, *,
+             timeout: float | None = None) -> None:
+        """Queue one Ethernet frame (no FCS) for transmission; blocks while the transmitq is
+        full, for at most ``timeout`` seconds (None: until there is room)."""
+        self.send_batch((frame,), timeout=timeout)
+
+    def send_batch(self, frames: Iterable[bytes | bytearray | memoryview], *,
+                   timeout: float | None = None) -> int:
+        """Queue ``frames`` in order, publishing each run that fits the ring with one index
+        store and at most one notification.  Blocks while the ring is full (at most
+        ``timeout`` seconds in all, then :class:`NetTimeoutError`); returns how many were
+        queued (all of them)."""
+        self._check_open()
+        if not isinstance(frames, list | tuple):
+            frames = list(frames)
+        total = len(frames)
+        if not total:
+            return 0
+        # All-or-nothing validation, before anything is queued (C-level loops: this is the
+        # per-packet hot path).
+        lens = list(map(len, frames))
+        lo, hi = MIN_FRAME, self.max_frame
+        if min(lens) < lo or max(lens) > hi:
+            n = next(n for n in lens if not lo <= n <= hi)
+            raise ArgumentError("frame", f"<{n} bytes>",
+                                f"must be {lo}..{hi} bytes (buffer_size - 12)")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        txq = self.txq
+        free = self._tx_free
+        mem = self._mem
+        starts = self._tx_starts
+        iovas = self._tx_iovas
+        sent = 0
+        while sent < total:
+            done = txq.drain_used()
+            if done:
+                free.extend([slot for slot, _ in done])
+            if not free:
+                self._wait_tx_room(deadline, sent)
+                continue
+            k = min(len(free), total - sent)
+            slots = free[-k:]
+            del free[-k:]
+            chunk_lens = lens[sent : sent + k]
+            for slot, frame, n in zip(slots, frames[sent : sent + k], chunk_lens, strict=True):
+                start = starts[slot]
+                mem[start : start + n] = frame
+            try:
+                # One device-readable descriptor per frame: zero header + frame (§5.1.6.2).
+                txq.add_many([(((iovas[slot], NET_HDR_SIZE + n),), (), slot)
+                              for slot, n in zip(slots, chunk_lens, strict=True)])
+            except BaseException:
+                free.extend(slots)
+                raise
+            if txq.publish():
+                self.transport.notify(TX_QUEUE)
+            sent += k
+        self.tx_packets += total
+        self.tx_bytes += sum(lens)
+        return total
+
+    def _wait_tx_room(self, deadline: float | None, sent: int) -> None:
+        """Until the device completes some transmit buffer (the caller reaps it)."""
+        txq = self.txq
+        spins = 0
+        while not txq.has_used():
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise NetTimeoutError(
+                    f"transmitq full for {self.queue_size} frames: the device did not "
+                    f"complete any within the timeout ({sent} of this batch queued)",
+                    sent=sent)
+            if self.poll_mode:
+                spins += 1
+                if spins % _CHECK_EVERY == 0:
+                    self._check_transport()
+                continue
+            # Ask for a notification, then re-check: a completion that raced in before the
+            # device could see the request would never be signalled (§2.7.13.5).
+            if not txq.enable_interrupts():
+                self.transport.wait(TX_QUEUE, 0.1 if remaining is None else min(0.1, remaining))
+            txq.disable_interrupts()
+
+    def reclaim(self) -> int:
+        """Reap completed transmit buffers now (``send`` also does it); returns how many."""
+        self._check_open()
+        done = self.txq.drain_used()
+        self._tx_free.extend([slot for slot, _ in done])
+        return len(done)
+
+    @property
+    def tx_in_flight(self) -> int:
+        """Transmit buffers the device has not completed (or that are not reaped yet)."""
+        return self.queue_size - len(self._tx_free)
+
+    # -- receive --------------------------------------------------------------------------
+
+    def recv(self, timeout: float | None = None) -> bytes | None:
+        """The next received frame (header stripped), waiting at most ``timeout`` seconds
+        (None: forever, 0: do not wait); None if none arrived."""
+        ready = self._rx_ready
+        if ready:
+            return ready.popleft()
+        frames = self._wait_rx(timeout)
+        if not frames:
+            return None
+        if len(frames) > 1:
+            ready.extend(frames[1:])
+        return frames[0]
+
+    def recv_batch(self, max_frames: int = 256, timeout: float | None = 0) -> list[bytes]:
+        """Up to ``max_frames`` received frames; waits at most ``timeout`` seconds for the
+        first one (default: do not wait); ``[]`` if none arrived."""
+        if not isinstance(max_frames, int) or max_frames < 1:
+            raise ArgumentError("max_frames", max_frames, "must be an int >= 1")
+        ready = self._rx_ready
+        if ready:
+            if len(ready) <= max_frames:
+                out = list(ready)
+                ready.clear()
+                return out
+            return [ready.popleft() for _ in range(max_frames)]
+        frames = self._wait_rx(timeout)
+        if len(frames) > max_frames:
+            ready.extend(frames[max_frames:])
+            del frames[max_frames:]
+        return frames
+
+    def _wait_rx(self, timeout: float | None) -> list[bytes]:
+        """Received frames, waiting until some arrive or ``timeout`` passes (then [])."""
+        self._check_open()
+        frames = self._harvest_rx()
+        if frames or (timeout is not None and timeout <= 0):
+            return frames
+        deadline = None if timeout is None else time.monotonic() + timeout
+        rxq = self.rxq
+        spins = 0
+        while True:
+            frames = self._harvest_rx()
+            if frames:
+                return frames
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return frames
+            if self.poll_mode:
+                spins += 1
+                if spins % _CHECK_EVERY == 0:
+                    self._check_transport()
+                continue
+            # Sleep only with notifications on and the ring re-checked after the store
+            # that switched them on (§2.7.13.5); off again while busy.
+            if not rxq.enable_interrupts():
+                self.transport.wait(RX_QUEUE, 0.1 if remaining is None else min(0.1, remaining))
+            rxq.disable_interrupts()
+
+    def _harvest_rx(self) -> list[bytes]:
+        """Copy every completed receive buffer out (header stripped) and re-post the
+        buffers with one publish."""
+        rxq = self.rxq
+        done = rxq.drain_used()
+        if not done:
+            return []
+        mem = self._mem
+        starts = self._rx_starts  # of each buffer's frame, just past its header
+        # used.len is every byte written, header included (§2.7.8); SplitQueue already
+        # checked it is <= buffer_size.
+        frames = [mem[starts[slot] : starts[slot] + length - NET_HDR_SIZE].tobytes()
+                  for slot, length in done]
+        chains = self._rx_chains
+        rxq.add_many([chains[slot] for slot, _ in done])
+        if rxq.publish():
+            self.transport.notify(RX_QUEUE)
+        if min([length for _, length in done]) < NET_HDR_SIZE:
+            return self._drop_short(done, frames)
+        self.rx_packets += len(frames)
+        self.rx_bytes += sum(map(len, frames))
+        return frames
+
+    def _drop_short(self, done: list[tuple[Any, int]], frames: list[bytes]) -> NoReturn:
+        """The device wrote less than a header into some buffer (every received packet
+        starts with one, §5.1.6.4): keep the good frames for the next receive, then raise.
+        num_buffers is not checked: without MRG_RXBUF DPDK leaves it as the buffer had it."""
+        good = [f for f, (_, length) in zip(frames, done, strict=True)
+                if length >= NET_HDR_SIZE]
+        self._rx_ready.extend(good)
+        self.rx_packets += len(good)
+        self.rx_bytes += sum(map(len, good))
+        slot, length = next((s, n) for s, n in done if n < NET_HDR_SIZE)
+        raise DeviceProtocolError(
+            f"receiveq used.len of buffer {slot}", length,
+            f">= {NET_HDR_SIZE} (the virtio_net_hdr precedes every frame)")
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def _check_transport(self) -> None:
+        check = getattr(self.transport, "check_alive", None)
+        if check is not None:
+            check()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise QueueStateError("NetDevice is closed")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _release_views(self) -> None:
+        # Queues a failed set-up never attached are not closed by the transport; their
+        # views would keep the arena from closing.
+        for name in ("rxq", "txq"):
+            q = getattr(self, name, None)
+            if q is not None:
+                q.close()
+        mem = getattr(self, "_mem", None)
+        if mem is not None:
+            mem.release()
+
+    def close(self) -> None:
+        """Close the transport (and with it the queues and memory); frames not yet
+        received are dropped (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._rx_ready.clear()
+        self._release_views()
+        self.transport.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"queue_size={self.queue_size}"
+        return (f"<NetDevice {state} tx={self.tx_packets} rx={self.rx_packets} "
+                f"poll={self.poll_mode}>")
+
+
+def build_frame(dst: bytes, src: bytes, ethertype: int, payload: bytes | Iterable[int]) -> bytes:
+    """An Ethernet II frame (no FCS): 6-byte destination and source, big-endian type."""
+    if len(dst) != 6 or len(src) != 6:
+        raise ArgumentError("mac", (dst, src), "MAC addresses are 6 bytes")
+    return bytes(dst) + bytes(src) + ethertype.to_bytes(2, "big") + bytes(payload)
