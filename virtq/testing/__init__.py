@@ -1,17 +1,21 @@
 """Public test helpers: a device-side peer, a hostile device, conformance suites."""
 
+from virtq.testing.backend import BackendProcess, Faults, VhostUserBlkBackend
 from virtq.testing.conformance import check_iova_allocator, check_memory_region
 from virtq.testing.device import DeviceQueue, DriverProtocolError, Segment
 from virtq.testing.hostile import HostileDevice
 from virtq.testing.testpmd import PortStats, TestPmd
 
 __all__ = [
+    "BackendProcess",
     "DeviceQueue",
     "DriverProtocolError",
+    "Faults",
     "HostileDevice",
     "PortStats",
     "Segment",
     "TestPmd",
+    "VhostUserBlkBackend",
     "check_iova_allocator",
     "check_memory_region",
 ]

@@ -1,0 +1,912 @@
+"""The back-end itself: the vhost-user message handlers, the virtio-blk data path, the
+serving thread, and :class:`Faults`.  Overview in :mod:`virtq.testing.backend`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import socket
+import stat
+import struct
+import threading
+import traceback
+import warnings
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Literal, Self
+
+from virtq._sys.fence import full_fence
+from virtq.abi import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1
+from virtq.devices.blk import (
+    SECTOR_SIZE,
+    VIRTIO_BLK_F_BLK_SIZE,
+    VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_ID_BYTES,
+    VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID,
+    VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+)
+from virtq.errors import ArgumentError, VirtqError
+from virtq.layout import MAX_SPLIT_QUEUE_SIZE, SplitLayout, avail_nbytes, is_power_of_two
+from virtq.layout.split import DESC_SIZE, used_nbytes
+from virtq.memory import PAGE_SIZE, MemfdRegion, MemoryRegion
+from virtq.testing.backends import BackendError
+from virtq.testing.device import DeviceQueue, DriverProtocolError, Segment
+from virtq.transport.vhost_user import protocol as P
+from virtq.types import Offset
+
+__all__ = [
+    "BlkRecord",
+    "Faults",
+    "FrontendProtocolError",
+    "VhostUserBlkBackend",
+]
+
+log = logging.getLogger(__name__)
+
+DEVICE_ID = b"virtq-embedded"
+SEG_MAX = 126  # what QEMU reports for a 128-entry queue: queue size minus header and status
+#: Feature bits offered (GET_FEATURES); VIRTIO_BLK_F_RO and _MQ are added when they apply.
+BASE_FEATURES = (
+    1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_EVENT_IDX | 1 << VIRTIO_F_INDIRECT_DESC
+    | 1 << P.VHOST_USER_F_PROTOCOL_FEATURES
+    | 1 << VIRTIO_BLK_F_SEG_MAX | 1 << VIRTIO_BLK_F_BLK_SIZE | 1 << VIRTIO_BLK_F_FLUSH
+)
+PROTOCOL_FEATURES = (
+    1 << P.ProtocolFeature.MQ | 1 << P.ProtocolFeature.REPLY_ACK
+    | 1 << P.ProtocolFeature.CONFIG
+)
+_BLK_HEADER = struct.Struct("<IIQ")  # type, reserved, sector (VIRTIO 1.2 §5.2.6)
+_MAX_PAYLOAD = 4096  # larger than any message this back-end accepts (a full memory table)
+_MESSAGE_TIMEOUT = 2.0  # a front-end that stops half-way through a message is dropped
+_GARBAGE_CODE = 0xDEAD  # "no such request"
+_EFD_FLAGS = os.EFD_CLOEXEC | os.EFD_NONBLOCK
+_CODES = frozenset(r.value for r in P.Request)
+
+GarbageKind = Literal["code", "flags", "size"]
+
+
+class FrontendProtocolError(VirtqError):
+    """The front-end sent something this back-end refuses; the connection was closed
+    (recorded in :attr:`VhostUserBlkBackend.errors`, never raised to the front-end)."""
+
+
+# -- fault injection -------------------------------------------------------------------------
+
+
+def _request(value: P.Request | str | int | None, name: str) -> P.Request | None:
+    if value is None or isinstance(value, P.Request):
+        return value
+    try:
+        return P.Request[value] if isinstance(value, str) else P.Request(value)
+    except (KeyError, ValueError):
+        raise ArgumentError(name, value, "must name a vhost-user request, e.g. "
+                            "'SET_MEM_TABLE'") from None
+
+
+@dataclass(frozen=True)
+class Faults:
+    """What the back-end does wrong, on purpose.  Requests are named like
+    :class:`~virtq.transport.vhost_user.protocol.Request` members (``"GET_CONFIG"``).
+
+    ``drop_after``: close the connection once this many requests (per connection) have been
+      popped from the rings, before completing any of the current batch.
+    ``nack``: answer that request with a non-zero REPLY_ACK status, without acting on it.
+      GET_CONFIG is answered with an empty payload (its way of failing); other requests
+      that have a reply of their own cannot be NACKed: the connection is closed instead.
+    ``garbage_reply``: answer that request with a malformed reply: ``garbage_kind`` "code"
+      (a request code that does not exist), "flags" (the REPLY flag missing) or "size"
+      (a 3-byte payload, which no reply has).
+    ``never_answer``: read that request and stay silent (a hung back-end).
+    ``out_of_order``: complete each batch of popped requests in reverse order.
+    ``corrupt_used``: complete each batch's first request with a head id no driver owns.
+
+    Replace :attr:`VhostUserBlkBackend.faults` at any time; the back-end reads it for
+    every message and every batch.
+    """
+
+    drop_after: int | None = None
+    nack: P.Request | str | None = None
+    garbage_reply: P.Request | str | None = None
+    garbage_kind: GarbageKind = "code"
+    never_answer: P.Request | str | None = None
+    out_of_order: bool = False
+    corrupt_used: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("nack", "garbage_reply", "never_answer"):
+            object.__setattr__(self, name, _request(getattr(self, name), name))
+        if self.drop_after is not None and self.drop_after < 0:
+            raise ArgumentError("drop_after", self.drop_after, "must be >= 0")
+        if self.garbage_kind not in ("code", "flags", "size"):
+            raise ArgumentError("garbage_kind", self.garbage_kind,
+                                "must be 'code', 'flags' or 'size'")
+
+    @classmethod
+    def coerce(cls, value: Faults | Mapping[str, object] | None) -> Faults:
+        if value is None:
+            return cls()
+        if isinstance(value, Faults):
+            return value
+        return cls(**value)  # type: ignore[arg-type]
+
+    @classmethod
+    def parse(cls, spec: str) -> Faults:
+        """The command-line form: ``"drop_after=3,out_of_order"`` (bare names are True)."""
+        kwargs: dict[str, object] = {}
+        known = {f.name for f in fields(cls)}
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            key, sep, value = item.partition("=")
+            if key not in known:
+                raise ArgumentError("faults", item, f"unknown fault; known: {sorted(known)}")
+            if key == "drop_after":
+                if not value.isdigit():
+                    raise ArgumentError("faults", item, "drop_after takes a count")
+                kwargs[key] = int(value)
+            elif key in ("out_of_order", "corrupt_used"):
+                kwargs[key] = not sep or value.lower() in ("1", "true", "yes", "on")
+            else:
+                kwargs[key] = value
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+    def to_spec(self) -> str:
+        """The inverse of :meth:`parse`."""
+        out = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value == f.default:
+                continue
+            if isinstance(value, bool):
+                out.append(f.name)
+            else:
+                out.append(f"{f.name}={value.name if isinstance(value, P.Request) else value}")
+        return ",".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class BlkRecord:
+    """One completed virtio-blk request, in the order the back-end completed them."""
+
+    queue: int
+    kind: int  # VIRTIO_BLK_T_*
+    sector: int
+    nbytes: int
+    status: int  # VIRTIO_BLK_S_*
+
+
+# -- per-connection state ------------------------------------------------------------------
+
+
+class _EndSession(Exception):
+    """Close the connection without recording an error (EOF, or a fault said so)."""
+
+
+@dataclass(eq=False)
+class _MemRegion:
+    """One SET_MEM_TABLE entry, mapped (vhost-user.rst, "Memory region description")."""
+
+    gpa: int  # guest_phys_addr: the space descriptor addresses live in
+    uva: int  # userspace_addr: the space SET_VRING_ADDR addresses live in
+    region: MemfdRegion
+
+
+@dataclass(eq=False)
+class _Ring:
+    """What the front-end told us about one vring; the DeviceQueue is built lazily from it
+    (and rebuilt after a new memory table, keeping its place in the ring)."""
+
+    index: int
+    num: int = 0
+    addrs: tuple[int, int, int] | None = None  # desc, avail, used (front-end addresses)
+    base: int = 0  # next avail index to process (SET_VRING_BASE)
+    kick: int = -1
+    call: int = -1
+    enabled: bool = False
+    dev: DeviceQueue | None = None
+
+    def drop_queue(self) -> None:
+        if self.dev is not None:
+            self.base = self.dev.last_avail
+            self.dev.close()
+            self.dev = None
+
+    def set_fd(self, which: Literal["kick", "call"], fd: int) -> None:
+        old = getattr(self, which)
+        if old >= 0:
+            os.close(old)
+        setattr(self, which, fd)
+
+    def close(self) -> None:
+        self.drop_queue()
+        self.set_fd("kick", -1)
+        self.set_fd("call", -1)
+
+
+def _take(segments: Sequence[Segment], n: int) -> tuple[list[Segment], list[Segment]]:
+    """Split a scatter list after its first ``n`` bytes (a buffer may straddle the cut)."""
+    head: list[Segment] = []
+    tail: list[Segment] = []
+    for s in segments:
+        if n >= s.length:
+            head.append(s)
+            n -= s.length
+        elif n > 0:
+            head.append(Segment(s.iova, n, s.writable))
+            tail.append(Segment(s.iova + n, s.length - n, s.writable))
+            n = 0
+        else:
+            tail.append(s)
+    return head, tail
+
+
+@contextlib.contextmanager
+def _views(dev: DeviceQueue, segments: Sequence[Segment]) -> Iterator[list[memoryview]]:
+    """Views of guest buffers for preadv/pwritev, released after use: a view left alive
+    would stop the mapping from being unmapped."""
+    views = [dev.view(s.iova, s.length) for s in segments if s.length]
+    try:
+        yield views
+    finally:
+        for v in views:
+            v.release()
+
+
+class _Session:
+    """One front-end connection: its memory table, its rings, its negotiated features."""
+
+    def __init__(self, backend: VhostUserBlkBackend, conn: socket.socket) -> None:
+        self.backend = backend
+        self.conn = conn
+        self.features = 0
+        self.protocol_features = 0
+        self.mem: list[_MemRegion] = []
+        self.rings = [_Ring(i) for i in range(backend.num_queues)]
+        self.popped = 0
+        self._fds: list[int] = []  # received with the current message, not yet taken
+        self._recheck: set[int] = set()  # rings to look at after the current message
+        self._handlers: dict[P.Request, Callable[[bytes], bytes | None]] = {
+            P.Request.GET_FEATURES: self._get_features,
+            P.Request.SET_FEATURES: self._set_features,
+            P.Request.SET_OWNER: lambda _: None,
+            P.Request.GET_PROTOCOL_FEATURES: lambda _: P.U64.pack(PROTOCOL_FEATURES),
+            P.Request.SET_PROTOCOL_FEATURES: self._set_protocol_features,
+            P.Request.GET_QUEUE_NUM: lambda _: P.U64.pack(backend.num_queues),
+            P.Request.SET_MEM_TABLE: self._set_mem_table,
+            P.Request.SET_VRING_NUM: self._set_vring_num,
+            P.Request.SET_VRING_ADDR: self._set_vring_addr,
+            P.Request.SET_VRING_BASE: self._set_vring_base,
+            P.Request.GET_VRING_BASE: self._get_vring_base,
+            P.Request.SET_VRING_KICK: lambda p: self._set_vring_fd(p, "kick"),
+            P.Request.SET_VRING_CALL: lambda p: self._set_vring_fd(p, "call"),
+            P.Request.SET_VRING_ERR: self._set_vring_err,
+            P.Request.SET_VRING_ENABLE: self._set_vring_enable,
+            P.Request.GET_CONFIG: self._get_config,
+            P.Request.RESET_DEVICE: self._reset_device,
+        }
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until the front-end hangs up, a fault ends the session, or stop()."""
+        wake = self.backend._wake
+        while True:
+            poller = select.poll()
+            poller.register(self.conn, select.POLLIN)
+            poller.register(wake, select.POLLIN)
+            kicks = {r.kick: r for r in self.rings if r.kick >= 0}
+            for fd in kicks:
+                poller.register(fd, select.POLLIN)
+            events = dict(poller.poll())
+            if wake in events:
+                return
+            # Kicks first: handling a message may close a kick fd and its number be reused.
+            for fd, ring in kicks.items():
+                if fd in events:
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(fd)  # one read clears the counter
+                    self._process(ring)
+            if self.conn.fileno() in events:
+                self._handle_message()
+                while self._recheck:
+                    self._process(self.rings[self._recheck.pop()])
+
+    def close(self) -> None:
+        for ring in self.rings:
+            ring.close()  # queues first: their views pin the mappings
+        self._unmap()
+        self._close_fds()
+        self.conn.close()
+
+    def _unmap(self) -> None:
+        for m in self.mem:
+            m.region.close()
+        self.mem = []
+
+    def _close_fds(self) -> None:
+        while self._fds:
+            os.close(self._fds.pop())
+
+    # -- messages (vhost-user.rst, "Message format") ------------------------------------------
+
+    def _recv_exact(self, n: int) -> bytes:
+        """``n`` bytes of the stream; file descriptors that ride along (SCM_RIGHTS, attached
+        to the message's first byte) are collected in ``self._fds``."""
+        buf = b""
+        while len(buf) < n:
+            try:
+                data, fds, flags, _ = socket.recv_fds(
+                    self.conn, n - len(buf), P.MAX_MEM_REGIONS, socket.MSG_CMSG_CLOEXEC)
+            except ConnectionResetError:
+                raise _EndSession("the front-end reset the connection") from None
+            except TimeoutError:
+                raise FrontendProtocolError(f"the front-end stalled inside a message "
+                                            f"({len(buf)} of {n} bytes)") from None
+            self._fds.extend(fds)
+            if flags & socket.MSG_CTRUNC:
+                raise FrontendProtocolError("a message carried more fds than it may")
+            if not data:
+                if buf:
+                    raise FrontendProtocolError(f"connection closed inside a message "
+                                                f"({len(buf)} of {n} bytes)")
+                raise _EndSession("the front-end closed the connection")
+            buf += data
+        return buf
+
+    def _reply(self, code: int, payload: bytes, flags: int = P.VERSION | P.FLAG_REPLY) -> None:
+        try:
+            self.conn.sendall(P.pack_header(code, flags, len(payload)) + payload)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError) as exc:
+            raise _EndSession(f"cannot reply: {exc}") from None
+
+    def _handle_message(self) -> None:
+        code, flags, size = P.HEADER.unpack(self._recv_exact(P.HEADER.size))
+        try:
+            if flags & P.FLAG_VERSION_MASK != P.VERSION or size > _MAX_PAYLOAD:
+                raise FrontendProtocolError(
+                    f"bad header: request={code} flags={flags:#x} size={size}")
+            payload = self._recv_exact(size) if size else b""
+            self._dispatch(code, flags, payload)
+        finally:
+            self._close_fds()  # whatever the handler did not take
+
+    def _dispatch(self, code: int, flags: int, payload: bytes) -> None:
+        name = P.request_name(code)
+        req = P.Request(code) if code in _CODES else None
+        need_reply = bool(flags & P.FLAG_NEED_REPLY)
+        faults = self.backend.faults
+        if req is not None and req == faults.never_answer:
+            return  # read it, do nothing, say nothing: the front-end has to time out
+        if req is not None and req == faults.nack:
+            self._nack(req, need_reply)
+            return
+        if req is not None and req == faults.garbage_reply:
+            self._send_garbage(req, faults.garbage_kind)
+            return
+        handler = self._handlers.get(req) if req is not None else None
+        try:
+            if handler is None:
+                raise FrontendProtocolError(f"{name} is not supported")
+            reply = handler(payload)
+        except FrontendProtocolError:
+            # vhost-user.rst, "REPLY_ACK": with NEED_REPLY a failure is a non-zero status;
+            # without it libvhost-user's only answer to a bad request is to hang up.
+            if need_reply and req not in P.HAS_REPLY:
+                self._reply(code, P.U64.pack(1))
+                return
+            raise
+        if reply is not None:
+            self._reply(code, reply)
+        elif need_reply:
+            self._reply(code, P.U64.pack(0))
+
+    def _nack(self, req: P.Request, need_reply: bool) -> None:
+        if need_reply and req not in P.HAS_REPLY:
+            self._reply(req, P.U64.pack(1))
+        elif req == P.Request.GET_CONFIG:
+            self._reply(req, b"")  # vhost-user.rst, GET_CONFIG: "zero length payload" = error
+        else:
+            raise _EndSession(f"fault: {req.name} cannot be NACKed; hanging up instead")
+
+    def _send_garbage(self, req: P.Request, kind: GarbageKind) -> None:
+        if kind == "code":
+            self._reply(_GARBAGE_CODE, bytes(8))
+        elif kind == "flags":
+            self._reply(req, bytes(8), flags=P.VERSION)  # no REPLY bit
+        else:
+            self._reply(req, bytes(3))  # no reply is 3 bytes long
+
+    # -- payload helpers --------------------------------------------------------------------
+
+    @staticmethod
+    def _unpack(fmt: struct.Struct, payload: bytes, name: str) -> tuple[int, ...]:
+        if len(payload) != fmt.size:
+            raise FrontendProtocolError(f"{name}: payload of {len(payload)} bytes, "
+                                        f"expected {fmt.size}")
+        return fmt.unpack(payload)
+
+    def _ring(self, index: int, name: str) -> _Ring:
+        if not 0 <= index < len(self.rings):
+            raise FrontendProtocolError(f"{name}: no vring {index} (the device has "
+                                        f"{len(self.rings)})")
+        return self.rings[index]
+
+    def _take_fd(self, name: str) -> int:
+        if len(self._fds) != 1:
+            raise FrontendProtocolError(f"{name}: expected 1 fd, got {len(self._fds)}")
+        return self._fds.pop()
+
+    # -- handlers (vhost-user.rst, "Front-end message types") --------------------------------
+
+    @property
+    def offered_features(self) -> int:
+        b = self.backend
+        return (BASE_FEATURES | (1 << VIRTIO_BLK_F_RO if b.read_only else 0)
+                | (1 << VIRTIO_BLK_F_MQ if b.num_queues > 1 else 0))
+
+    def _get_features(self, payload: bytes) -> bytes:
+        return P.U64.pack(self.offered_features)
+
+    def _set_features(self, payload: bytes) -> None:
+        (features,) = self._unpack(P.U64, payload, "SET_FEATURES")
+        if features & ~self.offered_features:
+            raise FrontendProtocolError(
+                f"SET_FEATURES: {features & ~self.offered_features:#x} were never offered")
+        self.features = features
+        if not features >> P.VHOST_USER_F_PROTOCOL_FEATURES & 1:
+            # vhost-user.rst, "Ring states": without VHOST_USER_F_PROTOCOL_FEATURES rings
+            # are enabled as soon as they start.
+            for ring in self.rings:
+                ring.enabled = True
+        for ring in self.rings:
+            ring.drop_queue()  # EVENT_IDX may have changed
+
+    def _set_protocol_features(self, payload: bytes) -> None:
+        (features,) = self._unpack(P.U64, payload, "SET_PROTOCOL_FEATURES")
+        if features & ~PROTOCOL_FEATURES:
+            raise FrontendProtocolError(f"SET_PROTOCOL_FEATURES: {features:#x} not offered")
+        self.protocol_features = features
+
+    def _set_mem_table(self, payload: bytes) -> None:
+        if len(payload) < P.MEM_TABLE_HEADER.size:
+            raise FrontendProtocolError("SET_MEM_TABLE: short payload")
+        nregions, _ = P.MEM_TABLE_HEADER.unpack_from(payload)
+        expected = P.MEM_TABLE_HEADER.size + nregions * P.MEM_REGION.size
+        if not 1 <= nregions <= P.MAX_MEM_REGIONS or len(payload) != expected:
+            raise FrontendProtocolError(
+                f"SET_MEM_TABLE: {nregions} regions in {len(payload)} bytes")
+        if len(self._fds) != nregions:  # one fd per region, in order
+            raise FrontendProtocolError(
+                f"SET_MEM_TABLE: {nregions} regions but {len(self._fds)} fds")
+        new: list[_MemRegion] = []
+        try:
+            for i, fd in enumerate(self._fds):
+                gpa, size, uva, offset = P.MEM_REGION.unpack_from(
+                    payload, P.MEM_TABLE_HEADER.size + i * P.MEM_REGION.size)
+                new.append(_MemRegion(gpa, uva, MemfdRegion.attach(fd, size, offset=offset)))
+        except (OSError, ArgumentError) as exc:
+            for m in new:
+                m.region.close()
+            raise FrontendProtocolError(f"SET_MEM_TABLE: cannot map region: {exc}") from None
+        # A new table replaces the old one (vhost-user.rst, SET_MEM_TABLE): rings are
+        # re-translated from their front-end addresses on their next use.
+        for ring in self.rings:
+            ring.drop_queue()
+            self._recheck.add(ring.index)
+        self._unmap()
+        self.mem = new
+
+    def _set_vring_num(self, payload: bytes) -> None:
+        index, num = self._unpack(P.VRING_STATE, payload, "SET_VRING_NUM")
+        ring = self._ring(index, "SET_VRING_NUM")
+        if not is_power_of_two(num) or num > MAX_SPLIT_QUEUE_SIZE:
+            raise FrontendProtocolError(f"SET_VRING_NUM: {num} is not a split ring size")
+        ring.drop_queue()
+        ring.num = num
+
+    def _set_vring_addr(self, payload: bytes) -> None:
+        index, _flags, desc, used, avail, _log = self._unpack(
+            P.VRING_ADDR, payload, "SET_VRING_ADDR")
+        ring = self._ring(index, "SET_VRING_ADDR")
+        ring.drop_queue()
+        ring.addrs = (desc, avail, used)
+
+    def _set_vring_base(self, payload: bytes) -> None:
+        index, num = self._unpack(P.VRING_STATE, payload, "SET_VRING_BASE")
+        ring = self._ring(index, "SET_VRING_BASE")
+        ring.drop_queue()
+        ring.base = num & 0xFFFF  # split ring: bits 0-15 are the next avail index
+
+    def _get_vring_base(self, payload: bytes) -> bytes:
+        index, _ = self._unpack(P.VRING_STATE, payload, "GET_VRING_BASE")
+        ring = self._ring(index, "GET_VRING_BASE")
+        # vhost-user.rst, "Ring states": GET_VRING_BASE stops the ring.  Like libvhost-user
+        # we also forget its eventfds; the front-end sends new ones to restart it.
+        ring.drop_queue()
+        ring.set_fd("kick", -1)
+        ring.set_fd("call", -1)
+        return P.VRING_STATE.pack(index, ring.base)
+
+    def _set_vring_fd(self, payload: bytes, which: Literal["kick", "call"]) -> None:
+        name = f"SET_VRING_{which.upper()}"
+        (value,) = self._unpack(P.U64, payload, name)
+        ring = self._ring(value & P.VRING_IDX_MASK, name)
+        if value & P.VRING_NOFD_MASK:
+            if which == "kick":  # would mean: poll the ring; this back-end only sleeps
+                raise FrontendProtocolError(f"{name}: polling mode (no fd) not supported")
+            ring.set_fd("call", -1)  # no call fd: the front-end polls used
+            return
+        ring.set_fd(which, self._take_fd(name))
+        if which == "kick":
+            # vhost-user.rst, "Ring states": a ring starts when its kick fd is set (buffers
+            # may already be waiting).
+            self._recheck.add(ring.index)
+
+    def _set_vring_err(self, payload: bytes) -> None:
+        (value,) = self._unpack(P.U64, payload, "SET_VRING_ERR")
+        self._ring(value & P.VRING_IDX_MASK, "SET_VRING_ERR")
+        if not value & P.VRING_NOFD_MASK:
+            os.close(self._take_fd("SET_VRING_ERR"))  # this back-end never reports errors
+
+    def _set_vring_enable(self, payload: bytes) -> None:
+        index, num = self._unpack(P.VRING_STATE, payload, "SET_VRING_ENABLE")
+        ring = self._ring(index, "SET_VRING_ENABLE")
+        ring.enabled = bool(num)
+        if ring.enabled:
+            self._recheck.add(index)  # kicks that came while disabled were not served
+
+    def _get_config(self, payload: bytes) -> bytes:
+        offset, size, flags = self._unpack(P.CONFIG_HEADER, payload[: P.CONFIG_HEADER.size],
+                                           "GET_CONFIG")
+        if len(payload) != P.CONFIG_HEADER.size + size or offset + size > P.MAX_CONFIG_SIZE:
+            return b""  # vhost-user.rst, GET_CONFIG: an empty reply reports the error
+        return P.CONFIG_HEADER.pack(offset, size, flags) + self._config()[offset : offset + size]
+
+    def _config(self) -> bytes:
+        """struct virtio_blk_config (VIRTIO 1.2 §5.2.4), zero-padded to the vhost-user
+        maximum: capacity le64 @0, size_max le32 @8, seg_max le32 @12, geometry @16,
+        blk_size le32 @20, topology @24, writeback @32, num_queues le16 @34."""
+        cfg = bytearray(P.MAX_CONFIG_SIZE)
+        struct.pack_into("<Q", cfg, 0, self.backend.capacity)
+        struct.pack_into("<I", cfg, 12, SEG_MAX)
+        struct.pack_into("<I", cfg, 20, SECTOR_SIZE)
+        struct.pack_into("<H", cfg, 34, self.backend.num_queues)
+        return bytes(cfg)
+
+    def _reset_device(self, payload: bytes) -> None:
+        # vhost-user.rst, RESET_DEVICE: back to the state after SET_OWNER, memory kept.
+        for ring in self.rings:
+            ring.close()
+        self.rings = [_Ring(i) for i in range(self.backend.num_queues)]
+        self.features = 0
+
+    # -- the data path ------------------------------------------------------------------------
+
+    def _queue_of(self, ring: _Ring, addrs: tuple[int, int, int]) -> DeviceQueue:
+        """The ring's DeviceQueue, built on first use from what the front-end sent."""
+        if ring.dev is not None:
+            return ring.dev
+        parts = []
+        for uva, nbytes, align in zip(
+                addrs, (DESC_SIZE * ring.num, avail_nbytes(ring.num),
+                             used_nbytes(ring.num)), (16, 2, 4), strict=True):
+            # Ring addresses are front-end virtual addresses (vhost-user.rst, "Memory
+            # region description": translate through userspace_addr), unlike descriptors.
+            owner = next((m for m in self.mem
+                          if m.uva <= uva and uva + nbytes <= m.uva + m.region.nbytes), None)
+            if owner is None or uva % align:
+                raise FrontendProtocolError(
+                    f"vring {ring.index}: [{uva:#x}, +{nbytes}) is not an aligned address "
+                    "inside one memory region")
+            parts.append((owner, uva - owner.uva, uva - owner.uva + nbytes))
+        owner = parts[0][0]
+        if any(p[0] is not owner for p in parts):
+            raise FrontendProtocolError(f"vring {ring.index}: descriptor table, avail and "
+                                        "used rings in different regions (not supported)")
+        (_, desc, _), (_, avail, _), (_, used, _) = parts
+        layout = SplitLayout(
+            queue_size=ring.num, desc=Offset(desc), avail=Offset(avail), used=Offset(used),
+            buffers=None, buffer_size=0, indirect=None, indirect_size=0,
+            nbytes=max(end for _, _, end in parts), page_size=PAGE_SIZE, legacy=False)
+        # Descriptor addresses are guest-physical: DeviceQueue translates them through
+        # every region's guest_phys_addr.
+        others: list[tuple[int, MemoryRegion]] = [
+            (m.gpa, m.region) for m in self.mem if m is not owner]
+        ring.dev = DeviceQueue(owner.region, layout, iova=owner.gpa,
+                               event_idx=bool(self.features >> VIRTIO_F_EVENT_IDX & 1),
+                               start_index=ring.base, regions=others)
+        return ring.dev
+
+    def _process(self, ring: _Ring) -> None:
+        """Serve everything available on ``ring`` (VIRTIO 1.2 §2.7.13, device side)."""
+        # vhost-user.rst, "Ring states": only a started (kick fd received) and enabled
+        # ring is processed; a disabled one keeps its buffers until it is enabled again.
+        if not (ring.enabled and ring.kick >= 0 and ring.num and ring.addrs and self.mem):
+            return
+        dev = self._queue_of(ring, ring.addrs)
+        while True:
+            faults = self.backend.faults
+            batch: list[tuple[int, int, BlkRecord]] = []
+            while (chain := dev.pop()) is not None:
+                self.popped += 1
+                if faults.drop_after is not None and self.popped >= faults.drop_after:
+                    raise _EndSession(f"fault: dropping the connection after "
+                                      f"{self.popped} requests")
+                batch.append(self._serve(ring.index, dev, *chain))
+            if batch:
+                self._complete(ring, dev, batch, faults)
+            if not dev.event_idx:
+                return  # the driver kicks for every publish unless we ask it not to
+            # With EVENT_IDX the driver kicks only past avail_event: move it, then look
+            # again, with a full fence between (the driver may have published meanwhile
+            # and seen the old value -- §2.7.10).
+            dev.enable_notifications()
+            full_fence()
+            if not dev.avail_pending():
+                return
+
+    def _complete(self, ring: _Ring, dev: DeviceQueue,
+                  batch: list[tuple[int, int, BlkRecord]], faults: Faults) -> None:
+        if faults.out_of_order:
+            batch.reverse()  # any completion order is legal (§2.7.14); make it visible
+        for i, (head, written, record) in enumerate(batch):
+            bad = faults.corrupt_used and i == 0
+            dev.push(dev.size if bad else head, written, publish=False)  # size: never a head
+            self.backend.completed.append(record)
+        # One used.idx store per batch; signal only if the driver asked (EVENT_IDX's
+        # used_event or VIRTQ_AVAIL_F_NO_INTERRUPT), as DeviceQueue.publish_used says.
+        if dev.publish_used() and ring.call >= 0:
+            os.eventfd_write(ring.call, 1)
+
+    def _serve(self, queue: int, dev: DeviceQueue, head: int,
+               segments: list[Segment]) -> tuple[int, int, BlkRecord]:
+        """Execute one virtio-blk request; returns ``(head, used len, record)``.
+
+        The layout (§5.2.6) is a 16-byte header, data, and a 1-byte status, but the driver
+        may split or merge them across descriptors any way it likes (§2.7.4 "Message
+        Framing"), so work on the byte streams, not on descriptor boundaries."""
+        readable = [s for s in segments if not s.writable and s.length]
+        writable = [s for s in segments if s.writable and s.length]
+        header, data_out = _take(readable, _BLK_HEADER.size)
+        writable_len = sum(s.length for s in writable)
+        if sum(s.length for s in header) < _BLK_HEADER.size or not writable_len:
+            raise DriverProtocolError(
+                f"virtio-blk request at head {head} lacks its header or status byte")
+        kind, _, sector = _BLK_HEADER.unpack(b"".join(dev.read(s.iova, s.length)
+                                                      for s in header))
+        data_in, (status_seg,) = _take(writable, writable_len - 1)
+        status, written, nbytes = self._execute(dev, kind, sector, data_out, data_in)
+        dev.write(status_seg.iova, bytes([status]))
+        # used.len counts every byte written into device-writable buffers (§2.7.8):
+        # the data read (or the id) plus the status byte.
+        return head, written + 1, BlkRecord(queue, kind, sector, nbytes, status)
+
+    def _execute(self, dev: DeviceQueue, kind: int, sector: int, data_out: list[Segment],
+                 data_in: list[Segment]) -> tuple[int, int, int]:
+        """Returns (status, bytes written to the driver, bytes transferred)."""
+        fd = self.backend._image_fd
+        offset = sector * SECTOR_SIZE
+        try:
+            if kind == VIRTIO_BLK_T_IN:
+                n = sum(s.length for s in data_in)
+                if not self._in_range(offset, n):
+                    return VIRTIO_BLK_S_IOERR, 0, n
+                with _views(dev, data_in) as iov:
+                    got = os.preadv(fd, iov, offset) if iov else 0
+                return (VIRTIO_BLK_S_OK, n, n) if got == n else (VIRTIO_BLK_S_IOERR, 0, n)
+            if kind == VIRTIO_BLK_T_OUT:
+                n = sum(s.length for s in data_out)
+                if self.backend.read_only or not self._in_range(offset, n):
+                    return VIRTIO_BLK_S_IOERR, 0, n
+                with _views(dev, data_out) as iov:
+                    put = os.pwritev(fd, iov, offset) if iov else 0
+                return (VIRTIO_BLK_S_OK if put == n else VIRTIO_BLK_S_IOERR), 0, n
+            if kind == VIRTIO_BLK_T_FLUSH:
+                os.fsync(fd)
+                return VIRTIO_BLK_S_OK, 0, 0
+            if kind == VIRTIO_BLK_T_GET_ID:
+                ident = DEVICE_ID.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
+                n = min(VIRTIO_BLK_ID_BYTES, sum(s.length for s in data_in))
+                done = 0
+                for s in _take(data_in, n)[0]:
+                    dev.write(s.iova, ident[done : done + s.length])
+                    done += s.length
+                return VIRTIO_BLK_S_OK, n, n
+        except OSError as exc:  # the image failed us: that is the device's I/O error
+            log.warning("virtio-blk request %d at sector %d failed: %s", kind, sector, exc)
+            return VIRTIO_BLK_S_IOERR, 0, 0
+        return VIRTIO_BLK_S_UNSUPP, 0, 0
+
+    def _in_range(self, offset: int, n: int) -> bool:
+        return n % SECTOR_SIZE == 0 and offset + n <= self.backend.capacity * SECTOR_SIZE
+
+
+# -- the back-end --------------------------------------------------------------------------
+
+
+def _strip_traceback(exc: BaseException) -> BaseException:
+    """Drop tracebacks (and so the frames they pin, whose guest-memory views would keep
+    mappings alive) from an error kept for later inspection."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        e.__traceback__ = None
+        e = e.__cause__ or e.__context__
+    return exc
+
+
+def _finalize(wake: int, path: str) -> None:
+    warnings.warn(f"vhost-user-blk back-end on {path} was not stopped", ResourceWarning,
+                  stacklevel=2)
+    with contextlib.suppress(OSError):
+        os.eventfd_write(wake, 1)
+
+
+class VhostUserBlkBackend:
+    """Serve ``image_path`` as a vhost-user-blk device on the Unix socket ``socket_path``.
+
+    :meth:`start` opens the image, binds and listens (so a front-end can connect as soon
+    as it returns) and serves connections, one at a time, in a background thread;
+    :meth:`stop` ends the thread and releases every fd and mapping.
+
+    Inspection for tests: :attr:`completed` (:class:`BlkRecord` per completed request, in
+    completion order, the last 4096), :attr:`connections` (accepted so far) and
+    :attr:`errors` (why connections were closed on the front-end's account, and any bug
+    in the back-end itself: the thread never raises).
+    """
+
+    def __init__(
+        self,
+        image_path: str | os.PathLike[str],
+        socket_path: str | os.PathLike[str],
+        *,
+        num_queues: int = 1,
+        read_only: bool = False,
+        faults: Faults | Mapping[str, object] | None = None,
+    ) -> None:
+        if not 1 <= num_queues <= 0xFFFF:
+            raise ArgumentError("num_queues", num_queues, "must be in 1..65535")
+        self.image_path = Path(image_path)
+        self.socket_path = Path(socket_path)
+        self.num_queues = num_queues
+        self.read_only = read_only
+        self._faults = Faults.coerce(faults)
+        self.capacity = 0  # sectors
+        self.completed: deque[BlkRecord] = deque(maxlen=4096)
+        self.connections = 0
+        self.errors: list[BaseException] = []
+        self._image_fd = -1
+        self._wake = -1
+        self._listener: socket.socket | None = None
+        self._socket_ino = 0
+        self._thread: threading.Thread | None = None
+        self._finalizer: weakref.finalize[[int, str], VhostUserBlkBackend] | None = None
+
+    @property
+    def faults(self) -> Faults:
+        return self._faults
+
+    @faults.setter
+    def faults(self, value: Faults | Mapping[str, object] | None) -> None:
+        self._faults = Faults.coerce(value)  # one reference swap: the thread sees all or none
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        if self._listener is not None:
+            raise BackendError(f"back-end on {self.socket_path} is already started")
+        try:
+            self._image_fd = os.open(self.image_path, os.O_RDONLY if self.read_only
+                                     else os.O_RDWR)
+            self.capacity = os.fstat(self._image_fd).st_size // SECTOR_SIZE
+            self._wake = os.eventfd(0, _EFD_FLAGS)
+            with contextlib.suppress(FileNotFoundError):
+                # A socket left by a killed back-end is stale (QEMU's daemons do the same);
+                # anything else at the path is not ours to delete.
+                if not stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
+                    raise BackendError(f"{self.socket_path} exists and is not a socket")
+                self.socket_path.unlink()
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._listener = listener
+            listener.bind(os.fspath(self.socket_path))
+            self._socket_ino = os.stat(self.socket_path).st_ino
+            listener.listen(4)
+            listener.setblocking(False)  # accept() only after poll() said so
+        except BaseException:
+            self._close()
+            raise
+        self._finalizer = weakref.finalize(self, _finalize, self._wake, str(self.socket_path))
+
+    def start(self) -> Self:
+        """Listen, then serve in a background thread; returns once connecting works."""
+        self._open()
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"vhost-user-blk {self.socket_path}")
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving (the connected front-end sees the connection close), join the
+        thread, close every fd and mapping, remove the socket.  Idempotent."""
+        if self._wake >= 0:
+            os.eventfd_write(self._wake, 1)
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._close()
+
+    close = stop
+
+    def _close(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.socket_path).st_ino == self._socket_ino:  # not a successor's
+                    self.socket_path.unlink()
+        for name in ("_image_fd", "_wake"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- the serving thread ------------------------------------------------------------------
+
+    def _record(self, exc: BaseException) -> None:
+        text = "".join(traceback.format_exception_only(exc)).strip()
+        log.warning("vhost-user-blk back-end on %s: %s", self.socket_path, text)
+        self.errors.append(_strip_traceback(exc))
+
+    def _run(self) -> None:
+        assert self._listener is not None
+        listener, wake = self._listener, self._wake
+        try:
+            while True:
+                poller = select.poll()
+                poller.register(listener, select.POLLIN)
+                poller.register(wake, select.POLLIN)
+                if wake in dict(poller.poll()):
+                    return
+                try:
+                    conn, _ = listener.accept()
+                except BlockingIOError:
+                    continue  # the client gave up between poll and accept
+                self.connections += 1
+                self._serve_connection(conn)
+        except Exception as exc:  # a bug here must not escape the thread
+            self._record(exc)
+
+    def _serve_connection(self, conn: socket.socket) -> None:
+        conn.settimeout(_MESSAGE_TIMEOUT)
+        session = _Session(self, conn)
+        try:
+            session.run()
+        except _EndSession as end:
+            log.info("vhost-user-blk back-end on %s: %s", self.socket_path, end)
+        except Exception as exc:  # the front-end's fault, or ours; either way: hang up
+            self._record(exc)
+        finally:
+            try:
+                session.close()
+            except Exception as exc:
+                self._record(exc)
