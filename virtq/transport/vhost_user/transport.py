@@ -37,7 +37,7 @@ from virtq.transport.errors import DeviceRefusedError
 from virtq.transport.vhost_user import protocol as P
 from virtq.transport.vhost_user.errors import (
     VhostUserDisconnectedError,
-    VhostUserError,
+    VhostUserProtocolError,
 )
 from virtq.transport.vhost_user.frontend import DEFAULT_TIMEOUT, VhostUserFrontend
 
@@ -295,8 +295,8 @@ class VhostUserTransport:
             if not data:
                 raise VhostUserDisconnectedError(
                     f"back-end at {self.path} closed the connection")
-            raise VhostUserError(f"back-end at {self.path} sent an unsolicited message",
-                                 got=data)
+            raise VhostUserProtocolError(
+                f"back-end at {self.path} sent an unsolicited message", got=data)
 
     # -- reconnect and teardown -----------------------------------------------------------
 
