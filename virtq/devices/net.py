@@ -275,9 +275,10 @@ class NetDevice:
                 if spins % _CHECK_EVERY == 0:
                     self._check_transport()
                 continue
-            # Ask for a notification, then re-check: a completion that raced in before the
-            # device could see the request would never be signalled (§2.7.13.5).
-            if not txq.enable_interrupts():
+            # Ask for a notification once about 3/4 of the ring has completed (one wake-up
+            # per batch), then re-check: a completion that raced in before the device
+            # could see the request would never be signalled (§2.7.13.5).
+            if not txq.enable_interrupts_delayed():
                 self.transport.wait(TX_QUEUE, 0.1 if remaining is None else min(0.1, remaining))
             txq.disable_interrupts()
 

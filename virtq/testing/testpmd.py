@@ -29,6 +29,8 @@ import signal
 import stat
 import subprocess
 import time
+import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -43,6 +45,15 @@ _STAT_FIELDS = ("RX-packets", "RX-missed", "RX-bytes", "RX-errors", "RX-nombuf",
 _STAT_RE = re.compile(rb"(RX-packets|RX-missed|RX-bytes|RX-errors|RX-nombuf|TX-packets|"
                       rb"TX-errors|TX-bytes):\s+(\d+)")
 _LOG_LIMIT = 64 * 1024  # bytes of output kept for error messages
+
+
+def _finalize(proc: subprocess.Popen[bytes], master: int) -> None:
+    warnings.warn(f"dpdk-testpmd (pid {proc.pid}) was not stopped", ResourceWarning,
+                  stacklevel=2)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    os.close(master)
 
 
 @dataclass(frozen=True)
@@ -172,6 +183,7 @@ class TestPmd:
         finally:
             os.close(slave)
         self._master = master
+        self._finalizer = weakref.finalize(self, _finalize, self.proc, master)
         try:
             self.banner = self._read_until_prompt(self.timeout)
             self._check_ready()
@@ -325,6 +337,7 @@ class TestPmd:
         proc, master = self.proc, self._master
         if proc is None:
             return
+        self._finalizer.detach()
         try:
             if proc.poll() is None and master is not None:
                 with contextlib.suppress(OSError):
