@@ -31,10 +31,10 @@ import os
 import struct
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any, NoReturn, Self
 
-from virtq.abi import VIRTIO_F_EVENT_IDX
+from virtq.abi import VIRTIO_F_EVENT_IDX, VIRTQ_DESC_F_WRITE
 from virtq.errors import ArgumentError, DeviceProtocolError, QueueStateError, VirtqError
 from virtq.iova import IovaAllocator
 from virtq.layout import SplitLayout, align_up
@@ -146,15 +146,19 @@ class NetDevice:
         # buffers (§2.7.4), so each slot's header is written once, here.
         self._mem[tx_off : tx_off + size * bs] = bytes(size * bs)
         self._tx_free = list(range(size - 1, -1, -1))
-        # A receive buffer is always re-posted as the same chain: build each once.
-        self._rx_chains: list[tuple[Sequence[Any], Sequence[Any], int]] = [
-            ((), ((self.arena.addr(rx_off + slot * bs), bs),), slot) for slot in range(size)]
+        # A receive buffer is always re-posted as the same one-descriptor chain, so every
+        # receiveq descriptor is reserved and written once: descriptor d <-> buffer d, and
+        # re-posting writes only the avail ring.
+        for d in self.rxq.reserve(size):
+            self.rxq.set_desc(d, self.arena.addr(rx_off + d * bs), bs, VIRTQ_DESC_F_WRITE, 0)
         self._rx_ready: deque[bytes] = deque()
         t.attach_queue(RX_QUEUE, self.rxq)
         t.attach_queue(TX_QUEUE, self.txq)
         # Fill the receiveq before DRIVER_OK: a device may deliver as soon as it runs
         # (§5.1.5 step 3, "fill the receive queues with buffers").
-        self.rxq.add_many(self._rx_chains)
+        add = self.rxq.add_reserved
+        for d in range(size):
+            add(d, d, bs)
         self.rxq.publish()
         # Transmit completions are reaped on the next send, never waited for eagerly.
         self.txq.disable_interrupts()
@@ -367,8 +371,9 @@ class NetDevice:
         # checked it is <= buffer_size.
         frames = [mem[starts[slot] : starts[slot] + length - NET_HDR_SIZE].tobytes()
                   for slot, length in done]
-        chains = self._rx_chains
-        rxq.add_many([chains[slot] for slot, _ in done])
+        add, bs = rxq.add_reserved, self.buffer_size
+        for slot, _ in done:
+            add(slot, slot, bs)
         if rxq.publish():
             self.transport.notify(RX_QUEUE)
         if min([length for _, length in done]) < NET_HDR_SIZE:
