@@ -466,6 +466,12 @@ class VfioPciTransport:
         if index in self._res.queues:
             raise ArgumentError("index", index, "queue already attached")
         arena = self._arena_of(queue)
+        if 0 in (queue.desc_iova, queue.avail_iova, queue.used_iova):
+            # Legal per the spec, but QEMU (and other devices) read a zero ring address as
+            # "queue not configured" and silently ignore every kick.
+            raise ArgumentError("queue.iova", queue.iova,
+                                "a ring at IOVA 0 is taken for 'not configured' by devices; "
+                                "allocate IOVAs above 0 (the default allocator starts at 1 MiB)")
         nvec = self.num_vectors
         vector = VIRTIO_MSI_NO_VECTOR if self.poll else index % nvec
         notify_off = self.function.configure_queue(
