@@ -519,3 +519,27 @@ def test_enable_interrupts_delayed_asks_for_three_quarters():
         notified = [r.dev.push(h, 0) for h, _ in chains]
         assert notified == [False] * 6 + [True, False]  # the 7th completion crosses 6
         assert len(r.q.drain_used()) == 8
+
+
+def test_add_reserved_many_rewrites_lengths_all_or_nothing():
+    with ring(n=8, start_index=0xFFFE) as r:
+        heads = r.q.reserve(4)
+        for i, h in enumerate(heads):
+            r.q.set_desc(h, r.buf(i), 64, 0, 0)
+        before = r.q.snapshot()
+        with pytest.raises(ArgumentError):
+            r.q.add_reserved_many([heads[0], heads[1], 99])
+        with pytest.raises(ArgumentError):
+            r.q.add_reserved_many(heads[:2], [10, 0])
+        with pytest.raises(ArgumentError):  # the same head twice
+            r.q.add_reserved_many([heads[0], heads[0]])
+        assert r.q.snapshot() == before
+        r.q.add_reserved_many(heads[:3], [5, 6, 7])
+        r.q.publish()
+        got = []
+        while (c := r.dev.pop()) is not None:
+            got.append((c[0], c[1][0].length))
+            r.dev.push(c[0], 0)
+        assert got == list(zip(heads[:3], [5, 6, 7], strict=True))
+        assert sorted(t for t, _ in r.q.drain_used()) == sorted(heads[:3])
+        assert r.q.next_avail == 1  # crossed the wrap

@@ -146,6 +146,10 @@ class NetDevice:
         # buffers (§2.7.4), so each slot's header is written once, here.
         self._mem[tx_off : tx_off + size * bs] = bytes(size * bs)
         self._tx_free = list(range(size - 1, -1, -1))
+        # Transmit descriptors are reserved too: descriptor d <-> buffer d, written once;
+        # a send rewrites only each descriptor's len (add_reserved_many).
+        for d in self.txq.reserve(size):
+            self.txq.set_desc(d, self.arena.addr(tx_off + d * bs), bs, 0, 0)
         # A receive buffer is always re-posted as the same one-descriptor chain, so every
         # receiveq descriptor is reserved and written once: descriptor d <-> buffer d, and
         # re-posting writes only the avail ring.
@@ -233,7 +237,6 @@ class NetDevice:
         free = self._tx_free
         mem = self._mem
         starts = self._tx_starts
-        iovas = self._tx_iovas
         sent = 0
         while sent < total:
             done = txq.drain_used()
@@ -251,8 +254,7 @@ class NetDevice:
                 mem[start : start + n] = frame
             try:
                 # One device-readable descriptor per frame: zero header + frame (§5.1.6.2).
-                txq.add_many([(((iovas[slot], NET_HDR_SIZE + n),), (), slot)
-                              for slot, n in zip(slots, chunk_lens, strict=True)])
+                txq.add_reserved_many(slots, [NET_HDR_SIZE + n for n in chunk_lens])
             except BaseException:
                 free.extend(slots)
                 raise

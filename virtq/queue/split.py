@@ -79,7 +79,7 @@ _HeadState = tuple[Any, int, tuple[int, ...] | None, int]
 
 #: Public operations that are replaced by raisers once the queue is closed or broken.
 _GUARDED = (
-    "add", "add_many", "add_reserved", "publish", "pop_used", "drain_used",
+    "add", "add_many", "add_reserved", "add_reserved_many", "publish", "pop_used", "drain_used",
     "disable_interrupts", "enable_interrupts", "enable_interrupts_delayed", "kick_needed",
 )
 
@@ -147,6 +147,7 @@ class SplitQueue:
         self._used_q = used_mem[4 : 4 + 8 * n].cast("Q")
         self._used_mem = used_mem
         self._mem_h = self._mem.cast("H")  # 2-byte stores anywhere in the rings' region
+        self._desc_w = self._desc_mem.cast("I")  # descriptor i's len at [4 * i + 2]
         self._layout_desc = layout.desc
         self._indirect_base = layout.indirect
         self._indirect_size = layout.indirect_size
@@ -453,6 +454,44 @@ class SplitQueue:
         self._state[head] = (token, capacity, None, idx)
         self.next_avail = (idx + 1) & 0xFFFF
 
+    def add_reserved_many(self, heads: Sequence[int], lengths: Sequence[int] | None = None,
+                          *, capacity: int = 0) -> None:
+        """Submit several caller-built chains at once; each one's token is its head.
+
+        With ``lengths``, first rewrite the ``len`` field of each head descriptor (for
+        one-descriptor chains over fixed buffers: a transmit ring writes a frame into its
+        slot and only the length changes).  ``capacity`` applies to every chain.  All or
+        nothing: on a bad head or length nothing is submitted.
+        """
+        reserved = self._reserved
+        states = self._state
+        avail = self._avail
+        desc_w = self._desc_w
+        mask = self._mask
+        n = self.size
+        start = idx = self.next_avail
+        done = 0
+        try:
+            for i, head in enumerate(heads):
+                if not (0 <= head < n and reserved[head]) or states[head] is not None:
+                    raise ArgumentError(
+                        "heads", head, "must be reserved descriptors, each not in flight")
+                if lengths is not None:
+                    length = lengths[i]
+                    if not 0 < length < _U32_LIMIT:
+                        raise ArgumentError("lengths", length, "must be in 1..2**32-1")
+                    desc_w[(head << 2) + 2] = length  # virtq_desc.len at byte 8 (§2.7.5)
+                avail[2 + (idx & mask)] = head
+                states[head] = (head, capacity, None, idx)
+                idx = (idx + 1) & 0xFFFF
+                done += 1
+        except BaseException:
+            # Entries past next_avail are invisible until publish(): only undo the shadow.
+            for head in heads[:done]:
+                states[head] = None
+            raise
+        self.next_avail = idx if done else start
+
     def publish(self) -> bool:
         """Expose every added chain to the device with one ``avail.idx`` store.
 
@@ -627,8 +666,8 @@ class SplitQueue:
         """Release the views of the region (idempotent), so the region can be closed."""
         if self._mem is None:
             return
-        for name in ("_avail", "_used_h", "_used_w", "_used_q", "_used_mem", "_desc_mem",
-                     "_mem_h"):
+        for name in ("_avail", "_used_h", "_used_w", "_used_q", "_used_mem", "_desc_w",
+                     "_desc_mem", "_mem_h"):
             getattr(self, name).release()
         self._mem.release()
         self._mem = None  # type: ignore[assignment]
