@@ -5,7 +5,7 @@
 into it at an IOVA.  The container is a :class:`~virtq.iova.DmaMapper` (the seed's
 ``map_iova``); an :class:`~virtq.iova.IovaAllocator` chooses the IOVAs (the seed's
 ``alloc_iova``).  :class:`VfioDmaRegion` ties the three together: a region, an IOVA
-reserved for it, and the mapping -- undone, in that order backwards, by ``close()``.
+reserved for it, and the mapping -- all undone by ``close()``.
 
 Rules the kernel enforces, checked here first so the error says what to change:
 
@@ -340,8 +340,8 @@ class VfioDmaRegion:
 
     The IOVA comes from ``allocator`` (aligned so that a hugepage region can use IOMMU
     superpages) and must lie in the IOMMU's usable ranges; the whole region is mapped
-    read-write.  ``close()`` unmaps, frees the IOVA, then closes the wrapped region if
-    ``own`` -- so the device loses access before the memory goes away.
+    read-write.  ``close()`` closes the wrapped region if ``own``, unmaps it from the IOMMU
+    and frees the IOVA.
     """
 
     def __init__(self, container: VfioContainer, region: MemoryRegion, allocator: _Allocator,
@@ -374,13 +374,18 @@ class VfioDmaRegion:
     def nbytes(self) -> int:
         return self.inner.nbytes
 
+    def _check_open(self) -> MemoryRegion:
+        if not self._state.mapped:
+            raise RegionClosedError("VfioDmaRegion is closed")
+        return self.inner
+
     @property
     def host_addr(self) -> HostAddr:
-        return self.inner.host_addr
+        return self._check_open().host_addr
 
     @property
     def fd(self) -> int | None:
-        return self.inner.fd
+        return self._check_open().fd
 
     @property
     def fd_offset(self) -> int:
@@ -388,27 +393,26 @@ class VfioDmaRegion:
 
     @property
     def closed(self) -> bool:
-        return not self._state.mapped and (not self.own or self.inner.closed)
-
-    @property
-    def mapped(self) -> bool:
-        """True while the devices can reach the region."""
-        return self._state.mapped
+        return not self._state.mapped
 
     def view(self, offset: int = 0, length: int | None = None) -> memoryview:
-        if not self._state.mapped:
-            raise RegionClosedError("VfioDmaRegion is closed")
-        return self.inner.view(offset, length)
+        return self._check_open().view(offset, length)
 
     def close(self) -> None:
-        """Unmap from the IOMMU and free the IOVA, then close the wrapped region if owned
-        (which raises :class:`~virtq.errors.RegionBusyError` while views are alive; the
-        device has lost access by then, and calling ``close()`` again retries)."""
-        if self._state.mapped:
-            self._finalizer.detach()
-            self._state.undo()
+        """Close the wrapped region if owned, then unmap it from the IOMMU and free the IOVA
+        (idempotent).
+
+        While views of an owned region are alive this raises
+        :class:`~virtq.errors.RegionBusyError` and changes nothing.  Unmapping after the
+        ``munmap`` is safe: ``MAP_DMA`` pinned the pages, so they stay allocated -- and the
+        device can reach nothing else -- until ``UNMAP_DMA`` releases them.
+        """
+        if not self._state.mapped:
+            return
         if self.own:
             self.inner.close()
+        self._finalizer.detach()
+        self._state.undo()
 
     def __enter__(self) -> Self:
         return self
