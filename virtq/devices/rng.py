@@ -72,6 +72,10 @@ class RngDevice:
         t.start()
         self._mem = self.arena.region.view()
         self._free = list(range(size - 1, -1, -1))
+        # Per slot: where its buffer is in the arena, and where the device sees it.
+        self._buf_off = [layout.buffer(slot) for slot in range(size)]
+        self._buf_iova = [self.arena.iova + off for off in self._buf_off]
+        self._notify = t.notify
 
     @classmethod
     def open_vfio(
@@ -102,41 +106,57 @@ class RngDevice:
         mem = self._check_open()
         q = self.queue
         assert q is not None
-        layout = self.layout
-        iova = self.arena.iova
+        free = self._free
+        offsets = self._buf_off
+        iovas = self._buf_iova
+        size = self.buffer_size
         out = bytearray()
         pending = 0  # bytes asked for in requests still in flight
-        deadline = time.monotonic() + self.timeout
+        deadline = 0.0  # set when the first wait starts
         while len(out) < n:
             # Keep enough requests in flight to cover what is still missing.
+            missing = n - len(out) - pending
             added = False
-            while self._free and len(out) + pending < n:
-                slot = self._free.pop()
-                length = min(self.buffer_size, n - len(out) - pending)
-                q.add((), [(iova + layout.buffer(slot), length)], (slot, length))
+            while free and missing > 0:
+                slot = free.pop()
+                length = size if missing > size else missing
+                q.add((), [(iovas[slot], length)], (slot, length))
                 pending += length
+                missing -= length
                 added = True
             if added and q.publish():
-                self.transport.notify(0)
-            for (slot, length), written in self._wait_used(deadline):
+                self._notify(0)
+            done = q.drain_used()
+            if not done:
+                if not deadline:
+                    deadline = time.monotonic() + self.timeout
+                done = self._wait_used(deadline)
+            for (slot, length), written in done:
                 pending -= length
-                start = layout.buffer(slot)
-                out += mem[start : start + min(written, n - len(out))]
-                self._free.append(slot)
+                start = offsets[slot]
+                take = n - len(out)
+                out += mem[start : start + (written if written < take else take)]
+                free.append(slot)
         return bytes(out)
 
     def _wait_used(self, deadline: float) -> list[tuple[Any, int]]:
         q = self.queue
         assert q is not None
         t = self.transport
+        has_used = q.has_used
+        # A polling transport's wait() returns False at once; spin on used.idx in a tight
+        # loop then, looking at the clock only now and then.
+        spin = 1024 if getattr(t, "poll", False) else 0
         while True:
+            for _ in range(spin):
+                if has_used():
+                    break
             done = q.drain_used()
             if done:
                 return done
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise RngTimeoutError(f"no entropy from the device within {self.timeout} s")
-            # A polling transport returns False at once: this loop then spins on used.idx.
             t.wait(0, min(remaining, 0.1))
 
     # -- teardown ---------------------------------------------------------------------------
