@@ -168,7 +168,10 @@ def _run_in_guest(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="virtq bench vfio", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="virtq bench vfio",
+        description="Per-request latency of virtio-rng and virtio-blk through VFIO, beside "
+                    "the vfio-guest harness's reference driver.")
     parser.add_argument("--iters", type=int, default=1000, help="requests per row [1000]")
     parser.add_argument("--here", action="store_true",
                         help="measure on this machine's devices (implied in the vfio-guest VM)")
