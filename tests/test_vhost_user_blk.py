@@ -206,3 +206,11 @@ def test_peer_that_is_not_a_vhost_user_backend(tmp_path, reply, error):
     finally:
         t.join(timeout=5)
         srv.close()
+
+
+def test_alloc_buffer_has_the_asked_size(qsd):
+    with BlkDevice.connect_vhost_user(qsd.socket_path) as dev:
+        buf = dev.alloc_buffer(4096)
+        assert buf.length == 4096  # not the page-rounded arena
+        dev.submit_read(16, into=buf).wait()
+        assert buf.read() == expected(16, 4096)

@@ -4,6 +4,7 @@ from virtq.devices.blk import BlkDevice, BlkRequest
 from virtq.devices.dma import DmaBuffer
 from virtq.devices.errors import BlkIOError, BlkUnsupportedError
 from virtq.devices.net import NetDevice, NetTimeoutError
+from virtq.devices.rng import RngDevice, RngTimeoutError
 
 __all__ = [
     "BlkDevice",
@@ -13,4 +14,6 @@ __all__ = [
     "DmaBuffer",
     "NetDevice",
     "NetTimeoutError",
+    "RngDevice",
+    "RngTimeoutError",
 ]

@@ -283,7 +283,9 @@ class BlkDevice:
         region the transport must register (vhost-user allows 8 in all)."""
         arena = self.transport.alloc_dma(nbytes)
         self._user_arenas.append(arena)
-        return DmaBuffer(arena, 0, arena.nbytes)
+        # The arena is rounded up to pages (2 MiB with hugepages); the buffer is what was
+        # asked for, so a whole-buffer request moves exactly nbytes.
+        return DmaBuffer(arena, 0, nbytes)
 
     # -- submission ---------------------------------------------------------------------------
 
