@@ -13,7 +13,6 @@ asks for it (event idx).
 
 from __future__ import annotations
 
-import importlib
 import os
 import struct
 import time
@@ -35,6 +34,7 @@ from virtq.layout import SplitLayout, align_up
 from virtq.queue import SplitQueue
 from virtq.transport.base import DmaArena, Transport
 from virtq.transport.errors import DeviceRefusedError
+from virtq.transport.vfio_pci import VfioPciTransport
 from virtq.transport.vhost_user import VhostUserTransport
 
 SECTOR_SIZE = 512
@@ -266,13 +266,13 @@ class BlkDevice:
         iova_allocator: IovaAllocator | None = None,
         memory: Any = None,
         poll: bool = False,
+        bind: bool = False,
         **options: Any,
     ) -> Self:
-        """Open a virtio-blk PCI device bound to ``vfio-pci`` (see docs/vfio.md)."""
-        # Imported on use: VFIO needs Linux-only ioctls the vhost-user path never touches.
-        vfio_pci = importlib.import_module("virtq.transport.vfio_pci")
-        transport = vfio_pci.VfioPciTransport.open(pci_address, iova_allocator=iova_allocator,
-                                          memory=memory, poll=poll)
+        """Open a virtio-blk PCI function through VFIO (see ``docs/vfio.md``); ``bind``
+        rebinds it to ``vfio-pci`` first."""
+        transport = VfioPciTransport.open(pci_address, iova_allocator=iova_allocator,
+                                          memory=memory, poll=poll, bind=bind)
         return cls(transport, poll=poll, **options)
 
     # -- buffers --------------------------------------------------------------------------

@@ -10,7 +10,6 @@ flight at once.
 
 from __future__ import annotations
 
-import importlib
 import time
 from typing import Any, Self
 
@@ -19,6 +18,7 @@ from virtq.iova import IovaAllocator
 from virtq.layout import SplitLayout
 from virtq.queue import SplitQueue
 from virtq.transport.base import Transport
+from virtq.transport.vfio_pci import VfioPciTransport
 
 VIRTIO_ID_ENTROPY = 4
 #: Queue size used when none is asked for: the device's maximum, capped here.
@@ -90,9 +90,7 @@ class RngDevice:
         **transport_options: Any,
     ) -> Self:
         """Open a virtio-rng PCI function through VFIO (see ``docs/vfio.md``)."""
-        # Imported on use: VFIO is Linux-only machinery the other transports never need.
-        vfio_pci = importlib.import_module("virtq.transport.vfio_pci")
-        transport = vfio_pci.VfioPciTransport.open(
+        transport = VfioPciTransport.open(
             pci_address, iova_allocator=iova_allocator, memory=memory, poll=poll, bind=bind,
             **transport_options)
         return cls(transport, queue_size=queue_size)
