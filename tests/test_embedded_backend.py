@@ -452,3 +452,8 @@ def test_faults_spec_round_trip() -> None:
         Faults.parse("explode")
     with pytest.raises(ArgumentError):
         Faults.parse("drop_after=soon")
+
+
+def test_public_pytest_fixture_serves_the_pattern_image(virtq_embedded_blk):
+    with BlkDevice.connect_vhost_user(virtq_embedded_blk.socket_path) as dev:
+        assert dev.read(5, 512) == sector_pattern(5)

@@ -13,7 +13,7 @@ import pytest
 
 from virtq.devices import BlkDevice, BlkIOError
 from virtq.iova import BumpAllocator, IdentityAllocator
-from virtq.testing.backends import QemuStorageDaemon, make_image, sector_pattern
+from virtq.testing.backends import QemuStorageDaemon, sector_pattern
 from virtq.transport.vhost_user import (
     VhostUserConnectError,
     VhostUserDisconnectedError,
@@ -21,19 +21,19 @@ from virtq.transport.vhost_user import (
     VhostUserTimeoutError,
 )
 
-IMAGE_BYTES = 8 << 20
+IMAGE_BYTES = 16 << 20  # the plugin's image
 SECTORS = IMAGE_BYTES // 512
 
 
+# The public fixtures from virtq.testing.pytest_plugin, under the names these tests use.
 @pytest.fixture
-def image(tmp_path: Path) -> Path:
-    return make_image(tmp_path / "disk.img", IMAGE_BYTES)
+def image(virtq_blk_image: Path) -> Path:
+    return virtq_blk_image
 
 
 @pytest.fixture
-def qsd(image: Path, tmp_path: Path):
-    with QemuStorageDaemon(image, tmp_path / "qsd.sock") as daemon:
-        yield daemon
+def qsd(virtq_qsd):
+    return virtq_qsd
 
 
 def expected(sector: int, nbytes: int) -> bytes:

@@ -43,10 +43,8 @@ def frame(i: int, size: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestPmd]:
-    sock = tmp_path_factory.mktemp("net") / "vhost-net.sock"
-    with TestPmd.vhost(sock) as tp:
-        yield tp
+def backend(virtq_testpmd: TestPmd) -> TestPmd:
+    return virtq_testpmd  # the public fixture from virtq.testing.pytest_plugin
 
 
 @contextmanager
