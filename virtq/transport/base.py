@@ -19,12 +19,39 @@ Life cycle (mirrors VIRTIO 1.2 §3.1.1 "Driver Requirements: Device Initializati
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from virtq.abi import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1
+from virtq.errors import ArgumentError
 from virtq.memory import MemoryRegion
 from virtq.queue import SplitQueue
 from virtq.types import Iova
+
+#: Feature bits 24..49 are about the transport and the rings, not the device (VIRTIO 1.2 §6).
+TRANSPORT_FEATURE_RANGE = ((1 << 50) - 1) & ~((1 << 24) - 1)
+#: Of those, the ones virtq's SplitQueue implements.
+QUEUE_FEATURES = 1 << VIRTIO_F_INDIRECT_DESC | 1 << VIRTIO_F_EVENT_IDX | 1 << VIRTIO_F_VERSION_1
+
+
+def usable_features(offered: int, transport_features: int = 0) -> int:
+    """``offered`` with the transport-range bits virtq does not implement removed: device
+    bits pass; ring bits only if :data:`QUEUE_FEATURES` or ``transport_features`` has
+    them.  No transport may accept a feature nothing in virtq implements."""
+    return offered & (~TRANSPORT_FEATURE_RANGE | QUEUE_FEATURES | transport_features)
+
+
+def arena_of(arenas: Iterable[DmaArena], queue: SplitQueue) -> DmaArena:
+    """The arena ``queue`` lives in; its ``iova`` must be the queue's (descriptors and ring
+    addresses are computed from it)."""
+    for arena in arenas:
+        if arena.region is queue.region:
+            if queue.iova != arena.iova:
+                raise ArgumentError("queue.iova", queue.iova,
+                                    f"must be its arena's device address {arena.iova:#x}")
+            return arena
+    raise ArgumentError("queue", queue, "its region was not allocated with alloc_dma()")
 
 
 @dataclass(eq=False)

@@ -36,15 +36,13 @@ from virtq.abi import (
     VIRTIO_CONFIG_S_FAILED,
     VIRTIO_CONFIG_S_NEEDS_RESET,
     VIRTIO_F_ACCESS_PLATFORM,
-    VIRTIO_F_EVENT_IDX,
-    VIRTIO_F_INDIRECT_DESC,
     VIRTIO_F_VERSION_1,
 )
 from virtq.errors import ArgumentError, DeviceError, QueueStateError
 from virtq.iova import IovaAllocator, RangeAllocator
 from virtq.memory import AnonymousRegion, MemoryRegion, VfioContainer, VfioDmaRegion
 from virtq.queue import SplitQueue
-from virtq.transport.base import DmaArena
+from virtq.transport.base import QUEUE_FEATURES, DmaArena, arena_of, usable_features
 from virtq.transport.errors import DeviceRefusedError
 from virtq.transport.vfio_pci.caps import (
     PCI_COMMAND,
@@ -78,14 +76,10 @@ MemoryFactory = Callable[[int], MemoryRegion]
 #: Ring/transport feature bits (24..49) this transport can honour; the others are never
 #: offered to the driver (e.g. RING_PACKED: attach_queue takes split rings; NOTIFICATION_DATA
 #: would change what a kick writes).
-SUPPORTED_TRANSPORT_FEATURES = (
-    1 << VIRTIO_F_INDIRECT_DESC | 1 << VIRTIO_F_EVENT_IDX | 1 << VIRTIO_F_VERSION_1
-    | 1 << VIRTIO_F_ACCESS_PLATFORM
-)
+SUPPORTED_TRANSPORT_FEATURES = QUEUE_FEATURES | 1 << VIRTIO_F_ACCESS_PLATFORM
 #: Bits the transport always needs: a modern device, and one that goes through the IOMMU
 #: (without ACCESS_PLATFORM the device would treat our IOVAs as physical addresses).
 REQUIRED_FEATURES = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_ACCESS_PLATFORM
-_TRANSPORT_RANGE = ((1 << 50) - 1) & ~((1 << 24) - 1)
 _EFD_FLAGS = os.EFD_CLOEXEC | os.EFD_NONBLOCK
 
 
@@ -381,7 +375,7 @@ class VfioPciTransport:
     @property
     def device_features(self) -> int:
         """What the device offers, minus ring/transport bits this transport cannot honour."""
-        return self.offered_features & (~_TRANSPORT_RANGE | SUPPORTED_TRANSPORT_FEATURES)
+        return usable_features(self.offered_features, SUPPORTED_TRANSPORT_FEATURES)
 
     def negotiate(self, wanted: int) -> int:
         """Accept ``device_features & wanted`` plus VERSION_1 and ACCESS_PLATFORM; set
@@ -446,15 +440,6 @@ class VfioPciTransport:
         self._res.arenas.remove(arena)
         arena.region.close()
 
-    def _arena_of(self, queue: SplitQueue) -> DmaArena:
-        for arena in self._res.arenas:
-            if arena.region is queue.region:
-                if queue.iova != arena.iova:
-                    raise ArgumentError("queue.iova", queue.iova,
-                                        f"must be the arena's IOVA {arena.iova:#x}")
-                return arena
-        raise ArgumentError("queue", queue, "its region was not allocated with alloc_dma()")
-
     # -- Transport: queues ------------------------------------------------------------------
 
     def attach_queue(self, index: int, queue: SplitQueue) -> None:
@@ -465,7 +450,7 @@ class VfioPciTransport:
             raise QueueStateError("queues must be attached before start() (DRIVER_OK)")
         if index in self._res.queues:
             raise ArgumentError("index", index, "queue already attached")
-        arena = self._arena_of(queue)
+        arena = arena_of(self._res.arenas, queue)
         if 0 in (queue.desc_iova, queue.avail_iova, queue.used_iova):
             # Legal per the spec, but QEMU (and other devices) read a zero ring address as
             # "queue not configured" and silently ignore every kick.

@@ -24,15 +24,13 @@ from virtq.abi import (
     VIRTIO_CONFIG_S_DRIVER,
     VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FEATURES_OK,
-    VIRTIO_F_EVENT_IDX,
-    VIRTIO_F_INDIRECT_DESC,
     VIRTIO_F_VERSION_1,
 )
 from virtq.errors import ArgumentError
 from virtq.iova import IdentityAllocator, IovaAllocator
 from virtq.memory import MemfdRegion
 from virtq.queue import SplitQueue
-from virtq.transport.base import DmaArena
+from virtq.transport.base import QUEUE_FEATURES, DmaArena, arena_of, usable_features
 from virtq.transport.errors import DeviceRefusedError
 from virtq.transport.vhost_user import protocol as P
 from virtq.transport.vhost_user.errors import (
@@ -41,11 +39,8 @@ from virtq.transport.vhost_user.errors import (
 )
 from virtq.transport.vhost_user.frontend import DEFAULT_TIMEOUT, VhostUserFrontend
 
-#: Ring/transport feature bits (24..49) virtq implements; the others are never accepted.
-SUPPORTED_TRANSPORT_FEATURES = (
-    1 << VIRTIO_F_INDIRECT_DESC | 1 << VIRTIO_F_EVENT_IDX | 1 << VIRTIO_F_VERSION_1
-)
-_TRANSPORT_RANGE = ((1 << 50) - 1) & ~((1 << 24) - 1)
+#: Ring/transport feature bits (24..49) accepted over vhost-user: what the queue implements.
+SUPPORTED_TRANSPORT_FEATURES = QUEUE_FEATURES
 #: Protocol features virtq implements.
 SUPPORTED_PROTOCOL_FEATURES = (
     1 << P.ProtocolFeature.MQ
@@ -141,7 +136,7 @@ class VhostUserTransport:
     def device_features(self) -> int:
         """What the device offers, minus transport bits virtq does not implement."""
         offered = self.offered_features & ~(1 << P.VHOST_USER_F_PROTOCOL_FEATURES)
-        return offered & (~_TRANSPORT_RANGE | SUPPORTED_TRANSPORT_FEATURES)
+        return usable_features(offered)
 
     def negotiate(self, wanted: int) -> int:
         if not self.device_features >> VIRTIO_F_VERSION_1 & 1:
@@ -192,15 +187,6 @@ class VhostUserTransport:
         self.frontend.set_mem_table(regions)
         self._mem_table_sent = True
 
-    def _arena_of(self, queue: SplitQueue) -> DmaArena:
-        for arena in self._arenas:
-            if arena.region is queue.region:
-                if queue.iova != arena.iova:
-                    raise ArgumentError("queue.iova", queue.iova,
-                                        f"must be the arena's guest address {arena.iova:#x}")
-                return arena
-        raise ArgumentError("queue", queue, "its region was not allocated with alloc_dma()")
-
     # -- rings ----------------------------------------------------------------------------------
 
     def attach_queue(self, index: int, queue: SplitQueue) -> None:
@@ -208,7 +194,7 @@ class VhostUserTransport:
             raise ArgumentError("index", index, f"the back-end has {self._queue_num} queue(s)")
         if index in self._rings:
             raise ArgumentError("index", index, "queue already attached")
-        arena = self._arena_of(queue)
+        arena = arena_of(self._arenas, queue)
         kick = os.eventfd(0, _EFD_FLAGS)
         self._fds.append(kick)
         call = os.eventfd(0, _EFD_FLAGS)
