@@ -14,7 +14,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 from virtq.errors import VirtqError
 
@@ -30,6 +30,23 @@ def require_binary(name: str, package: str) -> str:
             f"{name} not found; install the Debian package {package} "
             "(scripts/install-system-deps.sh does)")
     return path
+
+
+def kill_process(proc: subprocess.Popen[Any], timeout: float) -> None:
+    """SIGKILL ``proc`` if it still runs, as a crash would, and reap it."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=timeout)
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float) -> None:
+    """SIGTERM ``proc`` (it cleans up), SIGKILL if it has not exited after ``timeout``."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_process(proc, timeout)
 
 
 def make_image(path: str | os.PathLike[str], nbytes: int, *, pattern: bool = True) -> Path:
@@ -127,20 +144,13 @@ class QemuStorageDaemon:
 
     def kill(self) -> None:
         """SIGKILL, as a crash would (for fault tests); the socket file stays behind."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        if self.proc is not None:
+            kill_process(self.proc, 10)
 
     def stop(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        stop_process(self.proc, 5)
         self.proc = None
         for leftover in (self.socket_path, self.pidfile, self._stderr):
             leftover.unlink(missing_ok=True)

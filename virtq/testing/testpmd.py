@@ -25,7 +25,6 @@ import os
 import pty
 import re
 import select
-import signal
 import stat
 import subprocess
 import time
@@ -35,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
-from virtq.testing.backends import BackendError, require_binary
+from virtq.testing.backends import BackendError, kill_process, require_binary
 
 PROMPT = b"testpmd> "
 _FORWARD_MODES = frozenset({"io", "mac", "macswap", "rxonly", "txonly", "flowgen", "csum",
@@ -326,9 +325,8 @@ class TestPmd:
 
     def kill(self) -> None:
         """SIGKILL, as a crash would; the back-end's socket file stays behind."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        if self.proc is not None:
+            kill_process(self.proc, 10)
 
     def stop(self) -> None:
         """Quit (``stop`` then ``quit``), or kill the process if it does not exit; release

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import select
-import signal
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -12,7 +11,7 @@ from pathlib import Path
 from typing import Self
 
 from virtq.testing.backend.server import Faults
-from virtq.testing.backends import BackendError
+from virtq.testing.backends import BackendError, kill_process, stop_process
 
 
 class BackendProcess:
@@ -68,21 +67,14 @@ class BackendProcess:
 
     def kill(self) -> None:
         """SIGKILL: the connection drops mid-whatever, the socket file stays behind."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=self.timeout)
+        if self.proc is not None:
+            kill_process(self.proc, self.timeout)
 
     def stop(self) -> None:
         """SIGTERM (the child cleans up), SIGKILL if it does not exit in time."""
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=self.timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=self.timeout)
+        stop_process(self.proc, self.timeout)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         self.proc = None
