@@ -212,14 +212,12 @@ class BlkDevice:
         self._slot_head: list[int] = []
         self._slot_table: list[int] = []
         self._slot_shape: list[object] = []
-        self._layouts: list[SplitLayout] = []
         for i in range(num_queues):
             qlayout = layout.shifted(i * ring_bytes)
             q = SplitQueue(self.arena.region, qlayout,
                            iova=self.arena.iova, event_idx=ev, indirect=self.indirect,
                            start_index=start_index)
             self.queues.append(q)
-            self._layouts.append(qlayout)
             base = i * self.slots_per_queue
             self._free_slots.append(list(range(base + self.slots_per_queue - 1, base - 1, -1)))
             if self.indirect:
@@ -232,7 +230,6 @@ class BlkDevice:
         self._dirty = [False] * num_queues
         self._in_flight: set[BlkRequest] = set()
         self._next_queue = 0
-        self._user_arenas: list[DmaArena] = []
         t.start()
         if self.poll_mode:
             for q in self.queues:
@@ -282,7 +279,6 @@ class BlkDevice:
         Allocate few, large buffers and :meth:`DmaBuffer.slice` them: each call is a new
         region the transport must register (vhost-user allows 8 in all)."""
         arena = self.transport.alloc_dma(nbytes)
-        self._user_arenas.append(arena)
         # The arena is rounded up to pages (2 MiB with hugepages); the buffer is what was
         # asked for, so a whole-buffer request moves exactly nbytes.
         return DmaBuffer(arena, 0, nbytes)

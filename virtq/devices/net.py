@@ -140,7 +140,6 @@ class NetDevice:
         self.queue_size = size
         # Per-slot addresses, precomputed: one list index per packet on the hot paths.
         self._tx_starts = [tx_off + slot * bs + NET_HDR_SIZE for slot in range(size)]
-        self._tx_iovas = [self.arena.addr(tx_off + slot * bs) for slot in range(size)]
         self._rx_starts = [rx_off + slot * bs + NET_HDR_SIZE for slot in range(size)]
         # The transmit header is always zero and the device never writes device-readable
         # buffers (§2.7.4), so each slot's header is written once, here.

@@ -141,11 +141,8 @@ class SplitQueue:
         used_mem = self._mem[layout.used : layout.used + used_nbytes(n)]
         # used as u16[]: [0] flags, [1] idx, [2 + 4n] avail_event
         self._used_h = used_mem.cast("H")
-        # used elements as u32[]: ring[i].id at [1 + 2i], ring[i].len at [2 + 2i]
-        self._used_w = used_mem[: 4 + 8 * n].cast("I")
-        # ... and as u64[]: ring[i] = id | len << 32, one load per element
+        # used elements as u64[]: ring[i] = id | len << 32, one load per element
         self._used_q = used_mem[4 : 4 + 8 * n].cast("Q")
-        self._used_mem = used_mem
         self._mem_h = self._mem.cast("H")  # 2-byte stores anywhere in the rings' region
         self._desc_w = self._desc_mem.cast("I")  # descriptor i's len at [4 * i + 2]
         self._layout_desc = layout.desc
@@ -666,7 +663,7 @@ class SplitQueue:
         """Release the views of the region (idempotent), so the region can be closed."""
         if self._mem is None:
             return
-        for name in ("_avail", "_used_h", "_used_w", "_used_q", "_used_mem", "_desc_w",
+        for name in ("_avail", "_used_h", "_used_q", "_desc_w",
                      "_desc_mem", "_mem_h"):
             getattr(self, name).release()
         self._mem.release()
