@@ -58,6 +58,9 @@ class _Ring:
     kick: int
     call: int
     enabled: bool = False
+    #: Watches the call eventfd and the socket; built on first wait, rebuilt on reconnect
+    #: (the socket changes).
+    poller: Any = None
 
 
 def _finalize(fds: list[int], what: str) -> None:
@@ -248,12 +251,14 @@ class VhostUserTransport:
     def wait(self, index: int, timeout: float | None) -> bool:
         """Wait for a used-buffer notification on ``index``; raises
         :class:`VhostUserDisconnectedError` at once if the back-end goes away meanwhile."""
-        call = self._rings[index].call
+        ring = self._rings[index]
+        call = ring.call
         sock = self.frontend.sock
-        poller = select.poll()
-        poller.register(call, select.POLLIN)
-        poller.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
-        events = poller.poll(None if timeout is None else max(0, int(timeout * 1000)))
+        if ring.poller is None:
+            ring.poller = select.poll()
+            ring.poller.register(call, select.POLLIN)
+            ring.poller.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+        events = ring.poller.poll(None if timeout is None else max(0, int(timeout * 1000)))
         for fd, _ in events:
             if fd == sock.fileno():
                 self.check_alive()
@@ -309,6 +314,7 @@ class VhostUserTransport:
             self.negotiate(wanted)
         lost: dict[int, list[Any]] = {}
         for index, ring in self._rings.items():
+            ring.poller = None  # it watched the old socket
             lost[index] = ring.queue.reset()
             for fd in (ring.kick, ring.call):  # stale signals from the old back-end
                 with contextlib.suppress(BlockingIOError):
