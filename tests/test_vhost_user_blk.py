@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from virtq.devices import BlkDevice, BlkIOError
+from virtq.errors import ArgumentError
 from virtq.iova import BumpAllocator, IdentityAllocator
 from virtq.testing.backends import QemuStorageDaemon, sector_pattern
 from virtq.transport.vhost_user import (
@@ -214,3 +215,50 @@ def test_alloc_buffer_has_the_asked_size(qsd):
         assert buf.length == 4096  # not the page-rounded arena
         dev.submit_read(16, into=buf).wait()
         assert buf.read() == expected(16, 4096)
+
+
+@pytest.mark.parametrize("indirect", [True, False])
+def test_request_shapes_alternate_on_reused_slots(qsd, indirect):
+    """A slot's persistent indirect table is rewritten only when the request's shape
+    changes: cycle every shape through two slots and check each result."""
+    with BlkDevice.connect_vhost_user(qsd.socket_path, queue_size=8, max_io=8192,
+                                      indirect=indirect) as dev:
+        buf = dev.alloc_buffer(16384)
+        scatter = [buf.slice(0, 1024), buf.slice(4096, 512), buf.slice(8192, 2048)]
+        single = buf.slice(12288, 4096)
+        for rnd in range(6):
+            base = 1000 + 64 * rnd
+            assert dev.read(base, 4096) == expected(base, 4096)
+            assert dev.read(base + 8, 512) == expected(base + 8, 512)
+            dev.submit_read(base + 16, into=scatter).wait()
+            assert b"".join(p.read() for p in scatter) == expected(base + 16, 3584)
+            dev.submit_read(base + 24, into=single).wait()
+            assert single.read() == expected(base + 24, 4096)
+            data = bytes([rnd]) * 1536
+            dev.write(base + 32, data)
+            dev.flush()
+            assert dev.get_id()
+            assert dev.read(base + 32, 1536) == data
+            assert dev.read(base + 8, 8192) == expected(base + 8, 8192)
+
+
+def test_bad_arguments_are_argument_errors(qsd):
+    with BlkDevice.connect_vhost_user(qsd.socket_path, max_io=4096) as dev:
+        buf = dev.alloc_buffer(8192)
+        for call in (lambda: dev.submit_read(-1, 512),
+                     lambda: dev.submit_read(1 << 64, 512),
+                     lambda: dev.submit_read(1.5, 512),  # type: ignore[arg-type]
+                     lambda: dev.submit_read(0, 8192),  # over max_io: read() splits
+                     lambda: dev.submit_read(0, 100),
+                     lambda: dev.submit_read(0, into=[]),
+                     lambda: dev.submit_read(0, into=buf.slice(0, 100)),
+                     lambda: dev.submit_read(0, into=[b"not a buffer"]),  # type: ignore[list-item]
+                     lambda: dev.submit_write(0, b"x" * 100),
+                     lambda: dev.submit_write(0, memoryview(bytes(1024))[::2]),
+                     lambda: dev.read(0, 0)):
+            with pytest.raises(ArgumentError):
+                call()
+        assert dev.in_flight == 0  # nothing was half-submitted
+        # a multi-byte memoryview format is measured in bytes, not items
+        dev.submit_write(0, memoryview(bytearray(1024)).cast("I")).wait()
+        assert dev.read(0, 1024) == bytes(1024)

@@ -67,25 +67,44 @@ _F_INDIRECT = VIRTQ_DESC_F_INDIRECT
 _SLOT_META = 32  # header (16) + status (1), padded
 _KIND_NAMES = {VIRTIO_BLK_T_IN: "read", VIRTIO_BLK_T_OUT: "write",
                VIRTIO_BLK_T_FLUSH: "flush", VIRTIO_BLK_T_GET_ID: "get_id"}
+_U64_MAX = (1 << 64) - 1
 _STATUS_POISON = 0xFF  # written before submission: a status the device never wrote is caught
+_NO_SHAPE = -1  # a slot whose indirect table holds no known shape (see _write_shape)
+
+
+def _check_sectors(nbytes: int) -> None:
+    if nbytes.__class__ is not int or nbytes <= 0 or nbytes % SECTOR_SIZE:
+        raise ArgumentError("nbytes", nbytes, "must be a positive multiple of 512")
+
+
+def _byte_view(data: memoryview) -> memoryview:
+    """``data`` as bytes (a multi-byte format would make len() count items)."""
+    try:
+        return data.cast("B")
+    except TypeError as err:  # not C-contiguous
+        raise ArgumentError("data", data, f"a contiguous buffer ({err})") from None
 
 
 class BlkRequest:
     """A submitted request.  :meth:`wait` returns its result (the bytes read, when the
-    request copied them) or raises the request's error."""
+    request copied them) or raises the request's error.
 
-    __slots__ = ("_dev", "bounce", "error", "into", "kind", "nbytes", "queue", "result",
-                 "sector", "slot", "status", "written")
+    ``into`` is None for copying I/O (the data goes through the slot's bounce buffer) and
+    the caller's buffers for zero-copy I/O.  ``status`` is the device's status byte once
+    the request completed, ``written`` what the device reported writing."""
 
-    def __init__(self, dev: BlkDevice, kind: int, sector: int, nbytes: int, *, queue: int,
-                 slot: int, bounce: bool, into: Sequence[DmaBuffer] | None) -> None:
+    __slots__ = ("_dev", "error", "into", "kind", "nbytes", "result", "sector", "slot",
+                 "status", "written")
+
+    # Positional only and no defaults: this runs once per request (keyword arguments made
+    # it three times slower).
+    def __init__(self, dev: BlkDevice, kind: int, sector: int, nbytes: int, slot: int,
+                 into: Sequence[DmaBuffer] | None, /) -> None:
         self._dev = dev
         self.kind = kind
         self.sector = sector
         self.nbytes = nbytes
-        self.queue = queue
         self.slot = slot
-        self.bounce = bounce
         self.into = into
         self.status: int | None = None
         self.written = 0
@@ -208,10 +227,12 @@ class BlkDevice:
         self.queues: list[SplitQueue] = []
         self._free_slots: list[list[int]] = []
         # Per slot: the reserved ring descriptor heading its persistent indirect chain, the
-        # offset of its indirect table, and the shape last written there.
+        # offset of its indirect table, the shape last written there (see _submit), and
+        # its queue's add_reserved (bound once: the submit path runs per request).
         self._slot_head: list[int] = []
         self._slot_table: list[int] = []
-        self._slot_shape: list[object] = []
+        self._slot_shape: list[int] = []
+        self._slot_add: list[Any] = []
         for i in range(num_queues):
             qlayout = layout.shifted(i * ring_bytes)
             q = SplitQueue(self.arena.region, qlayout,
@@ -224,12 +245,15 @@ class BlkDevice:
                 for head in q.reserve(size):
                     self._slot_head.append(head)
                     self._slot_table.append(qlayout.indirect_table(head))
-                    self._slot_shape.append(None)
+                    self._slot_shape.append(_NO_SHAPE)
+                    self._slot_add.append(q.add_reserved)
             t.attach_queue(i, q)
         self._init_chains()
-        self._dirty = [False] * num_queues
-        self._in_flight: set[BlkRequest] = set()
+        # The request each slot carries (None: free); the count saves scanning it.
+        self._slot_req: list[BlkRequest | None] = [None] * nslots
+        self._n_in_flight = 0
         self._next_queue = 0
+        self._single_queue = num_queues == 1
         t.start()
         if self.poll_mode:
             for q in self.queues:
@@ -285,14 +309,20 @@ class BlkDevice:
 
     # -- submission ---------------------------------------------------------------------------
 
-    def _take_slot(self) -> tuple[int, int]:
-        self._check_open()
-        n = len(self.queues)
-        for k in range(n):
-            qi = (self._next_queue + k) % n
-            if self._free_slots[qi]:
-                self._next_queue = (qi + 1) % n
-                return qi, self._free_slots[qi].pop()
+    def _take_slot(self) -> int:
+        """A free slot, round-robin over the queues (a slot's queue is
+        ``slot // slots_per_queue``)."""
+        free_slots = self._free_slots
+        n = len(free_slots)
+        if n == 1:
+            if free_slots[0]:
+                return free_slots[0].pop()
+        else:
+            for k in range(n):
+                qi = (self._next_queue + k) % n
+                if free_slots[qi]:
+                    self._next_queue = (qi + 1) % n
+                    return free_slots[qi].pop()
         raise QueueStateError(
             f"all {n * self.slots_per_queue} request slots are in flight; wait() for some")
 
@@ -306,109 +336,146 @@ class BlkDevice:
         for slot in range(len(self._slot_head)):
             meta = self._meta_off + slot * _SLOT_META
             _PACK_DESC(self._mem, self._slot_table[slot], iova + meta, 16, _F_NEXT, 1)
-            self._slot_shape[slot] = None
+            self._slot_shape[slot] = _NO_SHAPE
 
-    def _write_shape(self, qi: int, slot: int, segments: Sequence[tuple[int, int]],
-                     device_writes: bool) -> None:
-        """Write data entries 1..m and the status entry m+1 of the slot's indirect table
-        (§2.7.5.3: entries chained by index from 0), and the head's table length."""
-        table = self._slot_table[slot]
+    def _write_shape(self, slot: int, nbytes: int, into: Sequence[DmaBuffer] | None,
+                     wflag: int) -> None:
+        """Write the data entries 1..m and the status entry m+1 of the slot's indirect table
+        (§2.7.5.3: entries are chained by index from 0), and the head's table length --
+        each only if it differs from what the slot's last request left there.
+
+        The shape key (see _submit) packs ``m << 2 | wflag`` (where the status entry
+        sits, which way the data goes) in the low 16 bits; a copying request adds its
+        length above them, because its one data entry, the bounce buffer, is then fully
+        known.  Zero-copy data entries are rewritten every time."""
         mem = self._mem
-        data_flags = _F_NEXT | (_F_WRITE if device_writes else 0)
-        for i, (addr, length) in enumerate(segments, start=1):
-            _PACK_DESC(mem, table + 16 * i, addr, length, data_flags, i + 1)
-        m = len(segments)
-        meta = self._meta_off + slot * _SLOT_META
-        _PACK_DESC(mem, table + 16 * (m + 1), self.arena.iova + meta + 16, 1, _F_WRITE, 0)
-        self.queues[qi].set_desc(self._slot_head[slot], self.arena.iova + table,
-                                 16 * (m + 2), _F_INDIRECT, 0)
+        table = self._slot_table[slot]
+        iova = self.arena.iova
+        m = (1 if nbytes else 0) if into is None else len(into)
+        tail = m << 2 | wflag
+        old = self._slot_shape[slot]
+        self._slot_shape[slot] = _NO_SHAPE  # until every entry below is written
+        if old & 0xFFFF != tail:
+            meta = self._meta_off + slot * _SLOT_META
+            _PACK_DESC(mem, table + 16 * (m + 1), iova + meta + 16, 1, _F_WRITE, 0)
+            queue = self.queues[slot // self.slots_per_queue]
+            queue.set_desc(self._slot_head[slot], iova + table, 16 * (m + 2), _F_INDIRECT, 0)
+        flags = _F_NEXT | wflag
+        if into is None:
+            if nbytes:
+                boff = self._bounce_off + slot * self.max_io
+                _PACK_DESC(mem, table + 16, iova + boff, nbytes, flags, 2)
+            self._slot_shape[slot] = nbytes << 17 | 1 << 16 | tail
+        else:
+            i = 1
+            for buf in into:
+                _PACK_DESC(mem, table + 16 * i, buf.iova, buf.length, flags, i + 1)
+                i += 1
+            self._slot_shape[slot] = tail
 
-    def _submit(self, kind: int, sector: int, nbytes: int, *,
-                data: bytes | bytearray | memoryview | None = None,
-                into: Sequence[DmaBuffer] | None = None,
-                device_writes: bool) -> BlkRequest:
-        if not isinstance(sector, int) or sector < 0:
-            raise ArgumentError("sector", sector, "must be a non-negative int")
-        if into is not None:
-            if not into:
-                raise ArgumentError("into", into, "at least one buffer")
-            if len(into) > self.max_segments:
-                raise ArgumentError("into", len(into),
-                                    f"at most {self.max_segments} segments per request")
-            nbytes = sum(b.length for b in into)
-        elif nbytes > self.max_io:
-            raise ArgumentError("nbytes", nbytes, f"at most max_io={self.max_io} per request; "
-                                "read()/write() split larger transfers")
+    def _submit(self, kind: int, sector: int, nbytes: int,
+                data: bytes | bytearray | memoryview | None,
+                into: Sequence[DmaBuffer] | None, wflag: int) -> BlkRequest:
+        """Start a request whose lengths are already checked: ``nbytes`` in total, copied
+        through the slot's bounce buffer (``into`` None; ``data`` is what to write) or
+        moved by the device straight to/from ``into``.  ``wflag`` is ``VIRTQ_DESC_F_WRITE``
+        when the device writes the data (reads, GET_ID), else 0.
+
+        This runs once per request, so it avoids what costs in CPython: keyword arguments,
+        temporary tuples, and rewriting descriptors that already say the right thing."""
+        if (sector.__class__ is not int and not isinstance(sector, int)) \
+                or not 0 <= sector <= _U64_MAX:
+            raise ArgumentError("sector", sector, "must be an int in 0..2**64-1")
         if self._closed:
             raise QueueStateError("BlkDevice is closed")
-        if len(self.queues) == 1:
-            qi = 0
-            free = self._free_slots[0]
-            if not free:
-                raise QueueStateError(
-                    f"all {self.slots_per_queue} request slots are in flight; wait() for some")
-            slot = free.pop()
-        else:
-            qi, slot = self._take_slot()
+        free = self._free_slots[0]
+        slot = free.pop() if free and self._single_queue else self._take_slot()
         mem = self._mem
         meta = self._meta_off + slot * _SLOT_META
         _HEADER.pack_into(mem, meta, kind, 0, sector)
         mem[meta + 16] = _STATUS_POISON
-        iova = self.arena.iova
-        segments: Sequence[tuple[int, int]]
-        bounce = into is None and nbytes > 0
-        if into is not None:
-            segments = [(b.iova, b.length) for b in into]
-        elif bounce:
+        if into is None and nbytes:
             boff = self._bounce_off + slot * self.max_io
             if data is not None:
                 mem[boff : boff + nbytes] = data
-            segments = ((iova + boff, nbytes),)
-        else:
-            segments = ()
-        req = BlkRequest(self, kind, sector, nbytes, queue=qi, slot=slot, bounce=bounce,
-                         into=into)
-        capacity = (nbytes if device_writes else 0) + 1
         try:
             if self.indirect:
-                # Persistent chain: rewrite the table only when the request's shape changed
-                # (most workloads repeat one shape, so most requests write no descriptor).
-                shape = (segments, device_writes) if into is None else None
-                if shape is None or self._slot_shape[slot] != shape:
-                    self._write_shape(qi, slot, segments, device_writes)
-                    self._slot_shape[slot] = shape
-                self.queues[qi].add_reserved(self._slot_head[slot], req, capacity)
+                # Persistent chain (one reserved ring descriptor per slot, see _setup): most
+                # workloads repeat one shape, so most requests write no descriptor at all.
+                if into is not None or self._slot_shape[slot] != (
+                        nbytes << 17 | 1 << 16 | (4 if nbytes else 0) | wflag):
+                    self._write_shape(slot, nbytes, into, wflag)
+                req = BlkRequest(self, kind, sector, nbytes, slot, into)
+                self._slot_add[slot](self._slot_head[slot], req, nbytes + 1 if wflag else 1)
             else:
-                header = (iova + meta, 16)
-                status = (iova + meta + 16, 1)
-                if device_writes:
-                    self.queues[qi].add((header,), [*segments, status], req)
-                else:
-                    self.queues[qi].add([header, *segments], (status,), req)
+                req = self._add_direct(kind, sector, nbytes, slot, into, wflag)
         except BaseException:
-            self._free_slots[qi].append(slot)
+            self._free_slots[slot // self.slots_per_queue].append(slot)
             raise
-        self._dirty[qi] = True
-        self._in_flight.add(req)
+        self._slot_req[slot] = req
+        self._n_in_flight += 1
         return req
 
-    @staticmethod
-    def _check_len(nbytes: int) -> None:
-        if not isinstance(nbytes, int) or nbytes <= 0 or nbytes % SECTOR_SIZE:
-            raise ArgumentError("nbytes", nbytes, "must be a positive multiple of 512")
+    def _add_direct(self, kind: int, sector: int, nbytes: int, slot: int,
+                    into: Sequence[DmaBuffer] | None, wflag: int) -> BlkRequest:
+        """Without indirect descriptors: the whole chain goes into the ring each time."""
+        iova = self.arena.iova
+        meta = self._meta_off + slot * _SLOT_META
+        segments: list[tuple[int, int]]
+        if into is not None:
+            segments = [(b.iova, b.length) for b in into]
+        elif nbytes:
+            segments = [(iova + self._bounce_off + slot * self.max_io, nbytes)]
+        else:
+            segments = []
+        req = BlkRequest(self, kind, sector, nbytes, slot, into)
+        header = (iova + meta, 16)
+        status = (iova + meta + 16, 1)
+        queue = self.queues[slot // self.slots_per_queue]
+        if wflag:
+            queue.add((header,), [*segments, status], req)
+        else:
+            queue.add([header, *segments], (status,), req)
+        return req
+
+    def _check_len(self, nbytes: int) -> None:
+        _check_sectors(nbytes)
+        if nbytes > self.max_io:
+            raise ArgumentError("nbytes", nbytes, f"at most max_io={self.max_io} per request; "
+                                "read()/write() split larger transfers")
+
+    def _check_bufs(self, into: DmaBuffer | Sequence[DmaBuffer]) -> tuple[Sequence[DmaBuffer], int]:
+        """Zero-copy buffers as a sequence, and their total length."""
+        if into.__class__ is DmaBuffer:
+            length = into.length
+            if length % SECTOR_SIZE:
+                raise ArgumentError("into", into, "buffer lengths must be multiples of 512")
+            return (into,), length
+        bufs = [into] if isinstance(into, DmaBuffer) else list(into)
+        if not bufs:
+            raise ArgumentError("into", into, "at least one buffer")
+        if len(bufs) > self.max_segments:
+            raise ArgumentError("into", len(bufs),
+                                f"at most {self.max_segments} segments per request")
+        for b in bufs:
+            if not isinstance(b, DmaBuffer):
+                raise ArgumentError("into", b, "DmaBuffers from alloc_buffer()")
+            if b.length % SECTOR_SIZE:
+                raise ArgumentError("into", b, "buffer lengths must be multiples of 512")
+        return bufs, sum(b.length for b in bufs)
 
     def submit_read(self, sector: int, nbytes: int = 0, *,
                     into: DmaBuffer | Sequence[DmaBuffer] | None = None) -> BlkRequest:
         """Start reading ``nbytes`` at ``sector``.  Without ``into`` the data is copied out
         of a bounce buffer and returned by ``wait()``; with ``into`` (one buffer or a
         scatter list) the device writes straight into them."""
-        bufs = [into] if isinstance(into, DmaBuffer) else into
-        if bufs is not None:
-            for b in bufs:
-                self._check_len(b.length)
-        else:
-            self._check_len(nbytes)
-        return self._submit(VIRTIO_BLK_T_IN, sector, nbytes, into=bufs, device_writes=True)
+        if into is None:
+            if nbytes.__class__ is not int or not 0 < nbytes <= self.max_io \
+                    or nbytes % SECTOR_SIZE:
+                self._check_len(nbytes)
+            return self._submit(VIRTIO_BLK_T_IN, sector, nbytes, None, None, _F_WRITE)
+        bufs, total = self._check_bufs(into)
+        return self._submit(VIRTIO_BLK_T_IN, sector, total, None, bufs, _F_WRITE)
 
     def submit_write(self, sector: int,
                      data: bytes | bytearray | memoryview | DmaBuffer | Sequence[DmaBuffer]
@@ -416,32 +483,33 @@ class BlkDevice:
         """Start writing ``data`` (copied) or device buffers (zero-copy) at ``sector``."""
         if self.read_only:
             raise QueueStateError("the device is read-only (VIRTIO_BLK_F_RO)")
-        if isinstance(data, DmaBuffer):
-            data = [data]
-        if isinstance(data, list | tuple):
-            for b in data:
-                self._check_len(b.length)
-            return self._submit(VIRTIO_BLK_T_OUT, sector, 0, into=data, device_writes=False)
-        assert isinstance(data, bytes | bytearray | memoryview)
-        self._check_len(len(data))
-        return self._submit(VIRTIO_BLK_T_OUT, sector, len(data), data=data,
-                            device_writes=False)
+        if isinstance(data, bytes | bytearray | memoryview):
+            if isinstance(data, memoryview):
+                data = _byte_view(data)
+            nbytes = len(data)
+            self._check_len(nbytes)
+            return self._submit(VIRTIO_BLK_T_OUT, sector, nbytes, data, None, 0)
+        bufs, total = self._check_bufs(data)
+        return self._submit(VIRTIO_BLK_T_OUT, sector, total, None, bufs, 0)
 
     def submit_flush(self) -> BlkRequest:
-        return self._submit(VIRTIO_BLK_T_FLUSH, 0, 0, device_writes=False)
+        return self._submit(VIRTIO_BLK_T_FLUSH, 0, 0, None, None, 0)
 
     def submit_get_id(self) -> BlkRequest:
-        return self._submit(VIRTIO_BLK_T_GET_ID, 0, VIRTIO_BLK_ID_BYTES, device_writes=True)
+        return self._submit(VIRTIO_BLK_T_GET_ID, 0, VIRTIO_BLK_ID_BYTES, None, None, _F_WRITE)
 
     # -- completion --------------------------------------------------------------------------
 
     def kick(self) -> None:
         """Publish added requests; notify the queues whose device asked for it."""
-        for qi, dirty in enumerate(self._dirty):
-            if dirty:
-                self._dirty[qi] = False
-                if self.queues[qi].publish():
-                    self.transport.notify(qi)
+        for qi, queue in enumerate(self.queues):
+            if queue.publish():  # False at once when nothing was added
+                self.transport.notify(qi)
+
+    @property
+    def in_flight(self) -> int:
+        """How many requests are submitted and not yet completed."""
+        return self._n_in_flight
 
     def poll(self, timeout: float | None = 0, *, batch: bool = False) -> list[BlkRequest]:
         """Publish pending requests, then return the requests the device completed (check
@@ -452,18 +520,17 @@ class BlkDevice:
 
         A transport failure (the back-end died) fails every request in flight with that
         error and raises it."""
-        self.kick()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        spins = 0
+        done: list[BlkRequest] = []
         try:
+            for qi, queue in enumerate(self.queues):  # kick(), inlined
+                if queue.publish():
+                    self.transport.notify(qi)
+            self._reap(done)
+            if done or timeout == 0 or not self._n_in_flight:
+                return done
+            deadline = None if timeout is None else time.monotonic() + timeout
+            spins = 0
             while True:
-                done: list[BlkRequest] = []
-                for q in self.queues:
-                    for req, written in q.drain_used():
-                        self._complete(req, written)
-                        done.append(req)
-                if done or timeout == 0 or not self._in_flight:
-                    return done
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return done
@@ -471,57 +538,80 @@ class BlkDevice:
                     spins += 1
                     if spins % 4096 == 0:
                         self._check_transport()
-                    continue
                 # Re-enable notifications; if completions raced in meanwhile, reap again
                 # instead of sleeping (§2.7.13.5).  With many requests in flight, ask for
                 # one wake-up per batch rather than per completion.
-                if batch:
-                    if any(q.enable_interrupts_delayed() for q in self.queues):
-                        continue
-                elif any(q.enable_interrupts() for q in self.queues):
-                    continue
-                queue = next(iter(self._in_flight)).queue
-                self.transport.wait(queue, 0.1 if remaining is None else min(0.1, remaining))
+                elif not any(q.enable_interrupts_delayed() if batch else q.enable_interrupts()
+                             for q in self.queues):
+                    busy = next((i for i, q in enumerate(self.queues) if q.num_in_flight), 0)
+                    self.transport.wait(busy,
+                                        0.1 if remaining is None else min(0.1, remaining))
+                self._reap(done)
+                if done or not self._n_in_flight:
+                    return done
         except (DeviceError, OSError) as err:
             if isinstance(err, BlkIOError):
                 raise
             self._fail_all(err)
             raise
 
-    def _complete(self, req: BlkRequest, written: int) -> None:
-        meta = self._meta_off + req.slot * _SLOT_META
-        status = self._mem[meta + 16]
-        req.written = written
-        if status == VIRTIO_BLK_S_OK:
-            if req.bounce and req.kind in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_GET_ID):
-                boff = self._bounce_off + req.slot * self.max_io
-                raw = bytes(self._mem[boff : boff + req.nbytes])
-                req.result = raw.rstrip(b"\0") if req.kind == VIRTIO_BLK_T_GET_ID else raw
-        else:
-            name = _KIND_NAMES.get(req.kind, str(req.kind))
-            cls = BlkUnsupportedError if status == VIRTIO_BLK_S_UNSUPP else BlkIOError
-            what = {VIRTIO_BLK_S_IOERR: "I/O error", VIRTIO_BLK_S_UNSUPP: "unsupported",
-                    _STATUS_POISON: "no status written"}.get(status, f"status {status}")
-            req.error = cls(f"{name} of {req.nbytes} bytes at sector {req.sector}: {what}",
-                            kind=name, sector=req.sector, nbytes=req.nbytes, status=status)
-        req.status = status
-        self._release(req)
+    def _reap(self, done: list[BlkRequest]) -> None:
+        """Complete what the device used: status byte, copy out of the bounce buffer, free
+        the slot.  Inlined over the batch because it runs once per request."""
+        mem = self._mem
+        meta_off = self._meta_off
+        bounce_off = self._bounce_off
+        max_io = self.max_io
+        spq = self.slots_per_queue
+        slot_req = self._slot_req
+        free_slots = self._free_slots
+        count = len(done)
+        for q in self.queues:
+            for req, written in q.drain_used():
+                slot = req.slot
+                status = mem[meta_off + slot * _SLOT_META + 16]
+                req.written = written
+                if status:
+                    req.error = self._status_error(req, status)
+                elif req.kind == VIRTIO_BLK_T_IN:
+                    if req.into is None:
+                        boff = bounce_off + slot * max_io
+                        req.result = bytes(mem[boff : boff + req.nbytes])
+                elif req.kind == VIRTIO_BLK_T_GET_ID:
+                    boff = bounce_off + slot * max_io
+                    req.result = bytes(mem[boff : boff + req.nbytes]).rstrip(b"\0")
+                req.status = status
+                slot_req[slot] = None
+                free_slots[slot // spq].append(slot)
+                done.append(req)
+        self._n_in_flight -= len(done) - count
 
-    def _release(self, req: BlkRequest) -> None:
-        self._in_flight.discard(req)
-        self._free_slots[req.queue].append(req.slot)
+    @staticmethod
+    def _status_error(req: BlkRequest, status: int) -> BlkIOError:
+        name = _KIND_NAMES.get(req.kind, str(req.kind))
+        cls = BlkUnsupportedError if status == VIRTIO_BLK_S_UNSUPP else BlkIOError
+        what = {VIRTIO_BLK_S_IOERR: "I/O error", VIRTIO_BLK_S_UNSUPP: "unsupported",
+                _STATUS_POISON: "no status written"}.get(status, f"status {status}")
+        return cls(f"{name} of {req.nbytes} bytes at sector {req.sector}: {what}",
+                   kind=name, sector=req.sector, nbytes=req.nbytes, status=status)
+
+    def _in_flight(self) -> list[BlkRequest]:
+        return [r for r in self._slot_req if r is not None]
 
     def _fail_all(self, err: BaseException) -> None:
         """The transport failed: no request in flight can complete any more."""
-        for req in list(self._in_flight):
+        for req in self._in_flight():
             req.error = err
-            self._release(req)
+            self._slot_req[req.slot] = None
+            self._free_slots[req.slot // self.slots_per_queue].append(req.slot)
+        self._n_in_flight = 0
 
     def wait(self, requests: Iterable[BlkRequest] | None = None,
              timeout: float | None = None) -> None:
         """Until every request in ``requests`` (default: all in flight) is done.  Raises
         TimeoutError after ``timeout`` seconds (the requests stay in flight)."""
-        pending = [r for r in (self._in_flight if requests is None else requests) if not r.done]
+        pending = [r for r in (self._in_flight() if requests is None else requests)
+                   if not r.done]
         deadline = None if timeout is None else time.monotonic() + timeout
         while pending:
             remaining = None if deadline is None else deadline - time.monotonic()
@@ -541,7 +631,7 @@ class BlkDevice:
     def read(self, sector: int, nbytes: int) -> bytes:
         """Read ``nbytes`` (a multiple of 512) at ``sector``; large reads are split into
         ``max_io`` requests kept in flight together."""
-        self._check_len(nbytes)
+        _check_sectors(nbytes)
         chunks = []
         for off in range(0, nbytes, self.max_io):
             n = min(self.max_io, nbytes - off)
@@ -551,8 +641,9 @@ class BlkDevice:
         return b"".join(r.wait() or b"" for r in chunks)
 
     def write(self, sector: int, data: bytes | bytearray | memoryview) -> None:
-        self._check_len(len(data))
-        view = memoryview(data)
+        """Write ``data`` (a multiple of 512 bytes) at ``sector``, split like :meth:`read`."""
+        view = _byte_view(memoryview(data))
+        _check_sectors(len(view))
         reqs = []
         for off in range(0, len(data), self.max_io):
             part = view[off : off + self.max_io]
@@ -564,7 +655,7 @@ class BlkDevice:
 
     def _submit_when_free(self, submit: Any) -> BlkRequest:
         while not any(self._free_slots):
-            self.wait([next(iter(self._in_flight))])
+            self.wait(self._in_flight()[:1])
         req: BlkRequest = submit()
         return req
 
@@ -584,10 +675,6 @@ class BlkDevice:
         return self.capacity * SECTOR_SIZE
 
     # -- teardown -------------------------------------------------------------------------
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise QueueStateError("BlkDevice is closed")
 
     def close(self) -> None:
         """Close the transport (and with it the queues and memory); requests still in
@@ -621,12 +708,12 @@ class BlkDevice:
                 if not req.done:
                     req.error = DeviceError("the back-end went away with the request in flight")
                     count += 1
-                self._in_flight.discard(req)
         # Every slot is free again: the rings were reset.
         for qi in range(len(self.queues)):
             base = qi * self.slots_per_queue
             self._free_slots[qi] = list(range(base + self.slots_per_queue - 1, base - 1, -1))
-        self._in_flight.clear()
+        self._slot_req = [None] * len(self._slot_req)
+        self._n_in_flight = 0
         self._init_chains()  # the reset rings lost the persistent chains' head descriptors
         if self.poll_mode:
             for q in self.queues:

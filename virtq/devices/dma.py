@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from virtq.errors import RegionBoundsError
 from virtq.transport.base import DmaArena
 from virtq.types import Iova
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class DmaBuffer:
     """``length`` bytes at ``offset`` of a :class:`~virtq.transport.DmaArena`: the device
     reads and writes them directly (no copy).  Get one from a device driver's
@@ -18,10 +18,11 @@ class DmaBuffer:
     arena: DmaArena
     offset: int
     length: int
+    #: The device address of the first byte (computed once: drivers read it per request).
+    iova: Iova = field(init=False)
 
-    @property
-    def iova(self) -> Iova:
-        return self.arena.addr(self.offset)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "iova", self.arena.addr(self.offset))
 
     def view(self) -> memoryview:
         """A zero-copy view of the bytes (release it before the device driver closes)."""

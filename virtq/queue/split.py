@@ -442,13 +442,14 @@ class SplitQueue:
         after :meth:`publish`).  ``capacity`` is its device-writable byte count, against
         which the device's ``len`` is validated.  On completion the descriptors stay
         reserved."""
-        if head >= self.size or head < 0 or not self._reserved[head]:
+        states = self._state
+        if not 0 <= head < self.size or not self._reserved[head] or states[head] is not None:
+            if 0 <= head < self.size and self._reserved[head]:
+                raise QueueStateError(f"chain {head} is already in flight")
             raise ArgumentError("head", head, "not a reserved descriptor (see reserve())")
-        if self._state[head] is not None:
-            raise QueueStateError(f"chain {head} is already in flight")
         idx = self.next_avail
         self._avail[2 + (idx & self._mask)] = head
-        self._state[head] = (token, capacity, None, idx)
+        states[head] = (token, capacity, None, idx)
         self.next_avail = (idx + 1) & 0xFFFF
 
     def add_reserved_many(self, heads: Sequence[int], lengths: Sequence[int] | None = None,
@@ -509,7 +510,9 @@ class SplitQueue:
         # idx store is globally visible, or a device that just went to sleep is never woken.
         full_fence()
         if self.event_idx:
-            return need_event(self._used_h[self._idx_avail_event], new, old)
+            # need_event(avail_event, new, old), inlined: this runs once per batch.
+            return ((new - self._used_h[self._idx_avail_event] - 1) & 0xFFFF) \
+                < ((new - old) & 0xFFFF)
         return not self._used_h[0] & VIRTQ_USED_F_NO_NOTIFY
 
     def kick_needed(self) -> bool:
@@ -540,9 +543,10 @@ class SplitQueue:
     def drain_used(self) -> list[tuple[Any, int]]:
         """All completed chains, in used-ring order (reads ``used.idx`` once)."""
         used_idx = self._used_h[1]
-        if used_idx == self.last_used:
+        last_used = self.last_used
+        if used_idx == last_used:
             return []
-        return self._reap(used_idx, distance(self.last_used, used_idx))
+        return self._reap(used_idx, (used_idx - last_used) & 0xFFFF)
 
     def _reap(self, used_idx: int, count: int) -> list[tuple[Any, int]]:
         """The single ingress point for device-written used-ring state."""
