@@ -159,9 +159,7 @@ class NetDevice:
         t.attach_queue(TX_QUEUE, self.txq)
         # Fill the receiveq before DRIVER_OK: a device may deliver as soon as it runs
         # (§5.1.5 step 3, "fill the receive queues with buffers").
-        add = self.rxq.add_reserved
-        for d in range(size):
-            add(d, d, bs)
+        self.rxq.add_reserved_many(range(size), capacity=bs)
         self.rxq.publish()
         # Transmit completions are reaped on the next send, never waited for eagerly.
         self.txq.disable_interrupts()
@@ -372,9 +370,8 @@ class NetDevice:
         # checked it is <= buffer_size.
         frames = [mem[starts[slot] : starts[slot] + length - NET_HDR_SIZE].tobytes()
                   for slot, length in done]
-        add, bs = rxq.add_reserved, self.buffer_size
-        for slot, _ in done:
-            add(slot, slot, bs)
+        # Re-post the same buffers (descriptor d <-> buffer d; the token is the head).
+        rxq.add_reserved_many([slot for slot, _ in done], capacity=self.buffer_size)
         if rxq.publish():
             self.transport.notify(RX_QUEUE)
         if min([length for _, length in done]) < NET_HDR_SIZE:

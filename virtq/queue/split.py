@@ -467,28 +467,45 @@ class SplitQueue:
         desc_w = self._desc_w
         mask = self._mask
         n = self.size
-        start = idx = self.next_avail
-        done = 0
+        count = len(heads)
+        if not count:
+            return
+        # Range checks with C-level min/max first; the loops below run once per chain and
+        # keep only what must be per chain (CPython pays per line).
+        if not (min(heads) >= 0 and max(heads) < n):
+            bad = next(h for h in heads if not 0 <= h < n)
+            raise ArgumentError("heads", bad, "must be reserved descriptors, each not in flight")
+        if lengths is not None:
+            if len(lengths) != count:
+                raise ArgumentError("lengths", len(lengths), f"one per head ({count})")
+            if not (min(lengths) > 0 and max(lengths) < _U32_LIMIT):
+                bad = next(x for x in lengths if not 0 < x < _U32_LIMIT)
+                raise ArgumentError("lengths", bad, "must be in 1..2**32-1")
+        start = pos = self.next_avail
         try:
-            for i, head in enumerate(heads):
-                if not (0 <= head < n and reserved[head]) or states[head] is not None:
-                    raise ArgumentError(
-                        "heads", head, "must be reserved descriptors, each not in flight")
-                if lengths is not None:
-                    length = lengths[i]
-                    if not 0 < length < _U32_LIMIT:
-                        raise ArgumentError("lengths", length, "must be in 1..2**32-1")
+            if lengths is None:
+                for head in heads:
+                    if not reserved[head] or states[head] is not None:
+                        raise ArgumentError(
+                            "heads", head, "must be reserved descriptors, each not in flight")
+                    avail[2 + (pos & mask)] = head
+                    states[head] = (head, capacity, None, pos & 0xFFFF)
+                    pos += 1
+            else:
+                for head, length in zip(heads, lengths, strict=True):
+                    if not reserved[head] or states[head] is not None:
+                        raise ArgumentError(
+                            "heads", head, "must be reserved descriptors, each not in flight")
                     desc_w[(head << 2) + 2] = length  # virtq_desc.len at byte 8 (§2.7.5)
-                avail[2 + (idx & mask)] = head
-                states[head] = (head, capacity, None, idx)
-                idx = (idx + 1) & 0xFFFF
-                done += 1
+                    avail[2 + (pos & mask)] = head
+                    states[head] = (head, capacity, None, pos & 0xFFFF)
+                    pos += 1
         except BaseException:
             # Entries past next_avail are invisible until publish(): only undo the shadow.
-            for head in heads[:done]:
+            for head in heads[: pos - start]:
                 states[head] = None
             raise
-        self.next_avail = idx if done else start
+        self.next_avail = pos & 0xFFFF
 
     def publish(self) -> bool:
         """Expose every added chain to the device with one ``avail.idx`` store.
@@ -572,25 +589,28 @@ class SplitQueue:
         # exist must each completion be checked against them.
         unpublished = (self.next_avail - published) & 0xFFFF
         out: list[tuple[Any, int]] = []
-        for _ in range(count):
-            slot = last_used & mask
-            elem = used_q[slot]  # id and len in one load (both written before used.idx)
+        for pos in range(last_used, last_used + count):
+            elem = used_q[pos & mask]  # id and len in one load (both written before used.idx)
             head = elem & 0xFFFFFFFF
             length = elem >> 32
-            state = states[head] if head < n else None
-            if state is None:
-                self.last_used = last_used
+            try:
+                # IndexError: no such head; TypeError: unpacking None, a head not in
+                # flight.  (Exceptions cost nothing until raised; an explicit check would
+                # cost on every completion.)
+                token, capacity, rest, position = states[head]  # type: ignore[misc]
+            except (IndexError, TypeError):
+                self.last_used = pos & 0xFFFF
                 self._fail(DeviceProtocolError(
-                    f"used.ring[{slot}].id", head, f"a head in flight (queue size {n})"), out)
-            token, capacity, rest, position = state
+                    f"used.ring[{pos & mask}].id", head,
+                    f"a head in flight (queue size {n})"), out)
             if unpublished and ((position - published) & 0xFFFF) < unpublished:
-                self.last_used = last_used
+                self.last_used = pos & 0xFFFF
                 self._fail(DeviceProtocolError(
-                    f"used.ring[{slot}].id", head, "a head that has been published"), out)
+                    f"used.ring[{pos & mask}].id", head, "a head that has been published"), out)
             if length > capacity and strict:
-                self.last_used = last_used
+                self.last_used = pos & 0xFFFF
                 self._fail(DeviceProtocolError(
-                    f"used.ring[{slot}].len", length,
+                    f"used.ring[{pos & mask}].len", length,
                     f"<= {capacity}, the writable capacity of head {head}"), out)
             out.append((token, length))
             states[head] = None
@@ -598,8 +618,7 @@ class SplitQueue:
                 free.append(head)
                 if rest:
                     free.extend(rest)
-            last_used = (last_used + 1) & 0xFFFF
-        self.last_used = last_used
+        self.last_used = (last_used + count) & 0xFFFF
         return out
 
     # -- interrupt (used-buffer notification) control ------------------------------------
