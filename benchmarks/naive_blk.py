@@ -1,0 +1,267 @@
+"""A plain-stdlib vhost-user-blk front-end data path: the reference virtq's blk CPU cost is
+compared against (bench_blk_ref.py).
+
+Only the control plane is virtq's: :class:`VhostUserTransport` does the socket handshake,
+the memory table, feature negotiation (event idx, no indirect descriptors) and registers a
+split ring that a :class:`SplitQueue` zeroed.  From then on that queue object is never
+touched: the ring memory is written with ``struct.pack_into`` / read with
+``struct.unpack_from`` at the layout's offsets, the way someone writes it with struct and
+os -- three direct descriptors per read (header, 4 KiB data, status), a Python list of free
+descriptors, a dict from head to request.  No fences (x86 TSO).
+
+One departure from "struct everywhere": the four u16 index words the device reads or writes
+while this process runs (avail.idx, used_event, used.idx, avail_event) go through a
+``memoryview.cast("H")``, one 2-byte load or store each.  ``struct.pack_into`` first
+zeroes the bytes it is about to write (CPython's ``s_pack_internal`` does a ``memset``),
+so a ``pack_into("<H", ..., avail.idx)`` briefly shows ``avail.idx == 0`` to a device
+polling the ring: qemu-storage-daemon then pops stale ring entries ("virtio-blk request
+missing headers", "vu_panic: Virtqueue size exceeded") and reports heads that are not in
+flight.  Descriptors, ring entries, headers and used elements are not shared at the
+moment they are written or read, so struct is fine for them.
+
+``run_naive`` does the same work as :func:`virtq.bench_blk.run_depth` (same targets, same
+warm-up, same latency bookkeeping, same CPU accounting, the data copied out into ``bytes``)
+and returns the same keys.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from virtq.abi import VIRTIO_F_EVENT_IDX
+from virtq.bench_blk import IMAGE_BYTES
+from virtq.layout import SplitLayout
+from virtq.queue import SplitQueue
+from virtq.transport.vhost_user.transport import VhostUserTransport
+
+IO = 4096
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTIO_BLK_T_IN = 0
+STATUS_POISON = 0xFF  # the device overwrites it; still 0xFF = no status written
+META = 32  # per-request bytes: 16-byte header, then the status byte
+#: What any 4 KiB read of the bench image returns (``bytes(range(256))`` repeated).
+EXPECTED = bytes(range(256)) * (IO // 256)
+
+
+def _progress(label: str, frac: float) -> None:
+    width = 30
+    filled = int(width * min(1.0, frac))
+    sys.stderr.write(f"\r{label:<28} [{'#' * filled}{'.' * (width - filled)}] {frac:4.0%}")
+    sys.stderr.flush()
+
+
+class NaiveBlk:
+    """One request queue of a vhost-user-blk device, driven with struct and os."""
+
+    def __init__(self, socket_path: Path, queue_size: int, slots: int) -> None:
+        self.t = t = VhostUserTransport.connect(socket_path)
+        q = None
+        try:
+            t.negotiate(1 << VIRTIO_F_EVENT_IDX)
+            if not t.accepted_features >> VIRTIO_F_EVENT_IDX & 1:
+                raise RuntimeError("the back-end does not offer VIRTIO_F_EVENT_IDX")
+            layout = SplitLayout.compute(queue_size)
+            self.data_off = layout.nbytes  # page-aligned: slot i's 4 KiB at data_off + i*IO
+            self.meta_off = self.data_off + slots * IO
+            arena = t.alloc_dma(self.meta_off + slots * META)
+            # The transport registers the ring through a SplitQueue (it zeroes the ring and
+            # supplies the addresses); the data path below never uses it.
+            q = SplitQueue(arena.region, layout, iova=arena.iova, event_idx=True)
+            t.attach_queue(0, q)
+            t.start()
+        except BaseException:
+            if q is not None:
+                q.close()  # idempotent; t.close() closes it again if it was attached
+            t.close()
+            raise
+        self.mem = arena.region.view()
+        self.u16 = self.mem.cast("H")  # the shared index words, one access each
+        self.iova = arena.iova
+        self.n = queue_size
+        self.desc = layout.desc
+        self.avail = layout.avail
+        self.used = layout.used
+        # u16 indices into self.u16
+        self.avail_idx = (layout.avail + 2) // 2
+        self.used_idx = (layout.used + 2) // 2
+        self.used_event = (layout.avail + 4 + 2 * queue_size) // 2
+        self.avail_event = (layout.used + 4 + 8 * queue_size) // 2
+        self.free_desc = list(range(queue_size))
+        self.free_slots = list(range(slots))
+        self.inflight: dict[int, tuple[int, int, int, int]] = {}  # head -> slot, d1, d2, sector
+        self.next_avail = 0  # shadow avail.idx (entries added)
+        self.published = 0  # avail.idx as last written
+        self.last_used = 0
+
+    def submit_read(self, sector: int) -> int:
+        """Add a 4 KiB read of ``sector`` (published by the next ``poll``); returns its
+        slot."""
+        mem = self.mem
+        slot = self.free_slots.pop()
+        hdr = self.meta_off + slot * META
+        status = hdr + 16
+        data = self.data_off + slot * IO
+        struct.pack_into("<IIQ", mem, hdr, VIRTIO_BLK_T_IN, 0, sector)
+        mem[status] = STATUS_POISON
+        d0 = self.free_desc.pop()
+        d1 = self.free_desc.pop()
+        d2 = self.free_desc.pop()
+        iova, desc = self.iova, self.desc
+        struct.pack_into("<QIHH", mem, desc + 16 * d0, iova + hdr, 16, VIRTQ_DESC_F_NEXT, d1)
+        struct.pack_into("<QIHH", mem, desc + 16 * d1, iova + data, IO,
+                         VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, d2)
+        struct.pack_into("<QIHH", mem, desc + 16 * d2, iova + status, 1, VIRTQ_DESC_F_WRITE, 0)
+        struct.pack_into("<H", mem, self.avail + 4 + 2 * (self.next_avail % self.n), d0)
+        self.next_avail = (self.next_avail + 1) & 0xFFFF
+        self.inflight[d0] = (slot, d1, d2, sector)
+        return slot
+
+    def publish(self) -> None:
+        """Write avail.idx; kick if the device asked (vring_need_event, §2.7.10)."""
+        new, old = self.next_avail, self.published
+        if new == old:
+            return
+        self.u16[self.avail_idx] = new
+        self.published = new
+        event = self.u16[self.avail_event]
+        if (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF:
+            self.t.notify(0)
+
+    def reap(self, done: list[tuple[int, bytes]]) -> None:
+        """Append (slot, data) for every used chain; the data is copied out of its slot."""
+        mem = self.mem
+        used_idx = self.u16[self.used_idx]
+        while self.last_used != used_idx:
+            head, _written = struct.unpack_from(
+                "<II", mem, self.used + 4 + 8 * (self.last_used % self.n))
+            self.last_used = (self.last_used + 1) & 0xFFFF
+            slot, d1, d2, sector = self.inflight.pop(head)
+            status = mem[self.meta_off + slot * META + 16]
+            if status != 0:
+                raise OSError(f"read of sector {sector}: status {status}")
+            data = self.data_off + slot * IO
+            done.append((slot, bytes(mem[data : data + IO])))
+            self.free_desc += (head, d1, d2)
+            self.free_slots.append(slot)
+
+    def poll(self, timeout: float) -> list[tuple[int, bytes]]:
+        """Publish, then return what completed; block up to ``timeout`` s for at least one."""
+        self.publish()
+        done: list[tuple[int, bytes]] = []
+        self.reap(done)
+        if done or not self.inflight:
+            return done
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return done
+            # Ask for a notification at the next used entry, then re-check used.idx so a
+            # completion that raced in is not slept through (§2.7.13.5).
+            self.u16[self.used_event] = self.last_used
+            if self.u16[self.used_idx] == self.last_used \
+                    and not self.t.wait(0, min(0.1, remaining)):
+                # Nothing for 0.1 s.  Without a fence the kick decision in publish() may
+                # have read avail_event before the device saw the new avail.idx (x86 lets
+                # a load pass an earlier store): notify again, which is always allowed.
+                self.t.notify(0)
+            self.reap(done)
+            if done:
+                return done
+
+    def close(self) -> None:
+        self.u16.release()
+        self.mem.release()
+        self.t.close()  # closes the SplitQueue's views and the region too
+
+
+def run_naive(socket_path: Path, depth: int, seconds: float, *,
+              backend_pid: int | None = None, label: str = "naive") -> dict[str, float]:
+    """:func:`virtq.bench_blk.run_depth` (eventfd mode) with the plain front-end: keep
+    ``depth`` random 4 KiB reads in flight for ``seconds``."""
+    queue_size = 1 << max(7, (3 * depth - 1).bit_length())
+    sectors_total = IMAGE_BYTES // 512
+    rng = random.Random(depth)
+    targets = [rng.randrange(0, sectors_total - 8) & ~7 for _ in range(65536)]
+    backend = psutil.Process(backend_pid) if backend_pid else None
+    dev = NaiveBlk(socket_path, queue_size, depth)
+    try:
+        for i in range(min(depth, 64)):  # warm up, one at a time; check the data
+            dev.submit_read(targets[i])
+            got: list[tuple[int, bytes]] = []
+            while not got:
+                got = dev.poll(1.0)
+            if got[0][1] != EXPECTED:
+                raise AssertionError(f"read of sector {targets[i]} returned wrong data")
+        proc = psutil.Process()
+        lat: list[int] = []
+        started = [0] * depth  # submission time by slot
+        pc = time.perf_counter_ns
+        submit = dev.submit_read
+        k = 0
+        t = pc()
+        for _ in range(depth):
+            started[submit(targets[k & 0xFFFF])] = t
+            k += 1
+        cpu0 = proc.cpu_times()
+        bcpu0 = backend.cpu_times() if backend else None
+        t0 = time.monotonic()
+        end = t0 + seconds
+        next_progress = t0
+        done = 0
+        checked = 0
+        while True:
+            now = time.monotonic()
+            if now >= end:
+                break
+            if now >= next_progress:
+                _progress(label, (now - t0) / seconds)
+                next_progress = now + 0.2
+            completed = dev.poll(1.0)
+            if not completed:
+                continue
+            t = pc()
+            if checked < 16:  # a handful of the timed reads, too
+                checked += 1
+                if completed[0][1] != EXPECTED:
+                    raise AssertionError("a timed read returned wrong data")
+            for slot, _data in completed:
+                lat.append(t - started[slot])
+                started[submit(targets[k & 0xFFFF])] = t
+                k += 1
+            done += len(completed)
+        elapsed = time.monotonic() - t0
+        cpu1 = proc.cpu_times()
+        bcpu1 = backend.cpu_times() if backend else None
+        deadline = time.monotonic() + 10
+        while dev.inflight:  # drain
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(dev.inflight)} reads still in flight after 10 s")
+            for _slot, data in dev.poll(1.0):
+                if data != EXPECTED:
+                    raise AssertionError("a drained read returned wrong data")
+    finally:
+        dev.close()
+    _progress(label, 1.0)
+    sys.stderr.write("\n")
+    lat.sort()
+    cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+    row = {
+        "iops": done / elapsed,
+        "p50": lat[len(lat) // 2] / 1000,
+        "p99": lat[int(len(lat) * 0.99)] / 1000,
+        "cpu_us": cpu / done * 1e6,
+        "cpu_util": cpu / elapsed,
+    }
+    if bcpu0 is not None and bcpu1 is not None:
+        bcpu = (bcpu1.user - bcpu0.user) + (bcpu1.system - bcpu0.system)
+        row["backend_cpu_us"] = bcpu / done * 1e6
+        row["backend_util"] = bcpu / elapsed
+    return row
