@@ -35,7 +35,7 @@ from pathlib import Path
 import psutil
 
 from virtq.abi import VIRTIO_F_EVENT_IDX
-from virtq.bench_blk import IMAGE_BYTES
+from virtq.bench_blk import IMAGE_BYTES, _progress
 from virtq.layout import SplitLayout
 from virtq.queue import SplitQueue
 from virtq.transport.vhost_user.transport import VhostUserTransport
@@ -48,13 +48,6 @@ STATUS_POISON = 0xFF  # the device overwrites it; still 0xFF = no status written
 META = 32  # per-request bytes: 16-byte header, then the status byte
 #: What any 4 KiB read of the bench image returns (``bytes(range(256))`` repeated).
 EXPECTED = bytes(range(256)) * (IO // 256)
-
-
-def _progress(label: str, frac: float) -> None:
-    width = 30
-    filled = int(width * min(1.0, frac))
-    sys.stderr.write(f"\r{label:<28} [{'#' * filled}{'.' * (width - filled)}] {frac:4.0%}")
-    sys.stderr.flush()
 
 
 class NaiveBlk:
