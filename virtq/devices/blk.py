@@ -339,7 +339,7 @@ class BlkDevice:
             self._slot_shape[slot] = _NO_SHAPE
 
     def _write_shape(self, slot: int, nbytes: int, into: Sequence[DmaBuffer] | None,
-                     wflag: int) -> None:
+                     wflag: int, key: int) -> None:
         """Write the data entries 1..m and the status entry m+1 of the slot's indirect table
         (§2.7.5.3: entries are chained by index from 0), and the head's table length --
         each only if it differs from what the slot's last request left there.
@@ -347,7 +347,8 @@ class BlkDevice:
         The shape key (see _submit) packs ``m << 2 | wflag`` (where the status entry
         sits, which way the data goes) in the low 16 bits; a copying request adds its
         length above them, because its one data entry, the bounce buffer, is then fully
-        known.  Zero-copy data entries are rewritten every time."""
+        known (``key``, computed by _submit).  Zero-copy data entries are rewritten every
+        time."""
         mem = self._mem
         table = self._slot_table[slot]
         iova = self.arena.iova
@@ -365,7 +366,7 @@ class BlkDevice:
             if nbytes:
                 boff = self._bounce_off + slot * self.max_io
                 _PACK_DESC(mem, table + 16, iova + boff, nbytes, flags, 2)
-            self._slot_shape[slot] = nbytes << 17 | 1 << 16 | tail
+            self._slot_shape[slot] = key
         else:
             i = 1
             for buf in into:
@@ -402,9 +403,9 @@ class BlkDevice:
             if self.indirect:
                 # Persistent chain (one reserved ring descriptor per slot, see _setup): most
                 # workloads repeat one shape, so most requests write no descriptor at all.
-                if into is not None or self._slot_shape[slot] != (
-                        nbytes << 17 | 1 << 16 | (4 if nbytes else 0) | wflag):
-                    self._write_shape(slot, nbytes, into, wflag)
+                key = nbytes << 17 | 1 << 16 | (4 if nbytes else 0) | wflag  # see _write_shape
+                if into is not None or self._slot_shape[slot] != key:
+                    self._write_shape(slot, nbytes, into, wflag, key)
                 req = BlkRequest(self, kind, sector, nbytes, slot, into)
                 self._slot_add[slot](self._slot_head[slot], req, nbytes + 1 if wflag else 1)
             else:
@@ -522,9 +523,7 @@ class BlkDevice:
         error and raises it."""
         done: list[BlkRequest] = []
         try:
-            for qi, queue in enumerate(self.queues):  # kick(), inlined
-                if queue.publish():
-                    self.transport.notify(qi)
+            self.kick()
             self._reap(done)
             if done or timeout == 0 or not self._n_in_flight:
                 return done
