@@ -527,9 +527,7 @@ class SplitQueue:
         # idx store is globally visible, or a device that just went to sleep is never woken.
         full_fence()
         if self.event_idx:
-            # need_event(avail_event, new, old), inlined: this runs once per batch.
-            return ((new - self._used_h[self._idx_avail_event] - 1) & 0xFFFF) \
-                < ((new - old) & 0xFFFF)
+            return need_event(self._used_h[self._idx_avail_event], new, old)
         return not self._used_h[0] & VIRTQ_USED_F_NO_NOTIFY
 
     def kick_needed(self) -> bool:
@@ -560,10 +558,9 @@ class SplitQueue:
     def drain_used(self) -> list[tuple[Any, int]]:
         """All completed chains, in used-ring order (reads ``used.idx`` once)."""
         used_idx = self._used_h[1]
-        last_used = self.last_used
-        if used_idx == last_used:
+        if used_idx == self.last_used:
             return []
-        return self._reap(used_idx, (used_idx - last_used) & 0xFFFF)
+        return self._reap(used_idx, distance(self.last_used, used_idx))
 
     def _reap(self, used_idx: int, count: int) -> list[tuple[Any, int]]:
         """The single ingress point for device-written used-ring state."""
