@@ -35,7 +35,7 @@ from pathlib import Path
 import psutil
 
 from virtq.abi import VIRTIO_F_EVENT_IDX
-from virtq.bench_blk import IMAGE_BYTES, _progress
+from virtq.bench_blk import IMAGE_BYTES, _progress, bench_row
 from virtq.layout import SplitLayout
 from virtq.queue import SplitQueue
 from virtq.transport.vhost_user.transport import VhostUserTransport
@@ -244,17 +244,4 @@ def run_naive(socket_path: Path, depth: int, seconds: float, *,
         dev.close()
     _progress(label, 1.0)
     sys.stderr.write("\n")
-    lat.sort()
-    cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
-    row = {
-        "iops": done / elapsed,
-        "p50": lat[len(lat) // 2] / 1000,
-        "p99": lat[int(len(lat) * 0.99)] / 1000,
-        "cpu_us": cpu / done * 1e6,
-        "cpu_util": cpu / elapsed,
-    }
-    if bcpu0 is not None and bcpu1 is not None:
-        bcpu = (bcpu1.user - bcpu0.user) + (bcpu1.system - bcpu0.system)
-        row["backend_cpu_us"] = bcpu / done * 1e6
-        row["backend_util"] = bcpu / elapsed
-    return row
+    return bench_row(lat, done, elapsed, (cpu0, cpu1), (bcpu0, bcpu1))

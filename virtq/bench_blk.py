@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -86,19 +87,32 @@ def run_depth(socket_path: Path, depth: int, seconds: float, poll: bool,
         dev.wait(timeout=10)
     _progress(label, 1.0)
     sys.stderr.write("\n")
+    return bench_row(lat, done, elapsed, (cpu0, cpu1), (bcpu0, bcpu1))
+
+
+def bench_row(lat: list[int], done: int, elapsed: float, cpu: tuple[Any, Any],
+              backend_cpu: tuple[Any, Any]) -> dict[str, float]:
+    """The table row for ``done`` requests in ``elapsed`` seconds: latencies (ns) to
+    percentiles, psutil ``cpu_times()`` before/after (the back-end's may be None) to CPU
+    per request and utilisation."""
     lat.sort()
-    cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+
+    def used(times: tuple[Any, Any]) -> float:
+        before, after = times
+        return float((after.user - before.user) + (after.system - before.system))
+
+    spent = used(cpu)
     row = {
         "iops": done / elapsed,
         "p50": lat[len(lat) // 2] / 1000,
         "p99": lat[int(len(lat) * 0.99)] / 1000,
-        "cpu_us": cpu / done * 1e6,
-        "cpu_util": cpu / elapsed,
+        "cpu_us": spent / done * 1e6,
+        "cpu_util": spent / elapsed,
     }
-    if bcpu0 is not None and bcpu1 is not None:
-        bcpu = (bcpu1.user - bcpu0.user) + (bcpu1.system - bcpu0.system)
-        row["backend_cpu_us"] = bcpu / done * 1e6
-        row["backend_util"] = bcpu / elapsed
+    if None not in backend_cpu:
+        bspent = used(backend_cpu)
+        row["backend_cpu_us"] = bspent / done * 1e6
+        row["backend_util"] = bspent / elapsed
     return row
 
 
