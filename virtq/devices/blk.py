@@ -311,18 +311,14 @@ class BlkDevice:
 
     def _take_slot(self) -> int:
         """A free slot, round-robin over the queues (a slot's queue is
-        ``slot // slots_per_queue``)."""
+        ``slot // slots_per_queue``).  _submit pops a single queue's slots itself."""
         free_slots = self._free_slots
         n = len(free_slots)
-        if n == 1:
-            if free_slots[0]:
-                return free_slots[0].pop()
-        else:
-            for k in range(n):
-                qi = (self._next_queue + k) % n
-                if free_slots[qi]:
-                    self._next_queue = (qi + 1) % n
-                    return free_slots[qi].pop()
+        for k in range(n):
+            qi = (self._next_queue + k) % n
+            if free_slots[qi]:
+                self._next_queue = (qi + 1) % n
+                return free_slots[qi].pop()
         raise QueueStateError(
             f"all {n * self.slots_per_queue} request slots are in flight; wait() for some")
 
