@@ -543,3 +543,107 @@ def test_add_reserved_many_rewrites_lengths_all_or_nothing():
         assert got == list(zip(heads[:3], [5, 6, 7], strict=True))
         assert sorted(t for t, _ in r.q.drain_used()) == sorted(heads[:3])
         assert r.q.next_avail == 1  # crossed the wrap
+
+
+def test_add_reserved_many_with_tokens():
+    with ring(n=8, start_index=0xFFFF) as r:
+        heads = r.q.reserve(4)
+        for i, h in enumerate(heads):
+            r.q.set_desc(h, r.buf(i), 64, 2, 0)  # device-writable
+        before = r.q.snapshot()
+        with pytest.raises(ArgumentError):  # one token per head
+            r.q.add_reserved_many(heads[:2], tokens=["a"])
+        with pytest.raises(ArgumentError):  # tokens replace the head as token; no lengths
+            r.q.add_reserved_many(heads[:2], [8, 8], tokens=["a", "b"])
+        with pytest.raises(ArgumentError):  # all or nothing: the repeated head is refused
+            r.q.add_reserved_many([heads[0], heads[1], heads[0]], tokens=["a", "b", "c"])
+        assert r.q.snapshot() == before
+        r.q.add_reserved_many(heads[:3], capacity=64, tokens=["a", "b", "c"])
+        assert sorted(r.q.in_flight_tokens()) == ["a", "b", "c"]
+        r.q.publish()
+        chains = [r.dev.pop() for _ in range(3)]
+        for head, _ in reversed(chains):  # out of order
+            r.dev.push(head, 64 if head == heads[1] else 0)
+        assert r.q.drain_used() == [("c", 0), ("b", 64), ("a", 0)]
+        assert r.q.in_flight_tokens() == []
+        # a reserved chain stays reserved: submit the same heads again
+        r.q.add_reserved_many(heads[:3], capacity=64, tokens=["d", "e", "f"])
+        r.q.publish()
+        assert r.q.next_avail == (0xFFFF + 6) & 0xFFFF
+
+
+def test_enable_interrupts_after_count_and_clamp():
+    with ring(n=8, event_idx=True, start_index=0xFFFD) as r:
+        for i in range(6):
+            r.q.add([(r.buf(i), 1)], [], token=i)
+        r.q.publish()
+        assert r.q.enable_interrupts_after(4) is False
+        # used_event = last_used + 3 (u16 wrap): the device notifies on the 4th completion
+        assert r.q.snapshot()["avail.used_event"] == (0xFFFD + 3) & 0xFFFF
+        chains = [r.dev.pop() for _ in range(6)]
+        notified = [r.dev.push(h, 0) for h, _ in chains[:4]]
+        assert notified == [False, False, False, True]
+        assert r.q.enable_interrupts_after(4) is True  # four are already there: reap
+        assert len(r.q.drain_used()) == 4
+        # more than is in flight is clamped to what is in flight, so the wake-up can happen
+        assert r.q.enable_interrupts_after(100) is False
+        assert r.q.snapshot()["avail.used_event"] == (0xFFFD + 4 + 1) & 0xFFFF
+        assert [r.dev.push(h, 0) for h, _ in chains[4:]] == [False, True]
+        assert r.q.enable_interrupts_after(0) is True  # at least one: two are waiting
+        assert len(r.q.drain_used()) == 2
+
+
+def test_enable_interrupts_after_without_event_idx_is_enable_interrupts():
+    with ring(n=4) as r:
+        r.q.disable_interrupts()
+        r.q.add([(r.buf(0), 1)], [], token=0)
+        r.q.publish()
+        assert r.q.enable_interrupts_after(3) is False
+        assert r.q.snapshot()["avail.flags"] == 0
+
+
+def test_reap_batch_across_the_ring_end_and_the_u16_wrap():
+    """One drain_used whose elements run past the last ring slot (read in two pieces) and
+    whose indices cross 0xFFFF -> 0, completed out of order."""
+    with ring(n=4, start_index=0xFFFE) as r:
+        for i in range(2):  # move the ring position to slot 2 (0xFFFE & 3 == 2, then 0)
+            r.q.add([(r.buf(i), 1)], [], token=i)
+        r.q.publish()
+        device_echo_all(r)
+        assert [t for t, _ in r.q.drain_used()] == [0, 1]
+        for i in range(4):
+            r.q.add([], [(r.buf(i), 8)], token=10 + i)
+        r.q.publish()
+        heads = device_echo_all(r, reverse_completion=True)
+        assert len(heads) == 4
+        assert r.q.last_used == 0
+        got = r.q.drain_used()  # used.ring[0..3] from last_used 0: contiguous
+        assert [t for t, _ in got] == [13, 12, 11, 10]
+        for i in range(3):
+            r.q.add([], [(r.buf(i), 8)], token=20 + i)
+        r.q.publish()
+        device_echo_all(r)
+        got = r.q.drain_used()
+        assert [t for t, _ in got] == [20, 21, 22]
+        for i in range(4):  # last_used & 3 == 3: this batch wraps the ring
+            r.q.add([], [(r.buf(i), 8)], token=30 + i)
+        r.q.publish()
+        device_echo_all(r, reverse_completion=True)
+        assert [t for t, _ in r.q.drain_used()] == [33, 32, 31, 30]
+        assert r.q.last_used == r.q.next_avail == (0xFFFE + 13) & 0xFFFF
+
+
+def test_bad_used_element_is_named_by_its_ring_position():
+    with ring(n=4, start_index=0xFFFF) as r:
+        for i in range(3):
+            r.q.add([(r.buf(i), 1)], [], token=i)
+        r.q.publish()
+        chains = [r.dev.pop() for _ in range(3)]
+        r.dev.push(chains[0][0], 0)
+        HostileDevice(r.region, r.layout).complete(7, 0)  # not a head of a 4-entry queue
+        with pytest.raises(DeviceProtocolError) as info:
+            r.q.drain_used()
+        # the good element before it is handed over on the error; last_used stops at it
+        assert info.value.completed == [(0, 0)]
+        assert info.value.field == "used.ring[0].id"  # 0xFFFF + 1 wraps to slot 0
+        assert r.q.last_used == 0

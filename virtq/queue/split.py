@@ -80,7 +80,8 @@ _HeadState = tuple[Any, int, tuple[int, ...] | None, int]
 #: Public operations that are replaced by raisers once the queue is closed or broken.
 _GUARDED = (
     "add", "add_many", "add_reserved", "add_reserved_many", "publish", "pop_used", "drain_used",
-    "disable_interrupts", "enable_interrupts", "enable_interrupts_delayed", "kick_needed",
+    "disable_interrupts", "enable_interrupts", "enable_interrupts_after",
+    "enable_interrupts_delayed", "kick_needed",
 )
 
 
@@ -208,6 +209,11 @@ class SplitQueue:
     def num_in_flight(self) -> int:
         """Chains added and not yet reaped (published or not)."""
         return distance(self.last_used, self.next_avail)
+
+    def in_flight_tokens(self) -> list[Any]:
+        """The tokens of the chains added and not yet reaped (published or not), in head
+        order -- for a driver that must fail them when its transport dies."""
+        return [st[0] for st in self._state if st is not None]
 
     @property
     def broken(self) -> DeviceError | None:
@@ -453,8 +459,9 @@ class SplitQueue:
         self.next_avail = (idx + 1) & 0xFFFF
 
     def add_reserved_many(self, heads: Sequence[int], lengths: Sequence[int] | None = None,
-                          *, capacity: int = 0) -> None:
-        """Submit several caller-built chains at once; each one's token is its head.
+                          *, capacity: int = 0, tokens: Sequence[Any] | None = None) -> None:
+        """Submit several caller-built chains at once; each one's token is its head, or the
+        matching entry of ``tokens`` (not together with ``lengths``).
 
         With ``lengths``, first rewrite the ``len`` field of each head descriptor (for
         one-descriptor chains over fixed buffers: a transmit ring writes a frame into its
@@ -481,9 +488,23 @@ class SplitQueue:
             if not (min(lengths) > 0 and max(lengths) < _U32_LIMIT):
                 bad = next(x for x in lengths if not 0 < x < _U32_LIMIT)
                 raise ArgumentError("lengths", bad, "must be in 1..2**32-1")
+        if tokens is not None and len(tokens) != count:
+            raise ArgumentError("tokens", len(tokens), f"one per head ({count})")
+        if tokens is not None and lengths is not None:
+            raise ArgumentError("tokens", len(tokens), "not together with lengths")
         start = pos = self.next_avail
+        # One loop per combination: each runs once per chain, and a zip over an argument
+        # that was not given would cost every chain.
         try:
-            if lengths is None:
+            if tokens is not None:
+                for head, token in zip(heads, tokens, strict=True):
+                    if not reserved[head] or states[head] is not None:
+                        raise ArgumentError(
+                            "heads", head, "must be reserved descriptors, each not in flight")
+                    avail[2 + (pos & mask)] = head
+                    states[head] = (token, capacity, None, pos & 0xFFFF)
+                    pos += 1
+            elif lengths is None:
                 for head in heads:
                     if not reserved[head] or states[head] is not None:
                         raise ArgumentError(
@@ -586,29 +607,28 @@ class SplitQueue:
         # exist must each completion be checked against them.
         unpublished = (self.next_avail - published) & 0xFFFF
         out: list[tuple[Any, int]] = []
-        for pos in range(last_used, last_used + count):
-            elem = used_q[pos & mask]  # id and len in one load (both written before used.idx)
+        # The elements as ints, in one C call per contiguous run of the ring: each is id
+        # and len in one 8-byte load (both written before used.idx).
+        first = last_used & mask
+        if first + count <= n:
+            elems = used_q[first : first + count].tolist()
+        else:
+            elems = used_q[first:].tolist() + used_q[: first + count - n].tolist()
+        for elem in elems:
             head = elem & 0xFFFFFFFF
-            length = elem >> 32
             try:
                 # IndexError: no such head; TypeError: unpacking None, a head not in
                 # flight.  (Exceptions cost nothing until raised; an explicit check would
                 # cost on every completion.)
                 token, capacity, rest, position = states[head]  # type: ignore[misc]
             except (IndexError, TypeError):
-                self.last_used = pos & 0xFFFF
-                self._fail(DeviceProtocolError(
-                    f"used.ring[{pos & mask}].id", head,
-                    f"a head in flight (queue size {n})"), out)
+                self._fail_at(len(out), "id", head, f"a head in flight (queue size {n})", out)
             if unpublished and ((position - published) & 0xFFFF) < unpublished:
-                self.last_used = pos & 0xFFFF
-                self._fail(DeviceProtocolError(
-                    f"used.ring[{pos & mask}].id", head, "a head that has been published"), out)
+                self._fail_at(len(out), "id", head, "a head that has been published", out)
+            length = elem >> 32
             if length > capacity and strict:
-                self.last_used = pos & 0xFFFF
-                self._fail(DeviceProtocolError(
-                    f"used.ring[{pos & mask}].len", length,
-                    f"<= {capacity}, the writable capacity of head {head}"), out)
+                self._fail_at(len(out), "len", length,
+                              f"<= {capacity}, the writable capacity of head {head}", out)
             out.append((token, length))
             states[head] = None
             if rest is not None:  # None: a reserved chain, which stays the caller's
@@ -643,25 +663,43 @@ class SplitQueue:
         full_fence()
         return bool(self._used_h[1] != self.last_used)
 
-    def enable_interrupts_delayed(self) -> bool:
-        """Like :meth:`enable_interrupts`, but with event idx ask to be notified only once
-        about 3/4 of the chains in flight have completed (Linux
-        ``virtqueue_enable_cb_delayed``): one wake-up per batch instead of one per
-        completion.  Returns True if that many have already completed (poll again).
-        Without event idx it is :meth:`enable_interrupts`."""
+    def enable_interrupts_after(self, count: int) -> bool:
+        """Ask for a used-buffer notification only once ``count`` more chains have
+        completed (event idx: ``used_event = last_used + count - 1``, §2.7.10; without event
+        idx the device cannot be told, so this is :meth:`enable_interrupts`).  ``count`` is
+        clamped to the chains published and not yet reaped, so the wake-up it asks for can
+        happen.  Returns True if ``count`` completions are already there (reap instead of
+        sleeping: the §2.7.13.5 race)."""
         if not self.event_idx:
             return self.enable_interrupts()
         self._interrupts = True
-        pending = ((self.published - self.last_used) & 0xFFFF) * 3 // 4
-        self._avail[self._idx_used_event] = (self.last_used + pending) & 0xFFFF
+        last_used = self.last_used
+        count = max(1, min(count, (self.published - last_used) & 0xFFFF))
+        self._avail[self._idx_used_event] = (last_used + count - 1) & 0xFFFF
         full_fence()  # store used_event -> load used.idx (§2.7.13.5)
-        return ((self._used_h[1] - self.last_used) & 0xFFFF) > pending
+        return ((self._used_h[1] - last_used) & 0xFFFF) >= count
+
+    def enable_interrupts_delayed(self) -> bool:
+        """:meth:`enable_interrupts_after` about 3/4 of the chains in flight (Linux
+        ``virtqueue_enable_cb_delayed``): one wake-up per batch instead of one per
+        completion."""
+        return self.enable_interrupts_after(
+            ((self.published - self.last_used) & 0xFFFF) * 3 // 4 + 1)
 
     def has_used(self) -> bool:
         """True when the device has published completions not yet reaped."""
         return bool(self._used_h[1] != self.last_used)
 
     # -- failure and teardown -----------------------------------------------------------
+
+    def _fail_at(self, k: int, part: str, value: int, expected: str,
+                 completed: list[tuple[Any, int]]) -> NoReturn:
+        """Element ``k`` of the batch being reaped has a bad ``part`` (id or len):
+        ``last_used`` stops at it, so it and what follows are never reaped."""
+        pos = (self.last_used + k) & 0xFFFF
+        self.last_used = pos
+        self._fail(DeviceProtocolError(f"used.ring[{pos & self._mask}].{part}", value,
+                                       expected), completed)
 
     def _fail(self, err: DeviceProtocolError, completed: list[tuple[Any, int]]) -> NoReturn:
         # Completions validated before the bad element are handed over on the error, so no
