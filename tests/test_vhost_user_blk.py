@@ -262,3 +262,48 @@ def test_bad_arguments_are_argument_errors(qsd):
         # a multi-byte memoryview format is measured in bytes, not items
         dev.submit_write(0, memoryview(bytearray(1024)).cast("I")).wait()
         assert dev.read(0, 1024) == bytes(1024)
+
+
+@pytest.mark.parametrize("indirect", [True, False])
+def test_submit_read_many_refills_against_qsd(qsd, indirect):
+    """The bench's loop, checked: batches of copying and zero-copy reads, each refill
+    reusing the buffers (and slots) the last batch freed."""
+    with BlkDevice.connect_vhost_user(qsd.socket_path, queue_size=64, max_io=4096,
+                                      indirect=indirect) as dev:
+        arena = dev.alloc_buffer(16 * 4096)
+        bufs = [arena.slice(i * 4096, 4096) for i in range(16)]
+        sectors = [(i * 1031) % (SECTORS - 8) for i in range(16 * 20)]
+        reqs = dev.submit_read_many(sectors[:16], into=bufs)
+        copies = dev.submit_read_many(sectors[:4], 4096)
+        k = 16
+        while k < len(sectors):
+            done = dev.poll(timeout=10, min_completions=4)
+            assert done
+            for r in done:
+                if r.into:
+                    assert r.into[0].read() == expected(r.sector, 4096)
+                else:
+                    assert r.wait() == expected(r.sector, 4096)
+            again = [r.into[0] for r in done if r.into][: len(sectors) - k]
+            reqs = dev.submit_read_many(sectors[k : k + len(again)], into=again)
+            k += len(again)
+        dev.wait(timeout=10)
+        assert k == len(sectors)
+        assert all(r.into and r.into[0].read() == expected(r.sector, 4096) for r in reqs)
+        assert [r.wait() for r in copies] == [expected(s, 4096) for s in sectors[:4]]
+        assert dev.transport.get_vring_base(0) == dev.queues[0].next_avail
+        del arena, bufs, reqs, done, again
+
+
+@pytest.mark.parametrize("poll", [False, True], ids=["eventfd", "poll"])
+def test_poll_min_completions(qsd, poll):
+    with BlkDevice.connect_vhost_user(qsd.socket_path, poll=poll, max_io=4096) as dev:
+        reqs = dev.submit_read_many([i * 8 for i in range(24)], 4096)
+        done = dev.poll(timeout=10, min_completions=16)
+        assert len(done) >= 16
+        # more than are in flight: returns when all of them are done
+        done += dev.poll(timeout=10, min_completions=1000)
+        assert sorted(r.sector for r in done) == [i * 8 for i in range(24)]
+        assert dev.in_flight == 0
+        assert [r.wait() for r in reqs] == [expected(i * 8, 4096) for i in range(24)]
+        assert dev.poll(timeout=10, min_completions=5) == []  # nothing in flight
