@@ -39,6 +39,12 @@ def test_inspect_prints_the_seed_layout():
 
 
 def test_bench_blk_runs_and_prints_a_table():
-    out = virtq("bench", "blk", "--seconds", "0.3", "--depths", "1,8", "--modes", "eventfd")
+    out = virtq("bench", "blk", "--seconds", "0.3", "--depths", "1,8",
+                "--modes", "eventfd,batch")
     assert "| QD | mode | IOPS |" in out
-    assert len([line for line in out.splitlines() if line.startswith("| 8 |")]) == 1
+    assert "zero-copy" in out
+    assert len([line for line in out.splitlines() if line.startswith("| 8 |")]) == 2
+    out = virtq("bench", "blk", "--seconds", "0.3", "--depths", "8", "--modes", "batch",
+                "--copy", "--batch", "3")
+    assert "copied out as bytes" in out
+    assert len([line for line in out.splitlines() if line.startswith("| 8 | batch |")]) == 1

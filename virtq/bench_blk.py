@@ -31,32 +31,55 @@ def _progress(label: str, frac: float) -> None:
     sys.stderr.flush()
 
 
-def run_depth(socket_path: Path, depth: int, seconds: float, poll: bool,
-              label: str, *, backend_pid: int | None = None) -> dict[str, float]:
-    """One row: keep ``depth`` random 4 KiB reads in flight for ``seconds``.  Latency is
-    per request (submit to reap); CPU is this process's, and the back-end's when
-    ``backend_pid`` is given."""
+#: ``--modes``: how the driver waits for completions.
+MODES = {
+    "poll": "busy-polls the used ring (no notifications: lowest latency, a whole core)",
+    "eventfd": "sleeps on the call eventfd until the next completion",
+    "batch": "sleeps until 3/8 of the queue depth has completed (poll(min_completions=))",
+}
+
+
+def run_depth(socket_path: Path, depth: int, seconds: float, mode: str,
+              label: str, *, backend_pid: int | None = None,
+              copy: bool = False, batch: int | None = None) -> dict[str, float]:
+    """One row: keep ``depth`` random 4 KiB reads in flight for ``seconds``, refilling with
+    one ``submit_read_many`` per ``poll``.  The data lands in one DmaBuffer per request
+    (zero-copy, as fio reads into its buffers), or with ``copy`` is returned as ``bytes``.
+    ``mode`` is a key of :data:`MODES`.  Latency is per request (submit to reap); CPU is
+    this process's, and the back-end's when ``backend_pid`` is given.  ``batch`` overrides
+    the batch mode's ``min_completions``."""
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
+    min_completions = 1
+    if mode == "batch":
+        min_completions = batch or max(1, depth * 3 // 8)
     queue_size = 1 << max(7, (3 * depth - 1).bit_length())
     sectors_total = IMAGE_BYTES // 512
     rng = random.Random(depth)
     targets = [rng.randrange(0, sectors_total - 8) & ~7 for _ in range(65536)]
+    targets += targets[:depth]  # targets[k : k + m] never wraps (k < 65536, m <= depth)
     backend = psutil.Process(backend_pid) if backend_pid else None
-    with BlkDevice.connect_vhost_user(socket_path, queue_size=queue_size, poll=poll,
-                                      max_io=IO) as dev:
+    with BlkDevice.connect_vhost_user(socket_path, queue_size=queue_size,
+                                      poll=mode == "poll", max_io=IO) as dev:
         for i in range(min(depth, 64)):  # warm up
             dev.read(targets[i], IO)
+        arena = None if copy else dev.alloc_buffer(IO * depth)
+        buffers = [] if arena is None else [arena.slice(i * IO, IO) for i in range(depth)]
         proc = psutil.Process()
         lat: list[int] = []
         # Submission times by request slot: cheaper than a dict keyed by request, and
         # this loop's own cost is counted as virtq's.
         started = [0] * (dev.slots_per_queue * len(dev.queues))
         pc = time.perf_counter_ns
-        submit = dev.submit_read
-        k = 0
+        submit_many = dev.submit_read_many
         t = pc()
-        for _ in range(depth):
-            started[submit(targets[k & 0xFFFF], IO).slot] = t
-            k += 1
+        if copy:
+            reqs = submit_many(targets[:depth], IO)
+        else:
+            reqs = submit_many(targets[:depth], into=buffers)
+        for req in reqs:
+            started[req.slot] = t
+        k = depth
         cpu0 = proc.cpu_times()
         bcpu0 = backend.cpu_times() if backend else None
         t0 = time.monotonic()
@@ -70,21 +93,30 @@ def run_depth(socket_path: Path, depth: int, seconds: float, poll: bool,
             if now >= next_progress:
                 _progress(label, (now - t0) / seconds)
                 next_progress = now + 0.2
-            completed = dev.poll(timeout=1.0)
-            if not completed:
+            completed = dev.poll(timeout=1.0, min_completions=min_completions)
+            m = len(completed)
+            if not m:
                 continue
             t = pc()
-            for req in completed:
-                if req.error is not None:
-                    raise req.error
-                lat.append(t - started[req.slot])
-                started[submit(targets[k & 0xFFFF], IO).slot] = t
-                k += 1
-            done += len(completed)
+            errors = [req.error for req in completed if req.error is not None]
+            if errors:
+                raise errors[0]
+            lat += [t - started[req.slot] for req in completed]
+            # Refill: each zero-copy buffer goes back with the next request.
+            if copy:
+                reqs = submit_many(targets[k : k + m], IO)
+            else:
+                reqs = submit_many(targets[k : k + m],
+                                   into=[req.into[0] for req in completed if req.into])
+            for req in reqs:
+                started[req.slot] = t
+            k = (k + m) & 0xFFFF
+            done += m
         elapsed = time.monotonic() - t0
         cpu1 = proc.cpu_times()
         bcpu1 = backend.cpu_times() if backend else None
         dev.wait(timeout=10)
+        del reqs, completed, buffers, arena  # before the device closes its memory
     _progress(label, 1.0)
     sys.stderr.write("\n")
     return bench_row(lat, done, elapsed, (cpu0, cpu1), (bcpu0, bcpu1))
@@ -144,13 +176,22 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="virtq bench blk", description=__doc__)
     p.add_argument("--depths", default="1,32,128", help="queue depths, comma-separated")
     p.add_argument("--seconds", type=float, default=3.0, help="per depth and mode")
-    p.add_argument("--modes", default="poll,eventfd", help="poll and/or eventfd")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help="; ".join(f"{k}: {v}" for k, v in MODES.items()))
+    p.add_argument("--copy", action="store_true",
+                   help="return each read as bytes (copied out of a bounce buffer) instead "
+                        "of reading into DmaBuffers")
+    p.add_argument("--batch", type=int, default=None,
+                   help="min_completions in batch mode (default: 3/8 of the depth)")
     p.add_argument("--aio", default="io_uring", help="qemu-storage-daemon aio= mode")
     p.add_argument("--image-dir", default=None,
                    help="where the 256 MiB image goes (default: the temp dir; avoid tmpfs)")
     args = p.parse_args(argv)
     depths = [int(d) for d in args.depths.split(",")]
     modes = args.modes.split(",")
+    if set(modes) - set(MODES):
+        p.error(f"--modes: unknown {sorted(set(modes) - set(MODES))}; choose from "
+                f"{', '.join(MODES)}")
     # Not /dev/shm: QEMU's io_uring reads from tmpfs go through kernel worker threads
     # (measured here: under half the IOPS of the same image in a disk filesystem's page
     # cache), which would measure the kernel rather than the front-end.
@@ -162,11 +203,13 @@ def main(argv: list[str] | None = None) -> int:
             rows = []
             for depth in depths:
                 for mode in modes:
-                    r = run_depth(qsd.socket_path, depth, args.seconds, mode == "poll",
-                                  f"QD {depth} {mode}", backend_pid=qsd.proc.pid)
+                    r = run_depth(qsd.socket_path, depth, args.seconds, mode,
+                                  f"QD {depth} {mode}", backend_pid=qsd.proc.pid,
+                                  copy=args.copy, batch=args.batch)
                     rows.append((depth, mode, r))
-    print(f"# virtq bench blk: 4 KiB random reads, qemu-storage-daemon aio={args.aio}, "
-          f"image on {fstype}, {args.seconds:g} s per row")
+    how = "copied out as bytes" if args.copy else "zero-copy into DmaBuffers"
+    print(f"# virtq bench blk: 4 KiB random reads ({how}), qemu-storage-daemon "
+          f"aio={args.aio}, image on {fstype}, {args.seconds:g} s per row")
     print("| QD | mode | IOPS | p50 µs | p99 µs | virtq CPU-µs/req | virtq CPU use "
           "| QSD CPU-µs/req | QSD CPU use |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -174,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {depth} | {mode} | {r['iops']:,.0f} | {r['p50']:.1f} | {r['p99']:.1f} "
               f"| {r['cpu_us']:.2f} | {r['cpu_util']:.0%} "
               f"| {r['backend_cpu_us']:.2f} | {r['backend_util']:.0%} |")
+    print()
+    for mode in modes:
+        print(f"- {mode}: {MODES[mode]}")
     return 0
 
 
