@@ -666,12 +666,8 @@ class BlkDevice:
                     if spins % 4096 == 0:
                         self._check_transport()
                 else:
-                    # Re-enable notifications for the completions still wanted; if they
-                    # raced in meanwhile, reap instead of sleeping (§2.7.13.5).
-                    want = min_completions - len(done)
-                    if not any(q.enable_interrupts_after(want) for q in self.queues
-                               if q.num_in_flight):
-                        busy = next((i for i, q in enumerate(self.queues) if q.num_in_flight), 0)
+                    busy = self._arm_wakeup(min_completions - len(done))
+                    if busy is not None:
                         self.transport.wait(busy,
                                             0.1 if remaining is None else min(0.1, remaining))
                 self._reap(done)
@@ -682,6 +678,17 @@ class BlkDevice:
                 raise
             self._fail_all(err)
             raise
+
+    def _arm_wakeup(self, want: int) -> int | None:
+        """Re-enable notifications for the ``want`` completions still wanted; the queue to
+        sleep on, or None when they raced in meanwhile (reap instead: §2.7.13.5)."""
+        queues = self.queues
+        if self._single_queue:
+            return None if queues[0].enable_interrupts_after(want) else 0
+        busy = [i for i, q in enumerate(queues) if q.num_in_flight]
+        if any(queues[i].enable_interrupts_after(want) for i in busy):
+            return None
+        return busy[0] if busy else 0
 
     def _reap(self, done: list[BlkRequest]) -> None:
         """Complete what the device used (see :meth:`_complete`), queue by queue."""
