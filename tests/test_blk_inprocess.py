@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import random
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
+from hypothesis import event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from virtq.abi import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1
-from virtq.devices import BlkDevice
-from virtq.devices.blk import VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_T_IN
-from virtq.errors import ArgumentError, DeviceProtocolError, QueueStateError
+from virtq.devices import BlkDevice, DmaBuffer
+from virtq.devices.blk import VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_T_IN, BlkRequest
+from virtq.errors import ArgumentError, DeviceProtocolError, QueueFullError, QueueStateError
 from virtq.memory import MemfdRegion
 from virtq.queue import SplitQueue
 from virtq.testing import DeviceQueue, HostileDevice
@@ -228,6 +231,26 @@ def test_submit_read_many_is_all_or_nothing(blk):
     assert [r.wait() for r in reqs] == [sector_bytes(r.sector, 512) for r in reqs]
 
 
+def test_direct_batch_refused_whole_when_scatter_requests_hold_descriptors():
+    t = LoopbackTransport(indirect=False)
+    with BlkDevice(t, queue_size=16, max_io=4096, indirect=False) as dev:
+        assert dev.slots_per_queue == 5  # sized for three descriptors per request
+        arena = dev.alloc_buffer(4 * 1024)
+        for i in range(2):  # header + two data + status: four descriptors each
+            dev.submit_read(i * 8, into=[arena.slice(i * 2048, 1024),
+                                         arena.slice(i * 2048 + 1024, 1024)])
+        before = dev.queues[0].snapshot()
+        assert before["num_free"] == 8
+        with pytest.raises(QueueFullError):  # three free slots, but 9 > 8 descriptors
+            dev.submit_read_many([100, 200, 300], 512)
+        assert dev.queues[0].snapshot() == before and dev.in_flight == 2
+        reqs = dev.submit_read_many([100, 200], 512)
+        dev.kick()
+        serve_all(t)
+        dev.poll()
+        assert [r.wait() for r in reqs] == [sector_bytes(100, 512), sector_bytes(200, 512)]
+
+
 def test_device_error_mid_batch_completes_the_good_and_fails_the_rest(blk):
     dev, t = blk
     reqs = dev.submit_read_many([10, 20, 30], 512)
@@ -245,3 +268,118 @@ def test_device_error_mid_batch_completes_the_good_and_fails_the_rest(blk):
         with pytest.raises(DeviceProtocolError):
             r.wait()
     assert dev.in_flight == 0
+
+
+class BlkRequestMachine(RuleBasedStateMachine):
+    """Any interleaving of batch and single submissions (copying, zero-copy, scatter),
+    device pops and out-of-order completions, and polls: every completed request carries
+    the data of its own sector in its own buffers.  That is what would break if a slot's
+    persistent descriptors were reused for the wrong shape or the wrong buffer."""
+
+    @initialize(start=st.integers(0xFFF0, 0xFFFF), indirect=st.booleans())
+    def setup(self, start: int, indirect: bool) -> None:
+        self.t = LoopbackTransport(indirect=indirect)
+        self.dev = BlkDevice(self.t, queue_size=16, max_io=4096, indirect=indirect,
+                             start_index=start)
+        arena = self.dev.alloc_buffer(8 * 4096)
+        self.pool = {4096: [arena.slice(i * 4096, 4096) for i in range(4)],
+                     1024: [arena.slice(16384 + i * 1024, 1024) for i in range(8)]}
+        self.busy: set[int] = set()  # id() of buffers in flight
+        self.submitted: list[BlkRequest] = []
+        self.popped: list[tuple[int, list[Segment]]] = []
+
+    def teardown(self) -> None:
+        if hasattr(self, "dev"):
+            self.dev.close()
+
+    def _free_bufs(self, length: int) -> list[DmaBuffer]:
+        return [b for b in self.pool[length] if id(b) not in self.busy]
+
+    def _free_slots(self) -> int:
+        return sum(len(f) for f in self.dev._free_slots)
+
+    @precondition(lambda self: self._free_slots() > 0)
+    @rule(data=st.data(), nbytes=st.sampled_from([512, 1024, 4096]))
+    def submit_many_copying(self, data: st.DataObject, nbytes: int) -> None:
+        count = data.draw(st.integers(1, min(4, self._free_slots())))
+        sectors = data.draw(st.lists(st.integers(0, CAPACITY - 8), min_size=count,
+                                     max_size=count))
+        self.submitted += self._all_or_nothing(
+            lambda: self.dev.submit_read_many(sectors, nbytes))
+
+    @precondition(lambda self: self._free_slots() > 0)
+    @rule(data=st.data(), length=st.sampled_from([4096, 1024]))
+    def submit_many_zero_copy(self, data: st.DataObject, length: int) -> None:
+        free = self._free_bufs(length)
+        count = data.draw(st.integers(min(1, len(free)), min(len(free), self._free_slots())))
+        bufs = data.draw(st.permutations(free))[:count]
+        sectors = data.draw(st.lists(st.integers(0, CAPACITY - 8), min_size=count,
+                                     max_size=count))
+        reqs = self._all_or_nothing(lambda: self.dev.submit_read_many(sectors, into=bufs))
+        self.submitted += reqs
+        if reqs:
+            self.busy.update(id(b) for b in bufs)
+
+    @precondition(lambda self: self._free_slots() > 0)
+    @rule(sector=st.integers(0, CAPACITY - 8), scatter=st.booleans())
+    def submit_single(self, sector: int, scatter: bool) -> None:
+        free = self._free_bufs(1024)
+        if scatter and len(free) >= 2:
+            bufs = free[:2]
+            reqs = self._all_or_nothing(lambda: [self.dev.submit_read(sector, into=bufs)])
+            if reqs:
+                self.busy.update(id(b) for b in bufs)
+        else:
+            reqs = self._all_or_nothing(lambda: [self.dev.submit_read(sector, 512)])
+        self.submitted += reqs
+
+    def _all_or_nothing(self, submit: Callable[[], list[BlkRequest]]) -> list[BlkRequest]:
+        """Without indirect descriptors, scatter requests in flight can leave too few ring
+        descriptors: QueueFullError, and nothing submitted."""
+        before = self.dev.queues[0].snapshot()
+        try:
+            return submit()
+        except QueueFullError:
+            assert not self.dev.indirect
+            assert self.dev.queues[0].snapshot() == before
+            event("queue full")
+            return []
+
+    @rule()
+    def device_pops(self) -> None:
+        self.dev.kick()
+        self.popped += self.t.pop_all()
+
+    @precondition(lambda self: self.popped)
+    @rule(data=st.data())
+    def device_completes(self, data: st.DataObject) -> None:
+        """Some of the popped chains, in any order (then poll, so slots are reused)."""
+        order = data.draw(st.permutations(range(len(self.popped))))
+        k = data.draw(st.integers(1, len(order)))
+        for i in order[:k]:
+            self.t.serve(*self.popped[i])
+        self.t.devices[0].publish_used()
+        self.popped = [c for i, c in enumerate(self.popped) if i not in order[:k]]
+        self.poll()
+
+    @rule()
+    def poll(self) -> None:
+        for r in self.dev.poll():
+            if r.into:
+                got = b"".join(b.read() for b in r.into)
+                self.busy.difference_update(id(b) for b in r.into)
+            else:
+                got = r.wait() or b""
+            assert got == sector_bytes(r.sector, r.nbytes), (r, got[:4])
+            self.submitted.remove(r)
+
+    @invariant()
+    def counts(self) -> None:
+        if hasattr(self, "dev"):
+            assert self.dev.in_flight == len(self.submitted)
+            assert self._free_slots() == self.dev.slots_per_queue - len(self.submitted)
+
+
+TestBlkRequestMachine = BlkRequestMachine.TestCase
+TestBlkRequestMachine.settings = settings(max_examples=300, stateful_step_count=40,
+                                          deadline=None)

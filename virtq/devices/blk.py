@@ -29,7 +29,13 @@ from virtq.abi import (
 )
 from virtq.devices.dma import DmaBuffer
 from virtq.devices.errors import BlkIOError, BlkUnsupportedError
-from virtq.errors import ArgumentError, DeviceError, DeviceProtocolError, QueueStateError
+from virtq.errors import (
+    ArgumentError,
+    DeviceError,
+    DeviceProtocolError,
+    QueueFullError,
+    QueueStateError,
+)
 from virtq.iova import IovaAllocator
 from virtq.layout import SplitLayout, align_up
 from virtq.queue import SplitQueue
@@ -592,10 +598,18 @@ class BlkDevice:
         then submit one by one (nothing can fail half-way)."""
         for sector in sectors:
             _check_sector(sector)
+        count = len(sectors)
         free = sum(len(f) for f in self._free_slots)
-        if len(sectors) > free:
-            raise QueueStateError(f"{len(sectors)} requests need {len(sectors)} slots; "
-                                  f"{free} are free")
+        if count > free:
+            raise QueueStateError(f"{count} requests need {count} slots; {free} are free")
+        if not self.indirect:
+            # Each of these takes three ring descriptors (header, data, status).  A slot is
+            # sized for that, but scatter requests in flight may hold more, so check each
+            # queue for the most requests it could be given.
+            for q, slots in zip(self.queues, self._free_slots, strict=True):
+                needed = 3 * min(count, len(slots))
+                if needed > q.num_free:
+                    raise QueueFullError(needed, q.num_free)
         wflag = _F_WRITE if kind == VIRTIO_BLK_T_IN else 0
         if into is None:
             return [self._submit(kind, sector, nbytes, None, None, wflag) for sector in sectors]
