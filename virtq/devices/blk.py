@@ -241,7 +241,6 @@ class BlkDevice:
         bounce_off = align_up(meta_off + nslots * _SLOT_META, page)
         total = bounce_off + nslots * self.max_io
         self.arena: DmaArena = t.alloc_dma(total)
-        self._meta_off = meta_off
         # Per slot: where its header and its status byte are (looked up, not computed, in
         # the per-request loops).
         self._slot_meta = [meta_off + slot * _SLOT_META for slot in range(nslots)]
@@ -412,9 +411,8 @@ class BlkDevice:
 
         This runs once per request, so it avoids what costs in CPython: keyword arguments,
         temporary tuples, and rewriting descriptors that already say the right thing."""
-        if (sector.__class__ is not int and not isinstance(sector, int)) \
-                or not 0 <= sector <= _U64_MAX:
-            _check_sector(sector)
+        if sector.__class__ is not int or not 0 <= sector <= _U64_MAX:
+            _check_sector(sector)  # raises, unless an int subclass in range
         if self._closed:
             raise QueueStateError("BlkDevice is closed")
         free = self._free_slots[0]
