@@ -383,3 +383,30 @@ class BlkRequestMachine(RuleBasedStateMachine):
 TestBlkRequestMachine = BlkRequestMachine.TestCase
 TestBlkRequestMachine.settings = settings(max_examples=300, stateful_step_count=40,
                                           deadline=None)
+
+
+def test_completion_after_transport_failure_does_not_free_a_slot_twice():
+    """The transport fails with requests in flight: they fail and their slots are freed.
+    If the device had completed one of them anyway, reaping it later must not free that
+    slot again (it would be handed to two requests) nor return the request twice."""
+    t = LoopbackTransport()
+    with BlkDevice(t, queue_size=16, max_io=4096) as dev:
+        reqs = dev.submit_read_many([8, 16, 24], 512)
+        dev.kick()
+        chains = t.pop_all()
+
+        def dead(index: int, timeout: float | None) -> bool:
+            raise OSError(32, "Broken pipe")
+
+        t.wait = dead  # type: ignore[method-assign]
+        with pytest.raises(OSError, match="Broken pipe"):
+            dev.poll(timeout=1)  # the wait fails -> every request in flight fails
+        assert all(r.done for r in reqs) and dev.in_flight == 0
+        free = sorted(dev._free_slots[0])
+        assert len(free) == dev.slots_per_queue
+        t.serve(*chains[1])  # the device had completed one of them
+        t.devices[0].publish_used()
+        assert dev.poll() == []  # nothing new: that request failed already
+        assert sorted(dev._free_slots[0]) == free and dev.in_flight == 0
+        with pytest.raises(OSError, match="Broken pipe"):
+            reqs[1].wait()

@@ -723,7 +723,14 @@ class BlkDevice:
         slot_status = self._slot_status
         bounce_off = self._bounce_off
         max_io = self.max_io
+        stale: list[BlkRequest] = []
         for req, written in got:
+            if req.error is not None:
+                # Failed when its transport did (_fail_all), which freed the slot; the
+                # device still wrote its completion.  Freeing the slot again would hand
+                # it out twice.
+                stale.append(req)
+                continue
             slot = req.slot
             status = mem[slot_status[slot]]
             req.written = written
@@ -734,8 +741,12 @@ class BlkDevice:
                 boff = bounce_off + slot * max_io
                 req.result = bytes(mem[boff : boff + req.nbytes])
             free.append(slot)
-        done.extend(map(_FIRST, got))
-        self._n_in_flight -= len(got)
+        if stale:
+            done.extend(req for req, _ in got if req not in stale)
+            self._n_in_flight -= len(got) - len(stale)
+        else:
+            done.extend(map(_FIRST, got))
+            self._n_in_flight -= len(got)
 
     def _complete_other(self, req: BlkRequest, status: int) -> None:
         """A failed request's error, or GET_ID's string (writes and flushes carry nothing)."""
