@@ -410,3 +410,10 @@ def test_completion_after_transport_failure_does_not_free_a_slot_twice():
         assert sorted(dev._free_slots[0]) == free and dev.in_flight == 0
         with pytest.raises(OSError, match="Broken pipe"):
             reqs[1].wait()
+        # until reconnect(), new requests are refused with the reason, not half-queued
+        for submit in (lambda: dev.submit_read(40, 512),
+                       lambda: dev.submit_read_many([40, 48], 512)):
+            with pytest.raises(QueueStateError, match="reconnect") as info:
+                submit()
+            assert isinstance(info.value.__cause__, OSError)
+        assert dev.in_flight == 0 and sorted(dev._free_slots[0]) == free

@@ -18,7 +18,7 @@ import os
 import struct
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any, Self
+from typing import Any, NoReturn, Self
 
 from virtq.abi import (
     VIRTIO_F_EVENT_IDX,
@@ -175,6 +175,10 @@ class BlkDevice:
         self.poll_mode = poll
         self.max_io = max_io
         self._closed = False
+        # Why submissions are refused (closed, or the transport failed), None while usable:
+        # one check on the submit paths.
+        self._refused: str | None = None
+        self._refused_cause: BaseException | None = None
         try:
             self._setup(queue_size, num_queues, max_segments, indirect, event_idx, start_index)
         except BaseException:
@@ -413,8 +417,8 @@ class BlkDevice:
         temporary tuples, and rewriting descriptors that already say the right thing."""
         if sector.__class__ is not int or not 0 <= sector <= _U64_MAX:
             _check_sector(sector)  # raises, unless an int subclass in range
-        if self._closed:
-            raise QueueStateError("BlkDevice is closed")
+        if self._refused is not None:
+            self._refuse()
         free = self._free_slots[0]
         slot = free.pop() if free and self._single_queue else self._take_slot()
         mem = self._mem
@@ -517,8 +521,8 @@ class BlkDevice:
                 self._check_len(nbytes)
         else:
             nbytes = self._check_buf_batch(into, count)
-        if self._closed:
-            raise QueueStateError("BlkDevice is closed")
+        if self._refused is not None:
+            self._refuse()
         if not (self.indirect and self._single_queue):
             return self._submit_each(VIRTIO_BLK_T_IN, sectors, nbytes, into)
         free = self._free_slots[0]
@@ -689,7 +693,15 @@ class BlkDevice:
             if isinstance(err, BlkIOError):
                 raise
             self._fail_all(err)
+            if self._refused is None:
+                self._refused = (f"the transport failed ({type(err).__name__}: {err}); "
+                                 "reconnect() before submitting more")
+                self._refused_cause = err
             raise
+
+    def _refuse(self) -> NoReturn:
+        raise QueueStateError(self._refused or "BlkDevice is unusable") \
+            from self._refused_cause
 
     def _arm_wakeup(self, want: int) -> int | None:
         """Re-enable notifications for the ``want`` completions still wanted; the queue to
@@ -853,6 +865,7 @@ class BlkDevice:
         if self._closed:
             return
         self._closed = True
+        self._refused, self._refused_cause = "BlkDevice is closed", None
         self._fail_all(QueueStateError("BlkDevice was closed with the request in flight"))
         mem = getattr(self, "_mem", None)
         if mem is not None:
@@ -888,4 +901,6 @@ class BlkDevice:
         if self.poll_mode:
             for q in self.queues:
                 q.disable_interrupts()
+        if not self._closed:
+            self._refused = self._refused_cause = None
         return count
