@@ -96,6 +96,13 @@ class SplitQueue:
     (``SplitLayout.compute(..., indirect_size=K)``).
     """
 
+    #: Operations replaced by raisers once the queue is closed or broken (subclasses add
+    #: theirs).
+    _guarded: tuple[str, ...] = _GUARDED
+    #: The memoryviews close() releases (subclasses add theirs).
+    _views: tuple[str, ...] = ("_avail", "_used_h", "_used_q", "_desc_w", "_desc_mem",
+                               "_mem_h")
+
     def __init__(
         self,
         region: MemoryRegion,
@@ -180,7 +187,7 @@ class SplitQueue:
         self._state: list[_HeadState | None] = [None] * n
         self._interrupts = True
         self._broken: DeviceError | None = None
-        for name in _GUARDED:
+        for name in self._guarded:
             self.__dict__.pop(name, None)
 
     def reset(self, start_index: int | None = None) -> list[Any]:
@@ -194,7 +201,7 @@ class SplitQueue:
         """
         if self._mem is None:
             raise QueueStateError("queue is closed")
-        lost = [st[0] for st in self._state if st is not None]
+        lost = self.in_flight_tokens()
         self._reset_state(self.next_avail if start_index is None else start_index)
         return lost
 
@@ -214,6 +221,9 @@ class SplitQueue:
         """The tokens of the chains added and not yet reaped (published or not), in head
         order -- for a driver that must fail them when its transport dies."""
         return [st[0] for st in self._state if st is not None]
+
+    def _in_flight_heads(self) -> list[int]:
+        return [h for h, st in enumerate(self._state) if st is not None]
 
     @property
     def broken(self) -> DeviceError | None:
@@ -714,15 +724,14 @@ class SplitQueue:
         def refuse(*args: object, **kwargs: object) -> NoReturn:
             raise make_error()
 
-        for name in _GUARDED:
+        for name in self._guarded:
             setattr(self, name, refuse)
 
     def close(self) -> None:
         """Release the views of the region (idempotent), so the region can be closed."""
         if self._mem is None:
             return
-        for name in ("_avail", "_used_h", "_used_q", "_desc_w",
-                     "_desc_mem", "_mem_h"):
+        for name in self._views:
             getattr(self, name).release()
         self._mem.release()
         self._mem = None  # type: ignore[assignment]
@@ -753,7 +762,7 @@ class SplitQueue:
             "last_used": self.last_used,
             "num_free": self.num_free,
             "num_in_flight": self.num_in_flight,
-            "in_flight_heads": [h for h, st in enumerate(self._state) if st is not None],
+            "in_flight_heads": self._in_flight_heads(),
             "event_idx": self.event_idx,
             "indirect": self.indirect,
             "interrupts": self._interrupts,
