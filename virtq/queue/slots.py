@@ -1,0 +1,306 @@
+"""A split virtqueue of fixed one-buffer slots, made available in ring order (VIRTIO 1.2 §2.7).
+
+Many drivers post the same buffers over and over: a network driver's receive and transmit
+buffers, an entropy driver's, a console's.  For them :class:`SlotQueue` fixes everything a
+general queue has to write and check per chain:
+
+* **Descriptors are written once.**  Descriptor ``d`` is a one-descriptor chain over slot
+  ``d``'s buffer.  Only its ``len`` ever changes, and only for device-readable slots whose
+  content varies in length (a transmitted frame).
+* **The avail ring is written once.**  Slot ``d`` is only ever made available at avail
+  positions ``p`` with ``p mod size == d``, so ``avail.ring[d] = d`` holds forever and making
+  ``k`` slots available is a ``len`` rewrite (if any) and one ``avail.idx`` store.  Placing
+  any head at any position is the driver's choice (§2.7.6); this is one such choice.
+* **An in-order completion is checked in one comparison.**  A device that uses buffers in
+  the order they were made available (what devices do with such queues, and what
+  VIRTIO_F_IN_ORDER would promise, §2.7.9 -- not negotiated here) writes
+  ``used.ring[p mod size].id == p mod size``.  The reap reads the ids and lengths of all new
+  elements with one C-level ``tolist()`` each and compares them with that expectation
+  instead of validating element by element.
+
+Nothing is assumed of the device.  If it completes out of order (allowed, §2.7.8), the
+elements are validated one by one (each id must be a slot in flight, each completed once;
+each ``len`` within the slot), the completions are returned at once in used-ring order, and
+the queue stays correct.  What changes is reuse: slots are reused first in, first out, so a
+slot the device completed early is made available again only when the ones submitted before
+it have completed too.  A device that holds one buffer for long therefore delays reuse of
+the others -- use :class:`~virtq.queue.SplitQueue` for such a device.
+
+Trust model as in :mod:`virtq.queue.split`: the driver never reads back descriptors or the
+avail ring (a device that scribbles over them only misleads itself), and every value the
+device writes passes :meth:`SlotQueue.reap` before it is acted on.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from virtq._sys.fence import OBSERVE_BARRIER_NEEDED, observe_barrier
+from virtq.abi import VIRTQ_DESC_F_WRITE
+from virtq.errors import ArgumentError, DeviceProtocolError, QueueFullError, QueueStateError
+from virtq.layout import SplitLayout, distance
+from virtq.memory import MemoryRegion
+from virtq.queue.split import _GUARDED, _PACK_DESC, _U32_LIMIT, _U64_LIMIT, SplitQueue
+from virtq.types import Iova
+
+
+def _refused(name: str) -> Callable[..., NoReturn]:
+    def method(self: SlotQueue, *args: Any, **kwargs: Any) -> NoReturn:
+        raise QueueStateError(f"{name}(): a SlotQueue's descriptors are fixed slots; write "
+                              "the buffers of slots next_slot, next_slot + 1, ... and "
+                              "submit() them")
+    method.__name__ = name
+    return method
+
+
+class SlotQueue(SplitQueue):
+    """A split virtqueue whose ``size`` descriptors are fixed one-buffer slots.
+
+    ``slots`` holds the device address of each slot's buffer (one per descriptor, in
+    descriptor order), each ``slot_size`` bytes; ``writable`` says whether the device writes
+    them (a receive queue) or reads them (a transmit queue).
+
+    Use: write the buffers of slots ``next_slot``, ``next_slot + 1``, ... (mod ``size``),
+    :meth:`submit` how many, :meth:`publish`; later :meth:`reap` the completions.  The
+    general chain API of :class:`SplitQueue` (``add``, ``reserve``, ...) is refused;
+    ``pop_used``/``drain_used`` work and return ``(slot, len)`` pairs.
+    """
+
+    _guarded = (*_GUARDED, "submit", "reap")
+    _views = (*SplitQueue._views, "_used_i")
+
+    def __init__(
+        self,
+        region: MemoryRegion,
+        layout: SplitLayout,
+        *,
+        iova: Iova,
+        slots: Sequence[int],
+        slot_size: int,
+        writable: bool,
+        event_idx: bool = False,
+        start_index: int = 0,
+        strict_len: bool = True,
+    ) -> None:
+        n = layout.queue_size
+        addrs = list(slots)
+        if len(addrs) != n:
+            raise ArgumentError("slots", len(addrs), f"one buffer address per descriptor ({n})")
+        if not isinstance(slot_size, int) or not 0 < slot_size < _U32_LIMIT:
+            raise ArgumentError("slot_size", slot_size, "must be in 1..2**32-1")
+        for addr in addrs:
+            if not isinstance(addr, int) or not 0 <= addr <= _U64_LIMIT - slot_size:
+                raise ArgumentError("slots", addr, "each must be a u64 address with room "
+                                    f"for {slot_size} bytes")
+        self._slot_addrs = addrs
+        self.slot_size = slot_size
+        self.writable = bool(writable)
+        # What the device may report writing into a slot (§2.7.8: used.len counts bytes
+        # written into device-writable buffers; a device-readable slot has none).
+        self._capacity = slot_size if writable else 0
+        # Expected used ids for positions first..first+count-1 (mod size), as one slice
+        # for any first < size and count <= size.
+        self._ids2 = list(range(n)) * 2
+        self._zeros = [0] * n
+        super().__init__(region, layout, iova=iova, event_idx=event_idx, indirect=False,
+                         start_index=start_index, strict_len=strict_len)
+
+    def _reset_state(self, start_index: int) -> None:
+        super()._reset_state(start_index)  # zeroes the rings
+        n = self.size
+        if "_used_i" not in self.__dict__:
+            # used.ring as u32 pairs: [2i] id, [2i + 1] len (struct virtq_used_elem, §2.7.8)
+            used = self.layout.used
+            self._used_i = self._mem[used + 4 : used + 4 + 8 * n].cast("I")
+        flags = VIRTQ_DESC_F_WRITE if self.writable else 0
+        for d, addr in enumerate(self._slot_addrs):
+            _PACK_DESC(self._desc_mem, d << 4, addr, self.slot_size, flags, 0)
+        self._avail[2 : 2 + n] = array("H", range(n))  # avail.ring[d] = d, for good
+        self._free = []  # SplitQueue's free list: every descriptor is a slot
+        # Slots are reused first in, first out: positions front .. next_avail - 1 are taken
+        # (in flight, or completed early while an older one is not), the rest are free.
+        self._front = start_index
+        self._early = bytearray(n)  # 1: completed while an older slot was still in flight
+        self._early_count = 0
+
+    # -- state ----------------------------------------------------------------------------
+
+    @property
+    def num_free(self) -> int:
+        """Slots :meth:`submit` can take now."""
+        return self.size - ((self.next_avail - self._front) & 0xFFFF)
+
+    @property
+    def next_slot(self) -> int:
+        """The slot the next :meth:`submit` makes available first."""
+        return self.next_avail & self._mask
+
+    def in_flight_tokens(self) -> list[Any]:
+        """The slots submitted and not yet reaped, in submission order."""
+        early = self._early
+        mask = self._mask
+        span = distance(self._front, self.next_avail)
+        return [s for s in ((self._front + k) & mask for k in range(span)) if not early[s]]
+
+    def _in_flight_heads(self) -> list[int]:
+        return sorted(self.in_flight_tokens())
+
+    # -- submitting -----------------------------------------------------------------------
+
+    def submit(self, count: int, lengths: Sequence[int] | None = None) -> int:
+        """Make the next ``count`` slots available (visible after :meth:`publish`) and
+        return the first: they are ``next_slot``, ``next_slot + 1``, ... mod ``size``, so
+        write their buffers before.  ``lengths`` (device-readable slots only) sets how many
+        bytes of each the device reads, 1..``slot_size``; without it each keeps the length
+        it had (``slot_size`` to begin with).  All or nothing."""
+        pos = self.next_avail
+        n = self.size
+        free = n - ((pos - self._front) & 0xFFFF)
+        if not isinstance(count, int) or count < 0:
+            raise ArgumentError("count", count, "must be an int >= 0")
+        if count > free:
+            raise QueueFullError(count, free)
+        first = pos & self._mask
+        if lengths is not None:
+            self._write_lengths(first, count, lengths)
+        self.next_avail = (pos + count) & 0xFFFF
+        return first
+
+    def _write_lengths(self, first: int, count: int, lengths: Sequence[int]) -> None:
+        if self.writable:
+            raise ArgumentError("lengths", "...", "only device-readable slots take lengths "
+                                "(a writable slot's capacity is checked against used.len)")
+        if len(lengths) != count:
+            raise ArgumentError("lengths", len(lengths), f"one per slot ({count})")
+        if not count:
+            return
+        try:
+            ok = min(lengths) > 0 and max(lengths) <= self.slot_size
+            values = array("I", lengths)
+        except (TypeError, OverflowError):
+            ok = False
+        if not ok:
+            bad = next(x for x in lengths
+                       if not isinstance(x, int) or not 0 < x <= self.slot_size)
+            raise ArgumentError("lengths", bad, f"must be ints in 1..{self.slot_size}")
+        # virtq_desc.len is u32 [4d + 2] of the table (§2.7.5): a strided store per run.
+        desc_w = self._desc_w
+        end = first + count
+        if end <= self.size:
+            desc_w[4 * first + 2 : 4 * end + 2 : 4] = values
+        else:
+            k = self.size - first
+            desc_w[4 * first + 2 :: 4] = values[:k]
+            desc_w[2 : 4 * (count - k) + 2 : 4] = values[k:]
+
+    # The general chain API does not apply: descriptors and avail entries are fixed.
+    add = _refused("add")
+    add_many = _refused("add_many")
+    add_reserved = _refused("add_reserved")
+    add_reserved_many = _refused("add_reserved_many")
+    reserve = _refused("reserve")
+    set_desc = _refused("set_desc")
+
+    # -- reaping --------------------------------------------------------------------------
+
+    def reap(self, limit: int | None = None) -> tuple[list[int], list[int]]:
+        """The slots the device completed since the last reap (at most ``limit``), in
+        used-ring order, and the bytes it wrote into each (``used.len``, validated against
+        the slot: 0 for a device-readable slot).  ``([], [])`` when there are none."""
+        if limit is not None and (not isinstance(limit, int) or limit < 1):
+            raise ArgumentError("limit", limit, "must be an int >= 1 (or None: all)")
+        used_idx = self._used_h[1]
+        last_used = self.last_used
+        count = (used_idx - last_used) & 0xFFFF
+        if not count:
+            return [], []
+        published = self.published
+        # used.idx may run ahead of last_used by at most the number of published chains.
+        if count > ((published - last_used) & 0xFFFF):
+            self._fail(DeviceProtocolError(
+                "used.idx", used_idx,
+                f"at most {distance(last_used, published)} ahead of last_used "
+                f"{last_used:#x} (published avail.idx {published:#x})"), [])
+        if limit is not None and count > limit:
+            count = limit
+        # Read the elements only after the index that announced them (§2.7.14).
+        if OBSERVE_BARRIER_NEEDED:
+            observe_barrier()
+        n = self.size
+        first = last_used & self._mask
+        end = first + count
+        if not self.writable and not self._early_count:
+            # A device-readable slot completes with len 0, so an in-order element, read as
+            # one u64 (id | len << 32), equals its slot number: one list comparison checks
+            # ids and lengths together.
+            if end <= n:
+                elems = self._used_q[first:end].tolist()
+            else:
+                elems = self._used_q[first:].tolist() + self._used_q[: end - n].tolist()
+            if elems == self._ids2[first:end]:
+                self._front = self.last_used = (last_used + count) & 0xFFFF
+                return elems, self._zeros[:count]
+        used_i = self._used_i
+        if end <= n:
+            slots = used_i[2 * first : 2 * end : 2].tolist()
+            lens = used_i[2 * first + 1 : 2 * end + 1 : 2].tolist()
+        else:
+            wrap = 2 * (end - n)
+            slots = used_i[2 * first :: 2].tolist() + used_i[0:wrap:2].tolist()
+            lens = used_i[2 * first + 1 :: 2].tolist() + used_i[1:wrap:2].tolist()
+        # In order: with no early completion pending, front == last_used, and positions
+        # last_used .. last_used + count - 1 are published and in flight; element k must
+        # then name the slot made available at position last_used + k.
+        if (not self._early_count and slots == self._ids2[first:end]
+                and (max(lens) <= self._capacity or not self.strict_len)):
+            self._front = self.last_used = (last_used + count) & 0xFFFF
+            return slots, lens
+        return self._reap_one_by_one(slots, lens)
+
+    def _reap_one_by_one(self, slots: list[int], lens: list[int]) -> tuple[list[int], list[int]]:
+        """Validate each element (out-of-order completion, or a bad one to name)."""
+        n = self.size
+        mask = self._mask
+        early = self._early
+        front = self._front
+        # Slots at positions front .. published - 1 were published and are in flight unless
+        # they completed early (a device may not complete one it was never given, nor one
+        # twice).
+        span = (self.published - front) & 0xFFFF
+        cap = self._capacity
+        strict = self.strict_len
+        for k, (slot, length) in enumerate(zip(slots, lens, strict=True)):
+            if slot >= n or ((slot - front) & mask) >= span or early[slot]:
+                self._fail_at(k, "id", slot,
+                              f"a published slot not yet completed (queue size {n})",
+                              list(zip(slots[:k], lens[:k], strict=True)))
+            if length > cap and strict:
+                what = "writable bytes" if self.writable else "device-writable bytes (none)"
+                self._fail_at(k, "len", length, f"<= {cap}, the {what} of slot {slot}",
+                              list(zip(slots[:k], lens[:k], strict=True)))
+            early[slot] = 1
+            self._early_count += 1
+        # Reuse is first in, first out: the front moves past every completed slot.
+        while self._early_count and early[front & mask]:
+            early[front & mask] = 0
+            self._early_count -= 1
+            front = (front + 1) & 0xFFFF
+        self._front = front
+        self.last_used = (self.last_used + len(slots)) & 0xFFFF
+        return slots, lens
+
+    def pop_used(self) -> tuple[Any, int] | None:
+        slots, lens = self.reap(1)
+        return (slots[0], lens[0]) if slots else None
+
+    def drain_used(self) -> list[tuple[Any, int]]:
+        slots, lens = self.reap()
+        return list(zip(slots, lens, strict=True))
+
+    def describe(self) -> str:
+        return super().describe().replace("SplitQueue", "SlotQueue", 1)
+
+
+
