@@ -18,12 +18,10 @@ from virtq.abi import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSI
 from virtq.devices import BlkDevice, DmaBuffer
 from virtq.devices.blk import VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_T_IN, BlkRequest
 from virtq.errors import ArgumentError, DeviceProtocolError, QueueFullError, QueueStateError
-from virtq.memory import MemfdRegion
-from virtq.queue import SplitQueue
-from virtq.testing import DeviceQueue, HostileDevice
+from virtq.testing import HostileDevice
 from virtq.testing.device import Segment
-from virtq.transport.base import DmaArena
-from virtq.types import Iova
+
+from .loopback import LoopbackTransport as Loopback
 
 CAPACITY = 1 << 16  # sectors
 
@@ -33,70 +31,15 @@ def sector_bytes(sector: int, nbytes: int) -> bytes:
     return b"".join(bytes([(sector + i) % 251]) * 512 for i in range(nbytes // 512))
 
 
-class LoopbackTransport:
-    """The Transport protocol over memfd memory, with a DeviceQueue per queue that the test
-    serves by hand (notify/wait do nothing)."""
+class LoopbackTransport(Loopback):
+    """A virtio-blk device of CAPACITY sectors with one queue, served by hand."""
 
     def __init__(self, *, indirect: bool = True) -> None:
-        self.features = (1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_EVENT_IDX
-                         | 1 << VIRTIO_BLK_F_FLUSH
-                         | (1 << VIRTIO_F_INDIRECT_DESC if indirect else 0))
-        self.arenas: list[DmaArena] = []
-        self.queues: list[SplitQueue] = []
-        self.devices: list[DeviceQueue] = []
-
-    @property
-    def device_features(self) -> int:
-        return self.features
-
-    def negotiate(self, wanted: int) -> int:
-        self.features &= wanted | 1 << VIRTIO_F_VERSION_1
-        return self.features
-
-    def num_queues(self) -> int:
-        return 1
-
-    def max_queue_size(self, index: int) -> int:
-        return 256 if index == 0 else 0
-
-    def read_config(self, offset: int, size: int) -> bytes:
-        return struct.pack("<Q", CAPACITY).ljust(64, b"\0")[offset : offset + size]
-
-    def alloc_dma(self, nbytes: int) -> DmaArena:
-        region = MemfdRegion(-(-nbytes // 4096) * 4096)
-        arena = DmaArena(region, Iova(0x1000_0000 * (len(self.arenas) + 1)))
-        self.arenas.append(arena)
-        # The device must reach buffers allocated after the queues: map them too.
-        for i, old in enumerate(self.devices):
-            self.devices[i] = self._device(self.queues[i], old.last_avail)
-            old.close()
-        return arena
-
-    def _device(self, queue: SplitQueue, start: int | None) -> DeviceQueue:
-        regions = [(a.iova, a.region) for a in self.arenas[1:]]
-        return DeviceQueue(queue.region, queue.layout, iova=queue.iova,
-                           event_idx=queue.event_idx, start_index=start, regions=regions)
-
-    def attach_queue(self, index: int, queue: SplitQueue) -> None:
-        self.queues.append(queue)
-        self.devices.append(self._device(queue, None))
-
-    def start(self) -> None:
-        pass
-
-    def notify(self, index: int) -> None:
-        pass
-
-    def wait(self, index: int, timeout: float | None) -> bool:
-        return False
-
-    def close(self) -> None:
-        for d in self.devices:
-            d.close()
-        for q in self.queues:
-            q.close()
-        for a in self.arenas:
-            a.region.close()
+        super().__init__(
+            features=(1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_EVENT_IDX
+                      | 1 << VIRTIO_BLK_F_FLUSH
+                      | (1 << VIRTIO_F_INDIRECT_DESC if indirect else 0)),
+            queue_sizes=[256], config=struct.pack("<Q", CAPACITY).ljust(64, b"\0"))
 
     # -- the device, step by step ---------------------------------------------------------
 
