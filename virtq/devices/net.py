@@ -34,11 +34,11 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any, NoReturn, Self
 
-from virtq.abi import VIRTIO_F_EVENT_IDX, VIRTQ_DESC_F_WRITE
+from virtq.abi import VIRTIO_F_EVENT_IDX
 from virtq.errors import ArgumentError, DeviceProtocolError, QueueStateError, VirtqError
 from virtq.iova import IovaAllocator
 from virtq.layout import SplitLayout, align_up
-from virtq.queue import SplitQueue
+from virtq.queue import SlotQueue
 from virtq.transport.base import DmaArena, Transport
 from virtq.transport.errors import DeviceRefusedError, TransportError
 from virtq.transport.vhost_user import VhostUserTransport
@@ -134,32 +134,32 @@ class NetDevice:
         self.arena: DmaArena = t.alloc_dma(tx_off + size * bs)
         self._mem = self.arena.region.view()
         ev = bool(self.features >> VIRTIO_F_EVENT_IDX & 1)
-        self.rxq = SplitQueue(self.arena.region, layout, iova=self.arena.iova, event_idx=ev)
-        self.txq = SplitQueue(self.arena.region, layout.shifted(ring_bytes),
-                              iova=self.arena.iova, event_idx=ev)
+        # Both queues are fixed slots (SlotQueue): descriptor d <-> buffer d, written once,
+        # and slot d only ever at avail positions = d mod size, so the avail ring is written
+        # once too.  Receiving re-posts the buffers just read; transmitting rewrites only
+        # each slot's length.
+        addr = self.arena.addr
+        self.rxq = SlotQueue(self.arena.region, layout, iova=self.arena.iova, event_idx=ev,
+                             slots=[addr(rx_off + d * bs) for d in range(size)],
+                             slot_size=bs, writable=True)
+        self.txq = SlotQueue(self.arena.region, layout.shifted(ring_bytes),
+                             iova=self.arena.iova, event_idx=ev,
+                             slots=[addr(tx_off + d * bs) for d in range(size)],
+                             slot_size=bs, writable=False)
         self.queue_size = size
-        # Per-slot addresses, precomputed: one list index per packet on the hot paths.
-        self._tx_starts = [tx_off + slot * bs + NET_HDR_SIZE for slot in range(size)]
+        # Where each slot's frame starts (just past its header), listed twice so that the
+        # slots of one submission, first .. first + k - 1 mod size, are one slice.
+        self._tx_starts = [tx_off + slot * bs + NET_HDR_SIZE for slot in range(size)] * 2
         self._rx_starts = [rx_off + slot * bs + NET_HDR_SIZE for slot in range(size)]
         # The transmit header is always zero and the device never writes device-readable
         # buffers (§2.7.4), so each slot's header is written once, here.
         self._mem[tx_off : tx_off + size * bs] = bytes(size * bs)
-        self._tx_free = list(range(size - 1, -1, -1))
-        # Transmit descriptors are reserved too: descriptor d <-> buffer d, written once;
-        # a send rewrites only each descriptor's len (add_reserved_many).
-        for d in self.txq.reserve(size):
-            self.txq.set_desc(d, self.arena.addr(tx_off + d * bs), bs, 0, 0)
-        # A receive buffer is always re-posted as the same one-descriptor chain, so every
-        # receiveq descriptor is reserved and written once: descriptor d <-> buffer d, and
-        # re-posting writes only the avail ring.
-        for d in self.rxq.reserve(size):
-            self.rxq.set_desc(d, self.arena.addr(rx_off + d * bs), bs, VIRTQ_DESC_F_WRITE, 0)
         self._rx_ready: deque[bytes] = deque()
         t.attach_queue(RX_QUEUE, self.rxq)
         t.attach_queue(TX_QUEUE, self.txq)
         # Fill the receiveq before DRIVER_OK: a device may deliver as soon as it runs
         # (§5.1.5 step 3, "fill the receive queues with buffers").
-        self.rxq.add_reserved_many(range(size), capacity=bs)
+        self.rxq.submit(size)
         self.rxq.publish()
         # Transmit completions are reaped on the next send, never waited for eagerly.
         self.txq.disable_interrupts()
@@ -213,10 +213,11 @@ class NetDevice:
                    timeout: float | None = None) -> int:
         """Queue ``frames`` in order, publishing each run that fits the ring with one index
         store and at most one notification.  Blocks while the ring is full (at most
-        ``timeout`` seconds in all, then :class:`NetTimeoutError`); returns how many were
-        queued (all of them)."""
-        self._check_open()
-        if not isinstance(frames, list | tuple):
+        ``timeout`` seconds in all, counted from the first wait, then
+        :class:`NetTimeoutError`); returns how many were queued (all of them)."""
+        if self._closed:
+            self._check_open()
+        if type(frames) is not list and type(frames) is not tuple:
             frames = list(frames)
         total = len(frames)
         if not total:
@@ -229,35 +230,31 @@ class NetDevice:
             n = next(n for n in lens if not lo <= n <= hi)
             raise ArgumentError("frame", f"<{n} bytes>",
                                 f"must be {lo}..{hi} bytes (buffer_size - 12)")
-        deadline = None if timeout is None else time.monotonic() + timeout
+        # Descriptor lengths: zero header + frame, one device-readable buffer (§5.1.6.2).
+        dlens = [n + NET_HDR_SIZE for n in lens]
+        # The clock starts at the first wait for room (reading it costs every call).
+        deadline: float | None = None
         txq = self.txq
-        free = self._tx_free
         mem = self._mem
         starts = self._tx_starts
         sent = 0
         while sent < total:
-            done = txq.drain_used()
-            if done:
-                free.extend([slot for slot, _ in done])
-            if not free:
+            txq.reap()  # completed transmit slots become free (first in, first out)
+            k = min(txq.num_free, total - sent)
+            if not k:
+                if deadline is None and timeout is not None:
+                    deadline = time.monotonic() + timeout
                 self._wait_tx_room(deadline, sent)
                 continue
-            k = min(len(free), total - sent)
-            slots = free[-k:]
-            del free[-k:]
-            chunk_lens = lens[sent : sent + k]
-            for slot, frame, n in zip(slots, frames[sent : sent + k], chunk_lens, strict=True):
-                start = starts[slot]
+            first = txq.next_slot
+            end = sent + k
+            for start, frame, n in zip(starts[first : first + k], frames[sent:end],
+                                       lens[sent:end], strict=True):
                 mem[start : start + n] = frame
-            try:
-                # One device-readable descriptor per frame: zero header + frame (§5.1.6.2).
-                txq.add_reserved_many(slots, [NET_HDR_SIZE + n for n in chunk_lens])
-            except BaseException:
-                free.extend(slots)
-                raise
+            txq.submit(k, dlens[sent:end])
             if txq.publish():
                 self.transport.notify(TX_QUEUE)
-            sent += k
+            sent = end
         self.tx_packets += total
         self.tx_bytes += sum(lens)
         return total
@@ -288,14 +285,13 @@ class NetDevice:
     def reclaim(self) -> int:
         """Reap completed transmit buffers now (``send`` also does it); returns how many."""
         self._check_open()
-        done = self.txq.drain_used()
-        self._tx_free.extend([slot for slot, _ in done])
-        return len(done)
+        slots, _ = self.txq.reap()
+        return len(slots)
 
     @property
     def tx_in_flight(self) -> int:
         """Transmit buffers the device has not completed (or that are not reaped yet)."""
-        return self.queue_size - len(self._tx_free)
+        return self.txq.num_in_flight
 
     # -- receive --------------------------------------------------------------------------
 
@@ -361,35 +357,36 @@ class NetDevice:
         """Copy every completed receive buffer out (header stripped) and re-post the
         buffers with one publish."""
         rxq = self.rxq
-        done = rxq.drain_used()
-        if not done:
+        slots, lens = rxq.reap()
+        if not slots:
             return []
         mem = self._mem
         starts = self._rx_starts  # of each buffer's frame, just past its header
-        # used.len is every byte written, header included (§2.7.8); SplitQueue already
+        # used.len is every byte written, header included (§2.7.8); the queue already
         # checked it is <= buffer_size.
         frames = [mem[starts[slot] : starts[slot] + length - NET_HDR_SIZE].tobytes()
-                  for slot, length in done]
-        # Re-post the same buffers (descriptor d <-> buffer d; the token is the head).
-        rxq.add_reserved_many([slot for slot, _ in done], capacity=self.buffer_size)
+                  for slot, length in zip(slots, lens, strict=True)]
+        # Re-post every free buffer: the ones just read (all of them, unless the device
+        # completed out of order and an older one is still out).
+        rxq.submit(rxq.num_free)
         if rxq.publish():
             self.transport.notify(RX_QUEUE)
-        if min([length for _, length in done]) < NET_HDR_SIZE:
-            return self._drop_short(done, frames)
+        if min(lens) < NET_HDR_SIZE:
+            return self._drop_short(slots, lens, frames)
         self.rx_packets += len(frames)
         self.rx_bytes += sum(map(len, frames))
         return frames
 
-    def _drop_short(self, done: list[tuple[Any, int]], frames: list[bytes]) -> NoReturn:
+    def _drop_short(self, slots: list[int], lens: list[int], frames: list[bytes]) -> NoReturn:
         """The device wrote less than a header into some buffer (every received packet
         starts with one, §5.1.6.4): keep the good frames for the next receive, then raise.
         num_buffers is not checked: without MRG_RXBUF DPDK leaves it as the buffer had it."""
-        good = [f for f, (_, length) in zip(frames, done, strict=True)
-                if length >= NET_HDR_SIZE]
+        good = [f for f, length in zip(frames, lens, strict=True) if length >= NET_HDR_SIZE]
         self._rx_ready.extend(good)
         self.rx_packets += len(good)
         self.rx_bytes += sum(map(len, good))
-        slot, length = next((s, n) for s, n in done if n < NET_HDR_SIZE)
+        slot, length = next((s, n) for s, n in zip(slots, lens, strict=True)
+                            if n < NET_HDR_SIZE)
         raise DeviceProtocolError(
             f"receiveq used.len of buffer {slot}", length,
             f">= {NET_HDR_SIZE} (the virtio_net_hdr precedes every frame)")
