@@ -53,14 +53,14 @@ class Rig:
 
 
 @pytest.fixture
-def tx():
+def tx(no_leaks: None):
     rig = Rig(writable=False)
     yield rig
     rig.close()
 
 
 @pytest.fixture
-def rx():
+def rx(no_leaks: None):
     rig = Rig(writable=True)
     yield rig
     rig.close()
@@ -285,6 +285,7 @@ def test_pop_used_drain_used_and_reset_rewrites_the_rings(tx: Rig) -> None:
     assert q.snapshot()["in_flight_heads"] == [4, 5]
 
 
+@pytest.mark.usefixtures("no_leaks")
 def test_close_releases_the_region() -> None:
     rig = Rig(writable=True)
     rig.q.submit(2)
