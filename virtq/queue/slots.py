@@ -12,8 +12,8 @@ general queue has to write and check per chain:
   ``k`` slots available is a ``len`` rewrite (if any) and one ``avail.idx`` store.  Placing
   any head at any position is the driver's choice (§2.7.6); this is one such choice.
 * **An in-order completion is checked in one comparison.**  A device that uses buffers in
-  the order they were made available (what devices do with such queues, and what
-  VIRTIO_F_IN_ORDER would promise, §2.7.9 -- not negotiated here) writes
+  the order they were made available (DPDK's vhost does for these queues; it is what
+  VIRTIO_F_IN_ORDER would promise, §2.7.9, which is not negotiated here) writes
   ``used.ring[p mod size].id == p mod size``.  The reap reads the ids and lengths of all new
   elements with one C-level ``tolist()`` each and compares them with that expectation
   instead of validating element by element.
