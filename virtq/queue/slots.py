@@ -298,9 +298,3 @@ class SlotQueue(SplitQueue):
     def drain_used(self) -> list[tuple[Any, int]]:
         slots, lens = self.reap()
         return list(zip(slots, lens, strict=True))
-
-    def describe(self) -> str:
-        return super().describe().replace("SplitQueue", "SlotQueue", 1)
-
-
-

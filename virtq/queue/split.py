@@ -783,8 +783,9 @@ class SplitQueue:
         """A human-readable dump of the driver state and the live rings."""
         snap = self.snapshot()
         lines = [
-            f"SplitQueue size={self.size} desc@{self.desc_iova:#x} avail@{self.avail_iova:#x} "
-            f"used@{self.used_iova:#x} event_idx={self.event_idx} indirect={self.indirect}",
+            f"{type(self).__name__} size={self.size} desc@{self.desc_iova:#x} "
+            f"avail@{self.avail_iova:#x} used@{self.used_iova:#x} event_idx={self.event_idx} "
+            f"indirect={self.indirect}",
             f"  driver: next_avail={snap['next_avail']:#06x} published={snap['published']:#06x} "
             f"last_used={snap['last_used']:#06x} free={snap['num_free']} "
             f"in_flight={snap['num_in_flight']} broken={snap['broken']}",
