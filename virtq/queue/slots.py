@@ -42,7 +42,14 @@ from virtq.abi import VIRTQ_DESC_F_WRITE
 from virtq.errors import ArgumentError, DeviceProtocolError, QueueFullError, QueueStateError
 from virtq.layout import SplitLayout, distance
 from virtq.memory import MemoryRegion
-from virtq.queue.split import _GUARDED, _PACK_DESC, _U32_LIMIT, _U64_LIMIT, SplitQueue
+from virtq.queue.split import (
+    _GUARDED,
+    _PACK_DESC,
+    _U32_LIMIT,
+    _U64_LIMIT,
+    SplitQueue,
+    _ring_run,
+)
 from virtq.types import Iova
 
 
@@ -235,21 +242,12 @@ class SlotQueue(SplitQueue):
             # A device-readable slot completes with len 0, so an in-order element, read as
             # one u64 (id | len << 32), equals its slot number: one list comparison checks
             # ids and lengths together.
-            if end <= n:
-                elems = self._used_q[first:end].tolist()
-            else:
-                elems = self._used_q[first:].tolist() + self._used_q[: end - n].tolist()
+            elems = _ring_run(self._used_q, first, count, n)
             if elems == self._ids2[first:end]:
                 self._front = self.last_used = (last_used + count) & 0xFFFF
                 return elems, self._zeros[:count]
-        used_i = self._used_i
-        if end <= n:
-            slots = used_i[2 * first : 2 * end : 2].tolist()
-            lens = used_i[2 * first + 1 : 2 * end + 1 : 2].tolist()
-        else:
-            wrap = 2 * (end - n)
-            slots = used_i[2 * first :: 2].tolist() + used_i[0:wrap:2].tolist()
-            lens = used_i[2 * first + 1 :: 2].tolist() + used_i[1:wrap:2].tolist()
+        slots = _ring_run(self._used_i, first, count, n, step=2)
+        lens = _ring_run(self._used_i, first, count, n, step=2, offset=1)
         # In order: with no early completion pending, front == last_used, and positions
         # last_used .. last_used + count - 1 are published and in flight; element k must
         # then name the slot made available at position last_used + k.

@@ -619,11 +619,7 @@ class SplitQueue:
         out: list[tuple[Any, int]] = []
         # The elements as ints, in one C call per contiguous run of the ring: each is id
         # and len in one 8-byte load (both written before used.idx).
-        first = last_used & mask
-        if first + count <= n:
-            elems = used_q[first : first + count].tolist()
-        else:
-            elems = used_q[first:].tolist() + used_q[: first + count - n].tolist()
+        elems = _ring_run(used_q, last_used & mask, count, n)
         for elem in elems:
             head = elem & 0xFFFFFFFF
             try:
@@ -845,6 +841,19 @@ class SplitRingView:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _ring_run(view: memoryview, first: int, count: int, n: int, *, step: int = 1,
+             offset: int = 0) -> list[int]:
+    """Entries ``first .. first + count - 1`` (mod ``n``) of a ring held in ``view`` as a
+    list, in one C-level ``tolist()`` per contiguous run (two when the run crosses the
+    ring's end).  Entry ``i`` is ``view[step * i + offset]``: ``step=2`` picks one field of
+    two-field elements (used.ring as u32 pairs: id at offset 0, len at offset 1)."""
+    end = first + count
+    if end <= n:
+        return view[step * first + offset : step * end + offset : step].tolist()
+    return (view[step * first + offset :: step].tolist()
+            + view[offset : step * (end - n) + offset : step].tolist())
 
 
 def _flag_names(flags: int) -> str:
