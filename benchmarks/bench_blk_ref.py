@@ -8,7 +8,7 @@ in flight, in rotating order:
 
 - ``naive``: naive_blk.py, struct + os over the same vhost-user control plane, one request
   at a time, waking for every completion;
-- ``virtq eventfd``: ``virtq.bench_blk.run_depth`` waking for every completion, the same
+- ``virtq eventfd``: ``virtq.cli.bench_blk.run_depth`` waking for every completion, the same
   strategy as naive;
 - ``virtq batch``: the same, sleeping until 3/8 of the depth has completed
   (``poll(min_completions=)``).
@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from naive_blk import run_naive
 
-from virtq.bench_blk import filesystem_type, make_bench_image, run_depth
-from virtq.testing.backends import QemuStorageDaemon
+from virtq.cli.bench_blk import filesystem_type, make_bench_image, run_depth
+from virtq.testing.runners import QemuStorageDaemon
 
 WHO = ("naive", "virtq eventfd", "virtq batch")
 

@@ -19,7 +19,7 @@ missing headers", "vu_panic: Virtqueue size exceeded") and reports heads that ar
 flight.  Descriptors, ring entries, headers and used elements are not shared at the
 moment they are written or read, so struct is fine for them.
 
-``run_naive`` does the same work as :func:`virtq.bench_blk.run_depth` in eventfd mode (same
+``run_naive`` does the same work as :func:`virtq.cli.bench_blk.run_depth` in eventfd mode (same
 targets, same warm-up, same latency bookkeeping, same CPU accounting, the data left in the
 request's buffer or, with ``copy``, copied out into ``bytes``) and returns the same keys.
 It submits one request at a time and wakes for every completion: what a first stdlib
@@ -37,7 +37,7 @@ from pathlib import Path
 import psutil
 
 from virtq.abi import VIRTIO_F_EVENT_IDX
-from virtq.bench_blk import IMAGE_BYTES, _progress, bench_row
+from virtq.cli.bench_blk import IMAGE_BYTES, _progress, bench_row
 from virtq.layout import SplitLayout
 from virtq.queue import SplitQueue
 from virtq.transport.vhost_user.transport import VhostUserTransport
@@ -193,7 +193,7 @@ class NaiveBlk:
 def run_naive(socket_path: Path, depth: int, seconds: float, *,
               backend_pid: int | None = None, label: str = "naive",
               copy: bool = False) -> dict[str, float]:
-    """:func:`virtq.bench_blk.run_depth` (eventfd mode) with the plain front-end: keep
+    """:func:`virtq.cli.bench_blk.run_depth` (eventfd mode) with the plain front-end: keep
     ``depth`` random 4 KiB reads in flight for ``seconds``; ``copy`` returns each read's
     data as ``bytes``, otherwise it stays in the request's buffer (as virtq's zero-copy
     reads)."""

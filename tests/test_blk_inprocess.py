@@ -15,13 +15,13 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from virtq.abi import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1
+from virtq.abi.blk import VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_T_IN
 from virtq.devices import BlkDevice, DmaBuffer
-from virtq.devices.blk import VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_T_IN, BlkRequest
+from virtq.devices.blk import BlkRequest
 from virtq.errors import ArgumentError, DeviceProtocolError, QueueFullError, QueueStateError
 from virtq.testing import HostileDevice
 from virtq.testing.device import Segment
-
-from .loopback import LoopbackTransport as Loopback
+from virtq.testing.loopback import LoopbackTransport as Loopback
 
 CAPACITY = 1 << 16  # sectors
 

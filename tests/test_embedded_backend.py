@@ -1,4 +1,4 @@
-"""The embedded vhost-user-blk back-end (virtq.testing.backend) against BlkDevice.
+"""The embedded vhost-user-blk back-end (virtq.testing.embedded) against BlkDevice.
 
 Two things are tested at once: the back-end serves a file correctly (so the demo can use it
 when qemu-storage-daemon is absent), and virtq's front-end survives every fault the
@@ -20,19 +20,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from virtq.devices.blk import (
-    VIRTIO_BLK_S_IOERR,
-    VIRTIO_BLK_S_OK,
-    VIRTIO_BLK_T_IN,
-    BlkDevice,
-)
+from virtq.abi.blk import VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN
+from virtq.devices.blk import BlkDevice
 from virtq.devices.errors import BlkIOError
 from virtq.errors import ArgumentError, DeviceProtocolError, QueueStateError
 from virtq.iova import BumpAllocator
 from virtq.memory import MemfdRegion
 from virtq.testing import BackendProcess, Faults, VhostUserBlkBackend
-from virtq.testing.backend import FrontendProtocolError
-from virtq.testing.backends import make_image, sector_pattern
+from virtq.testing.embedded import FrontendProtocolError
+from virtq.testing.runners import make_image, sector_pattern
 from virtq.transport.vhost_user import (
     VhostUserConnectError,
     VhostUserDisconnectedError,

@@ -11,19 +11,11 @@ from collections.abc import Iterator
 import pytest
 
 from virtq.abi import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1
-from virtq.devices.net import (
-    NET_HDR_SIZE,
-    RX_QUEUE,
-    TX_QUEUE,
-    VIRTIO_NET_F_MAC,
-    NetDevice,
-    NetTimeoutError,
-    build_frame,
-)
+from virtq.abi.net import NET_HDR_SIZE, RX_QUEUE, TX_QUEUE, VIRTIO_NET_F_MAC
+from virtq.devices.net import NetDevice, NetTimeoutError, build_frame
 from virtq.errors import ArgumentError, DeviceProtocolError, QueueStateError
 from virtq.testing import DeviceQueue
-
-from .loopback import LoopbackTransport
+from virtq.testing.loopback import LoopbackTransport
 
 MAC = bytes.fromhex("020000abcdef")
 SIZE = 16

@@ -14,7 +14,7 @@ import pytest
 from virtq.devices import BlkDevice, BlkIOError
 from virtq.errors import ArgumentError
 from virtq.iova import BumpAllocator, IdentityAllocator
-from virtq.testing.backends import QemuStorageDaemon, sector_pattern
+from virtq.testing.runners import QemuStorageDaemon, sector_pattern
 from virtq.transport.vhost_user import (
     VhostUserConnectError,
     VhostUserDisconnectedError,

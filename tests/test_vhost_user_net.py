@@ -18,10 +18,11 @@ from typing import Any
 
 import pytest
 
+from virtq.abi.net import MIN_RX_BUFFER, NET_HDR_SIZE
 from virtq.devices import NetDevice, NetTimeoutError
-from virtq.devices.net import MIN_RX_BUFFER, NET_HDR_SIZE, build_frame
+from virtq.devices.net import build_frame
 from virtq.errors import ArgumentError, LayoutError, QueueStateError, VirtqError
-from virtq.testing.backends import BackendError
+from virtq.testing.runners import BackendError
 from virtq.testing.testpmd import TestPmd
 from virtq.transport.vhost_user import (
     VhostUserConnectError,

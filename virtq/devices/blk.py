@@ -27,6 +27,23 @@ from virtq.abi import (
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
 )
+from virtq.abi.blk import (
+    SECTOR_SIZE,
+    VIRTIO_BLK_F_BLK_SIZE,
+    VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_F_SIZE_MAX,
+    VIRTIO_BLK_F_TOPOLOGY,
+    VIRTIO_BLK_ID_BYTES,
+    VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID,
+    VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+)
 from virtq.devices.dma import DmaBuffer
 from virtq.devices.errors import BlkIOError, BlkUnsupportedError
 from virtq.errors import (
@@ -43,28 +60,6 @@ from virtq.transport.base import DmaArena, Transport
 from virtq.transport.errors import DeviceRefusedError
 from virtq.transport.vfio_pci import VfioPciTransport
 from virtq.transport.vhost_user import VhostUserTransport
-
-SECTOR_SIZE = 512
-
-# Feature bits (§5.2.3)
-VIRTIO_BLK_F_SIZE_MAX = 1
-VIRTIO_BLK_F_SEG_MAX = 2
-VIRTIO_BLK_F_GEOMETRY = 4
-VIRTIO_BLK_F_RO = 5
-VIRTIO_BLK_F_BLK_SIZE = 6
-VIRTIO_BLK_F_FLUSH = 9
-VIRTIO_BLK_F_TOPOLOGY = 10
-VIRTIO_BLK_F_MQ = 12
-
-# Request types and status (§5.2.6)
-VIRTIO_BLK_T_IN = 0
-VIRTIO_BLK_T_OUT = 1
-VIRTIO_BLK_T_FLUSH = 4
-VIRTIO_BLK_T_GET_ID = 8
-VIRTIO_BLK_S_OK = 0
-VIRTIO_BLK_S_IOERR = 1
-VIRTIO_BLK_S_UNSUPP = 2
-VIRTIO_BLK_ID_BYTES = 20
 
 # The request header (type, reserved, sector) and the status byte after it (poisoned, see
 # _STATUS_POISON) in one store.
@@ -305,7 +300,7 @@ class BlkDevice:
         **options: Any,
     ) -> Self:
         """Connect to a vhost-user-blk back-end (qemu-storage-daemon, the embedded
-        :mod:`virtq.testing.backend`, ...) listening on ``path``."""
+        :mod:`virtq.testing.embedded`, ...) listening on ``path``."""
         transport = VhostUserTransport.connect(path, timeout=timeout,
                                                iova_allocator=iova_allocator)
         return cls(transport, queue_size=queue_size, num_queues=num_queues, **options)

@@ -28,13 +28,20 @@ only to sleep (§2.7.10); in ``poll`` mode they are never on.
 from __future__ import annotations
 
 import os
-import struct
 import time
 from collections import deque
 from collections.abc import Iterable
 from typing import Any, NoReturn, Self
 
 from virtq.abi import VIRTIO_F_EVENT_IDX
+from virtq.abi.net import (
+    MIN_FRAME,
+    MIN_RX_BUFFER,
+    NET_HDR_SIZE,
+    RX_QUEUE,
+    TX_QUEUE,
+    VIRTIO_NET_F_MAC,
+)
 from virtq.errors import ArgumentError, DeviceProtocolError, QueueStateError, VirtqError
 from virtq.iova import IovaAllocator
 from virtq.layout import SplitLayout, align_up
@@ -43,22 +50,6 @@ from virtq.transport.base import DmaArena, Transport
 from virtq.transport.errors import DeviceRefusedError, TransportError
 from virtq.transport.vhost_user import VhostUserTransport
 
-# Feature bits (§5.1.3) -- the ones this driver may accept.  MAC only lets it read the
-# address; offloads (CSUM, GUEST_*, HOST_*) are never accepted, so headers stay zero.
-VIRTIO_NET_F_MAC = 5
-VIRTIO_NET_F_MRG_RXBUF = 15  # not accepted: every frame must fit one receive buffer
-
-RX_QUEUE = 0
-TX_QUEUE = 1
-#: sizeof(struct virtio_net_hdr) with VERSION_1: num_buffers is always there (only the
-#: legacy interface drops it without MRG_RXBUF, §5.1.6.1).
-NET_HDR_SIZE = 12
-NET_HDR = struct.Struct("<BBHHHHH")
-#: Ethernet header: a frame shorter than this is not a frame.
-MIN_FRAME = 14
-#: §5.1.6.3.1: without MRG_RXBUF (and without GUEST_TSO*/UFO) receive buffers SHOULD hold
-#: at least 1526 bytes: the header plus a 1514-byte frame.
-MIN_RX_BUFFER = NET_HDR_SIZE + 1514
 #: Polling loops look at the transport's socket once per this many empty polls.
 _CHECK_EVERY = 4096
 

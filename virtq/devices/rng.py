@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from typing import Any, Self
 
+from virtq.abi.rng import VIRTIO_ID_ENTROPY
 from virtq.errors import ArgumentError, DeviceError, QueueStateError
 from virtq.iova import IovaAllocator
 from virtq.layout import SplitLayout
@@ -20,7 +21,6 @@ from virtq.queue import SplitQueue
 from virtq.transport.base import Transport
 from virtq.transport.vfio_pci import VfioPciTransport
 
-VIRTIO_ID_ENTROPY = 4
 #: Queue size used when none is asked for: the device's maximum, capped here.
 DEFAULT_MAX_QUEUE = 64
 

@@ -1,8 +1,8 @@
 """Public test helpers: a device-side peer, a hostile device, conformance suites."""
 
-from virtq.testing.backend import BackendProcess, Faults, VhostUserBlkBackend
 from virtq.testing.conformance import check_iova_allocator, check_memory_region
 from virtq.testing.device import DeviceQueue, DriverProtocolError, Segment
+from virtq.testing.embedded import BackendProcess, Faults, VhostUserBlkBackend
 from virtq.testing.hostile import HostileDevice
 from virtq.testing.testpmd import PortStats, TestPmd
 

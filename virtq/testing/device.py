@@ -13,6 +13,7 @@ indirect table where none is allowed raises :class:`DriverProtocolError`.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,7 +62,7 @@ class DeviceQueue:
         iova: int,
         event_idx: bool = False,
         start_index: int | None = None,
-        regions: list[tuple[int, MemoryRegion]] | None = None,
+        regions: Sequence[tuple[int, MemoryRegion]] | None = None,
     ) -> None:
         n = layout.queue_size
         self.size = n

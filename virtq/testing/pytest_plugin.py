@@ -7,13 +7,13 @@ Enable them in a ``conftest.py``::
 Fixtures (each stops its process, by pid, and removes its socket afterwards):
 
 ``virtq_blk_image``
-    a 16 MiB raw image whose sectors carry :func:`~virtq.testing.backends.sector_pattern`.
+    a 16 MiB raw image whose sectors carry :func:`~virtq.testing.runners.sector_pattern`.
 ``virtq_qsd``
-    a running :class:`~virtq.testing.backends.QemuStorageDaemon` exporting that image as
+    a running :class:`~virtq.testing.runners.QemuStorageDaemon` exporting that image as
     vhost-user-blk (``.socket_path``).  Needs the ``qemu-system-common`` package.
 ``virtq_embedded_blk``
     the same image served by virtq's pure-Python back-end
-    (:class:`~virtq.testing.backend.VhostUserBlkBackend`): no system package needed.
+    (:class:`~virtq.testing.embedded.VhostUserBlkBackend`): no system package needed.
 ``virtq_testpmd``
     a module-scoped ``dpdk-testpmd`` vhost-user-net back-end
     (:class:`~virtq.testing.testpmd.TestPmd`, ``rxonly``).  Needs ``dpdk-dev``.
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from virtq.testing.backend import VhostUserBlkBackend
-from virtq.testing.backends import QemuStorageDaemon, make_image
+from virtq.testing.embedded import VhostUserBlkBackend
+from virtq.testing.runners import QemuStorageDaemon, make_image
 from virtq.testing.testpmd import TestPmd
 
 BLK_IMAGE_BYTES = 16 << 20

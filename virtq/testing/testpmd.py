@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
-from virtq.testing.backends import BackendError, kill_process, require_binary
+from virtq.testing.runners import BackendError, kill_process, require_binary
 
 PROMPT = b"testpmd> "
 _FORWARD_MODES = frozenset({"io", "mac", "macswap", "rxonly", "txonly", "flowgen", "csum",

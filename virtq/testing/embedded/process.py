@@ -10,13 +10,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Self
 
-from virtq.testing.backend.server import Faults
-from virtq.testing.backends import BackendError, kill_process, stop_process
+from virtq.testing.embedded.server import Faults
+from virtq.testing.runners import BackendError, kill_process, stop_process
 
 
 class BackendProcess:
-    """``python -m virtq.testing.backend`` as a child process.  A context manager, like
-    :class:`~virtq.testing.backends.QemuStorageDaemon`; :meth:`kill` is a SIGKILL."""
+    """``python -m virtq.testing.embedded`` as a child process.  A context manager, like
+    :class:`~virtq.testing.runners.QemuStorageDaemon`; :meth:`kill` is a SIGKILL."""
 
     def __init__(
         self,
@@ -38,7 +38,7 @@ class BackendProcess:
         self._socket_ino = 0
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "virtq.testing.backend", str(self.image_path),
+        cmd = [sys.executable, "-m", "virtq.testing.embedded", str(self.image_path),
                str(self.socket_path), "--num-queues", str(self.num_queues)]
         if self.read_only:
             cmd.append("--read-only")

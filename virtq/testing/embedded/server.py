@@ -1,5 +1,5 @@
 """The back-end itself: the vhost-user message handlers, the virtio-blk data path, the
-serving thread, and :class:`Faults`.  Overview in :mod:`virtq.testing.backend`."""
+serving thread, and :class:`Faults`.  Overview in :mod:`virtq.testing.embedded`."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from typing import Literal, Self
 
 from virtq._sys.fence import full_fence
 from virtq.abi import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1
-from virtq.devices.blk import (
+from virtq.abi.blk import (
     SECTOR_SIZE,
     VIRTIO_BLK_F_BLK_SIZE,
     VIRTIO_BLK_F_FLUSH,
@@ -42,8 +42,8 @@ from virtq.errors import ArgumentError, VirtqError
 from virtq.layout import MAX_SPLIT_QUEUE_SIZE, SplitLayout, avail_nbytes, is_power_of_two
 from virtq.layout.split import DESC_SIZE, used_nbytes
 from virtq.memory import PAGE_SIZE, MemfdRegion, MemoryRegion
-from virtq.testing.backends import BackendError
 from virtq.testing.device import DeviceQueue, DriverProtocolError, Segment
+from virtq.testing.runners import BackendError
 from virtq.transport.vhost_user import protocol as P
 from virtq.types import Offset
 

@@ -91,12 +91,12 @@ def demo_ring(args: argparse.Namespace) -> int:
 
 
 def _blk_backend(image: Path, sock: Path, which: str) -> tuple[str, AbstractContextManager[Any]]:
-    from virtq.testing.backends import QemuStorageDaemon  # noqa: PLC0415 - CLI only
+    from virtq.testing.runners import QemuStorageDaemon  # noqa: PLC0415 - CLI only
 
     if which == "qsd" or (which == "auto" and shutil.which("qemu-storage-daemon")):
         return "qemu-storage-daemon (aio=io_uring)", QemuStorageDaemon(image, sock)
     try:
-        backend = importlib.import_module("virtq.testing.backend")
+        backend = importlib.import_module("virtq.testing.embedded")
     except ImportError as exc:
         raise SystemExit("qemu-storage-daemon is not installed (Debian: qemu-system-common) "
                          "and this virtq has no embedded back-end") from exc
@@ -107,7 +107,7 @@ def demo_blk(args: argparse.Namespace) -> int:
     """vhost-user-blk end to end: a back-end process serves a disk image; virtq connects,
     negotiates, sets up a ring in a memfd, writes blocks, reads them back, verifies."""
     from virtq.devices import BlkDevice, BlkIOError  # noqa: PLC0415 - CLI only
-    from virtq.testing.backends import make_image, sector_pattern  # noqa: PLC0415
+    from virtq.testing.runners import make_image, sector_pattern  # noqa: PLC0415
 
     out = print
     with tempfile.TemporaryDirectory(prefix="virtq-demo-") as tmp:
@@ -157,7 +157,8 @@ def demo_blk(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    modules = {"blk": "virtq.bench_blk", "net": "virtq.bench_net", "vfio": "virtq.bench_vfio"}
+    modules = {"blk": "virtq.cli.bench_blk", "net": "virtq.cli.bench_net",
+               "vfio": "virtq.cli.bench_vfio"}
     try:
         module = importlib.import_module(modules[args.what])
     except ImportError as exc:

@@ -16,13 +16,13 @@ Use it in-process (a background thread)::
         with BlkDevice.connect_vhost_user("/tmp/blk.sock") as dev:
             dev.read(0, 4096)
 
-or as a process (``python -m virtq.testing.backend IMAGE SOCKET [--faults SPEC]``, or
+or as a process (``python -m virtq.testing.embedded IMAGE SOCKET [--faults SPEC]``, or
 :class:`BackendProcess`), which a test can SIGKILL.  Like qemu-storage-daemon it serves one
 front-end connection at a time and accepts the next one when that closes.
 """
 
-from virtq.testing.backend.process import BackendProcess
-from virtq.testing.backend.server import (
+from virtq.testing.embedded.process import BackendProcess
+from virtq.testing.embedded.server import (
     BlkRecord,
     Faults,
     FrontendProtocolError,

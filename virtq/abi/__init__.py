@@ -1,4 +1,5 @@
-"""Every virtio wire structure, once, as little-endian ctypes structures.
+"""Every virtio ring structure, once, as little-endian ctypes structures; device-specific
+constants live in the submodules (:mod:`virtq.abi.blk`, :mod:`virtq.abi.net`, :mod:`virtq.abi.rng`).
 
 VIRTIO 1.0+ devices use little-endian for all ring fields (§2.7, §2.8); these classes are
 ``ctypes.LittleEndianStructure`` so they are right on any host.  Variable-size rings

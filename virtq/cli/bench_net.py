@@ -1,7 +1,7 @@
 """Packets per second of virtq's NetDevice against dpdk-testpmd, next to DPDK's own C
 virtio-user driver doing the same work against the same kind of back-end, in one run.
 
-    python -m virtq.bench_net [--seconds 3] [--frame-size 64] [--batch 32]
+    python -m virtq.cli.bench_net [--seconds 3] [--frame-size 64] [--batch 32]
 
 * **TX**: the back-end (testpmd ``net_vhost0``) runs ``rxonly`` and counts; the front-end
   transmits as fast as it can -- virtq's :meth:`NetDevice.send_batch`, or a second testpmd

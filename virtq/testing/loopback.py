@@ -1,5 +1,5 @@
-"""A Transport over memfd memory whose device side is a DeviceQueue per queue that a test
-drives by hand (notify/wait do nothing): deterministic in-process tests for drivers."""
+"""An in-process Transport whose device side is a DeviceQueue per queue that a test drives
+by hand (notify/wait do nothing): deterministic tests for device drivers, no back-end needed."""
 
 from __future__ import annotations
 

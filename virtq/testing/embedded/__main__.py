@@ -1,4 +1,4 @@
-"""``python -m virtq.testing.backend IMAGE SOCKET [--faults SPEC]``: serve until SIGTERM.
+"""``python -m virtq.testing.embedded IMAGE SOCKET [--faults SPEC]``: serve until SIGTERM.
 
 Prints ``ready SOCKET`` on stdout once it listens (what :class:`BackendProcess` waits for).
 """
@@ -11,11 +11,11 @@ import signal
 import sys
 
 from virtq.errors import VirtqError
-from virtq.testing.backend.server import Faults, VhostUserBlkBackend
+from virtq.testing.embedded.server import Faults, VhostUserBlkBackend
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m virtq.testing.backend",
+    p = argparse.ArgumentParser(prog="python -m virtq.testing.embedded",
                                 description="Serve a raw image as a vhost-user-blk device.")
     p.add_argument("image")
     p.add_argument("socket")

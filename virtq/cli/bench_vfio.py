@@ -154,7 +154,7 @@ def _run_in_guest(args: argparse.Namespace) -> int:
         f'--out "$VIRTQ_GUEST_OUT/reference.json" > "$VIRTQ_GUEST_OUT/reference.log" 2>&1 '
         f'|| {{ cat "$VIRTQ_GUEST_OUT/reference.log"; exit 1; }}; '
         f'grep -E "(rng|blk) (poll|irq):" "$VIRTQ_GUEST_OUT/reference.log"; '
-        f'$PY -m virtq.bench_vfio --here --iters {n} '
+        f'$PY -m virtq.cli.bench_vfio --here --iters {n} '
         f'--reference-json "$VIRTQ_GUEST_OUT/reference.json" '
         f'--json "$VIRTQ_GUEST_OUT/bench.json"'
     )

@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 
 from virtq.devices import BlkDevice
-from virtq.testing.backends import QemuStorageDaemon, make_image
+from virtq.testing.runners import QemuStorageDaemon, make_image
 
 IMAGE_BYTES = 256 << 20
 IO = 4096
