@@ -18,10 +18,17 @@ from virtq.abi import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSI
 from virtq.abi.blk import VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_T_IN
 from virtq.devices import BlkDevice, DmaBuffer
 from virtq.devices.blk import BlkRequest
-from virtq.errors import ArgumentError, DeviceProtocolError, QueueFullError, QueueStateError
+from virtq.errors import (
+    ArgumentError,
+    DeviceProtocolError,
+    QueueBrokenError,
+    QueueFullError,
+    QueueStateError,
+)
 from virtq.testing import HostileDevice
 from virtq.testing.device import Segment
 from virtq.testing.loopback import LoopbackTransport as Loopback
+from virtq.transport.vhost_user import VhostUserDisconnectedError
 
 CAPACITY = 1 << 16  # sectors
 
@@ -158,7 +165,7 @@ def test_submit_read_many_is_all_or_nothing(blk):
         (lambda: dev.submit_read_many([1], into=[b"\0" * 4096]), ArgumentError),
         (lambda: dev.submit_read_many([1], into=[arena.slice(0, 100)]), ArgumentError),
         (lambda: dev.submit_read_many(list(range(dev.slots_per_queue + 1)), 512),
-         QueueStateError),
+         QueueFullError),
     ]:
         with pytest.raises(error):
             call()
@@ -203,14 +210,29 @@ def test_device_error_mid_batch_completes_the_good_and_fails_the_rest(blk):
     t.devices[0].publish_used()
     q = dev.queues[0]
     HostileDevice(q.region, q.layout).complete(q.size + 3, 0)
-    with pytest.raises(DeviceProtocolError):
-        dev.poll()
+    done = dev.poll()  # a device error is not the caller's: poll() does not raise
+    assert set(done) == set(reqs)
     assert reqs[1].wait() == sector_bytes(20, 512)  # completed before the bad element
     for r in (reqs[0], reqs[2]):
         assert r.done
-        with pytest.raises(DeviceProtocolError):
+        with pytest.raises(QueueBrokenError) as info:
             r.wait()
+        assert isinstance(info.value.__cause__, DeviceProtocolError)
+        assert "used.ring" in str(info.value.__cause__)
     assert dev.in_flight == 0
+    assert t.stopped == {0}  # the broken ring was stopped before anything else
+    # The only queue is broken: new requests are refused with the reason...
+    with pytest.raises(QueueStateError, match="broken") as refused:
+        dev.submit_read(40, 512)
+    assert isinstance(refused.value.__cause__, DeviceProtocolError)
+    # ... until the device is reset (here: a reconnect), which frees every slot.
+    dev.reconnect()
+    assert dev.stats()[0]["free_slots"] == dev.slots_per_queue
+    again = dev.submit_read_many([40, 48], 512)
+    dev.kick()
+    serve_all(t)
+    dev.poll()
+    assert [r.wait() for r in again] == [sector_bytes(40, 512), sector_bytes(48, 512)]
 
 
 class BlkRequestMachine(RuleBasedStateMachine):
@@ -239,7 +261,7 @@ class BlkRequestMachine(RuleBasedStateMachine):
         return [b for b in self.pool[length] if id(b) not in self.busy]
 
     def _free_slots(self) -> int:
-        return sum(len(f) for f in self.dev._free_slots)
+        return sum(q["free_slots"] for q in self.dev.stats())
 
     @precondition(lambda self: self._free_slots() > 0)
     @rule(data=st.data(), nbytes=st.sampled_from([512, 1024, 4096]))
@@ -329,34 +351,37 @@ TestBlkRequestMachine.settings = settings(max_examples=300, stateful_step_count=
 
 
 def test_completion_after_transport_failure_does_not_free_a_slot_twice():
-    """The transport fails with requests in flight: they fail and their slots are freed.
-    If the device had completed one of them anyway, reaping it later must not free that
-    slot again (it would be handed to two requests) nor return the request twice."""
+    """The transport fails with requests in flight: they fail (poll() returns them with the
+    error, it does not raise).  Their slots stay taken -- the device might still write
+    their buffers -- until the device is reset by a reconnect.  A completion the device
+    wrote anyway is never reaped: no request completes twice, no slot goes to two
+    requests."""
     t = LoopbackTransport()
     with BlkDevice(t, queue_size=16, max_io=4096) as dev:
         reqs = dev.submit_read_many([8, 16, 24], 512)
         dev.kick()
         chains = t.pop_all()
-
-        def dead(index: int, timeout: float | None) -> bool:
-            raise OSError(32, "Broken pipe")
-
-        t.wait = dead  # type: ignore[method-assign]
-        with pytest.raises(OSError, match="Broken pipe"):
-            dev.poll(timeout=1)  # the wait fails -> every request in flight fails
+        t.fail(VhostUserDisconnectedError("Broken pipe"))
+        done = dev.poll(timeout=1)  # the wait fails -> every request in flight fails
+        assert set(done) == set(reqs)
         assert all(r.done for r in reqs) and dev.in_flight == 0
-        free = sorted(dev._free_slots[0])
-        assert len(free) == dev.slots_per_queue
+        assert dev.stats()[0]["free_slots"] == dev.slots_per_queue - 3  # quarantined
         t.serve(*chains[1])  # the device had completed one of them
         t.devices[0].publish_used()
         assert dev.poll() == []  # nothing new: that request failed already
-        assert sorted(dev._free_slots[0]) == free and dev.in_flight == 0
-        with pytest.raises(OSError, match="Broken pipe"):
+        with pytest.raises(VhostUserDisconnectedError, match="Broken pipe"):
             reqs[1].wait()
         # until reconnect(), new requests are refused with the reason, not half-queued
         for submit in (lambda: dev.submit_read(40, 512),
                        lambda: dev.submit_read_many([40, 48], 512)):
             with pytest.raises(QueueStateError, match="reconnect") as info:
                 submit()
-            assert isinstance(info.value.__cause__, OSError)
-        assert dev.in_flight == 0 and sorted(dev._free_slots[0]) == free
+            assert isinstance(info.value.__cause__, VhostUserDisconnectedError)
+        assert dev.reconnect() == 0  # all three had failed already
+        assert dev.stats()[0]["free_slots"] == dev.slots_per_queue
+        assert reqs[1].error is not None and reqs[1].status is None  # never completed twice
+        again = dev.submit_read_many([40, 48], 512)
+        dev.kick()
+        serve_all(t)
+        assert set(dev.poll()) == set(again)
+        assert [r.wait() for r in again] == [sector_bytes(40, 512), sector_bytes(48, 512)]

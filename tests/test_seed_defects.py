@@ -12,7 +12,7 @@ from virtq.iova import BumpAllocator
 from virtq.layout import SplitLayout
 from virtq.memory import MemfdRegion
 from virtq.queue import SplitQueue, UserQueue
-from virtq.queue import split as split_mod
+from virtq.queue import _splitcore as core_mod
 from virtq.testing import DeviceQueue, HostileDevice
 
 
@@ -111,7 +111,11 @@ def test_seed_defect_5_notification_suppression_and_event_idx():
 
 
 def test_seed_defect_6_full_fence_between_idx_store_and_notify_decision(monkeypatch):
-    # Python has no barrier; virtq uses a real one where the spec needs store->load order.
+    # Python has no barrier; virtq uses a real one where the spec needs store->load order:
+    # the fence the queue calls is the machine-code stub (mfence on x86-64, a dmb on
+    # aarch64; tests/test_fence.py proves it orders), not the no-op or the lock fallback.
+    assert "stub" in fence.MECHANISM, fence.MECHANISM
+    assert core_mod.full_fence is fence.full_fence
     layout = SplitLayout.compute(8)
     with MemfdRegion(layout.nbytes) as region:
         q = SplitQueue(region, layout, iova=0)
@@ -122,7 +126,7 @@ def test_seed_defect_6_full_fence_between_idx_store_and_notify_decision(monkeypa
             seen.append(idx[0])
             fence.full_fence()
 
-        monkeypatch.setattr(split_mod, "full_fence", recording_fence)
+        monkeypatch.setattr(core_mod, "full_fence", recording_fence)
         q.add([(0x100, 1)], [])
         q.publish()
         assert seen == [1], "the fence must come after the avail.idx store"
@@ -131,7 +135,6 @@ def test_seed_defect_6_full_fence_between_idx_store_and_notify_decision(monkeypa
         assert seen == [1]
         idx.release()
         q.close()
-    assert fence.FULL_FENCE_CODE  # a real instruction, proven by tests/test_fence.py
 
 
 def test_seed_defect_7_failures_raise_and_queue_stays_usable():

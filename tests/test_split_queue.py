@@ -468,46 +468,6 @@ def test_add_many_is_all_or_nothing(indirect):
         assert r.q.drain_used() == [("keep", 0)]
 
 
-# -- reserved (caller-built) chains ---------------------------------------------------
-
-
-def test_reserved_chains_are_reused_and_never_freed():
-    with ring(n=8) as r:
-        heads = r.q.reserve(2)
-        assert r.q.num_free == 6
-        h = heads[0]
-        r.put(0, b"abcd")
-        r.q.set_desc(h, r.buf(0), 4, 0, 0)
-        for i in range(3):  # the same chain, submitted again and again
-            r.q.add_reserved(h, token=i, capacity=0)
-            with pytest.raises(QueueStateError):
-                r.q.add_reserved(h, token="twice", capacity=0)
-            with pytest.raises(QueueStateError):
-                r.q.set_desc(h, r.buf(0), 4, 0, 0)
-            r.q.publish()
-            head, segs = r.dev.pop()
-            assert head == h
-            assert r.dev.read(segs[0].iova, 4) == b"abcd"
-            r.dev.push(head, 0)
-            assert r.q.pop_used() == (i, 0)
-            assert r.q.num_free == 6
-        # a normal chain still works beside it, and a reserved head cannot be faked
-        r.q.add([(r.buf(1), 1)], [], token="plain")
-        with pytest.raises(ArgumentError):
-            r.q.add_reserved(7 if 7 not in heads else 5, token="x", capacity=0)
-        with pytest.raises(QueueFullError):
-            r.q.reserve(6)
-        # capacity is enforced for reserved chains too
-        r.q.add_reserved(heads[1], token="w", capacity=2)
-        r.q.publish()
-        HostileDevice(r.region, r.layout).complete(heads[1], 3)
-        with pytest.raises(DeviceProtocolError):
-            r.q.drain_used()
-        # reset keeps the reservation
-        r.q.reset()
-        assert r.q.num_free == 6
-
-
 def test_enable_interrupts_delayed_asks_for_three_quarters():
     with ring(n=8, event_idx=True) as r:
         for i in range(8):
@@ -519,57 +479,6 @@ def test_enable_interrupts_delayed_asks_for_three_quarters():
         notified = [r.dev.push(h, 0) for h, _ in chains]
         assert notified == [False] * 6 + [True, False]  # the 7th completion crosses 6
         assert len(r.q.drain_used()) == 8
-
-
-def test_add_reserved_many_rewrites_lengths_all_or_nothing():
-    with ring(n=8, start_index=0xFFFE) as r:
-        heads = r.q.reserve(4)
-        for i, h in enumerate(heads):
-            r.q.set_desc(h, r.buf(i), 64, 0, 0)
-        before = r.q.snapshot()
-        with pytest.raises(ArgumentError):
-            r.q.add_reserved_many([heads[0], heads[1], 99])
-        with pytest.raises(ArgumentError):
-            r.q.add_reserved_many(heads[:2], [10, 0])
-        with pytest.raises(ArgumentError):  # the same head twice
-            r.q.add_reserved_many([heads[0], heads[0]])
-        assert r.q.snapshot() == before
-        r.q.add_reserved_many(heads[:3], [5, 6, 7])
-        r.q.publish()
-        got = []
-        while (c := r.dev.pop()) is not None:
-            got.append((c[0], c[1][0].length))
-            r.dev.push(c[0], 0)
-        assert got == list(zip(heads[:3], [5, 6, 7], strict=True))
-        assert sorted(t for t, _ in r.q.drain_used()) == sorted(heads[:3])
-        assert r.q.next_avail == 1  # crossed the wrap
-
-
-def test_add_reserved_many_with_tokens():
-    with ring(n=8, start_index=0xFFFF) as r:
-        heads = r.q.reserve(4)
-        for i, h in enumerate(heads):
-            r.q.set_desc(h, r.buf(i), 64, 2, 0)  # device-writable
-        before = r.q.snapshot()
-        with pytest.raises(ArgumentError):  # one token per head
-            r.q.add_reserved_many(heads[:2], tokens=["a"])
-        with pytest.raises(ArgumentError):  # tokens replace the head as token; no lengths
-            r.q.add_reserved_many(heads[:2], [8, 8], tokens=["a", "b"])
-        with pytest.raises(ArgumentError):  # all or nothing: the repeated head is refused
-            r.q.add_reserved_many([heads[0], heads[1], heads[0]], tokens=["a", "b", "c"])
-        assert r.q.snapshot() == before
-        r.q.add_reserved_many(heads[:3], capacity=64, tokens=["a", "b", "c"])
-        assert sorted(r.q.in_flight_tokens()) == ["a", "b", "c"]
-        r.q.publish()
-        chains = [r.dev.pop() for _ in range(3)]
-        for head, _ in reversed(chains):  # out of order
-            r.dev.push(head, 64 if head == heads[1] else 0)
-        assert r.q.drain_used() == [("c", 0), ("b", 64), ("a", 0)]
-        assert r.q.in_flight_tokens() == []
-        # a reserved chain stays reserved: submit the same heads again
-        r.q.add_reserved_many(heads[:3], capacity=64, tokens=["d", "e", "f"])
-        r.q.publish()
-        assert r.q.next_avail == (0xFFFF + 6) & 0xFFFF
 
 
 def test_enable_interrupts_after_count_and_clamp():

@@ -11,18 +11,27 @@ import errno
 import os
 import shutil
 import struct
+import threading
 from pathlib import Path
 
 import pytest
 
 from virtq._sys import vfio
 from virtq.abi import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1
-from virtq.devices.rng import RngDevice
-from virtq.errors import ArgumentError, IovaError, VirtqError, VirtqOSError
+from virtq.devices.rng import RngDevice, RngTimeoutError
+from virtq.errors import (
+    ArgumentError,
+    DeviceProtocolError,
+    IovaError,
+    QueueBrokenError,
+    VirtqError,
+    VirtqOSError,
+    VirtqTimeoutError,
+)
 from virtq.layout import SplitLayout
 from virtq.memory import AnonymousRegion, IovaRangeError, VfioContainer
 from virtq.memory.vfio import check_iova_span
-from virtq.queue import SplitQueue
+from virtq.queue import QueueState, SplitQueue
 from virtq.testing import DeviceQueue
 from virtq.transport import DmaArena, Transport
 from virtq.transport.vfio_pci import (
@@ -592,8 +601,10 @@ class LoopbackRng:
     """A Transport whose device is in this process: each kick fills every posted buffer with
     a counter pattern, writing at most ``chunk`` bytes of it (as a real device may)."""
 
-    def __init__(self, *, chunk: int = 1 << 30, queue_max: int = 8) -> None:
+    def __init__(self, *, chunk: int = 1 << 30, queue_max: int = 8, silent: bool = False
+                 ) -> None:
         self.chunk = chunk
+        self.silent = silent  # a device that never completes anything
         self.queue_max = queue_max
         self.arenas: list[DmaArena] = []
         self.device: DeviceQueue | None = None
@@ -625,6 +636,8 @@ class LoopbackRng:
         self.arenas.append(arena)
         return arena
 
+    polling = True
+
     def attach_queue(self, index: int, queue: SplitQueue) -> None:
         if queue.size > self.queue_max:
             raise QueueSizeError("too big", index=index, size=queue.size,
@@ -637,7 +650,7 @@ class LoopbackRng:
 
     def notify(self, index: int) -> None:
         assert self.device is not None
-        while (got := self.device.pop()) is not None:
+        while not self.silent and (got := self.device.pop()) is not None:
             head, segments = got
             seg = segments[0]
             n = min(seg.length, self.chunk)
@@ -646,7 +659,19 @@ class LoopbackRng:
             self.device.write(seg.iova, data)
             self.device.push(head, n)
 
-    def wait(self, index: int, timeout: float | None) -> bool:
+    def wait(self, timeout: float | None) -> bool:
+        return False
+
+    def notification_fds(self) -> list[int]:
+        return []
+
+    def drain_notifications(self) -> bool:
+        return False
+
+    def check_alive(self) -> None:
+        pass
+
+    def stop_queue(self, index: int) -> bool:
         return False
 
     def close(self) -> None:
@@ -669,6 +694,42 @@ def test_rng_reads_exactly_n_bytes_across_partial_completions():
         assert rng.read(0) == b""
         assert len(rng.read(7)) == 7
     assert t.closed
+
+
+def test_rng_zero_length_completion_is_a_protocol_error():
+    """VIRTIO 1.2 §5.4.6.1: the device MUST place one or more bytes.  A device that
+    completes with used.len 0 forever made read() spin forever; now it is a device error
+    that breaks the queue."""
+    t = LoopbackRng(chunk=0)
+    with RngDevice(t, buffer_size=64) as rng:
+        with pytest.raises(DeviceProtocolError, match=r"used\.len") as info:
+            rng.read(100)
+        assert info.value.value == 0
+        assert rng.queue.state is QueueState.BROKEN
+        with pytest.raises(QueueBrokenError) as again:
+            rng.read(1)
+        assert again.value.__cause__ is info.value
+
+
+def test_rng_read_ends_within_its_timeout_when_the_device_never_answers():
+    t = LoopbackRng(silent=True)
+    with RngDevice(t, buffer_size=64) as rng:
+        result: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                rng.read(100, timeout=0.2)
+            except BaseException as exc:
+                result.append(exc)
+
+        worker = threading.Thread(target=read)
+        worker.start()
+        worker.join(30)
+        assert not worker.is_alive(), "read() ignored its timeout"
+        assert len(result) == 1 and isinstance(result[0], RngTimeoutError)
+        assert isinstance(result[0], TimeoutError) and isinstance(result[0], VirtqTimeoutError)
+        with pytest.raises(ArgumentError):
+            rng.read(1, timeout=-1)
 
 
 def test_rng_queue_size_is_checked_by_the_transport():

@@ -25,6 +25,7 @@ from virtq.errors import (
     RegionClosedError,
     VirtqError,
     VirtqOSError,
+    VirtqTimeoutError,
     VirtqUsageError,
 )
 from virtq.types import HostAddr, Iova, Offset
@@ -50,6 +51,7 @@ __all__ = [
     "RegionClosedError",
     "VirtqError",
     "VirtqOSError",
+    "VirtqTimeoutError",
     "VirtqUsageError",
     "__version__",
 ]

@@ -82,16 +82,23 @@ class IovaError(VirtqUsageError, ValueError):
 
 
 class QueueFullError(VirtqUsageError):
-    """The chain does not fit into the free descriptors."""
+    """The queue (or device) has no room: the chain does not fit into the free descriptors,
+    or every request slot is in flight.  ``needed``/``free`` count ``what``."""
 
-    def __init__(self, needed: int, free: int) -> None:
-        super().__init__(f"chain needs {needed} descriptors but only {free} are free")
+    def __init__(self, needed: int, free: int, what: str = "descriptors") -> None:
+        super().__init__(f"{needed} {what} needed but only {free} are free")
         self.needed = needed
         self.free = free
+        self.what = what
 
 
 class QueueStateError(VirtqUsageError):
     """The call is not valid in the queue's current state (e.g. after ``close()``)."""
+
+
+class VirtqTimeoutError(VirtqError, TimeoutError):
+    """A wait ran out of time (the device did not complete in time).  Also a
+    :class:`TimeoutError`; the requests waited for stay in flight."""
 
 
 # -- peer misbehaviour -------------------------------------------------------------------
@@ -119,11 +126,13 @@ class DeviceProtocolError(DeviceError):
 
 
 class QueueBrokenError(DeviceError):
-    """The queue was marked broken by an earlier :class:`DeviceProtocolError`.
+    """The queue was marked broken by an earlier :class:`DeviceProtocolError` (or another
+    :class:`DeviceError` found above the ring).
 
     Once the device has shown it cannot be trusted, further use of the queue would act on
     state that may be corrupt, so every later call raises this, with the original error as
-    ``cause`` (and ``__cause__``).
+    ``cause`` (and ``__cause__``).  Device drivers also complete the requests a broken queue
+    held with it.
     """
 
     def __init__(self, cause: DeviceError) -> None:

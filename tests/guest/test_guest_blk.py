@@ -90,7 +90,7 @@ def test_a_three_descriptor_chain_by_hand(blk_address):
             while not done:
                 done = q.drain_used()
                 if not done:
-                    t.wait(0, 1.0)
+                    t.wait(1.0)
             assert done == [("read", 4097)]
             assert mem[status] == 0
             assert bytes(mem[data : data + 4096]) == pattern(200, 8)

@@ -28,7 +28,8 @@ def demo_ring(args: argparse.Namespace) -> int:
     iova = Iova(0x4000_0000)
     out = print
     with MemfdRegion(layout.nbytes, name="virtq-demo") as region:
-        queue = SplitQueue(region, layout, iova=iova, indirect=True, start_index=start)
+        queue: SplitQueue[tuple[int, int]] = SplitQueue(region, layout, iova=iova, indirect=True,
+                                                        start_index=start)
         out(f"driver: {n}-entry split ring in a {region.nbytes}-byte memfd (fd {region.fd}), "
             f"device address {iova:#x}")
         out(f"        desc@{queue.desc_iova:#x} avail@{queue.avail_iova:#x} "
@@ -59,11 +60,11 @@ def demo_ring(args: argparse.Namespace) -> int:
                     payload = f"request {sent:05d} to the device".encode()
                     off = layout.buffer(slot)
                     region.view(off, len(payload))[:] = payload
-                    addr = iova + off
+                    addr = Iova(iova + off)
                     # Two device-readable pieces and one device-writable buffer: three
                     # descriptors in an indirect table, one ring slot.
-                    queue.add([(addr, 8), (addr + 8, len(payload) - 8)],
-                              [(addr + 128, 128)], token=(sent, slot))
+                    queue.add([(addr, 8), (Iova(addr + 8), len(payload) - 8)],
+                              [(Iova(addr + 128), 128)], token=(sent, slot))
                     pending[sent] = (slot, payload)
                     sent += 1
                 queue.publish()
@@ -151,7 +152,7 @@ def demo_blk(args: argparse.Namespace) -> int:
                     dev.read(dev.capacity, 512)
                 except BlkIOError as exc:
                     out(f"error:    reading past the end -> BlkIOError: {exc}")
-                out(f"ring:     avail.idx {q.next_avail}, back-end's GET_VRING_BASE "
+                out(f"ring:     avail.idx {q.snapshot()['avail.idx']}, back-end's GET_VRING_BASE "
                     f"{t.get_vring_base(0)}")  # type: ignore[attr-defined]
     return 0
 

@@ -2,32 +2,48 @@
 
 A request is a chain: a 16-byte device-readable header (type, reserved, sector), the data
 buffers (device-readable for writes, device-writable for reads), and a 1-byte
-device-writable status (§5.2.6).  Each in-flight request owns a *slot*: a header, a status
-byte and (for copying I/O) a bounce buffer in the device's memory arena.  Zero-copy I/O
-passes :class:`~virtq.devices.dma.DmaBuffer`\\ s from :meth:`BlkDevice.alloc_buffer` instead.
+device-writable status (§5.2.6).  The driver declares that shape once per queue as a chain
+template (:meth:`~virtq.queue.DriverQueue.template`); the queue decides how the chains are
+laid out (indirect tables when offered) and writes every descriptor.  Each request slot has
+a header and a status byte in the device's memory arena, and (for copying I/O) a bounce
+buffer; zero-copy I/O passes :class:`~virtq.devices.dma.DmaBuffer`\\ s from
+:meth:`BlkDevice.alloc_buffer` instead.
 
-Submission is lazy: ``submit_*`` adds chains; :meth:`BlkDevice.kick` (called by ``wait`` and
-``poll``) publishes them with one index store per queue and notifies only when the device
-asks for it (event idx).
+Submission is lazy: ``submit_*`` makes chains available; :meth:`BlkDevice.kick` (called by
+``wait`` and ``poll``) publishes them with one index store per queue and notifies only when
+the device asks for it (event idx).  One :class:`~virtq.transport.Waiter` sleeps on every
+queue at once.
+
+Failure policy (the same for every device of virtq):
+
+* a request's own failure (the status byte) is its :attr:`BlkRequest.error`;
+* a device that breaks one queue (an impossible used element) fails that queue's requests
+  with :class:`~virtq.errors.QueueBrokenError` (cause: the
+  :class:`~virtq.errors.DeviceProtocolError`); completions reaped before, on any queue, are
+  delivered; the other queues go on.  The broken queue is stopped where the transport can
+  (vhost-user: GET_VRING_BASE); where it cannot, its zero-copy buffers stay quarantined
+  (refused for new requests) until :meth:`BlkDevice.reconnect` or ``close()``;
+* a transport failure (the back-end died) fails every request in flight with that error and
+  refuses new ones until :meth:`BlkDevice.reconnect`;
+* ``poll()`` raises only for caller misuse; ``wait()`` raises a request's error.
 """
 
 from __future__ import annotations
 
+import functools
 import operator
 import os
 import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn, Self
 
-from virtq.abi import (
-    VIRTIO_F_EVENT_IDX,
-    VIRTIO_F_INDIRECT_DESC,
-    VIRTQ_DESC_F_INDIRECT,
-    VIRTQ_DESC_F_NEXT,
-    VIRTQ_DESC_F_WRITE,
-)
+from virtq.abi import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC
 from virtq.abi.blk import (
+    BLK_CFG_BLK_SIZE,
+    BLK_CFG_CAPACITY,
+    BLK_CFG_SEG_MAX,
+    BLK_CFG_SIZE_MAX,
     SECTOR_SIZE,
     VIRTIO_BLK_F_BLK_SIZE,
     VIRTIO_BLK_F_FLUSH,
@@ -38,36 +54,39 @@ from virtq.abi.blk import (
     VIRTIO_BLK_F_TOPOLOGY,
     VIRTIO_BLK_ID_BYTES,
     VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK,
     VIRTIO_BLK_S_UNSUPP,
     VIRTIO_BLK_T_FLUSH,
     VIRTIO_BLK_T_GET_ID,
     VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
 )
-from virtq.devices.dma import DmaBuffer
+from virtq.devices.dma import MAX_BUFFER, DmaBuffer, byte_view
 from virtq.devices.errors import BlkIOError, BlkUnsupportedError
 from virtq.errors import (
     ArgumentError,
     DeviceError,
     DeviceProtocolError,
+    QueueBrokenError,
     QueueFullError,
     QueueStateError,
+    VirtqError,
+    VirtqTimeoutError,
 )
 from virtq.iova import IovaAllocator
-from virtq.layout import SplitLayout, align_up
-from virtq.queue import SplitQueue
-from virtq.transport.base import DmaArena, Transport
+from virtq.layout import align_up
+from virtq.memory import MemoryRegion
+from virtq.queue import ChainTemplate, DriverQueue, QueueState, make_queue, ring_layout
+from virtq.transport.base import DmaArena, Reconnectable, Transport
 from virtq.transport.errors import DeviceRefusedError
 from virtq.transport.vfio_pci import VfioPciTransport
 from virtq.transport.vhost_user import VhostUserTransport
+from virtq.transport.waiter import Waiter, deadline_after
+from virtq.types import Iova
 
 # The request header (type, reserved, sector) and the status byte after it (poisoned, see
 # _STATUS_POISON) in one store.
 _PACK_HEADER_STATUS = struct.Struct("<IIQB").pack_into
-_PACK_DESC = struct.Struct("<QIHH").pack_into  # struct virtq_desc (§2.7.5)
-_F_NEXT = VIRTQ_DESC_F_NEXT
-_F_WRITE = VIRTQ_DESC_F_WRITE
-_F_INDIRECT = VIRTQ_DESC_F_INDIRECT
 # Header (16) + status (1), padded to a cache line: the device writing one slot's status
 # and the driver writing the next request's header into another slot then never contend
 # for one line.
@@ -76,9 +95,13 @@ _KIND_NAMES = {VIRTIO_BLK_T_IN: "read", VIRTIO_BLK_T_OUT: "write",
                VIRTIO_BLK_T_FLUSH: "flush", VIRTIO_BLK_T_GET_ID: "get_id"}
 _U64_MAX = (1 << 64) - 1
 _STATUS_POISON = 0xFF  # written before submission: a status the device never wrote is caught
-_BUF_KIND = operator.attrgetter("__class__", "length")
+_BUF_KIND = operator.attrgetter("__class__", "length", "owner")
 _FIRST = operator.itemgetter(0)
-_NO_SHAPE = -1  # a slot whose indirect table holds no known shape (see _write_shape)
+_READY = QueueState.READY
+#: Shape-cache key of a one-buffer zero-copy request (see BlkDevice._submit): no copying
+#: request has it, because their keys hold the length (> 0) above bit 1.
+_ZC_ONE = 1 << 1
+_NO_SHAPE = -1
 
 
 def _check_sectors(nbytes: int) -> None:
@@ -92,12 +115,12 @@ def _check_sector(sector: int) -> None:
         raise ArgumentError("sector", sector, "must be an int in 0..2**64-1")
 
 
-def _byte_view(data: memoryview) -> memoryview:
-    """``data`` as bytes (a multi-byte format would make len() count items)."""
-    try:
-        return data.cast("B")
-    except TypeError as err:  # not C-contiguous
-        raise ArgumentError("data", data, f"a contiguous buffer ({err})") from None
+def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low \
+            or (high is not None and value > high):
+        rule = f">= {low}" if high is None else f"in {low}..{high}"
+        raise ArgumentError(name, value, f"must be an int {rule}")
+    return value
 
 
 class BlkRequest:
@@ -106,7 +129,8 @@ class BlkRequest:
 
     ``into`` is None for copying I/O (the data goes through the slot's bounce buffer) and
     the caller's buffers for zero-copy I/O.  ``status`` is the device's status byte once
-    the request completed, ``written`` what the device reported writing."""
+    the request completed, ``written`` what the device reported writing (``used.len``);
+    ``error`` is set when it failed."""
 
     __slots__ = ("_dev", "error", "into", "kind", "nbytes", "result", "sector", "slot",
                  "status", "written")
@@ -130,10 +154,16 @@ class BlkRequest:
     def done(self) -> bool:
         return self.status is not None or self.error is not None
 
+    @property
+    def queue(self) -> int:
+        """The index of the queue it went to."""
+        return self.slot // self._dev.slots_per_queue
+
     def wait(self, timeout: float | None = None) -> bytes | None:
         """Block until this request completes; returns the data read (copying reads and
-        GET_ID) or None; raises :class:`BlkIOError`, :class:`BlkUnsupportedError` or the
-        transport's error."""
+        GET_ID) or None; raises the request's error (:class:`BlkIOError`,
+        :class:`BlkUnsupportedError`, :class:`~virtq.errors.QueueBrokenError`, the
+        transport's error) or :class:`~virtq.errors.VirtqTimeoutError`."""
         if not self.done:
             self._dev.wait([self], timeout=timeout)
         if self.error is not None:
@@ -141,7 +171,7 @@ class BlkRequest:
         return self.result
 
     def __repr__(self) -> str:
-        state = "done" if self.done else "in flight"
+        state = "failed" if self.error is not None else "done" if self.done else "in flight"
         return (f"<BlkRequest {_KIND_NAMES.get(self.kind, self.kind)} sector={self.sector} "
                 f"nbytes={self.nbytes} {state}>")
 
@@ -149,7 +179,15 @@ class BlkRequest:
 class BlkDevice:
     """A virtio-blk device.  Build it with :meth:`connect_vhost_user`, :meth:`open_vfio`,
     or over any transport: ``BlkDevice(transport)``.  Closing the device closes the
-    transport."""
+    transport (also when the constructor fails).
+
+    ``queue_size``: ring entries per queue (at most what the device allows).
+    ``num_queues``: request queues (VIRTIO_BLK_F_MQ); requests are spread round-robin.
+    ``max_io``: the largest copying request, and each slot's bounce buffer (a multiple of
+    512).  ``max_segments``: the most data buffers of one zero-copy request (capped by the
+    device's ``seg_max``).  ``indirect``/``event_idx``: accept those features when offered.
+    ``poll``: never sleep; spin on the used rings.
+    """
 
     def __init__(
         self,
@@ -164,26 +202,32 @@ class BlkDevice:
         poll: bool = False,
         start_index: int = 0,
     ) -> None:
-        if max_io <= 0 or max_io % SECTOR_SIZE:
-            raise ArgumentError("max_io", max_io, "must be a positive multiple of 512")
         self.transport = transport
-        self.poll_mode = poll
-        self.max_io = max_io
         self._closed = False
+        self._transport_closed = False
         # Why submissions are refused (closed, or the transport failed), None while usable:
         # one check on the submit paths.
         self._refused: str | None = None
         self._refused_cause: BaseException | None = None
+        # Zero-copy buffers a broken queue may still write (its ring could not be stopped).
+        self._quarantine: list[DmaBuffer] = []
+        self.queues: list[DriverQueue[BlkRequest]] = []
+        self._mem: memoryview | None = None
         try:
+            _check_int("queue_size", queue_size, 1)
+            _check_int("num_queues", num_queues, 1, 0xFFFF)
+            _check_int("max_segments", max_segments, 1, 4096)
+            if not isinstance(max_io, int) or max_io <= 0 or max_io % SECTOR_SIZE \
+                    or max_io > MAX_BUFFER:
+                raise ArgumentError("max_io", max_io,
+                                    "must be a positive multiple of 512 below 2**32")
+            self.max_io = max_io
+            self.poll_mode = bool(poll or transport.polling)
             self._setup(queue_size, num_queues, max_segments, indirect, event_idx, start_index)
         except BaseException:
             # Our own views pin the arena: release them first, or closing the transport
             # fails with RegionBusyError and hides the error that stopped the set-up.
-            mem = getattr(self, "_mem", None)
-            if mem is not None:
-                mem.release()
-            for q in getattr(self, "queues", []):
-                q.close()
+            self._release_views()
             transport.close()
             raise
 
@@ -202,91 +246,111 @@ class BlkDevice:
         if indirect:
             wanted |= 1 << VIRTIO_F_INDIRECT_DESC
         self.features = t.negotiate(wanted)
-        if indirect and not self.features >> VIRTIO_F_INDIRECT_DESC & 1:
-            raise DeviceRefusedError("the device does not offer VIRTIO_F_INDIRECT_DESC")
-        if num_queues > 1 and not self.features >> VIRTIO_BLK_F_MQ & 1:
+        if num_queues > 1 and not self._has(VIRTIO_BLK_F_MQ):
             raise DeviceRefusedError(f"{num_queues} queues asked, the device has no MQ")
-        # Configuration layout (§5.2.4): capacity le64 @0, size_max le32 @8,
-        # seg_max le32 @12, geometry @16, blk_size le32 @20.
-        config = t.read_config(0, 24)
-        self.capacity: int = struct.unpack_from("<Q", config, 0)[0]
-        self.size_max: int | None = (struct.unpack_from("<I", config, 8)[0]
-                                     if self._has(VIRTIO_BLK_F_SIZE_MAX) else None)
-        self.seg_max: int | None = (struct.unpack_from("<I", config, 12)[0]
-                                    if self._has(VIRTIO_BLK_F_SEG_MAX) else None)
-        self.block_size: int = (struct.unpack_from("<I", config, 20)[0]
-                                if self._has(VIRTIO_BLK_F_BLK_SIZE) else SECTOR_SIZE)
-        self.read_only = self._has(VIRTIO_BLK_F_RO)
-        self.flush_supported = self._has(VIRTIO_BLK_F_FLUSH)
-        if self.seg_max is not None and self.seg_max:
+        self._read_config()
+        if self.seg_max is not None:
             max_segments = min(max_segments, self.seg_max)
+        self.max_segments = max_segments
+        # A copying request's bounce buffer goes to the device in pieces of at most
+        # size_max bytes (§5.2.4: "maximum size of any single segment").
+        seg = self.size_max or self.max_io
+        self._bounce_pieces = -(-self.max_io // seg)
+        if self._bounce_pieces > max_segments:
+            raise ArgumentError(
+                "max_io", self.max_io,
+                f"needs {self._bounce_pieces} segments of size_max {self.size_max}, more "
+                f"than the {max_segments} the device allows (seg_max)")
 
         max_size = t.max_queue_size(0)
         if max_size == 0:
             raise DeviceRefusedError("the device has no request queue 0")
         size = min(queue_size, max_size)
-        self.max_segments = max_segments
-        self.indirect = bool(self.features >> VIRTIO_F_INDIRECT_DESC & 1)
-        ev = bool(self.features >> VIRTIO_F_EVENT_IDX & 1)
-        # An indirect request takes one ring descriptor; a direct one header + data + status.
-        per_request = 1 if self.indirect else 2 + 1
-        self.slots_per_queue = max(1, size // per_request)
-        layout = SplitLayout.compute(
-            size, indirect_size=(2 + max_segments) if self.indirect else 0)
-        page = layout.page_size
-        ring_bytes = layout.nbytes
+        self.indirect = self._has(VIRTIO_F_INDIRECT_DESC)
+        ev = self._has(VIRTIO_F_EVENT_IDX)
+        if not self.indirect:
+            # A direct chain lives in the ring itself: header, data, status must fit.
+            if size < 3:
+                raise ArgumentError("queue_size", size, "a ring of >= 3 entries without "
+                                    "indirect descriptors (header, data, status)")
+            max_segments = self.max_segments = min(max_segments, size - 2)
+            if self._bounce_pieces > max_segments:
+                raise ArgumentError("max_io", self.max_io, f"needs {self._bounce_pieces} "
+                                    f"segments; a {size}-entry ring holds {max_segments}")
+        chain = 2 + max_segments  # header, data segments, status
+        layout = ring_layout(size, indirect_size=chain if self.indirect else 0)
+        ring_bytes = layout.nbytes  # page-aligned: layouts stack with shifted()
         meta_off = num_queues * ring_bytes
-        nslots = num_queues * self.slots_per_queue
-        bounce_off = align_up(meta_off + nslots * _SLOT_META, page)
-        total = bounce_off + nslots * self.max_io
-        self.arena: DmaArena = t.alloc_dma(total)
-        # Per slot: where its header and its status byte are (looked up, not computed, in
-        # the per-request loops).
-        self._slot_meta = [meta_off + slot * _SLOT_META for slot in range(nslots)]
-        self._slot_status = [meta + 16 for meta in self._slot_meta]
-        self._bounce_off = bounce_off
+        # An indirect request takes one ring descriptor; a direct one (usually) three.
+        spq = size if self.indirect else max(1, size // 3)
+        self.slots_per_queue = spq
+        nslots = num_queues * spq
+        bounce_off = align_up(meta_off + nslots * _SLOT_META, layout.page_size)
+        self.arena: DmaArena = t.alloc_dma(bounce_off + nslots * self.max_io)
+        iova = self.arena.iova
         self._mem = self.arena.region.view()
-        self.queues: list[SplitQueue] = []
-        self._free_slots: list[list[int]] = []
-        # Per slot: the reserved ring descriptor heading its persistent indirect chain, the
-        # offset of its indirect table, the shape last written there (see _submit), and
-        # its queue's add_reserved (bound once: the submit path runs per request).
-        self._slot_head: list[int] = []
-        self._slot_table: list[int] = []
-        self._slot_shape: list[int] = []
-        # With a one-buffer zero-copy shape: the DmaBuffer its data entry points at (held,
-        # so identity means the same immutable buffer; see submit_read_many).
-        self._slot_buf: list[DmaBuffer | None] = []
-        self._slot_add: list[Any] = []
+        # Per slot (global number = queue * slots_per_queue + template slot): where its
+        # header and status byte are, the header buffer and status buffer as the queue
+        # takes them, and its bounce buffer.
+        self._slot_meta = [meta_off + g * _SLOT_META for g in range(nslots)]
+        self._slot_status = [meta + 16 for meta in self._slot_meta]
+        self._hdr_r = [((Iova(iova + meta), 16),) for meta in self._slot_meta]
+        self._status_w = [(Iova(iova + meta + 16), 1) for meta in self._slot_meta]
+        self._bounce = [bounce_off + g * self.max_io for g in range(nslots)]
+        # The buffers of each slot's last request, kept so that a repeated shape hands
+        # the queue the very same tuples (it then writes no descriptor).
+        self._shape_key = [_NO_SHAPE] * nslots
+        self._shape_r: list[tuple[tuple[Iova, int], ...]] = [()] * nslots
+        self._shape_w: list[tuple[tuple[Iova, int], ...]] = [()] * nslots
+        self._slot_buf: list[DmaBuffer | None] = [None] * nslots
+        self._tpls: list[ChainTemplate[BlkRequest]] = []
         for i in range(num_queues):
-            qlayout = layout.shifted(i * ring_bytes)
-            q = SplitQueue(self.arena.region, qlayout,
-                           iova=self.arena.iova, event_idx=ev, indirect=self.indirect,
-                           start_index=start_index)
+            q: DriverQueue[BlkRequest] = make_queue(
+                self.arena.region, layout.shifted(i * ring_bytes), iova=iova, event_idx=ev,
+                indirect=self.indirect, start_index=start_index)
             self.queues.append(q)
-            base = i * self.slots_per_queue
-            self._free_slots.append(list(range(base + self.slots_per_queue - 1, base - 1, -1)))
-            if self.indirect:
-                for head in q.reserve(size):
-                    self._slot_head.append(head)
-                    self._slot_table.append(qlayout.indirect_table(head))
-                    self._slot_shape.append(_NO_SHAPE)
-                    self._slot_buf.append(None)
-                    self._slot_add.append(q.add_reserved)
+            tpl = q.template(chain, slots=spq, typical_buffers=min(3, chain))
+            self._tpls.append(tpl)
             t.attach_queue(i, q)
-        self._init_chains()
-        self._n_in_flight = 0  # the queues' tokens list them; the count saves scanning
         self._next_queue = 0
         self._single_queue = num_queues == 1
-        # With one queue, slot k's chain is usually headed by descriptor k (saves a lookup).
-        self._slot_is_head = self._slot_head == list(range(len(self._slot_head)))
+        self._waiter = Waiter(t, self.queues, poll=self.poll_mode)
         t.start()
         if self.poll_mode:
-            for q in self.queues:
-                q.disable_interrupts()
+            self._waiter.disarm()
 
     def _has(self, bit: int) -> bool:
         return bool(self.features >> bit & 1)
+
+    def _read_config(self) -> None:
+        """struct virtio_blk_config (§5.2.4): the one ingress for what the device says about
+        itself.  A field of a feature not negotiated is not read."""
+        config = self.transport.read_config(0, 24)
+        if len(config) != 24:
+            raise DeviceProtocolError("config length", len(config), "24 bytes asked for")
+
+        def u32(offset: int) -> int:
+            value: int = struct.unpack_from("<I", config, offset)[0]
+            return value
+
+        self.capacity: int = struct.unpack_from("<Q", config, BLK_CFG_CAPACITY)[0]
+        # qemu-storage-daemon offers SIZE_MAX with size_max 0: no limit.
+        self.size_max: int | None = (u32(BLK_CFG_SIZE_MAX) or None
+                                     if self._has(VIRTIO_BLK_F_SIZE_MAX) else None)
+        if self.size_max is not None and self.size_max < SECTOR_SIZE:
+            raise DeviceProtocolError("config.size_max", self.size_max,
+                                      f">= {SECTOR_SIZE} (or 0: no limit)")
+        self.seg_max: int | None = (u32(BLK_CFG_SEG_MAX)
+                                    if self._has(VIRTIO_BLK_F_SEG_MAX) else None)
+        if self.seg_max is not None and self.seg_max < 1:
+            raise DeviceProtocolError("config.seg_max", self.seg_max, ">= 1 data segment")
+        block_size = u32(BLK_CFG_BLK_SIZE) if self._has(VIRTIO_BLK_F_BLK_SIZE) else SECTOR_SIZE
+        if block_size < SECTOR_SIZE or block_size & (block_size - 1):
+            raise DeviceProtocolError("config.blk_size", block_size,
+                                      "a power of two >= 512")
+        self.block_size: int = block_size
+        self.read_only = self._has(VIRTIO_BLK_F_RO)
+        self.flush_supported = self._has(VIRTIO_BLK_F_FLUSH)
 
     @classmethod
     def connect_vhost_user(
@@ -295,15 +359,30 @@ class BlkDevice:
         *,
         queue_size: int = 128,
         num_queues: int = 1,
+        max_io: int = 128 * 1024,
+        max_segments: int = 8,
+        indirect: bool = True,
+        event_idx: bool = True,
+        poll: bool = False,
+        start_index: int = 0,
         timeout: float = 5.0,
         iova_allocator: IovaAllocator | None = None,
-        **options: Any,
+        hugepages: bool = False,
     ) -> Self:
         """Connect to a vhost-user-blk back-end (qemu-storage-daemon, the embedded
-        :mod:`virtq.testing.embedded`, ...) listening on ``path``."""
+        :mod:`virtq.testing.embedded`, ...) listening on ``path``.  Raises the
+        transport's errors (:class:`~virtq.transport.vhost_user.VhostUserConnectError`,
+        ...), :class:`ArgumentError`; the connection is closed on any error."""
         transport = VhostUserTransport.connect(path, timeout=timeout,
-                                               iova_allocator=iova_allocator)
-        return cls(transport, queue_size=queue_size, num_queues=num_queues, **options)
+                                               iova_allocator=iova_allocator,
+                                               hugepages=hugepages)
+        try:
+            return cls(transport, queue_size=queue_size, num_queues=num_queues,
+                       max_io=max_io, max_segments=max_segments, indirect=indirect,
+                       event_idx=event_idx, poll=poll, start_index=start_index)
+        except BaseException:
+            transport.close()  # idempotent; the constructor closed it already if it ran
+            raise
 
     @classmethod
     def open_vfio(
@@ -311,23 +390,36 @@ class BlkDevice:
         pci_address: str,
         *,
         iova_allocator: IovaAllocator | None = None,
-        memory: Any = None,
+        memory: Callable[[int], MemoryRegion] | None = None,
         poll: bool = False,
         bind: bool = False,
-        **options: Any,
+        queue_size: int = 128,
+        max_io: int = 128 * 1024,
+        max_segments: int = 8,
+        indirect: bool = True,
+        event_idx: bool = True,
     ) -> Self:
         """Open a virtio-blk PCI function through VFIO (see ``docs/vfio.md``); ``bind``
         rebinds it to ``vfio-pci`` first."""
         transport = VfioPciTransport.open(pci_address, iova_allocator=iova_allocator,
                                           memory=memory, poll=poll, bind=bind)
-        return cls(transport, poll=poll, **options)
+        try:
+            return cls(transport, poll=poll, queue_size=queue_size, max_io=max_io,
+                       max_segments=max_segments, indirect=indirect, event_idx=event_idx)
+        except BaseException:
+            transport.close()
+            raise
 
     # -- buffers --------------------------------------------------------------------------
 
     def alloc_buffer(self, nbytes: int) -> DmaBuffer:
         """Device-visible memory for zero-copy I/O (``submit_read(..., into=buf)``).
         Allocate few, large buffers and :meth:`DmaBuffer.slice` them: each call is a new
-        region the transport must register (vhost-user allows 8 in all)."""
+        region the transport must register (vhost-user allows few).  Raises
+        :class:`ArgumentError`, :class:`~virtq.errors.QueueStateError` (closed),
+        :class:`~virtq.errors.VirtqOSError` (out of memory)."""
+        self._check_open()
+        _check_int("nbytes", nbytes, 1, MAX_BUFFER)
         arena = self.transport.alloc_dma(nbytes)
         # The arena is rounded up to pages (2 MiB with hugepages); the buffer is what was
         # asked for, so a whole-buffer request moves exactly nbytes.
@@ -335,131 +427,118 @@ class BlkDevice:
 
     # -- submission ---------------------------------------------------------------------------
 
-    def _take_slot(self) -> int:
-        """A free slot, round-robin over the queues (a slot's queue is
-        ``slot // slots_per_queue``).  _submit pops a single queue's slots itself."""
-        free_slots = self._free_slots
-        n = len(free_slots)
+    def _check_open(self) -> None:
+        if self._closed:
+            raise QueueStateError("BlkDevice is closed")
+
+    def _refuse(self) -> NoReturn:
+        raise QueueStateError(self._refused or "BlkDevice is unusable") \
+            from self._refused_cause
+
+    def _take_slot(self) -> tuple[int, ChainTemplate[BlkRequest]]:
+        """A free slot of a usable queue, round-robin over the queues: (the slot's global
+        number, its queue's template)."""
+        tpls = self._tpls
+        queues = self.queues
+        n = len(tpls)
+        usable = 0
         for k in range(n):
             qi = (self._next_queue + k) % n
-            if free_slots[qi]:
+            if queues[qi].state is not _READY:
+                continue
+            usable += 1
+            tpl = tpls[qi]
+            if tpl.num_free:
                 self._next_queue = (qi + 1) % n
-                return free_slots[qi].pop()
-        raise QueueStateError(
-            f"all {n * self.slots_per_queue} request slots are in flight; wait() for some")
+                return qi * self.slots_per_queue + tpl.acquire(), tpl
+        if not usable:
+            broken = next(q.broken for q in queues)
+            raise QueueStateError("every queue of the device is broken; reconnect()") \
+                from broken
+        raise QueueFullError(1, 0, "request slots")
 
-    def _init_chains(self) -> None:
-        """(Re)write every slot's persistent chain: a ring descriptor pointing at the slot's
-        indirect table, whose entry 0 is the request header.  Data and status entries are
-        written per request shape (see :meth:`_submit`)."""
-        if not self.indirect:
-            return
-        iova = self.arena.iova
-        for slot in range(len(self._slot_head)):
-            meta = self._slot_meta[slot]
-            _PACK_DESC(self._mem, self._slot_table[slot], iova + meta, 16, _F_NEXT, 1)
-            self._slot_shape[slot] = _NO_SHAPE
-            self._slot_buf[slot] = None
+    def _data_pieces(self, g: int, nbytes: int) -> tuple[tuple[Iova, int], ...]:
+        """Slot ``g``'s bounce buffer as the device gets it: pieces of at most size_max."""
+        base = self.arena.iova + self._bounce[g]
+        seg = self.size_max or nbytes
+        return tuple((Iova(base + off), min(seg, nbytes - off))
+                     for off in range(0, nbytes, seg))
 
-    def _write_shape(self, slot: int, nbytes: int, into: Sequence[DmaBuffer] | None,
-                     wflag: int, key: int) -> None:
-        """Write the data entries 1..m and the status entry m+1 of the slot's indirect table
-        (§2.7.5.3: entries are chained by index from 0), and the head's table length --
-        each only if it differs from what the slot's last request left there.
-
-        The shape key (see _submit) packs ``m << 2 | wflag`` (where the status entry
-        sits, which way the data goes) in the low 16 bits; a copying request adds its
-        length above them, because its one data entry, the bounce buffer, is then fully
-        known (``key``, computed by _submit).  Zero-copy data entries are rewritten every
-        time."""
-        mem = self._mem
-        table = self._slot_table[slot]
-        iova = self.arena.iova
-        m = (1 if nbytes else 0) if into is None else len(into)
-        tail = m << 2 | wflag
-        old = self._slot_shape[slot]
-        self._slot_shape[slot] = _NO_SHAPE  # until every entry below is written
-        self._slot_buf[slot] = None
-        if old & 0xFFFF != tail:
-            meta = self._slot_meta[slot]
-            _PACK_DESC(mem, table + 16 * (m + 1), iova + meta + 16, 1, _F_WRITE, 0)
-            queue = self.queues[slot // self.slots_per_queue]
-            queue.set_desc(self._slot_head[slot], iova + table, 16 * (m + 2), _F_INDIRECT, 0)
-        flags = _F_NEXT | wflag
-        if into is None:
-            if nbytes:
-                boff = self._bounce_off + slot * self.max_io
-                _PACK_DESC(mem, table + 16, iova + boff, nbytes, flags, 2)
-            self._slot_shape[slot] = key
+    def _copy_shape(self, g: int, nbytes: int, wflag: bool) -> None:
+        """Cache slot ``g``'s buffers for a copying request of ``nbytes`` (0: none)."""
+        data = self._data_pieces(g, nbytes) if nbytes else ()
+        if wflag:
+            self._shape_r[g] = self._hdr_r[g]
+            self._shape_w[g] = (*data, self._status_w[g])
         else:
-            i = 1
-            for buf in into:
-                _PACK_DESC(mem, table + 16 * i, buf.iova, buf.length, flags, i + 1)
-                i += 1
-            self._slot_shape[slot] = tail
-            if m == 1:
-                self._slot_buf[slot] = into[0]
+            self._shape_r[g] = (*self._hdr_r[g], *data)
+            self._shape_w[g] = (self._status_w[g],)
+        self._shape_key[g] = nbytes << 2 | (1 if wflag else 0)
+        self._slot_buf[g] = None
 
-    def _submit(self, kind: int, sector: int, nbytes: int,
-                data: bytes | bytearray | memoryview | None,
-                into: Sequence[DmaBuffer] | None, wflag: int) -> BlkRequest:
+    def _zc_shape(self, g: int, into: Sequence[DmaBuffer], wflag: bool
+                  ) -> tuple[tuple[tuple[Iova, int], ...], tuple[tuple[Iova, int], ...]]:
+        """Slot ``g``'s buffers for a zero-copy request; a one-buffer shape is cached (by
+        buffer identity) so that refilling a slot with its old buffer writes nothing."""
+        if len(into) == 1:
+            buf = into[0]
+            key = _ZC_ONE | (1 if wflag else 0)
+            if self._slot_buf[g] is buf and self._shape_key[g] == key:
+                return self._shape_r[g], self._shape_w[g]
+            data: tuple[tuple[Iova, int], ...] = ((buf.iova, buf.length),)
+        else:
+            buf = None
+            key = _NO_SHAPE
+            data = tuple((b.iova, b.length) for b in into)
+        r: tuple[tuple[Iova, int], ...]
+        w: tuple[tuple[Iova, int], ...]
+        if wflag:
+            r, w = self._hdr_r[g], (*data, self._status_w[g])
+        else:
+            r, w = (*self._hdr_r[g], *data), (self._status_w[g],)
+        self._shape_r[g], self._shape_w[g], self._shape_key[g] = r, w, key
+        self._slot_buf[g] = buf
+        return r, w
+
+    def _submit(self, kind: int, sector: int, nbytes: int, data: memoryview | None,
+                into: Sequence[DmaBuffer] | None, wflag: bool) -> BlkRequest:
         """Start a request whose lengths are already checked: ``nbytes`` in total, copied
         through the slot's bounce buffer (``into`` None; ``data`` is what to write) or
-        moved by the device straight to/from ``into``.  ``wflag`` is ``VIRTQ_DESC_F_WRITE``
-        when the device writes the data (reads, GET_ID), else 0.
+        moved by the device straight to/from ``into``.  ``wflag``: the device writes the
+        data (reads, GET_ID).
 
         This runs once per request, so it avoids what costs in CPython: keyword arguments,
-        temporary tuples, and rewriting descriptors that already say the right thing."""
+        temporary tuples, and building buffer lists that the slot already has."""
         if sector.__class__ is not int or not 0 <= sector <= _U64_MAX:
             _check_sector(sector)  # raises, unless an int subclass in range
         if self._refused is not None:
             self._refuse()
-        free = self._free_slots[0]
-        slot = free.pop() if free and self._single_queue else self._take_slot()
-        mem = self._mem
-        meta = self._slot_meta[slot]
-        _PACK_HEADER_STATUS(mem, meta, kind, 0, sector, _STATUS_POISON)
-        if into is None and nbytes:
-            boff = self._bounce_off + slot * self.max_io
-            if data is not None:
-                mem[boff : boff + nbytes] = data
+        if self._single_queue:
+            tpl = self._tpls[0]
+            if self.queues[0].state is not _READY:
+                self._take_slot()  # raises why
+            g = tpl.acquire()
+        else:
+            g, tpl = self._take_slot()
+        slot = g % self.slots_per_queue
         try:
-            if self.indirect:
-                # Persistent chain (one reserved ring descriptor per slot, see _setup): most
-                # workloads repeat one shape, so most requests write no descriptor at all.
-                key = nbytes << 17 | 1 << 16 | (4 if nbytes else 0) | wflag  # see _write_shape
-                if into is not None or self._slot_shape[slot] != key:
-                    self._write_shape(slot, nbytes, into, wflag, key)
-                req = BlkRequest(self, kind, sector, nbytes, slot, into)
-                self._slot_add[slot](self._slot_head[slot], req, nbytes + 1 if wflag else 1)
+            mem = self._mem
+            assert mem is not None
+            _PACK_HEADER_STATUS(mem, self._slot_meta[g], kind, 0, sector, _STATUS_POISON)
+            if into is None:
+                if data is not None:
+                    boff = self._bounce[g]
+                    mem[boff : boff + nbytes] = data
+                if self._shape_key[g] != nbytes << 2 | (1 if wflag else 0):
+                    self._copy_shape(g, nbytes, wflag)
+                r, w = self._shape_r[g], self._shape_w[g]
             else:
-                req = self._add_direct(kind, sector, nbytes, slot, into, wflag)
+                r, w = self._zc_shape(g, into, wflag)
+            req = BlkRequest(self, kind, sector, nbytes, g, into)
+            tpl.submit(slot, r, w, req)
         except BaseException:
-            self._free_slots[slot // self.slots_per_queue].append(slot)
+            tpl.release(slot)
             raise
-        self._n_in_flight += 1
-        return req
-
-    def _add_direct(self, kind: int, sector: int, nbytes: int, slot: int,
-                    into: Sequence[DmaBuffer] | None, wflag: int) -> BlkRequest:
-        """Without indirect descriptors: the whole chain goes into the ring each time."""
-        iova = self.arena.iova
-        meta = self._slot_meta[slot]
-        segments: list[tuple[int, int]]
-        if into is not None:
-            segments = [(b.iova, b.length) for b in into]
-        elif nbytes:
-            segments = [(iova + self._bounce_off + slot * self.max_io, nbytes)]
-        else:
-            segments = []
-        req = BlkRequest(self, kind, sector, nbytes, slot, into)
-        header = (iova + meta, 16)
-        status = (iova + meta + 16, 1)
-        queue = self.queues[slot // self.slots_per_queue]
-        if wflag:
-            queue.add((header,), [*segments, status], req)
-        else:
-            queue.add([header, *segments], (status,), req)
         return req
 
     def _check_len(self, nbytes: int) -> None:
@@ -468,48 +547,74 @@ class BlkDevice:
             raise ArgumentError("nbytes", nbytes, f"at most max_io={self.max_io} per request; "
                                 "read()/write() split larger transfers")
 
-    def _check_bufs(self, into: DmaBuffer | Sequence[DmaBuffer]) -> tuple[Sequence[DmaBuffer], int]:
+    def _check_buf(self, b: object) -> DmaBuffer:
+        if b.__class__ is not DmaBuffer:
+            raise ArgumentError("into", b, "DmaBuffers from alloc_buffer()")
+        assert isinstance(b, DmaBuffer)
+        if b.owner is not self.transport:
+            raise ArgumentError(
+                "into", b, f"belongs to {b.owner!r}, not to this device's transport "
+                f"{self.transport!r}: a buffer may only go to the device that allocated it")
+        if b.length % SECTOR_SIZE:
+            raise ArgumentError("into", b, "buffer lengths must be multiples of 512")
+        if self.size_max is not None and b.length > self.size_max:
+            raise ArgumentError("into", b, f"each buffer at most size_max={self.size_max} "
+                                "bytes (the device's largest segment)")
+        if self._quarantine and any(b.overlaps(q) for q in self._quarantine):
+            raise ArgumentError("into", b, "the device may still write this buffer: a queue "
+                                "broke with it in flight; reconnect() or close() first")
+        return b
+
+    def _check_bufs(self, into: DmaBuffer | Sequence[DmaBuffer]
+                    ) -> tuple[Sequence[DmaBuffer], int]:
         """Zero-copy buffers as a sequence, and their total length."""
         if into.__class__ is DmaBuffer:
-            length = into.length
-            if length % SECTOR_SIZE:
-                raise ArgumentError("into", into, "buffer lengths must be multiples of 512")
-            return (into,), length
-        bufs = [into] if isinstance(into, DmaBuffer) else list(into)
+            buf = self._check_buf(into)
+            return (buf,), buf.length
+        try:
+            bufs = list(into)  # type: ignore[arg-type]
+        except TypeError:
+            raise ArgumentError("into", into, "a DmaBuffer or a sequence of them") from None
         if not bufs:
             raise ArgumentError("into", into, "at least one buffer")
         if len(bufs) > self.max_segments:
             raise ArgumentError("into", len(bufs),
                                 f"at most {self.max_segments} segments per request")
         for b in bufs:
-            if not isinstance(b, DmaBuffer):
-                raise ArgumentError("into", b, "DmaBuffers from alloc_buffer()")
-            if b.length % SECTOR_SIZE:
-                raise ArgumentError("into", b, "buffer lengths must be multiples of 512")
-        return bufs, sum(b.length for b in bufs)
+            self._check_buf(b)
+        total = sum(b.length for b in bufs)
+        if total > MAX_BUFFER:
+            raise ArgumentError("into", total, "a request moves less than 4 GiB")
+        return bufs, total
 
     def submit_read(self, sector: int, nbytes: int = 0, *,
                     into: DmaBuffer | Sequence[DmaBuffer] | None = None) -> BlkRequest:
         """Start reading ``nbytes`` at ``sector``.  Without ``into`` the data is copied out
         of a bounce buffer and returned by ``wait()``; with ``into`` (one buffer or a
-        scatter list) the device writes straight into them."""
+        scatter list) the device writes straight into them.  Raises
+        :class:`ArgumentError`, :class:`~virtq.errors.QueueFullError` (every slot in
+        flight), :class:`~virtq.errors.QueueStateError` (closed, or failed: reconnect)."""
         if into is None:
             if nbytes.__class__ is not int or not 0 < nbytes <= self.max_io \
                     or nbytes % SECTOR_SIZE:
                 self._check_len(nbytes)
-            return self._submit(VIRTIO_BLK_T_IN, sector, nbytes, None, None, _F_WRITE)
+            return self._submit(VIRTIO_BLK_T_IN, sector, nbytes, None, None, True)
         bufs, total = self._check_bufs(into)
-        return self._submit(VIRTIO_BLK_T_IN, sector, total, None, bufs, _F_WRITE)
+        return self._submit(VIRTIO_BLK_T_IN, sector, total, None, bufs, True)
 
     def submit_read_many(self, sectors: Sequence[int], nbytes: int = 0, *,
                          into: Sequence[DmaBuffer] | None = None) -> list[BlkRequest]:
         """:meth:`submit_read` for each of ``sectors``, in one call: ``nbytes`` each,
         copied, or without a copy into ``into[i]`` (one :class:`DmaBuffer` per sector, all
         the same length).  This is how to refill a deep queue: the per-request work runs
-        in one loop and the queue takes the whole batch at once (submission costs about
-        0.6x as much CPU as single calls).  All or nothing: a bad argument, or fewer free
-        slots than ``sectors``, raises before any request is submitted."""
-        count = len(sectors)
+        in one loop and the queue takes the whole batch at once.  All or nothing: a bad
+        argument, or fewer free slots than ``sectors``
+        (:class:`~virtq.errors.QueueFullError`), raises before any request is
+        submitted."""
+        try:
+            count = len(sectors)
+        except TypeError:
+            raise ArgumentError("sectors", sectors, "must be a sequence of ints") from None
         if into is None:
             if nbytes.__class__ is not int or not 0 < nbytes <= self.max_io \
                     or nbytes % SECTOR_SIZE:
@@ -518,250 +623,259 @@ class BlkDevice:
             nbytes = self._check_buf_batch(into, count)
         if self._refused is not None:
             self._refuse()
-        if not (self.indirect and self._single_queue):
-            return self._submit_each(VIRTIO_BLK_T_IN, sectors, nbytes, into)
-        free = self._free_slots[0]
-        if count > len(free):
-            raise QueueStateError(f"{count} requests need {count} slots; {len(free)} of "
-                                  f"{self.slots_per_queue} are free")
         if not count:
             return []
-        slots = free[-count:]
+        if not self._single_queue:
+            return self._submit_each(sectors, nbytes, into)
+        tpl = self._tpls[0]
+        if self.queues[0].state is not _READY:
+            self._take_slot()  # raises why
+        slots = tpl.acquire_many(count)  # QueueFullError when short
         mem = self._mem
+        assert mem is not None
         pack_header = _PACK_HEADER_STATUS
         slot_meta = self._slot_meta
-        shape = self._slot_shape
+        shape_key = self._shape_key
+        shape_r = self._shape_r
+        shape_w = self._shape_w
         reqs: list[BlkRequest] = []
-        append = reqs.append
-        # Everything below writes only to free slots, invisible to the device, so a bad
-        # sector (struct refuses it) leaves nothing to undo.
+        rs: list[tuple[tuple[Iova, int], ...]] = []
+        ws: list[tuple[tuple[Iova, int], ...]] = []
+        # Everything below writes only to held slots, invisible to the device, so a bad
+        # sector (struct refuses it) leaves nothing to undo but the slots.
         try:
             if into is None:
-                key = nbytes << 17 | 1 << 16 | 4 | _F_WRITE  # see _write_shape
+                key = nbytes << 2 | 1
                 for slot, sector in zip(slots, sectors, strict=True):
                     pack_header(mem, slot_meta[slot], VIRTIO_BLK_T_IN, 0, sector,
                                 _STATUS_POISON)
-                    if shape[slot] != key:
-                        self._write_shape(slot, nbytes, None, _F_WRITE, key)
-                    append(BlkRequest(self, VIRTIO_BLK_T_IN, sector, nbytes, slot, None))
+                    if shape_key[slot] != key:
+                        self._copy_shape(slot, nbytes, True)
+                    rs.append(shape_r[slot])
+                    ws.append(shape_w[slot])
+                    reqs.append(BlkRequest(self, VIRTIO_BLK_T_IN, sector, nbytes, slot, None))
             else:
                 # Refilling with the buffers of the requests just reaped puts each one back
-                # into the slot it came from (the slots freed last are taken first, in
-                # order), so its descriptor already points at it and is not rewritten.
-                tail = 1 << 2 | _F_WRITE  # one data entry, device-writable
+                # into the slot it came from (the slots freed last come first, in order),
+                # so the queue is handed the very tuples it already holds.
                 slot_buf = self._slot_buf
                 for slot, sector, buf in zip(slots, sectors, into, strict=True):
                     pack_header(mem, slot_meta[slot], VIRTIO_BLK_T_IN, 0, sector,
                                 _STATUS_POISON)
                     bufs = (buf,)
-                    if slot_buf[slot] is not buf or shape[slot] != tail:
-                        self._write_shape(slot, nbytes, bufs, _F_WRITE, tail)
-                    append(BlkRequest(self, VIRTIO_BLK_T_IN, sector, nbytes, slot, bufs))
+                    if slot_buf[slot] is buf and shape_key[slot] == _ZC_ONE | 1:
+                        rs.append(shape_r[slot])
+                        ws.append(shape_w[slot])
+                    else:
+                        r, w = self._zc_shape(slot, bufs, True)
+                        rs.append(r)
+                        ws.append(w)
+                    reqs.append(BlkRequest(self, VIRTIO_BLK_T_IN, sector, nbytes, slot, bufs))
+            tpl.submit_many(slots, rs, ws, reqs)
         except struct.error:
+            tpl.release_many(slots)
             for sector in sectors:
                 _check_sector(sector)
             raise
-        heads = slots if self._slot_is_head else [self._slot_head[slot] for slot in slots]
-        self.queues[0].add_reserved_many(heads, capacity=nbytes + 1, tokens=reqs)
-        del free[-count:]
-        self._n_in_flight += count
+        except BaseException:
+            tpl.release_many(slots)
+            raise
         return reqs
 
     def _check_buf_batch(self, into: Sequence[DmaBuffer], count: int) -> int:
-        """One DmaBuffer per request, all of one length (a multiple of 512): that length."""
-        if len(into) != count:
-            raise ArgumentError("into", len(into), f"one buffer per sector ({count})")
+        """One DmaBuffer of this device per request, all of one length (a multiple of 512):
+        that length."""
+        try:
+            if len(into) != count:
+                raise ArgumentError("into", len(into), f"one buffer per sector ({count})")
+        except TypeError:
+            raise ArgumentError("into", into, "a sequence of DmaBuffers") from None
         if not count:
             return 0
         # One C-level pass (map), not per-buffer Python lines: this runs per batch.
         try:
-            kinds: set[tuple[type, int]] = set(map(_BUF_KIND, into))
+            kinds: set[tuple[type, int, object]] = set(map(_BUF_KIND, into))
         except AttributeError:
             kinds = set()
-        if len(kinds) != 1 or next(iter(kinds))[0] is not DmaBuffer:
-            bad = next((b for b in into if b.__class__ is not DmaBuffer), None)
-            if bad is not None:
-                raise ArgumentError("into", bad, "DmaBuffers from alloc_buffer()")
+        if len(kinds) != 1 or next(iter(kinds))[0] is not DmaBuffer \
+                or next(iter(kinds))[2] is not self.transport:
+            for b in into:
+                self._check_buf(b)
             raise ArgumentError("into", sorted(b.length for b in into),
                                 "buffers of one length per call")
-        ((_, length),) = kinds
-        if length % SECTOR_SIZE:
-            raise ArgumentError("into", length, "buffer lengths must be multiples of 512")
+        if self._quarantine:
+            for b in into:
+                self._check_buf(b)
+        ((_, length, _),) = kinds
+        if length % SECTOR_SIZE or (self.size_max is not None and length > self.size_max):
+            self._check_buf(into[0])
         return length
 
-    def _submit_each(self, kind: int, sectors: Sequence[int], nbytes: int,
+    def _submit_each(self, sectors: Sequence[int], nbytes: int,
                      into: Sequence[DmaBuffer] | None) -> list[BlkRequest]:
-        """The batch calls without the single-queue indirect fast path: check everything,
-        then submit one by one (nothing can fail half-way)."""
+        """The batch call over several queues: check everything, then submit one by one
+        (nothing can fail half-way)."""
         for sector in sectors:
             _check_sector(sector)
         count = len(sectors)
-        free = sum(len(f) for f in self._free_slots)
+        free = sum(t.num_free for t, q in zip(self._tpls, self.queues, strict=True)
+                   if q.state is _READY)
         if count > free:
-            raise QueueStateError(f"{count} requests need {count} slots; {free} are free")
-        if not self.indirect:
-            # Each of these takes three ring descriptors (header, data, status).  A slot is
-            # sized for that, but scatter requests in flight may hold more, so check each
-            # queue for the most requests it could be given.
-            for q, slots in zip(self.queues, self._free_slots, strict=True):
-                needed = 3 * min(count, len(slots))
-                if needed > q.num_free:
-                    raise QueueFullError(needed, q.num_free)
-        wflag = _F_WRITE if kind == VIRTIO_BLK_T_IN else 0
+            raise QueueFullError(count, free, "request slots")
         if into is None:
-            return [self._submit(kind, sector, nbytes, None, None, wflag) for sector in sectors]
-        return [self._submit(kind, sector, nbytes, None, (buf,), wflag)
+            return [self._submit(VIRTIO_BLK_T_IN, sector, nbytes, None, None, True)
+                    for sector in sectors]
+        return [self._submit(VIRTIO_BLK_T_IN, sector, nbytes, None, (buf,), True)
                 for sector, buf in zip(sectors, into, strict=True)]
 
-    def submit_write(self, sector: int,
-                     data: bytes | bytearray | memoryview | DmaBuffer | Sequence[DmaBuffer]
-                     ) -> BlkRequest:
-        """Start writing ``data`` (copied) or device buffers (zero-copy) at ``sector``."""
+    def submit_write(self, sector: int, data: Any) -> BlkRequest:
+        """Start writing ``data`` at ``sector``: bytes-like data (any item format; its
+        length in bytes a multiple of 512, at most ``max_io``) is copied, a
+        :class:`DmaBuffer` or a list of them is written without a copy."""
         if self.read_only:
             raise QueueStateError("the device is read-only (VIRTIO_BLK_F_RO)")
-        if isinstance(data, bytes | bytearray | memoryview):
-            if isinstance(data, memoryview):
-                data = _byte_view(data)
-            nbytes = len(data)
-            self._check_len(nbytes)
-            return self._submit(VIRTIO_BLK_T_OUT, sector, nbytes, data, None, 0)
-        bufs, total = self._check_bufs(data)
-        return self._submit(VIRTIO_BLK_T_OUT, sector, total, None, bufs, 0)
+        if isinstance(data, DmaBuffer) or (isinstance(data, list | tuple) and data
+                                           and isinstance(data[0], DmaBuffer)):
+            bufs, total = self._check_bufs(data)
+            return self._submit(VIRTIO_BLK_T_OUT, sector, total, None, bufs, False)
+        view = byte_view(data)
+        self._check_len(len(view))
+        return self._submit(VIRTIO_BLK_T_OUT, sector, len(view), view, None, False)
 
     def submit_flush(self) -> BlkRequest:
-        return self._submit(VIRTIO_BLK_T_FLUSH, 0, 0, None, None, 0)
+        """Start a flush (VIRTIO_BLK_T_FLUSH): completes once earlier writes are durable."""
+        return self._submit(VIRTIO_BLK_T_FLUSH, 0, 0, None, None, False)
 
     def submit_get_id(self) -> BlkRequest:
-        return self._submit(VIRTIO_BLK_T_GET_ID, 0, VIRTIO_BLK_ID_BYTES, None, None, _F_WRITE)
+        """Start a GET_ID request; its result is the id bytes (up to 20)."""
+        return self._submit(VIRTIO_BLK_T_GET_ID, 0, VIRTIO_BLK_ID_BYTES, None, None, True)
 
     # -- completion --------------------------------------------------------------------------
 
     def kick(self) -> None:
         """Publish added requests; notify the queues whose device asked for it."""
         for qi, queue in enumerate(self.queues):
-            if queue.publish():  # False at once when nothing was added
+            if queue.state is _READY and queue.publish():  # False when nothing was added
                 self.transport.notify(qi)
 
     @property
     def in_flight(self) -> int:
         """How many requests are submitted and not yet completed."""
-        return self._n_in_flight
+        if self._single_queue:
+            q = self.queues[0]
+            return q.num_in_flight if q.state is _READY and self._refused is None else 0
+        if self._refused is not None:
+            return 0
+        return sum(q.num_in_flight for q in self.queues if q.state is _READY)
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Per queue: its state, requests in flight, free slots."""
+        return [{"queue": i, "state": q.state.value, "in_flight": q.num_in_flight,
+                 "free_slots": t.num_free}
+                for i, (q, t) in enumerate(zip(self.queues, self._tpls, strict=True))]
+
+    @property
+    def waiter(self) -> Waiter:
+        """The device's waiter: its ``fds()`` and ``arm()``/``drain()`` let an event loop
+        drive the device (then call ``poll(0)``)."""
+        return self._waiter
 
     def poll(self, timeout: float | None = 0, *, min_completions: int = 1) -> list[BlkRequest]:
-        """Publish pending requests, then return the requests the device completed (check
-        each one's ``error``, or call its ``wait()``).  With ``timeout`` (seconds, None =
-        forever) block until at least ``min_completions`` are done (fewer if fewer are in
-        flight) or the time is up; ``timeout=0`` never blocks.
+        """Publish pending requests, then return the requests that completed -- each one
+        either with its result or with ``error`` set (check it, or call ``wait()``).  With
+        ``timeout`` (seconds, None = forever) block until at least ``min_completions`` are
+        done (fewer if fewer are in flight) or the time is up; ``timeout=0`` never blocks.
 
         ``min_completions`` > 1 is for throughput: with event idx the device is asked to
         notify once that many have completed, so the driver sleeps through the rest
         instead of waking (or spinning) for each one -- like io_uring's ``min_complete``.
         Each request then waits a little longer.
 
-        A transport failure (the back-end died) fails every request in flight with that
-        error and raises it."""
+        Device failures do not raise (see the module's failure policy): a transport that
+        fails completes every request in flight with its error.  Raises
+        :class:`ArgumentError` and :class:`~virtq.errors.QueueStateError` (closed) only."""
+        self._check_open()
+        deadline = deadline_after(timeout)
+        if min_completions.__class__ is not int or min_completions < 1:
+            _check_int("min_completions", min_completions, 1)
         done: list[BlkRequest] = []
+        if self._refused is not None:
+            return done  # everything in flight already failed with the reason
         try:
             self.kick()
             self._reap(done)
-            if timeout == 0 or len(done) >= min_completions or not self._n_in_flight:
+            if len(done) >= min_completions or not self.in_flight or timeout == 0:
                 return done
-            deadline = None if timeout is None else time.monotonic() + timeout
-            spins = 0
+            wait = self._waiter.wait
             while True:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return done
-                if self.poll_mode:
-                    spins += 1
-                    if spins % 4096 == 0:
-                        self._check_transport()
-                else:
-                    busy = self._arm_wakeup(min_completions - len(done))
-                    if busy is not None:
-                        self.transport.wait(busy,
-                                            0.1 if remaining is None else min(0.1, remaining))
+                woke = wait(deadline, min_completions - len(done))
                 self._reap(done)
-                if len(done) >= min_completions or not self._n_in_flight:
+                if len(done) >= min_completions or not self.in_flight:
+                    return done
+                if not woke and deadline is not None and time.monotonic() >= deadline:
                     return done
         except (DeviceError, OSError) as err:
-            if isinstance(err, BlkIOError):
-                raise
-            self._fail_all(err)
-            if self._refused is None:
-                self._refused = (f"the transport failed ({type(err).__name__}: {err}); "
-                                 "reconnect() before submitting more")
-                self._refused_cause = err
-            raise
-
-    def _refuse(self) -> NoReturn:
-        raise QueueStateError(self._refused or "BlkDevice is unusable") \
-            from self._refused_cause
-
-    def _arm_wakeup(self, want: int) -> int | None:
-        """Re-enable notifications for the ``want`` completions still wanted; the queue to
-        sleep on, or None when they raced in meanwhile (reap instead: §2.7.13.5)."""
-        queues = self.queues
-        if self._single_queue:
-            return None if queues[0].enable_interrupts_after(want) else 0
-        busy = [i for i, q in enumerate(queues) if q.num_in_flight]
-        if any(queues[i].enable_interrupts_after(want) for i in busy):
-            return None
-        return busy[0] if busy else 0
+            self._transport_failed(err, done)
+            return done
 
     def _reap(self, done: list[BlkRequest]) -> None:
         """Complete what the device used (see :meth:`_complete`), queue by queue."""
-        for q, free in zip(self.queues, self._free_slots, strict=True):
+        for qi, q in enumerate(self.queues):
+            if q.state is not _READY:
+                continue
             try:
                 got = q.drain_used()
             except DeviceProtocolError as err:
                 # The queue validated these before the bad element: they did complete.
-                # (Their tokens are BlkRequests: nothing else adds to these queues.)
-                self._complete(err.completed, free, done)  # type: ignore[arg-type]
-                raise
-            if got:
-                self._complete(got, free, done)
-
-    def _complete(self, got: list[tuple[BlkRequest, int]], free: list[int],
-                  done: list[BlkRequest]) -> None:
-        """Status byte, copy out of the bounce buffer, free the slot: inlined over the
-        batch because it runs once per request."""
-        mem = self._mem
-        slot_status = self._slot_status
-        bounce_off = self._bounce_off
-        max_io = self.max_io
-        stale: list[BlkRequest] = []
-        for req, written in got:
-            if req.error is not None:
-                # Failed when its transport did (_fail_all), which freed the slot; the
-                # device still wrote its completion.  Freeing the slot again would hand
-                # it out twice.
-                stale.append(req)
+                self._complete(err.completed, done)  # type: ignore[arg-type]
+                self._queue_broke(qi, err, done)
                 continue
-            slot = req.slot
-            status = mem[slot_status[slot]]
+            if got:
+                self._complete(got, done)
+
+    def _complete(self, got: list[tuple[BlkRequest, int]], done: list[BlkRequest]) -> None:
+        """Status byte, data out of the bounce buffer: inlined over the batch because it
+        runs once per request.  A read is only successful when the device reported
+        writing all of it and the status byte (§2.7.8.2: nothing past used.len is
+        trusted)."""
+        mem = self._mem
+        assert mem is not None
+        slot_status = self._slot_status
+        bounce = self._bounce
+        for req, written in got:
+            status = mem[slot_status[req.slot]]
             req.written = written
             req.status = status
-            if status or req.kind:  # not a successful read (VIRTIO_BLK_T_IN is 0)
-                self._complete_other(req, status)
+            if status or req.kind or written <= req.nbytes:  # not a plain successful read
+                self._complete_other(req, status, written)
             elif req.into is None:
-                boff = bounce_off + slot * max_io
+                boff = bounce[req.slot]
                 req.result = bytes(mem[boff : boff + req.nbytes])
-            free.append(slot)
-        if stale:
-            done.extend(req for req, _ in got if req not in stale)
-            self._n_in_flight -= len(got) - len(stale)
-        else:
-            done.extend(map(_FIRST, got))
-            self._n_in_flight -= len(got)
+        done.extend(map(_FIRST, got))
 
-    def _complete_other(self, req: BlkRequest, status: int) -> None:
-        """A failed request's error, or GET_ID's string (writes and flushes carry nothing)."""
-        if status:
+    def _complete_other(self, req: BlkRequest, status: int, written: int) -> None:
+        """A failed request's error, a short read, or GET_ID's string (writes and flushes
+        carry nothing)."""
+        kind = req.kind
+        wants = req.nbytes + 1 if kind in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_GET_ID) else 1
+        if written < 1:
+            # The status byte is the last byte of the chain: with used.len 0 the device
+            # did not say it wrote it, whatever the byte holds.
+            req.error = self._status_error(req, _STATUS_POISON)
+        elif status != VIRTIO_BLK_S_OK:
             req.error = self._status_error(req, status)
-        elif req.kind == VIRTIO_BLK_T_GET_ID:
-            boff = self._bounce_off + req.slot * self.max_io
-            req.result = bytes(self._mem[boff : boff + req.nbytes]).rstrip(b"\0")
+        elif kind == VIRTIO_BLK_T_IN and written < wants:
+            req.error = DeviceProtocolError(
+                f"used.len of a {req.nbytes}-byte read at sector {req.sector}", written,
+                f"{wants} (the data and the status byte; §2.7.8.2: bytes past used.len "
+                "are not to be trusted)")
+        elif kind == VIRTIO_BLK_T_GET_ID:
+            assert self._mem is not None
+            boff = self._bounce[req.slot]
+            n = min(VIRTIO_BLK_ID_BYTES, written - 1)
+            # The id is NUL-terminated when shorter than 20 bytes (§5.2.6): what follows
+            # the NUL is whatever the buffer held before.
+            req.result = bytes(self._mem[boff : boff + n]).split(b"\0", 1)[0]
 
     @staticmethod
     def _status_error(req: BlkRequest, status: int) -> BlkIOError:
@@ -772,70 +886,110 @@ class BlkDevice:
         return cls(f"{name} of {req.nbytes} bytes at sector {req.sector}: {what}",
                    kind=name, sector=req.sector, nbytes=req.nbytes, status=status)
 
+    def _queue_broke(self, qi: int, err: DeviceProtocolError, done: list[BlkRequest]) -> None:
+        """Queue ``qi`` is broken: its requests complete with the error; the ring is stopped
+        if the transport can, else their zero-copy buffers stay quarantined."""
+        q = self.queues[qi]
+        failed = [req for req in q.in_flight_tokens() if not req.done]
+        for req in failed:
+            error = QueueBrokenError(err)
+            error.__cause__ = err
+            req.error = error
+            done.append(req)
+        try:
+            stopped = self.transport.stop_queue(qi)
+        except (DeviceError, OSError) as exc:
+            self._transport_failed(exc, done)
+            return
+        if not stopped:
+            self._quarantine.extend(b for req in failed for b in req.into or ())
+
+    def _transport_failed(self, err: BaseException, done: list[BlkRequest]) -> None:
+        """The transport failed: no request in flight can complete any more.  They fail
+        with ``err``; new ones are refused until :meth:`reconnect`.  (Their slots stay
+        taken until the rings are reset, so no buffer is reused under a device that
+        might still write it.)"""
+        for q in self.queues:
+            if q.state is QueueState.CLOSED:
+                continue
+            for req in q.in_flight_tokens():
+                if not req.done:
+                    req.error = err
+                    done.append(req)
+        if self._refused is None:
+            self._refused = (f"the transport failed ({type(err).__name__}: {err}); "
+                             "reconnect() before submitting more")
+            self._refused_cause = err
+
     def _in_flight(self) -> list[BlkRequest]:
         """The requests submitted and not done (the queues keep them as tokens)."""
-        return [req for q in self.queues for req in q.in_flight_tokens() if not req.done]
-
-    def _fail_all(self, err: BaseException) -> None:
-        """The transport failed: no request in flight can complete any more.  (The queues
-        still list them until reconnect() resets the rings; done() skips them.)"""
-        for req in self._in_flight():
-            req.error = err
-            self._free_slots[req.slot // self.slots_per_queue].append(req.slot)
-        self._n_in_flight = 0
+        return [req for q in self.queues if q.state is not QueueState.CLOSED
+                for req in q.in_flight_tokens() if not req.done]
 
     def wait(self, requests: Iterable[BlkRequest] | None = None,
              timeout: float | None = None) -> None:
-        """Until every request in ``requests`` (default: all in flight) is done.  Raises
-        TimeoutError after ``timeout`` seconds (the requests stay in flight)."""
-        pending = [r for r in (self._in_flight() if requests is None else requests)
-                   if not r.done]
-        deadline = None if timeout is None else time.monotonic() + timeout
+        """Until every request in ``requests`` (default: all in flight) is done (each
+        with its result or its ``error``).  Raises
+        :class:`~virtq.errors.VirtqTimeoutError` after ``timeout`` seconds (the requests
+        stay in flight), :class:`ArgumentError` for a request of another device."""
+        self._check_open()
+        deadline = deadline_after(timeout)
+        pending = self._in_flight() if requests is None else list(requests)
+        for r in pending:
+            if not isinstance(r, BlkRequest) or r._dev is not self:
+                raise ArgumentError("requests", r, "must be requests of this device")
+        pending = [r for r in pending if not r.done]
         while pending:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                raise TimeoutError(f"{len(pending)} request(s) still in flight after "
-                                   f"{timeout} s")
+                raise VirtqTimeoutError(f"{len(pending)} request(s) still in flight after "
+                                        f"{timeout} s")
+            if not self.in_flight:
+                # Nothing can complete them: every pending request must be done by now.
+                raise VirtqError(f"{len(pending)} request(s) neither done nor in flight")
             self.poll(timeout=remaining)
             pending = [r for r in pending if not r.done]
-
-    def _check_transport(self) -> None:
-        check = getattr(self.transport, "check_alive", None)
-        if check is not None:
-            check()
 
     # -- convenience ----------------------------------------------------------------------
 
     def read(self, sector: int, nbytes: int) -> bytes:
         """Read ``nbytes`` (a multiple of 512) at ``sector``; large reads are split into
-        ``max_io`` requests kept in flight together."""
+        ``max_io`` requests kept in flight together.  Raises the first failed request's
+        error."""
+        _check_sector(sector)
         _check_sectors(nbytes)
         chunks = []
         for off in range(0, nbytes, self.max_io):
             n = min(self.max_io, nbytes - off)
             chunks.append(self._submit_when_free(
-                lambda s=sector + off // SECTOR_SIZE, n=n: self.submit_read(s, n)))
+                functools.partial(self.submit_read, sector + off // SECTOR_SIZE, n)))
         self.wait(chunks)
         return b"".join(r.wait() or b"" for r in chunks)
 
-    def write(self, sector: int, data: bytes | bytearray | memoryview) -> None:
-        """Write ``data`` (a multiple of 512 bytes) at ``sector``, split like :meth:`read`."""
-        view = _byte_view(memoryview(data))
+    def write(self, sector: int, data: Any) -> None:
+        """Write bytes-like ``data`` (a multiple of 512 bytes, any item format) at
+        ``sector``, split like :meth:`read`."""
+        _check_sector(sector)
+        view = byte_view(data)
         _check_sectors(len(view))
         reqs = []
-        for off in range(0, len(data), self.max_io):
+        for off in range(0, len(view), self.max_io):
             part = view[off : off + self.max_io]
             reqs.append(self._submit_when_free(
-                lambda s=sector + off // SECTOR_SIZE, p=part: self.submit_write(s, p)))
+                functools.partial(self.submit_write, sector + off // SECTOR_SIZE, part)))
         self.wait(reqs)
         for r in reqs:
             r.wait()
 
-    def _submit_when_free(self, submit: Any) -> BlkRequest:
-        while not any(self._free_slots):
-            self.wait(self._in_flight()[:1])
-        req: BlkRequest = submit()
-        return req
+    def _submit_when_free(self, submit: Callable[[], BlkRequest]) -> BlkRequest:
+        while True:
+            try:
+                return submit()
+            except QueueFullError:
+                oldest = self._in_flight()[:1]
+                if not oldest:
+                    raise
+                self.wait(oldest)
 
     def flush(self) -> None:
         """Make previous writes durable (VIRTIO_BLK_T_FLUSH)."""
@@ -852,20 +1006,38 @@ class BlkDevice:
     def capacity_bytes(self) -> int:
         return self.capacity * SECTOR_SIZE
 
-    # -- teardown -------------------------------------------------------------------------
+    # -- teardown and recovery -----------------------------------------------------------
+
+    def _release_views(self) -> None:
+        # Queues a failed set-up never attached are not closed by the transport; their
+        # views would keep the arena from closing.
+        for q in self.queues:
+            q.close()
+        if self._mem is not None:
+            self._mem.release()
+            self._mem = None
 
     def close(self) -> None:
         """Close the transport (and with it the queues and memory); requests still in
-        flight fail with :class:`QueueStateError`."""
-        if self._closed:
-            return
-        self._closed = True
-        self._refused, self._refused_cause = "BlkDevice is closed", None
-        self._fail_all(QueueStateError("BlkDevice was closed with the request in flight"))
-        mem = getattr(self, "_mem", None)
-        if mem is not None:
-            mem.release()
-        self.transport.close()
+        flight fail with :class:`QueueStateError`.  If the memory cannot be released
+        because views of it are alive (a :meth:`DmaBuffer.view` you still hold),
+        :class:`~virtq.errors.RegionBusyError` is raised; release them and call
+        ``close()`` again."""
+        if not self._closed:
+            self._closed = True
+            self._refused, self._refused_cause = "BlkDevice is closed", None
+            err = QueueStateError("BlkDevice was closed with the request in flight")
+            for req in self._in_flight():
+                req.error = err
+            self._quarantine.clear()
+            self._release_views()
+        if not self._transport_closed:
+            self.transport.close()
+            self._transport_closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def __enter__(self) -> Self:
         return self
@@ -873,29 +1045,32 @@ class BlkDevice:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def reconnect(self, path: str | os.PathLike[str] | None = None) -> int:
-        """vhost-user only: connect to a new back-end after the old one died; requests
-        that were in flight fail with the disconnect error (if not already).  Returns how
-        many were lost."""
-        reconnect = getattr(self.transport, "reconnect", None)
-        if reconnect is None:
-            raise QueueStateError("this transport cannot reconnect")
-        lost = reconnect(path)
+    def reconnect(self, path: str | os.PathLike[str] | None = None, *,
+                  timeout: float | None = None) -> int:
+        """vhost-user only: connect to a new back-end after the old one died (or to
+        recover broken queues); requests that were in flight fail with the disconnect
+        error (if not already).  Returns how many were lost.  Raises
+        :class:`~virtq.errors.QueueStateError` (closed, or a transport that cannot
+        reconnect) and the connection errors -- after which the device stays refused."""
+        self._check_open()
+        t = self.transport
+        if not isinstance(t, Reconnectable):
+            raise QueueStateError(f"{type(t).__name__} cannot reconnect")
+        try:
+            lost = t.reconnect(path, timeout=timeout)
+        except BaseException as exc:
+            self._refused = f"reconnect failed ({type(exc).__name__}: {exc})"
+            self._refused_cause = exc
+            raise
         count = 0
+        gone = DeviceError("the back-end went away with the request in flight")
         for tokens in lost.values():
             for req in tokens:
                 if not req.done:
-                    req.error = DeviceError("the back-end went away with the request in flight")
+                    req.error = gone
                     count += 1
-        # Every slot is free again: the rings were reset.
-        for qi in range(len(self.queues)):
-            base = qi * self.slots_per_queue
-            self._free_slots[qi] = list(range(base + self.slots_per_queue - 1, base - 1, -1))
-        self._n_in_flight = 0
-        self._init_chains()  # the reset rings lost the persistent chains' head descriptors
+        self._quarantine.clear()
         if self.poll_mode:
-            for q in self.queues:
-                q.disable_interrupts()
-        if not self._closed:
-            self._refused = self._refused_cause = None
+            self._waiter.disarm()
+        self._refused = self._refused_cause = None
         return count

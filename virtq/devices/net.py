@@ -42,19 +42,22 @@ from virtq.abi.net import (
     TX_QUEUE,
     VIRTIO_NET_F_MAC,
 )
-from virtq.errors import ArgumentError, DeviceProtocolError, QueueStateError, VirtqError
+from virtq.devices.dma import byte_view
+from virtq.errors import ArgumentError, DeviceProtocolError, QueueStateError, VirtqTimeoutError
 from virtq.iova import IovaAllocator
-from virtq.layout import SplitLayout, align_up
-from virtq.queue import SlotQueue
+from virtq.layout import align_up
+from virtq.queue import SlotQueue, ring_layout
 from virtq.transport.base import DmaArena, Transport
 from virtq.transport.errors import DeviceRefusedError, TransportError
 from virtq.transport.vhost_user import VhostUserTransport
+from virtq.transport.waiter import Waiter, deadline_after
 
-#: Polling loops look at the transport's socket once per this many empty polls.
-_CHECK_EVERY = 4096
+#: Frame types whose len() is their size in bytes (others are converted first).
+_PLAIN = frozenset((bytes, bytearray))
 
 
-class NetTimeoutError(VirtqError, TimeoutError):
+
+class NetTimeoutError(VirtqTimeoutError):
     """A transmit did not find ring space in time (the device stopped consuming); the
     first ``sent`` frames of the call were queued and will still go out."""
 
@@ -83,7 +86,7 @@ class NetDevice:
         poll: bool = False,
     ) -> None:
         self.transport = transport
-        self.poll_mode = poll
+        self.poll_mode = bool(poll or transport.polling)
         self.tx_packets = 0
         self.tx_bytes = 0
         self.rx_packets = 0
@@ -116,8 +119,10 @@ class NetDevice:
         for index, name in ((RX_QUEUE, "receiveq"), (TX_QUEUE, "transmitq")):
             if t.max_queue_size(index) == 0:
                 raise DeviceRefusedError(f"the device has no {name} (queue {index})")
+        if not isinstance(queue_size, int) or queue_size < 1:
+            raise ArgumentError("queue_size", queue_size, "must be an int >= 1")
         size = min(queue_size, t.max_queue_size(RX_QUEUE), t.max_queue_size(TX_QUEUE))
-        layout = SplitLayout.compute(size)  # validates size (power of two, <= 32768)
+        layout = ring_layout(size)  # validates size (power of two, <= 32768)
         ring_bytes = layout.nbytes  # page-aligned, so shifted() keeps every alignment
         bs = self.buffer_size
         rx_off = 2 * ring_bytes
@@ -148,6 +153,8 @@ class NetDevice:
         self._rx_ready: deque[bytes] = deque()
         t.attach_queue(RX_QUEUE, self.rxq)
         t.attach_queue(TX_QUEUE, self.txq)
+        self._rx_waiter = Waiter(t, [self.rxq], poll=self.poll_mode)
+        self._tx_waiter = Waiter(t, [self.txq], poll=self.poll_mode)
         # Fill the receiveq before DRIVER_OK: a device may deliver as soon as it runs
         # (§5.1.5 step 3, "fill the receive queues with buffers").
         self.rxq.submit(size)
@@ -176,18 +183,22 @@ class NetDevice:
         path: str | os.PathLike[str],
         *,
         queue_size: int = 256,
+        buffer_size: int = 2048,
+        event_idx: bool = True,
+        poll: bool = False,
         timeout: float = 5.0,
         iova_allocator: IovaAllocator | None = None,
         hugepages: bool = False,
-        **options: Any,
     ) -> Self:
         """Connect to a vhost-user-net back-end (DPDK ``net_vhost``, :class:`~virtq.testing.
-        testpmd.TestPmd`, ...) listening on ``path``."""
+        testpmd.TestPmd`, ...) listening on ``path``.  The connection is closed on any
+        error."""
         transport = VhostUserTransport.connect(path, timeout=timeout,
                                                iova_allocator=iova_allocator,
                                                hugepages=hugepages)
         try:
-            return cls(transport, queue_size=queue_size, **options)
+            return cls(transport, queue_size=queue_size, buffer_size=buffer_size,
+                       event_idx=event_idx, poll=poll)
         except BaseException:
             transport.close()  # idempotent; covers a TypeError before __init__ ran
             raise
@@ -200,31 +211,34 @@ class NetDevice:
         full, for at most ``timeout`` seconds (None: until there is room)."""
         self.send_batch((frame,), timeout=timeout)
 
-    def send_batch(self, frames: Iterable[bytes | bytearray | memoryview], *,
-                   timeout: float | None = None) -> int:
-        """Queue ``frames`` in order, publishing each run that fits the ring with one index
+    def send_batch(self, frames: Iterable[Any], *, timeout: float | None = None) -> int:
+        """Queue ``frames`` (bytes-like: bytes, bytearray, memoryview, array -- sizes are
+        counted in bytes) in order, publishing each run that fits the ring with one index
         store and at most one notification.  Blocks while the ring is full (at most
         ``timeout`` seconds in all, counted from the first wait, then
-        :class:`NetTimeoutError`); returns how many were queued (all of them)."""
+        :class:`NetTimeoutError`, whose ``sent`` says how many were queued); returns how
+        many were queued (all of them).  Raises :class:`ArgumentError` for a bad frame
+        (before anything is queued), :class:`~virtq.errors.DeviceProtocolError` /
+        :class:`~virtq.errors.QueueBrokenError` when the device broke the transmitq, the
+        transport's error when it failed."""
         if self._closed:
             self._check_open()
-        if type(frames) is not list and type(frames) is not tuple:
-            frames = list(frames)
+        if type(frames) is not list:
+            try:
+                frames = list(frames)
+            except TypeError:
+                raise ArgumentError("frames", frames, "must be an iterable of frames") from None
         total = len(frames)
         if not total:
             return 0
         # All-or-nothing validation, before anything is queued (C-level loops: this is the
-        # per-packet hot path).
-        lens = list(map(len, frames))
-        lo, hi = MIN_FRAME, self.max_frame
-        if min(lens) < lo or max(lens) > hi:
-            n = next(n for n in lens if not lo <= n <= hi)
-            raise ArgumentError("frame", f"<{n} bytes>",
-                                f"must be {lo}..{hi} bytes (buffer_size - 12)")
-        # Descriptor lengths: zero header + frame, one device-readable buffer (§5.1.6.2).
-        dlens = [n + NET_HDR_SIZE for n in lens]
-        # The clock starts at the first wait for room (reading it costs every call).
-        deadline: float | None = None
+        # per-packet hot path).  len() counts bytes only for bytes and bytearray; a batch
+        # that may not fit the ring in one go is checked for other types up front, so a
+        # bad frame cannot stop it half-way.
+        if total > self.txq.num_free and not _PLAIN.issuperset(map(type, frames)):
+            frames = [byte_view(f, "frame") for f in frames]
+        lens, dlens = self._frame_lengths(frames)
+        deadline: float | None = None  # the clock starts at the first wait for room
         txq = self.txq
         mem = self._mem
         starts = self._tx_starts
@@ -233,15 +247,23 @@ class NetDevice:
             txq.reap()  # completed transmit slots become free (first in, first out)
             k = min(txq.num_free, total - sent)
             if not k:
-                if deadline is None and timeout is not None:
-                    deadline = time.monotonic() + timeout
+                if deadline is None:
+                    deadline = deadline_after(timeout)
                 self._wait_tx_room(deadline, sent)
                 continue
             first = txq.next_slot
             end = sent + k
-            for start, frame, n in zip(starts[first : first + k], frames[sent:end],
-                                       lens[sent:end], strict=True):
-                mem[start : start + n] = frame
+            try:
+                for start, frame, n in zip(starts[first : first + k], frames[sent:end],
+                                           lens[sent:end], strict=True):
+                    mem[start : start + n] = frame
+            except (ValueError, TypeError):
+                # A frame whose len() is not its size in bytes (a memoryview of another
+                # format, an array): nothing of this run was submitted, so convert the
+                # rest and go again.
+                frames = [*frames[:sent], *(byte_view(f, "frame") for f in frames[sent:])]
+                lens, dlens = self._frame_lengths(frames)
+                continue
             txq.submit(k, dlens[sent:end])
             if txq.publish():
                 self.transport.notify(TX_QUEUE)
@@ -250,28 +272,35 @@ class NetDevice:
         self.tx_bytes += sum(lens)
         return total
 
+    def _frame_lengths(self, frames: list[Any]) -> tuple[list[int], list[int]]:
+        """Each frame's length, and its descriptor's (zero header + frame, §5.1.6.2);
+        :class:`ArgumentError` for a frame outside 14 .. max_frame bytes."""
+        try:
+            lens = list(map(len, frames))
+        except TypeError:
+            raise ArgumentError("frame", next(f for f in frames if not hasattr(f, "__len__")),
+                                "must be bytes-like") from None
+        lo, hi = MIN_FRAME, self.max_frame
+        if min(lens) < lo or max(lens) > hi:
+            n = next(n for n in lens if not lo <= n <= hi)
+            raise ArgumentError("frame", f"<{n} bytes>",
+                                f"must be {lo}..{hi} bytes (buffer_size - 12)")
+        return lens, [n + NET_HDR_SIZE for n in lens]
+
     def _wait_tx_room(self, deadline: float | None, sent: int) -> None:
         """Until the device completes some transmit buffer (the caller reaps it)."""
         txq = self.txq
-        spins = 0
         while not txq.has_used():
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
+            if deadline is not None and time.monotonic() >= deadline:
                 raise NetTimeoutError(
                     f"transmitq full for {self.queue_size} frames: the device did not "
                     f"complete any within the timeout ({sent} of this batch queued)",
                     sent=sent)
-            if self.poll_mode:
-                spins += 1
-                if spins % _CHECK_EVERY == 0:
-                    self._check_transport()
-                continue
             # Ask for a notification once about 3/4 of the ring has completed (one wake-up
-            # per batch), then re-check: a completion that raced in before the device
-            # could see the request would never be signalled (§2.7.13.5).
-            if not txq.enable_interrupts_delayed():
-                self.transport.wait(TX_QUEUE, 0.1 if remaining is None else min(0.1, remaining))
-            txq.disable_interrupts()
+            # per batch); the waiter re-checks after arming (§2.7.13.5).
+            self._tx_waiter.wait(deadline, txq.num_in_flight * 3 // 4 + 1)
+            if not self.poll_mode:
+                txq.disable_interrupts()
 
     def reclaim(self) -> int:
         """Reap completed transmit buffers now (``send`` also does it); returns how many."""
@@ -320,29 +349,21 @@ class NetDevice:
     def _wait_rx(self, timeout: float | None) -> list[bytes]:
         """Received frames, waiting until some arrive or ``timeout`` passes (then [])."""
         self._check_open()
+        deadline = deadline_after(timeout)
         frames = self._harvest_rx()
-        if frames or (timeout is not None and timeout <= 0):
+        if frames or timeout == 0:
             return frames
-        deadline = None if timeout is None else time.monotonic() + timeout
-        rxq = self.rxq
-        spins = 0
+        waiter = self._rx_waiter
         while True:
-            frames = self._harvest_rx()
-            if frames:
-                return frames
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return frames
-            if self.poll_mode:
-                spins += 1
-                if spins % _CHECK_EVERY == 0:
-                    self._check_transport()
-                continue
             # Sleep only with notifications on and the ring re-checked after the store
-            # that switched them on (§2.7.13.5); off again while busy.
-            if not rxq.enable_interrupts():
-                self.transport.wait(RX_QUEUE, 0.1 if remaining is None else min(0.1, remaining))
-            rxq.disable_interrupts()
+            # that switched them on (the waiter does both, §2.7.13.5); off again while busy.
+            woke = waiter.wait(deadline)
+            if not self.poll_mode:
+                self.rxq.disable_interrupts()
+            frames = self._harvest_rx()
+            if frames or (not woke and deadline is not None
+                          and time.monotonic() >= deadline):
+                return frames
 
     def _harvest_rx(self) -> list[bytes]:
         """Copy every completed receive buffer out (header stripped) and re-post the
@@ -370,24 +391,22 @@ class NetDevice:
 
     def _drop_short(self, slots: list[int], lens: list[int], frames: list[bytes]) -> NoReturn:
         """The device wrote less than a header into some buffer (every received packet
-        starts with one, §5.1.6.4): keep the good frames for the next receive, then raise.
-        num_buffers is not checked: without MRG_RXBUF DPDK leaves it as the buffer had it."""
+        starts with one, §5.1.6.4): keep the good frames for the next receive, break the
+        receiveq like any impossible used element, then raise.  num_buffers is not
+        checked: without MRG_RXBUF DPDK leaves it as the buffer had it."""
         good = [f for f, length in zip(frames, lens, strict=True) if length >= NET_HDR_SIZE]
         self._rx_ready.extend(good)
         self.rx_packets += len(good)
         self.rx_bytes += sum(map(len, good))
         slot, length = next((s, n) for s, n in zip(slots, lens, strict=True)
                             if n < NET_HDR_SIZE)
-        raise DeviceProtocolError(
+        err = DeviceProtocolError(
             f"receiveq used.len of buffer {slot}", length,
             f">= {NET_HDR_SIZE} (the virtio_net_hdr precedes every frame)")
+        self.rxq.mark_broken(err)
+        raise err
 
     # -- lifecycle ------------------------------------------------------------------------
-
-    def _check_transport(self) -> None:
-        check = getattr(self.transport, "check_alive", None)
-        if check is not None:
-            check()
 
     def _check_open(self) -> None:
         if self._closed:

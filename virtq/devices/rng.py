@@ -10,22 +10,31 @@ flight at once.
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
+from types import EllipsisType
 from typing import Any, Self
 
-from virtq.abi.rng import VIRTIO_ID_ENTROPY
-from virtq.errors import ArgumentError, DeviceError, QueueStateError
+from virtq.abi.rng import REQUEST_QUEUE, VIRTIO_ID_ENTROPY
+from virtq.errors import (
+    ArgumentError,
+    DeviceError,
+    DeviceProtocolError,
+    QueueStateError,
+    VirtqTimeoutError,
+)
 from virtq.iova import IovaAllocator
-from virtq.layout import SplitLayout
-from virtq.queue import SplitQueue
+from virtq.memory import MemoryRegion
+from virtq.queue import ChainTemplate, DriverQueue, make_queue, ring_layout
 from virtq.transport.base import Transport
 from virtq.transport.vfio_pci import VfioPciTransport
+from virtq.transport.waiter import Waiter, deadline_after
+from virtq.types import Iova
 
 #: Queue size used when none is asked for: the device's maximum, capped here.
 DEFAULT_MAX_QUEUE = 64
 
 
-class RngTimeoutError(DeviceError, TimeoutError):
+class RngTimeoutError(DeviceError, VirtqTimeoutError):
     """The device did not complete a request in time."""
 
 
@@ -35,47 +44,52 @@ class RngDevice:
     ``queue_size``: None takes the device's maximum (at most 64); a size the device does not
     allow raises the transport's error (e.g.
     :class:`~virtq.transport.vfio_pci.QueueSizeError`).  ``buffer_size``: bytes per request.
+    ``timeout``: the default for :meth:`read`.
     """
 
     def __init__(self, transport: Transport, *, queue_size: int | None = None,
-                 buffer_size: int = 4096, timeout: float = 5.0) -> None:
+                 buffer_size: int = 4096, timeout: float | None = 5.0,
+                 poll: bool = False) -> None:
         self.transport = transport
+        deadline_after(timeout)  # validates it
         self.timeout = timeout
         self._closed = False
         self._mem: memoryview | None = None
-        self.queue: SplitQueue | None = None
+        self.queue: DriverQueue[tuple[int, int]] | None = None
         try:
-            self._setup(queue_size, buffer_size)
+            self._setup(queue_size, buffer_size, poll)
         except BaseException:
             self._release()
             transport.close()
             raise
 
-    def _setup(self, queue_size: int | None, buffer_size: int) -> None:
+    def _setup(self, queue_size: int | None, buffer_size: int, poll: bool) -> None:
         t = self.transport
-        device_type = getattr(t, "device_type", VIRTIO_ID_ENTROPY)
-        if device_type != VIRTIO_ID_ENTROPY:
+        device_type = t.device_type
+        if device_type is not None and device_type != VIRTIO_ID_ENTROPY:
             raise ArgumentError("transport", t, f"is a virtio type {device_type} device, not "
                                 f"an entropy device ({VIRTIO_ID_ENTROPY})")
-        if not isinstance(buffer_size, int) or buffer_size <= 0:
-            raise ArgumentError("buffer_size", buffer_size, "must be a positive int")
+        if not isinstance(buffer_size, int) or not 0 < buffer_size < 1 << 32:
+            raise ArgumentError("buffer_size", buffer_size, "must be an int in 1..2**32-1")
         # §5.4.3: no device-specific feature bits; the transport adds what it needs.
         self.features = t.negotiate(0)
-        maximum = t.max_queue_size(0)
+        maximum = t.max_queue_size(REQUEST_QUEUE)
         size = min(maximum, DEFAULT_MAX_QUEUE) if queue_size is None else queue_size
-        layout = SplitLayout.compute(size, buffer_size=buffer_size)
+        layout = ring_layout(size, buffer_size=buffer_size)
         self.arena = t.alloc_dma(layout.nbytes)
         self.layout = layout
         self.buffer_size = buffer_size
-        self.queue = SplitQueue(self.arena.region, layout, iova=self.arena.iova)
-        t.attach_queue(0, self.queue)
+        self.queue = make_queue(self.arena.region, layout, iova=self.arena.iova)
+        # One buffer per request, so each slot keeps one descriptor for good.
+        self._tpl: ChainTemplate[tuple[int, int]] = self.queue.template(1, slots=size)
+        t.attach_queue(REQUEST_QUEUE, self.queue)
+        self._waiter = Waiter(t, [self.queue], poll=poll)
         t.start()
         self._mem = self.arena.region.view()
-        self._free = list(range(size - 1, -1, -1))
-        # Per slot: where its buffer is in the arena, and where the device sees it.
+        # Per slot: where its buffer is in the arena, and the whole buffer as the queue
+        # takes it (a full-size request hands over the same tuple: no descriptor write).
         self._buf_off = [layout.buffer(slot) for slot in range(size)]
-        self._buf_iova = [self.arena.iova + off for off in self._buf_off]
-        self._notify = t.notify
+        self._full = [((Iova(self.arena.iova + off), buffer_size),) for off in self._buf_off]
 
     @classmethod
     def open_vfio(
@@ -83,79 +97,82 @@ class RngDevice:
         pci_address: str,
         *,
         iova_allocator: IovaAllocator | None = None,
-        memory: Any = None,
+        memory: Callable[[int], MemoryRegion] | None = None,
         poll: bool = False,
         bind: bool = False,
         queue_size: int | None = None,
+        buffer_size: int = 4096,
+        timeout: float | None = 5.0,
         **transport_options: Any,
     ) -> Self:
-        """Open a virtio-rng PCI function through VFIO (see ``docs/vfio.md``)."""
+        """Open a virtio-rng PCI function through VFIO (see ``docs/vfio.md``);
+        ``transport_options`` go to :meth:`VfioPciTransport.open`."""
         transport = VfioPciTransport.open(
             pci_address, iova_allocator=iova_allocator, memory=memory, poll=poll, bind=bind,
             **transport_options)
-        return cls(transport, queue_size=queue_size)
+        try:
+            return cls(transport, queue_size=queue_size, buffer_size=buffer_size,
+                       timeout=timeout, poll=poll)
+        except BaseException:
+            transport.close()
+            raise
 
     # -- reading --------------------------------------------------------------------------
 
-    def read(self, n: int) -> bytes:
-        """``n`` random bytes from the device."""
+    def read(self, n: int, timeout: float | EllipsisType | None = ...) -> bytes:
+        """``n`` random bytes from the device, within ``timeout`` seconds (default: the
+        device's ``timeout``; None: no limit) in all.  Raises :class:`RngTimeoutError`
+        when it runs out, :class:`~virtq.errors.DeviceProtocolError` (and breaks the queue)
+        for a completion with no bytes (§5.4.6.1: the device MUST place one or more), the
+        transport's error when the device fails."""
         if not isinstance(n, int) or n < 0:
             raise ArgumentError("n", n, "must be a non-negative int")
         mem = self._check_open()
         q = self.queue
         assert q is not None
-        free = self._free
+        if isinstance(timeout, EllipsisType):
+            timeout = self.timeout
+        deadline = deadline_after(timeout)
+        tpl = self._tpl
         offsets = self._buf_off
-        iovas = self._buf_iova
+        full = self._full
         size = self.buffer_size
         out = bytearray()
         pending = 0  # bytes asked for in requests still in flight
-        deadline = 0.0  # set when the first wait starts
         while len(out) < n:
             # Keep enough requests in flight to cover what is still missing.
             missing = n - len(out) - pending
             added = False
-            while free and missing > 0:
-                slot = free.pop()
-                length = size if missing > size else missing
-                q.add((), [(iovas[slot], length)], (slot, length))
+            while tpl.num_free and missing > 0:
+                slot = tpl.acquire()
+                if missing >= size:
+                    length = size
+                    tpl.submit(slot, (), full[slot], (slot, size))
+                else:
+                    length = missing
+                    tpl.submit(slot, (), ((full[slot][0][0], length),), (slot, length))
                 pending += length
                 missing -= length
                 added = True
             if added and q.publish():
-                self._notify(0)
+                self.transport.notify(REQUEST_QUEUE)
             done = q.drain_used()
             if not done:
-                if not deadline:
-                    deadline = time.monotonic() + self.timeout
-                done = self._wait_used(deadline)
+                if not self._waiter.wait(deadline) and not q.has_used():
+                    raise RngTimeoutError(f"no entropy from the device within {timeout} s")
+                continue
             for (slot, length), written in done:
                 pending -= length
+                if not written:
+                    err = DeviceProtocolError(
+                        f"used.len of a {length}-byte entropy request", 0,
+                        ">= 1 (§5.4.6.1: the device MUST place one or more random bytes)")
+                    q.mark_broken(err)
+                    raise err
                 start = offsets[slot]
                 take = n - len(out)
                 out += mem[start : start + (written if written < take else take)]
-                free.append(slot)
         return bytes(out)
-
-    def _wait_used(self, deadline: float) -> list[tuple[Any, int]]:
-        q = self.queue
-        assert q is not None
-        t = self.transport
-        has_used = q.has_used
-        # A polling transport's wait() returns False at once; spin on used.idx in a tight
-        # loop then, looking at the clock only now and then.
-        spin = 1024 if getattr(t, "poll", False) else 0
-        while True:
-            for _ in range(spin):
-                if has_used():
-                    break
-            done = q.drain_used()
-            if done:
-                return done
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RngTimeoutError(f"no entropy from the device within {self.timeout} s")
-            t.wait(0, min(remaining, 0.1))
 
     # -- teardown ---------------------------------------------------------------------------
 

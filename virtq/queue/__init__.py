@@ -1,8 +1,17 @@
-"""Driver-side virtqueues over memory you own."""
+"""Driver-side virtqueues over memory you own.
 
+Devices and transports see a queue only through :class:`DriverQueue` / :class:`VirtQueue`
+(``virtq.queue.interface``); :class:`SplitQueue` and :class:`SlotQueue` implement them over
+one split-ring core, :class:`UserQueue` is the seed's buffer-pool API on top.
+"""
+
+from virtq.queue._splitcore import SplitRingView
+from virtq.queue.factory import RING_FORMATS, make_queue, ring_layout
+from virtq.queue.interface import Buffer, ChainTemplate, DriverQueue, QueueState, VirtQueue
 from virtq.queue.slots import SlotQueue
-from virtq.queue.split import Buffer, SplitQueue, SplitRingView
+from virtq.queue.split import SplitQueue, SplitTemplate
 from virtq.queue.userqueue import DescTableAddrs, UsedBuffer, UserQueue
 
-__all__ = ["Buffer", "DescTableAddrs", "SlotQueue", "SplitQueue", "SplitRingView", "UsedBuffer",
-           "UserQueue"]
+__all__ = ["RING_FORMATS", "Buffer", "ChainTemplate", "DescTableAddrs", "DriverQueue",
+           "QueueState", "SlotQueue", "SplitQueue", "SplitRingView", "SplitTemplate",
+           "UsedBuffer", "UserQueue", "VirtQueue", "make_queue", "ring_layout"]

@@ -34,35 +34,21 @@ device writes passes :meth:`SlotQueue.reap` before it is acted on.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from collections.abc import Sequence
+from typing import Any
 
-from virtq._sys.fence import OBSERVE_BARRIER_NEEDED, observe_barrier
 from virtq.abi import VIRTQ_DESC_F_WRITE
-from virtq.errors import ArgumentError, DeviceProtocolError, QueueFullError, QueueStateError
-from virtq.layout import SplitLayout, distance
+from virtq.errors import ArgumentError, QueueFullError
+from virtq.layout import SplitLayout
 from virtq.memory import MemoryRegion
-from virtq.queue.split import (
-    _GUARDED,
-    _PACK_DESC,
-    _U32_LIMIT,
-    _U64_LIMIT,
-    SplitQueue,
-    _ring_run,
-)
+from virtq.queue._splitcore import _READY, _SplitCore, ring_run
+from virtq.queue.split import _PACK_DESC, _U32_LIMIT
 from virtq.types import Iova
 
-
-def _refused(name: str) -> Callable[..., NoReturn]:
-    def method(self: SlotQueue, *args: Any, **kwargs: Any) -> NoReturn:
-        raise QueueStateError(f"{name}(): a SlotQueue's descriptors are fixed slots; write "
-                              "the buffers of slots next_slot, next_slot + 1, ... and "
-                              "submit() them")
-    method.__name__ = name
-    return method
+_U64_LIMIT = 1 << 64
 
 
-class SlotQueue(SplitQueue):
+class SlotQueue(_SplitCore[int]):
     """A split virtqueue whose ``size`` descriptors are fixed one-buffer slots.
 
     ``slots`` holds the device address of each slot's buffer (one per descriptor, in
@@ -70,13 +56,13 @@ class SlotQueue(SplitQueue):
     them (a receive queue) or reads them (a transmit queue).
 
     Use: write the buffers of slots ``next_slot``, ``next_slot + 1``, ... (mod ``size``),
-    :meth:`submit` how many, :meth:`publish`; later :meth:`reap` the completions.  The
-    general chain API of :class:`SplitQueue` (``add``, ``reserve``, ...) is refused;
-    ``pop_used``/``drain_used`` work and return ``(slot, len)`` pairs.
+    :meth:`submit` how many, :meth:`publish`; later :meth:`reap` the completions (or
+    ``drain_used``/``pop_used``, which return ``(slot, len)`` pairs: a slot is its own
+    token).  A sibling of :class:`~virtq.queue.SplitQueue` over the same split-ring core
+    (publish, interrupt control, the ``used.idx`` check, state, reset, close).
     """
 
-    _guarded = (*_GUARDED, "submit", "reap")
-    _views = (*SplitQueue._views, "_used_i")
+    _views = (*_SplitCore._views,)
 
     def __init__(
         self,
@@ -101,6 +87,8 @@ class SlotQueue(SplitQueue):
             if not isinstance(addr, int) or not 0 <= addr <= _U64_LIMIT - slot_size:
                 raise ArgumentError("slots", addr, "each must be a u64 address with room "
                                     f"for {slot_size} bytes")
+        super().__init__(region, layout, iova=iova, event_idx=event_idx,
+                         start_index=start_index, strict_len=strict_len)
         self._slot_addrs = addrs
         self.slot_size = slot_size
         self.writable = bool(writable)
@@ -111,24 +99,18 @@ class SlotQueue(SplitQueue):
         # for any first < size and count <= size.
         self._ids2 = list(range(n)) * 2
         self._zeros = [0] * n
-        super().__init__(region, layout, iova=iova, event_idx=event_idx, indirect=False,
-                         start_index=start_index, strict_len=strict_len)
+        self._rebuild()
 
-    def _reset_state(self, start_index: int) -> None:
-        super()._reset_state(start_index)  # zeroes the rings
+    def _rebuild(self) -> None:
+        """Write the fixed descriptors and avail entries (after the rings were zeroed)."""
         n = self.size
-        if "_used_i" not in self.__dict__:
-            # used.ring as u32 pairs: [2i] id, [2i + 1] len (struct virtq_used_elem, §2.7.8)
-            used = self.layout.used
-            self._used_i = self._mem[used + 4 : used + 4 + 8 * n].cast("I")
         flags = VIRTQ_DESC_F_WRITE if self.writable else 0
         for d, addr in enumerate(self._slot_addrs):
             _PACK_DESC(self._desc_mem, d << 4, addr, self.slot_size, flags, 0)
         self._avail[2 : 2 + n] = array("H", range(n))  # avail.ring[d] = d, for good
-        self._free = []  # SplitQueue's free list: every descriptor is a slot
         # Slots are reused first in, first out: positions front .. next_avail - 1 are taken
         # (in flight, or completed early while an older one is not), the rest are free.
-        self._front = start_index
+        self._front = self._avail_seq
         self._early = bytearray(n)  # 1: completed while an older slot was still in flight
         self._early_count = 0
 
@@ -137,22 +119,29 @@ class SlotQueue(SplitQueue):
     @property
     def num_free(self) -> int:
         """Slots :meth:`submit` can take now."""
-        return self.size - ((self.next_avail - self._front) & 0xFFFF)
+        return self.size - (self._avail_seq - self._front)
 
     @property
     def next_slot(self) -> int:
         """The slot the next :meth:`submit` makes available first."""
-        return self.next_avail & self._mask
+        return self._avail_seq & self._mask
 
-    def in_flight_tokens(self) -> list[Any]:
+    def in_flight_tokens(self) -> list[int]:
         """The slots submitted and not yet reaped, in submission order."""
         early = self._early
         mask = self._mask
-        span = distance(self._front, self.next_avail)
-        return [s for s in ((self._front + k) & mask for k in range(span)) if not early[s]]
+        return [s for s in ((p & mask) for p in range(self._front, self._avail_seq))
+                if not early[s]]
 
     def _in_flight_heads(self) -> list[int]:
         return sorted(self.in_flight_tokens())
+
+    def _forget(self) -> list[int]:
+        return self.in_flight_tokens()
+
+    def _snapshot_extra(self) -> dict[str, Any]:
+        return {"num_free": self.num_free, "slot_size": self.slot_size,
+                "writable": self.writable}
 
     # -- submitting -----------------------------------------------------------------------
 
@@ -161,26 +150,33 @@ class SlotQueue(SplitQueue):
         return the first: they are ``next_slot``, ``next_slot + 1``, ... mod ``size``, so
         write their buffers before.  ``lengths`` (device-readable slots only) sets how many
         bytes of each the device reads, 1..``slot_size``; without it each keeps the length
-        it had (``slot_size`` to begin with).  All or nothing."""
-        pos = self.next_avail
-        n = self.size
-        free = n - ((pos - self._front) & 0xFFFF)
-        if not isinstance(count, int) or count < 0:
+        it had (``slot_size`` to begin with).  All or nothing: :class:`QueueFullError`,
+        :class:`ArgumentError`."""
+        if self._state_v is not _READY:
+            self._refuse()
+        pos = self._avail_seq
+        free = self.size - (pos - self._front)
+        if (count.__class__ is not int or count < 0) and (
+                not isinstance(count, int) or count < 0):
             raise ArgumentError("count", count, "must be an int >= 0")
         if count > free:
             raise QueueFullError(count, free)
         first = pos & self._mask
         if lengths is not None:
             self._write_lengths(first, count, lengths)
-        self.next_avail = (pos + count) & 0xFFFF
+        self._avail_seq = pos + count
         return first
 
     def _write_lengths(self, first: int, count: int, lengths: Sequence[int]) -> None:
         if self.writable:
             raise ArgumentError("lengths", "...", "only device-readable slots take lengths "
                                 "(a writable slot's capacity is checked against used.len)")
-        if len(lengths) != count:
-            raise ArgumentError("lengths", len(lengths), f"one per slot ({count})")
+        try:
+            nlen = len(lengths)
+        except TypeError:
+            raise ArgumentError("lengths", lengths, "must be a sequence of ints") from None
+        if nlen != count:
+            raise ArgumentError("lengths", nlen, f"one per slot ({count})")
         if not count:
             return
         try:
@@ -202,39 +198,26 @@ class SlotQueue(SplitQueue):
             desc_w[4 * first + 2 :: 4] = values[:k]
             desc_w[2 : 4 * (count - k) + 2 : 4] = values[k:]
 
-    # The general chain API does not apply: descriptors and avail entries are fixed.
-    add = _refused("add")
-    add_many = _refused("add_many")
-    add_reserved = _refused("add_reserved")
-    add_reserved_many = _refused("add_reserved_many")
-    reserve = _refused("reserve")
-    set_desc = _refused("set_desc")
-
     # -- reaping --------------------------------------------------------------------------
 
     def reap(self, limit: int | None = None) -> tuple[list[int], list[int]]:
         """The slots the device completed since the last reap (at most ``limit``), in
         used-ring order, and the bytes it wrote into each (``used.len``, validated against
-        the slot: 0 for a device-readable slot).  ``([], [])`` when there are none."""
-        if limit is not None and (not isinstance(limit, int) or limit < 1):
+        the slot: 0 for a device-readable slot).  ``([], [])`` when there are none.  Raises
+        :class:`~virtq.errors.DeviceProtocolError` for an impossible completion (the queue
+        is then broken; ``err.completed`` holds the valid ``(slot, len)`` pairs before it).
+        """
+        if self._state_v is not _READY:
+            self._refuse()
+        if limit is not None and (limit.__class__ is not int or limit < 1):
             raise ArgumentError("limit", limit, "must be an int >= 1 (or None: all)")
         used_idx = self._used_h[1]
-        last_used = self.last_used
-        count = (used_idx - last_used) & 0xFFFF
-        if not count:
+        last_used = self._used_seq
+        if used_idx == last_used & 0xFFFF:
             return [], []
-        published = self.published
-        # used.idx may run ahead of last_used by at most the number of published chains.
-        if count > ((published - last_used) & 0xFFFF):
-            self._fail(DeviceProtocolError(
-                "used.idx", used_idx,
-                f"at most {distance(last_used, published)} ahead of last_used "
-                f"{last_used:#x} (published avail.idx {published:#x})"), [])
+        count = self._used_count(used_idx)
         if limit is not None and count > limit:
             count = limit
-        # Read the elements only after the index that announced them (§2.7.14).
-        if OBSERVE_BARRIER_NEEDED:
-            observe_barrier()
         n = self.size
         first = last_used & self._mask
         end = first + count
@@ -242,18 +225,18 @@ class SlotQueue(SplitQueue):
             # A device-readable slot completes with len 0, so an in-order element, read as
             # one u64 (id | len << 32), equals its slot number: one list comparison checks
             # ids and lengths together.
-            elems = _ring_run(self._used_q, first, count, n)
+            elems = ring_run(self._used_q, first, count, n)
             if elems == self._ids2[first:end]:
-                self._front = self.last_used = (last_used + count) & 0xFFFF
+                self._front = self._used_seq = last_used + count
                 return elems, self._zeros[:count]
-        slots = _ring_run(self._used_i, first, count, n, step=2)
-        lens = _ring_run(self._used_i, first, count, n, step=2, offset=1)
+        slots = ring_run(self._used_i, first, count, n, step=2)
+        lens = ring_run(self._used_i, first, count, n, step=2, offset=1)
         # In order: with no early completion pending, front == last_used, and positions
         # last_used .. last_used + count - 1 are published and in flight; element k must
         # then name the slot made available at position last_used + k.
         if (not self._early_count and slots == self._ids2[first:end]
                 and (max(lens) <= self._capacity or not self.strict_len)):
-            self._front = self.last_used = (last_used + count) & 0xFFFF
+            self._front = self._used_seq = last_used + count
             return slots, lens
         return self._reap_one_by_one(slots, lens)
 
@@ -266,7 +249,7 @@ class SlotQueue(SplitQueue):
         # Slots at positions front .. published - 1 were published and are in flight unless
         # they completed early (a device may not complete one it was never given, nor one
         # twice).
-        span = (self.published - front) & 0xFFFF
+        span = self._pub_seq - front
         cap = self._capacity
         strict = self.strict_len
         for k, (slot, length) in enumerate(zip(slots, lens, strict=True)):
@@ -284,15 +267,20 @@ class SlotQueue(SplitQueue):
         while self._early_count and early[front & mask]:
             early[front & mask] = 0
             self._early_count -= 1
-            front = (front + 1) & 0xFFFF
+            front += 1
         self._front = front
-        self.last_used = (self.last_used + len(slots)) & 0xFFFF
+        self._used_seq += len(slots)
         return slots, lens
 
-    def pop_used(self) -> tuple[Any, int] | None:
+    def pop_used(self) -> tuple[int, int] | None:
+        """The next completed ``(slot, len)``, or None."""
         slots, lens = self.reap(1)
         return (slots[0], lens[0]) if slots else None
 
-    def drain_used(self) -> list[tuple[Any, int]]:
+    def drain_used(self) -> list[tuple[int, int]]:
+        """Every completed ``(slot, len)``, in used-ring order."""
         slots, lens = self.reap()
         return list(zip(slots, lens, strict=True))
+
+
+__all__ = ["SlotQueue"]

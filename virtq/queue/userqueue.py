@@ -101,7 +101,7 @@ class UserQueue:
             )
             if dma_mapper is not None:
                 dma_mapper.map(self.iova, self.region.host_addr, self.region.nbytes)
-            self.queue = SplitQueue(
+            self.queue: SplitQueue[int] = SplitQueue(
                 self.region, self.layout, iova=self.iova, event_idx=event_idx,
                 start_index=start_index,
             )
@@ -118,9 +118,9 @@ class UserQueue:
                 self._post_writable(slot)
             self.queue.publish()
 
-    def _slot_iova(self, slot: int) -> int:
+    def _slot_iova(self, slot: int) -> Iova:
         assert self.iova is not None
-        return self.iova + self.layout.buffers + slot * self.buffer_size  # type: ignore[operator]
+        return Iova(self.iova + self.layout.buffers + slot * self.buffer_size)  # type: ignore[operator]
 
     def _post_writable(self, slot: int) -> None:
         self.queue.add((), [(self._slot_iova(slot), self.buffer_size)], slot)

@@ -1,30 +1,62 @@
 """An in-process Transport whose device side is a DeviceQueue per queue that a test drives
-by hand (notify/wait do nothing): deterministic tests for device drivers, no back-end needed."""
+by hand (notify/wait do nothing): deterministic tests for device drivers, no back-end needed.
+
+Use it to test a driver step by step::
+
+    t = LoopbackTransport(features=1 << 32, queue_sizes=[8], config=b"")
+    dev = MyDriver(t)                  # negotiates, allocates, attaches, starts
+    ... dev.submit(...) ...
+    head, segments = t.devices[0].pop()  # play the device
+    t.devices[0].push(head, 0)
+    dev.poll()
+
+:meth:`LoopbackTransport.fail` makes it behave like a transport whose device went away.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+from virtq.errors import ArgumentError, DeviceError, QueueStateError
 from virtq.memory import MemfdRegion
-from virtq.queue import SplitQueue
-from virtq.testing import DeviceQueue
+from virtq.queue import VirtQueue
+from virtq.testing.device import DeviceQueue
 from virtq.transport.base import DmaArena
 from virtq.types import Iova
 
 
 class LoopbackTransport:
     """``features`` are offered; ``queue_sizes[i]`` is queue i's maximum size; ``config``
-    is the device config space."""
+    is the device config space; ``device_type`` what the transport reports (None, like
+    vhost-user, by default).  Implements :class:`~virtq.transport.Transport` (polling: it
+    sends no notifications) and :class:`~virtq.transport.Reconnectable`."""
 
-    def __init__(self, *, features: int, queue_sizes: list[int], config: bytes) -> None:
+    def __init__(self, *, features: int, queue_sizes: list[int], config: bytes,
+                 device_type: int | None = None) -> None:
         self.features = features
         self.queue_sizes = queue_sizes
         self.config = config
+        self._device_type = device_type
         self.arenas: list[DmaArena] = []
-        self.queues: dict[int, SplitQueue] = {}
+        self.queues: dict[int, VirtQueue[Any]] = {}
         self.devices: dict[int, DeviceQueue] = {}
+        self.notified: list[int] = []  # queue indices, one per notify()
+        self.stopped: set[int] = set()  # queues stop_queue() stopped
+        self.closed = False
+        self.started = False
+        self._failure: DeviceError | None = None
 
     @property
     def device_features(self) -> int:
         return self.features
+
+    @property
+    def device_type(self) -> int | None:
+        return self._device_type
+
+    @property
+    def polling(self) -> bool:
+        return True
 
     def negotiate(self, wanted: int) -> int:
         self.features &= wanted | 1 << 32  # VIRTIO_F_VERSION_1 always
@@ -34,14 +66,16 @@ class LoopbackTransport:
         return len(self.queue_sizes)
 
     def max_queue_size(self, index: int) -> int:
-        return self.queue_sizes[index] if index < len(self.queue_sizes) else 0
+        return self.queue_sizes[index] if 0 <= index < len(self.queue_sizes) else 0
 
     def read_config(self, offset: int, size: int) -> bytes:
         return self.config[offset : offset + size]
 
     def alloc_dma(self, nbytes: int) -> DmaArena:
+        if self.closed:
+            raise QueueStateError("loopback transport is closed")
         region = MemfdRegion(-(-nbytes // 4096) * 4096)
-        arena = DmaArena(region, Iova(0x1000_0000 * (len(self.arenas) + 1)))
+        arena = DmaArena(region, Iova(0x1000_0000 * (len(self.arenas) + 1)), owner=self)
         self.arenas.append(arena)
         # The device must reach buffers allocated after the queues: map them too.
         for i, old in self.devices.items():
@@ -49,25 +83,72 @@ class LoopbackTransport:
             old.close()
         return arena
 
-    def _device(self, queue: SplitQueue, start: int | None) -> DeviceQueue:
-        regions = [(a.iova, a.region) for a in self.arenas[1:]]
-        return DeviceQueue(queue.region, queue.layout, iova=queue.iova,
-                           event_idx=queue.event_idx, start_index=start, regions=regions)
+    def _device(self, queue: VirtQueue[Any], start: int | None) -> DeviceQueue:
+        regions = [(a.iova, a.region) for a in self.arenas if a.region is not queue.region]
+        return DeviceQueue(queue.region, queue.layout,  # type: ignore[attr-defined]
+                           iova=queue.iova, event_idx=queue.event_idx, start_index=start,
+                           regions=regions)
 
-    def attach_queue(self, index: int, queue: SplitQueue) -> None:
+    def attach_queue(self, index: int, queue: VirtQueue[Any]) -> None:
+        if index in self.queues:
+            raise ArgumentError("index", index, "queue already attached")
         self.queues[index] = queue
-        self.devices[index] = self._device(queue, None)
+        self.devices[index] = self._device(queue, queue.vring_base)
 
     def start(self) -> None:
-        pass
+        self.started = True
 
     def notify(self, index: int) -> None:
-        pass
+        self._check()
+        self.notified.append(index)
 
-    def wait(self, index: int, timeout: float | None) -> bool:
+    def notification_fds(self) -> list[int]:
+        return []
+
+    def drain_notifications(self) -> bool:
         return False
 
+    def wait(self, timeout: float | None) -> bool:
+        self._check()
+        return False
+
+    def check_alive(self) -> None:
+        self._check()
+
+    def stop_queue(self, index: int) -> bool:
+        self._check()
+        self.stopped.add(index)
+        return True
+
+    def fail(self, err: DeviceError) -> None:
+        """From now on behave like a transport whose device went away: ``notify``,
+        ``wait``, ``check_alive`` raise ``err`` (until :meth:`reconnect`)."""
+        self._failure = err
+
+    def _check(self) -> None:
+        if self.closed:
+            raise QueueStateError("loopback transport is closed")
+        if self._failure is not None:
+            raise self._failure
+
+    def reconnect(self, path: Any = None, *, timeout: float | None = None
+                  ) -> dict[int, list[Any]]:
+        """A fresh device side on the same memory: every ring reset at its vring_base."""
+        if self.closed:
+            raise QueueStateError("loopback transport is closed")
+        self._failure = None
+        self.stopped.clear()
+        lost: dict[int, list[Any]] = {}
+        for index, queue in self.queues.items():
+            lost[index] = queue.reset()
+            self.devices[index].close()
+            self.devices[index] = self._device(queue, queue.vring_base)
+        return lost
+
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         for d in self.devices.values():
             d.close()
         for q in self.queues.values():

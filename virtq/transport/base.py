@@ -1,8 +1,9 @@
 """The seam between device drivers (``virtq.devices``) and transports.
 
-A transport is how a driver reaches a device: vhost-user (a Unix socket to a backend
-process), virtio-pci through VFIO, or an in-process test device.  Device drivers are written
-once against :class:`Transport` and work over all of them.
+A transport is how a driver reaches a device: vhost-user (a Unix socket to a back-end
+process), virtio-pci through VFIO, or an in-process test device
+(:class:`virtq.testing.loopback.LoopbackTransport`).  Device drivers are written once
+against :class:`Transport` and see a ring only through :class:`~virtq.queue.VirtQueue`.
 
 Life cycle (mirrors VIRTIO 1.2 §3.1.1 "Driver Requirements: Device Initialization")::
 
@@ -10,23 +11,26 @@ Life cycle (mirrors VIRTIO 1.2 §3.1.1 "Driver Requirements: Device Initializati
     accepted = t.negotiate(wanted)        # features: offered & wanted (+ required) -> FEATURES_OK
     cfg = t.read_config(0, 8)             # device-specific configuration space
     arena = t.alloc_dma(nbytes)           # device-visible memory (rings and data buffers)
-    q = SplitQueue(arena.region, layout, iova=arena.iova, ...)
+    q = make_queue(arena.region, layout, iova=arena.iova, ...)
     t.attach_queue(0, q)                  # hand the rings to the device
     t.start()                             # DRIVER_OK / rings enabled
-    ... q.add(...); q.publish() and t.notify(0); t.wait(0, timeout); q.drain_used() ...
-    t.close()                             # reset the device, release every fd and mapping
+    ... q.add(...); q.publish() and t.notify(0); Waiter(t, [q]).wait(...); q.drain_used() ...
+    t.close()                             # stop the device, release every fd and mapping
+
+What a driver may need beyond that is declared, not probed: :class:`Reconnectable` for
+transports that can reach a new back-end (vhost-user).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from virtq.abi import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1
 from virtq.errors import ArgumentError
 from virtq.memory import MemoryRegion
-from virtq.queue import SplitQueue
+from virtq.queue import VirtQueue
 from virtq.types import Iova
 
 #: Feature bits 24..49 are about the transport and the rings, not the device (VIRTIO 1.2 §6).
@@ -42,7 +46,7 @@ def usable_features(offered: int, transport_features: int = 0) -> int:
     return offered & (~TRANSPORT_FEATURE_RANGE | QUEUE_FEATURES | transport_features)
 
 
-def arena_of(arenas: Iterable[DmaArena], queue: SplitQueue) -> DmaArena:
+def arena_of(arenas: Iterable[DmaArena], queue: VirtQueue[Any]) -> DmaArena:
     """The arena ``queue`` lives in; its ``iova`` must be the queue's (descriptors and ring
     addresses are computed from it)."""
     for arena in arenas:
@@ -60,6 +64,9 @@ class DmaArena:
 
     region: MemoryRegion
     iova: Iova
+    #: The transport that allocated it: a buffer in it may only go to that transport's
+    #: device (another device would read the IOVA in its own address space).
+    owner: object = None
     #: Transport-private bookkeeping (e.g. the IOVA reservation to free on close).
     private: dict[str, object] = field(default_factory=dict)
 
@@ -79,6 +86,18 @@ class Transport(Protocol):
     @property
     def device_features(self) -> int:
         """Feature bits the device offers (transport-internal bits masked out)."""
+        ...
+
+    @property
+    def device_type(self) -> int | None:
+        """The virtio device type (§5: 1 net, 2 block, 4 entropy, 26 fs...) when the
+        transport can tell (PCI device id), else None (vhost-user has no such message)."""
+        ...
+
+    @property
+    def polling(self) -> bool:
+        """True when the device sends no used-buffer notifications (drivers then poll the
+        used rings; :meth:`wait` returns False at once)."""
         ...
 
     def negotiate(self, wanted: int) -> int:
@@ -105,9 +124,10 @@ class Transport(Protocol):
         reachable (vhost-user memory table, IOMMU mapping).  Freed by :meth:`close`."""
         ...
 
-    def attach_queue(self, index: int, queue: SplitQueue) -> None:
-        """Give the device queue ``index``: size, ring addresses, notifications.  The queue's
-        region must come from :meth:`alloc_dma`."""
+    def attach_queue(self, index: int, queue: VirtQueue[Any]) -> None:
+        """Give the device queue ``index``: size, the three ring areas, where it starts
+        (``queue.vring_base``), notifications.  The queue's region must come from
+        :meth:`alloc_dma`."""
         ...
 
     def start(self) -> None:
@@ -118,12 +138,49 @@ class Transport(Protocol):
         """Available-buffer notification for queue ``index`` (a kick)."""
         ...
 
-    def wait(self, index: int, timeout: float | None) -> bool:
-        """Block until a used-buffer notification for queue ``index`` arrives or
-        ``timeout`` seconds pass (None: forever); True if one arrived.  Pending stale
-        signals are drained.  In polling mode this returns False at once."""
+    def notification_fds(self) -> list[int]:
+        """The fds that become readable on a used-buffer notification (one eventfd per
+        queue or vector; empty when polling) -- for an event loop's ``add_reader``; after a
+        wake-up call :meth:`drain_notifications`."""
+        ...
+
+    def drain_notifications(self) -> bool:
+        """Reset the notification fds without sleeping; True if any had fired."""
+        ...
+
+    def wait(self, timeout: float | None) -> bool:
+        """Sleep until a used-buffer notification for any queue arrives or ``timeout``
+        seconds pass (None: forever); True if one arrived.  Raises the transport's error
+        (a :class:`~virtq.errors.DeviceError`) at once if the device goes away meanwhile,
+        and :class:`~virtq.errors.QueueStateError` if the transport is closed (also from
+        another thread during the sleep).  When polling it returns False at once."""
+        ...
+
+    def check_alive(self) -> None:
+        """Raise the transport's :class:`~virtq.errors.DeviceError` if the device is gone
+        or failed (cheap, non-blocking: for polling loops)."""
+        ...
+
+    def stop_queue(self, index: int) -> bool:
+        """Make the device stop using queue ``index`` now, if this transport can do that
+        for one queue (vhost-user: GET_VRING_BASE); returns False when it cannot (the
+        queue's buffers then stay the device's until :meth:`close`)."""
         ...
 
     def close(self) -> None:
-        """Reset the device and release every fd, mapping and IOVA (idempotent)."""
+        """Stop the device (reset, or disconnect) and release every fd, mapping and IOVA
+        (idempotent)."""
+        ...
+
+
+@runtime_checkable
+class Reconnectable(Protocol):
+    """A transport that can reach a new instance of its device (vhost-user: a restarted
+    back-end on the same socket path)."""
+
+    def reconnect(self, path: Any = None, *, timeout: float | None = None
+                  ) -> dict[int, list[Any]]:
+        """Connect again, renegotiate, and bring every attached ring back at its
+        ``vring_base``; returns, per queue, the tokens that were in flight (in submission
+        order), which the device has lost."""
         ...

@@ -8,7 +8,7 @@ group already open elsewhere) stay ``OSError``\\ s with the kernel's errno: they
 from __future__ import annotations
 
 from virtq._sys.vfio import VfioNotFoundError, VfioOSError, VfioPermissionError
-from virtq.errors import DeviceError
+from virtq.errors import DeviceError, VirtqTimeoutError
 from virtq.transport.errors import DeviceRefusedError, TransportError
 
 
@@ -83,7 +83,7 @@ class VectorRefusedError(DeviceRefusedError):
     (§4.1.5.1.2: it could not allocate it)."""
 
 
-class DeviceResetTimeoutError(VfioPciError, DeviceError, TimeoutError):
+class DeviceResetTimeoutError(VfioPciError, DeviceError, VirtqTimeoutError):
     """The device did not read back status 0 after a reset (§2.1.2)."""
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import warnings
 import weakref
 from collections.abc import Callable
@@ -41,9 +40,10 @@ from virtq.abi import (
 from virtq.errors import ArgumentError, DeviceError, QueueStateError
 from virtq.iova import IovaAllocator, RangeAllocator
 from virtq.memory import AnonymousRegion, MemoryRegion, VfioContainer, VfioDmaRegion
-from virtq.queue import SplitQueue
+from virtq.queue import VirtQueue
 from virtq.transport.base import QUEUE_FEATURES, DmaArena, arena_of, usable_features
 from virtq.transport.errors import DeviceRefusedError
+from virtq.transport.notify import NotificationSet
 from virtq.transport.vfio_pci.caps import (
     PCI_COMMAND,
     PCI_COMMAND_INTX_DISABLE,
@@ -85,7 +85,7 @@ _EFD_FLAGS = os.EFD_CLOEXEC | os.EFD_NONBLOCK
 
 @dataclass(eq=False)
 class _Attached:
-    queue: SplitQueue
+    queue: VirtQueue[Any]
     arena: DmaArena
     vector: int
     notify_offset: int
@@ -161,9 +161,10 @@ def _closer(fd: int) -> Callable[[], None]:
     return lambda: os.close(fd)
 
 
-def _finalize(res: _Resources, reset_timeout: float) -> None:
+def _finalize(res: _Resources, notifier: NotificationSet, reset_timeout: float) -> None:
     warnings.warn(f"VfioPciTransport for {res.address} was not closed", ResourceWarning,
                   stacklevel=2)
+    notifier.shutdown()
     res.teardown(reset_timeout)
 
 
@@ -195,8 +196,8 @@ class VfioPciTransport:
         self._started = False
         self._closed = False
         self._kick: dict[int, Callable[[], None]] = {}
-        self._pollers: dict[int, tuple[Any, int]] = {}
-        self._finalizer = weakref.finalize(self, _finalize, res, reset_timeout)
+        self._notifier = NotificationSet(f"VfioPciTransport for {self.address}")
+        self._finalizer = weakref.finalize(self, _finalize, res, self._notifier, reset_timeout)
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -345,6 +346,11 @@ class VfioPciTransport:
         return self.caps.virtio_device_type
 
     @property
+    def polling(self) -> bool:
+        """True when opened with ``poll=True``: no MSI-X, drivers poll the used rings."""
+        return self.poll
+
+    @property
     def iova_ranges(self) -> tuple[tuple[int, int], ...]:
         """Usable IOVA ranges the IOMMU reports, ``(start, last)`` inclusive."""
         return self.container.iova_ranges
@@ -429,7 +435,7 @@ class VfioPciTransport:
         except BaseException:
             region.close()
             raise
-        arena = DmaArena(dma, dma.iova)
+        arena = DmaArena(dma, dma.iova, owner=self)
         self._res.arenas.append(arena)
         return arena
 
@@ -442,7 +448,7 @@ class VfioPciTransport:
 
     # -- Transport: queues ------------------------------------------------------------------
 
-    def attach_queue(self, index: int, queue: SplitQueue) -> None:
+    def attach_queue(self, index: int, queue: VirtQueue[Any]) -> None:
         """§4.1.5.1.3: size, ring IOVAs, MSI-X vector (read back), notify offset, then
         ``queue_enable``."""
         self._check_open()
@@ -451,7 +457,7 @@ class VfioPciTransport:
         if index in self._res.queues:
             raise ArgumentError("index", index, "queue already attached")
         arena = arena_of(self._res.arenas, queue)
-        if 0 in (queue.desc_iova, queue.avail_iova, queue.used_iova):
+        if 0 in (queue.desc_area, queue.driver_area, queue.device_area):
             # Legal per the spec, but QEMU (and other devices) read a zero ring address as
             # "queue not configured" and silently ignore every kick.
             raise ArgumentError("queue.iova", queue.iova,
@@ -460,8 +466,8 @@ class VfioPciTransport:
         nvec = self.num_vectors
         vector = VIRTIO_MSI_NO_VECTOR if self.poll else index % nvec
         notify_off = self.function.configure_queue(
-            index, queue.size, desc=queue.desc_iova, driver=queue.avail_iova,
-            device=queue.used_iova, vector=vector)
+            index, queue.size, desc=queue.desc_area, driver=queue.driver_area,
+            device=queue.device_area, vector=vector)
         notify = self.caps.notify
         rel = notify_off * self.caps.notify_off_multiplier
         # §4.1.4.4.1: the doorbell (2 bytes without NOTIFICATION_DATA) is inside the window.
@@ -473,10 +479,7 @@ class VfioPciTransport:
         offset = notify.offset + rel
         self._kick[index] = self._doorbell(self._res.bars[notify.bar], offset, index)
         if not self.poll:
-            poller = select.poll()
-            fd = self._res.eventfds[vector]
-            poller.register(fd, select.POLLIN)
-            self._pollers[index] = (poller, fd)
+            self._notifier.add(index, self._res.eventfds[vector])
         self.function.enable_queue(index)
         self._res.queues[index] = _Attached(queue, arena, vector, offset)
 
@@ -515,30 +518,36 @@ class VfioPciTransport:
             raise ArgumentError("index", index, "no such queue attached") from None
         kick()
 
-    def wait(self, index: int, timeout: float | None) -> bool:
-        """Block on queue ``index``'s MSI-X eventfd up to ``timeout`` seconds; True if it
-        fired (the count is drained).  When polling this returns False at once."""
+    def notification_fds(self) -> list[int]:
+        """The MSI-X eventfds of the attached queues (empty when polling)."""
+        return [] if self.poll else self._notifier.fds()
+
+    def drain_notifications(self) -> bool:
+        """Reset the MSI-X eventfds without sleeping; True if any had fired."""
+        return False if self.poll else self._notifier.drain()
+
+    def wait(self, timeout: float | None) -> bool:
+        """Block on the attached queues' MSI-X eventfds up to ``timeout`` seconds; True if
+        one fired (the counts are drained).  When polling this returns False at once.
+        Raises :class:`~virtq.errors.QueueStateError` when closed (also by another thread
+        during the wait)."""
+        self._check_open()
         if self.poll:
             return False
-        try:
-            poller, fd = self._pollers[index]
-        except KeyError:
-            self._check_open()
-            raise ArgumentError("index", index, "no such queue attached") from None
-        ms = -1 if timeout is None else max(0, int(timeout * 1000))
-        if not poller.poll(ms):
-            return False
-        try:
-            os.eventfd_read(fd)
-        except BlockingIOError:
-            return False
-        return True
+        return self._notifier.wait(timeout)
 
     def eventfd(self, index: int) -> int | None:
         """The eventfd queue ``index``'s MSI-X vector signals (for your own event loop), or
         None when polling."""
         attached = self._res.queues[index]
         return None if self.poll else self._res.eventfds[attached.vector]
+
+    def stop_queue(self, index: int) -> bool:
+        """False: stopping one queue needs VIRTIO_F_RING_RESET, which this transport does
+        not negotiate; the queue's buffers stay the device's until :meth:`close` resets
+        it."""
+        self._check_open()
+        return False
 
     def check_alive(self) -> None:
         """Raise :class:`~virtq.errors.DeviceError` if the device flagged an error or
@@ -565,8 +574,8 @@ class VfioPciTransport:
             return
         self._closed = True
         self._finalizer.detach()
+        self._notifier.shutdown()  # a waiter in another thread leaves before fds close
         self._kick.clear()
-        self._pollers.clear()
         errors = self._res.teardown(self.reset_timeout)
         if errors:
             raise errors[0]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from virtq.errors import DeviceError
+from virtq.errors import DeviceError, VirtqTimeoutError
 from virtq.transport.errors import TransportError
 
 
@@ -26,7 +26,7 @@ class VhostUserConnectError(VhostUserError, OSError):
         self.filename = path
 
 
-class VhostUserTimeoutError(VhostUserError, TimeoutError):
+class VhostUserTimeoutError(VhostUserError, VirtqTimeoutError):
     """The back-end did not answer in time."""
 
 

@@ -26,12 +26,13 @@ from virtq.abi import (
     VIRTIO_CONFIG_S_FEATURES_OK,
     VIRTIO_F_VERSION_1,
 )
-from virtq.errors import ArgumentError
+from virtq.errors import ArgumentError, QueueStateError, RegionBusyError
 from virtq.iova import IdentityAllocator, IovaAllocator
 from virtq.memory import MemfdRegion
-from virtq.queue import SplitQueue
+from virtq.queue import VirtQueue
 from virtq.transport.base import QUEUE_FEATURES, DmaArena, arena_of, usable_features
 from virtq.transport.errors import DeviceRefusedError
+from virtq.transport.notify import NotificationSet
 from virtq.transport.vhost_user import protocol as P
 from virtq.transport.vhost_user.errors import (
     VhostUserDisconnectedError,
@@ -53,18 +54,16 @@ _EFD_FLAGS = os.EFD_CLOEXEC | os.EFD_NONBLOCK
 
 @dataclass(eq=False)
 class _Ring:
-    queue: SplitQueue
+    queue: VirtQueue[Any]
     arena: DmaArena
     kick: int
     call: int
     enabled: bool = False
-    #: Watches the call eventfd and the socket; built on first wait, rebuilt on reconnect
-    #: (the socket changes).
-    poller: Any = None
 
 
-def _finalize(fds: list[int], what: str) -> None:
+def _finalize(fds: list[int], notifier: NotificationSet, what: str) -> None:
     warnings.warn(f"{what} was not closed", ResourceWarning, stacklevel=2)
+    notifier.shutdown()
     for fd in fds:
         os.close(fd)
 
@@ -90,13 +89,19 @@ class VhostUserTransport:
         self._mem_table_sent = False
         self._started = False
         self._closed = False
+        #: Why the back-end cannot be reached (a failed reconnect), None while connected.
+        self._disconnected: BaseException | None = None
         self.accepted_features = 0
-        self._finalizer = weakref.finalize(self, _finalize, self._fds, f"vhost-user {self.path}")
+        self._notifier = NotificationSet(f"vhost-user transport to {self.path}")
+        self._finalizer = weakref.finalize(self, _finalize, self._fds, self._notifier,
+                                           f"vhost-user {self.path}")
         try:
             self._handshake()
         except BaseException:
             self._finalizer.detach()  # nothing is owned yet; connect() closes the socket
+            self._notifier.shutdown()
             raise
+        self._watch_socket()
 
     @classmethod
     def connect(
@@ -135,6 +140,20 @@ class VhostUserTransport:
         if self._has(P.ProtocolFeature.STATUS):
             self.frontend.set_status(status)
 
+    def _watch_socket(self) -> None:
+        # A back-end that dies closes the socket: a sleeping waiter must wake and say so.
+        self._notifier.watch(self.frontend.sock.fileno(), self.check_alive)
+
+    @property
+    def device_type(self) -> int | None:
+        """None: vhost-user has no message that names the device type."""
+        return None
+
+    @property
+    def polling(self) -> bool:
+        """False: the back-end signals used buffers on the call eventfds."""
+        return False
+
     @property
     def device_features(self) -> int:
         """What the device offers, minus transport bits virtq does not implement."""
@@ -169,13 +188,17 @@ class VhostUserTransport:
     # -- memory ---------------------------------------------------------------------------------
 
     def alloc_dma(self, nbytes: int) -> DmaArena:
+        """A memfd region the back-end maps (memory table) at a guest address from the
+        IOVA allocator."""
+        if self._closed:
+            raise QueueStateError(f"vhost-user transport to {self.path} is closed")
         region = MemfdRegion(nbytes, name="virtq-vhost-user", hugepages=self.hugepages)
         try:
             gpa = self.iova_allocator.alloc(region.nbytes, host_addr=region.host_addr)
         except BaseException:
             region.close()
             raise
-        arena = DmaArena(region, gpa)
+        arena = DmaArena(region, gpa, owner=self)
         self._arenas.append(arena)
         if self._mem_table_sent:
             self._send_mem_table()  # back-ends remap on a new table (rings included)
@@ -192,8 +215,11 @@ class VhostUserTransport:
 
     # -- rings ----------------------------------------------------------------------------------
 
-    def attach_queue(self, index: int, queue: SplitQueue) -> None:
-        if not 0 <= index < self._queue_num:
+    def attach_queue(self, index: int, queue: VirtQueue[Any]) -> None:
+        """Hand queue ``index`` to the back-end: SET_VRING_NUM/BASE/ADDR/KICK/CALL (and
+        SET_VRING_ENABLE once started)."""
+        self._check_usable()
+        if not isinstance(index, int) or not 0 <= index < self._queue_num:
             raise ArgumentError("index", index, f"the back-end has {self._queue_num} queue(s)")
         if index in self._rings:
             raise ArgumentError("index", index, "queue already attached")
@@ -204,19 +230,22 @@ class VhostUserTransport:
         self._fds.append(call)
         ring = _Ring(queue, arena, kick, call)
         self._rings[index] = ring
+        self._notifier.add(index, call)
         self._setup_ring(index, ring)
 
     def _setup_ring(self, index: int, ring: _Ring) -> None:
         if not self._mem_table_sent:
             self._send_mem_table()
         fe, q = self.frontend, ring.queue
-        uva = q.region.host_addr
+        # Ring addresses in SET_VRING_ADDR are front-end virtual addresses
+        # (vhost-user.rst, "Memory regions"): the region's host address plus the offset.
+        uva = q.region.host_addr - q.iova
         fe.set_vring_num(index, q.size)
         # The back-end starts consuming avail at this index and reads used.idx from memory;
-        # SplitQueue initialised both to it (start_index / reset()).
-        fe.set_vring_base(index, q.next_avail)
-        fe.set_vring_addr(index, desc=uva + q.layout.desc, used=uva + q.layout.used,
-                          avail=uva + q.layout.avail)
+        # the queue initialised both to it (start_index / reset()).
+        fe.set_vring_base(index, q.vring_base)
+        fe.set_vring_addr(index, desc=uva + q.desc_area, used=uva + q.device_area,
+                          avail=uva + q.driver_area)
         fe.set_vring_kick(index, ring.kick)
         fe.set_vring_call(index, ring.call)
         if self._started:
@@ -237,40 +266,60 @@ class VhostUserTransport:
 
     def get_vring_base(self, index: int) -> int:
         """Stop ring ``index`` and return the next avail index the back-end would process."""
+        self._check_usable()
         return self.frontend.get_vring_base(index)
+
+    def stop_queue(self, index: int) -> bool:
+        """GET_VRING_BASE: the back-end stops ring ``index`` (vhost-user.rst, "Ring
+        states": it must stop before replying), so none of its buffers is touched again."""
+        self.get_vring_base(index)
+        if index in self._rings:
+            self._rings[index].enabled = False
+        return True
 
     # -- notifications --------------------------------------------------------------------
 
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise QueueStateError(f"vhost-user transport to {self.path} is closed")
+        if self._disconnected is not None:
+            raise VhostUserDisconnectedError(
+                f"not connected to a back-end at {self.path}: {self._disconnected}; "
+                "reconnect() first") from self._disconnected
+
     def notify(self, index: int) -> None:
-        os.eventfd_write(self._rings[index].kick, 1)
+        """Kick ring ``index`` (an eventfd write: a system call, so the avail.idx store
+        before it is visible to the back-end first)."""
+        try:
+            os.eventfd_write(self._rings[index].kick, 1)
+        except KeyError:
+            self._check_usable()
+            raise ArgumentError("index", index, "no such queue attached") from None
 
     def call_fd(self, index: int) -> int:
-        """The eventfd the back-end signals for used buffers (for your own event loop)."""
+        """The eventfd the back-end signals for used buffers on ring ``index``."""
         return self._rings[index].call
 
-    def wait(self, index: int, timeout: float | None) -> bool:
-        """Wait for a used-buffer notification on ``index``; raises
-        :class:`VhostUserDisconnectedError` at once if the back-end goes away meanwhile."""
-        ring = self._rings[index]
-        call = ring.call
-        sock = self.frontend.sock
-        if ring.poller is None:
-            ring.poller = select.poll()
-            ring.poller.register(call, select.POLLIN)
-            ring.poller.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
-        events = ring.poller.poll(None if timeout is None else max(0, int(timeout * 1000)))
-        for fd, _ in events:
-            if fd == sock.fileno():
-                self.check_alive()
-        try:
-            os.eventfd_read(call)  # drain: one read resets the counter
-        except BlockingIOError:
-            return False
-        return True
+    def notification_fds(self) -> list[int]:
+        """Every attached ring's call eventfd (for an event loop)."""
+        return self._notifier.fds()
+
+    def drain_notifications(self) -> bool:
+        """Reset the call eventfds without sleeping; True if any had fired."""
+        return self._notifier.drain()
+
+    def wait(self, timeout: float | None) -> bool:
+        """Wait for a used-buffer notification on any ring; raises
+        :class:`VhostUserDisconnectedError` at once if the back-end goes away meanwhile (or
+        is not connected), :class:`~virtq.errors.QueueStateError` if the transport is
+        closed, also by another thread during the wait."""
+        self._check_usable()
+        return self._notifier.wait(timeout)
 
     def check_alive(self) -> None:
         """Raise :class:`VhostUserDisconnectedError` if the back-end closed the socket
         (non-blocking; for polling loops)."""
+        self._check_usable()
         sock = self.frontend.sock
         if sock.fileno() < 0:
             raise VhostUserDisconnectedError(f"connection to {self.path} is closed")
@@ -296,52 +345,77 @@ class VhostUserTransport:
         """Connect to a (new) back-end and bring every ring back.
 
         In-flight chains cannot survive a back-end that died: their tokens are returned per
-        queue so the caller can fail them; each ring restarts at its ``next_avail``
-        (SET_VRING_BASE) with the same memory, features and addresses.
+        queue (in submission order) so the caller can fail or resubmit them; each ring
+        restarts at its ``vring_base`` (SET_VRING_BASE) with the same memory, features and
+        addresses.  If the new connection fails, the transport stays disconnected (every
+        later call raises :class:`VhostUserDisconnectedError`) until a reconnect succeeds.
+        Raises :class:`~virtq.errors.QueueStateError` when closed.
         """
+        if self._closed:
+            raise QueueStateError(f"vhost-user transport to {self.path} is closed")
         self.frontend.close()
-        self.frontend = VhostUserFrontend.connect(path or self.path,
-                                                  timeout=timeout or self.timeout)
-        self.path = self.frontend.path
-        self._mem_table_sent = False
-        wanted = self.accepted_features
-        self._handshake()
-        if self.accepted_features:
-            if self.device_features & wanted != wanted:
-                raise DeviceRefusedError(
-                    f"the new back-end offers {self.device_features:#x}, "
-                    f"which lacks negotiated features {wanted & ~self.device_features:#x}")
-            self.negotiate(wanted)
-        lost: dict[int, list[Any]] = {}
-        for index, ring in self._rings.items():
-            ring.poller = None  # it watched the old socket
-            lost[index] = ring.queue.reset()
-            for fd in (ring.kick, ring.call):  # stale signals from the old back-end
-                with contextlib.suppress(BlockingIOError):
-                    os.eventfd_read(fd)
-            self._setup_ring(index, ring)
-        if self._started:
-            self._set_status(VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER
-                             | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK)
+        try:
+            self.frontend = VhostUserFrontend.connect(path or self.path,
+                                                      timeout=timeout or self.timeout)
+        except BaseException as exc:
+            self._disconnected = exc
+            raise
+        try:
+            self.path = self.frontend.path
+            self._mem_table_sent = False
+            wanted = self.accepted_features
+            self._handshake()
+            if self.accepted_features:
+                if self.device_features & wanted != wanted:
+                    raise DeviceRefusedError(
+                        f"the new back-end offers {self.device_features:#x}, "
+                        f"which lacks negotiated features {wanted & ~self.device_features:#x}")
+                self.negotiate(wanted)
+            self._disconnected = None
+            self._watch_socket()
+            lost: dict[int, list[Any]] = {}
+            for index, ring in self._rings.items():
+                lost[index] = ring.queue.reset()
+                for fd in (ring.kick, ring.call):  # stale signals from the old back-end
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(fd)
+                self._setup_ring(index, ring)
+            if self._started:
+                self._set_status(VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER
+                                 | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK)
+        except BaseException as exc:
+            self._disconnected = exc
+            self.frontend.close()
+            raise
         return lost
 
     def close(self) -> None:
-        """Disconnect, close the queues, release eventfds, memory and guest addresses."""
-        if self._closed:
-            return
-        self._closed = True
-        self.frontend.close()  # the back-end stops and resets the device on disconnect
-        for ring in self._rings.values():
-            ring.queue.close()
-        self._rings.clear()
-        self._finalizer.detach()
-        for fd in self._fds:
-            os.close(fd)
-        self._fds.clear()
-        for arena in self._arenas:
+        """Disconnect (the back-end stops every ring), close the queues, release eventfds,
+        memory and guest addresses.  If a region cannot be unmapped because views of it are
+        alive, :class:`~virtq.errors.RegionBusyError` is raised and that memory is kept; a
+        later ``close()`` (after releasing the views) finishes the job."""
+        if not self._closed:
+            self._closed = True
+            self._notifier.shutdown()  # a waiter in another thread leaves before fds go
+            self.frontend.close()  # the back-end stops and resets the device on disconnect
+            for ring in self._rings.values():
+                ring.queue.close()
+            self._rings.clear()
+            self._finalizer.detach()
+            for fd in self._fds:
+                os.close(fd)
+            self._fds.clear()
+        busy: RegionBusyError | None = None
+        for arena in list(self._arenas):
+            try:
+                arena.region.close()
+            except RegionBusyError as exc:
+                busy = busy or exc
+                continue
             self.iova_allocator.free(arena.iova)
-            arena.region.close()
-        self._arenas.clear()
+            self._arenas.remove(arena)
+        if busy is not None:
+            raise busy
 
     def __enter__(self) -> Self:
         return self
