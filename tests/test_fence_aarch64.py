@@ -165,8 +165,8 @@ def test_shipped_stubs_execute_under_qemu(harness: Path):
 
 def test_harness_dies_on_a_corrupted_byte(tmp_path: Path):
     """Negative control: the run above would fail if the bytes were not instructions.  The
-    top byte of ``dmb osh`` zeroed gives 0x000333bf, a permanently undefined encoding
-    (UDF #0x33bf)."""
+    top byte of ``dmb osh`` zeroed gives 0x000333bf, an unallocated encoding (objdump:
+    "undefined")."""
     code = bytearray(AARCH64_STUBS["full_fence"])
     code[3] = 0x00
     program = build_harness(tmp_path, {**AARCH64_STUBS, "full_fence": bytes(code)})
