@@ -11,6 +11,10 @@
 #   busybox (static)      (busybox-static)      VFIO guest initramfs
 #   qemu-img              (qemu-utils)          disk images
 #   cc                    (gcc)                 the memory-barrier litmus test
+#   aarch64-linux-gnu-gcc (gcc-aarch64-linux-gnu, libc6-dev-arm64-cross: a
+#                          Recommends only, so named here) and
+#   qemu-aarch64-static   (qemu-user-static)    run virtq's aarch64 barrier
+#                                               stubs under user emulation
 #
 # Idempotent and non-interactive: when everything is present it does nothing
 # but a few `command -v` / file checks.  As root it also makes sure a few
@@ -42,6 +46,9 @@ REQS=(
     "librte-mempool-ring23|glob:/usr/lib/*/dpdk/pmds-*/librte_mempool_ring.so*"
     "python3|file:/usr/bin/python3"
     "gcc|cmd:cc"
+    "gcc-aarch64-linux-gnu|cmd:aarch64-linux-gnu-gcc"
+    "libc6-dev-arm64-cross|file:/usr/aarch64-linux-gnu/lib/libc.a"
+    "qemu-user-static|cmd:qemu-aarch64-static"
 )
 
 present() {

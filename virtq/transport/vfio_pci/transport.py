@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Self
 
 from virtq._sys import vfio as _vfio
+from virtq._sys.fence import doorbell_barrier
 from virtq.abi import (
     VIRTIO_CONFIG_S_ACKNOWLEDGE,
     VIRTIO_CONFIG_S_DRIVER,
@@ -486,16 +487,19 @@ class VfioPciTransport:
     @staticmethod
     def _doorbell(bar: Bar, offset: int, index: int) -> Callable[[], None]:
         # §4.1.4.4: without NOTIFICATION_DATA a kick is a 16-bit write of the queue index.
-        # The avail.idx store it announces was made (and fenced) by SplitQueue.publish();
-        # on x86 stores reach memory in program order, and a UC MMIO store is not reordered
-        # before earlier stores, so the device cannot see the kick before the index.
+        # The avail.idx store it announces was made (and fenced) by SplitQueue.publish(),
+        # and must reach the device before this MMIO store (§2.7.13 steps 5-7):
+        # doorbell_barrier() is dsb sy on aarch64 (Linux mb()) and nothing on x86, where a
+        # UC MMIO store is not reordered before earlier stores (docs/memory-ordering.md).
         if isinstance(bar, MmapBar):
             register = bar.register16(offset)
 
             def kick() -> None:
+                doorbell_barrier()
                 register.value = index
         else:
             def kick() -> None:
+                doorbell_barrier()  # the same order, not left to the kernel's write path
                 bar.write(offset, 2, index)
         return kick
 
