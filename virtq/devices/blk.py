@@ -515,9 +515,11 @@ class BlkDevice:
             self._refuse()
         if self._single_queue:
             tpl = self._tpls[0]
-            if self.queues[0].state is not _READY:
-                self._take_slot()  # raises why
-            g = tpl.acquire()
+            try:
+                g = tpl.acquire()  # a broken queue also refuses the submit below
+            except QueueFullError:
+                self._take_slot()  # says why when the queue is broken
+                raise
         else:
             g, tpl = self._take_slot()
         slot = g % self.slots_per_queue
@@ -536,10 +538,17 @@ class BlkDevice:
                 r, w = self._zc_shape(g, into, wflag)
             req = BlkRequest(self, kind, sector, nbytes, g, into)
             tpl.submit(slot, r, w, req)
-        except BaseException:
+        except BaseException as exc:
             tpl.release(slot)
+            if isinstance(exc, QueueBrokenError):
+                self._broken_refusal(exc)
             raise
         return req
+
+    def _broken_refusal(self, exc: QueueBrokenError) -> NoReturn:
+        """A submission met a broken queue: the caller's way out is a reconnect."""
+        raise QueueStateError(f"the request queue is broken ({exc.cause}); reconnect() "
+                              "before submitting more") from exc.cause
 
     def _check_len(self, nbytes: int) -> None:
         _check_sectors(nbytes)
@@ -628,21 +637,26 @@ class BlkDevice:
         if not self._single_queue:
             return self._submit_each(sectors, nbytes, into)
         tpl = self._tpls[0]
-        if self.queues[0].state is not _READY:
-            self._take_slot()  # raises why
-        slots = tpl.acquire_many(count)  # QueueFullError when short
+        try:
+            slots = tpl.acquire_many(count)
+        except QueueFullError:
+            if self.queues[0].state is not _READY:
+                self._take_slot()  # raises why
+            raise
         mem = self._mem
         assert mem is not None
         pack_header = _PACK_HEADER_STATUS
         slot_meta = self._slot_meta
         shape_key = self._shape_key
-        shape_r = self._shape_r
-        shape_w = self._shape_w
         reqs: list[BlkRequest] = []
-        rs: list[tuple[tuple[Iova, int], ...]] = []
-        ws: list[tuple[tuple[Iova, int], ...]] = []
+        append = reqs.append
         # Everything below writes only to held slots, invisible to the device, so a bad
-        # sector (struct refuses it) leaves nothing to undo but the slots.
+        # sector (struct refuses it) leaves nothing to undo but the slots.  Each slot's
+        # cached buffers are brought up to date; when no slot needed a change (a refill
+        # with the same sizes, or with the buffers just reaped, which come back to their
+        # old slots: the slots freed last come first, in order), the queue repeats every
+        # slot's previous chain without looking at buffers at all.
+        same = True
         try:
             if into is None:
                 key = nbytes << 2 | 1
@@ -651,34 +665,36 @@ class BlkDevice:
                                 _STATUS_POISON)
                     if shape_key[slot] != key:
                         self._copy_shape(slot, nbytes, True)
-                    rs.append(shape_r[slot])
-                    ws.append(shape_w[slot])
-                    reqs.append(BlkRequest(self, VIRTIO_BLK_T_IN, sector, nbytes, slot, None))
+                        same = False
+                    append(BlkRequest(self, VIRTIO_BLK_T_IN, sector, nbytes, slot, None))
             else:
-                # Refilling with the buffers of the requests just reaped puts each one back
-                # into the slot it came from (the slots freed last come first, in order),
-                # so the queue is handed the very tuples it already holds.
                 slot_buf = self._slot_buf
+                zc_key = _ZC_ONE | 1
                 for slot, sector, buf in zip(slots, sectors, into, strict=True):
                     pack_header(mem, slot_meta[slot], VIRTIO_BLK_T_IN, 0, sector,
                                 _STATUS_POISON)
                     bufs = (buf,)
-                    if slot_buf[slot] is buf and shape_key[slot] == _ZC_ONE | 1:
-                        rs.append(shape_r[slot])
-                        ws.append(shape_w[slot])
-                    else:
-                        r, w = self._zc_shape(slot, bufs, True)
-                        rs.append(r)
-                        ws.append(w)
-                    reqs.append(BlkRequest(self, VIRTIO_BLK_T_IN, sector, nbytes, slot, bufs))
-            tpl.submit_many(slots, rs, ws, reqs)
+                    if slot_buf[slot] is not buf or shape_key[slot] != zc_key:
+                        self._zc_shape(slot, bufs, True)
+                        same = False
+                    append(BlkRequest(self, VIRTIO_BLK_T_IN, sector, nbytes, slot, bufs))
+            if same:
+                try:
+                    tpl.submit_many(slots, None, None, reqs)
+                except ArgumentError:
+                    same = False  # a slot the queue has forgotten (reset): say it again
+            if not same:
+                tpl.submit_many(slots, list(map(self._shape_r.__getitem__, slots)),
+                                list(map(self._shape_w.__getitem__, slots)), reqs)
         except struct.error:
             tpl.release_many(slots)
             for sector in sectors:
                 _check_sector(sector)
             raise
-        except BaseException:
+        except BaseException as exc:
             tpl.release_many(slots)
+            if isinstance(exc, QueueBrokenError):
+                self._broken_refusal(exc)
             raise
         return reqs
 

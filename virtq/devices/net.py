@@ -297,7 +297,7 @@ class NetDevice:
                     f"complete any within the timeout ({sent} of this batch queued)",
                     sent=sent)
             # Ask for a notification once about 3/4 of the ring has completed (one wake-up
-            # per batch); the waiter re-checks after arming (§2.7.13.5).
+            # per batch); the waiter re-checks after arming (§2.7.7, §2.7.14).
             self._tx_waiter.wait(deadline, txq.num_in_flight * 3 // 4 + 1)
             if not self.poll_mode:
                 txq.disable_interrupts()
@@ -356,7 +356,7 @@ class NetDevice:
         waiter = self._rx_waiter
         while True:
             # Sleep only with notifications on and the ring re-checked after the store
-            # that switched them on (the waiter does both, §2.7.13.5); off again while busy.
+            # that switched them on (the waiter does both, §2.7.7); off again while busy.
             woke = waiter.wait(deadline)
             if not self.poll_mode:
                 self.rxq.disable_interrupts()

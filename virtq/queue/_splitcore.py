@@ -329,14 +329,14 @@ class _SplitCore(Generic[T]):
         old = self._pub_seq
         if new == old:
             return False
-        # Descriptors and ring entries must be visible before the index (§2.7.13.3.1 step 4).
+        # Descriptors and ring entries must be visible before the index (§2.7.13 step 4, §2.7.13.3.1).
         if PUBLISH_BARRIER_NEEDED:
             publish_barrier()
         self._avail[1] = new & 0xFFFF
         self._pub_seq = new
         # The decision below loads what the device wrote; it must not be satisfied before the
         # idx store is globally visible, or a device that just went to sleep is never woken
-        # (§2.7.13.3.1 step 5: "after ... memory barrier").
+        # (§2.7.13 step 6, §2.7.13.4.1).
         full_fence()
         if self.event_idx:
             return need_event(self._used_h[self._idx_avail_event], new & 0xFFFF, old & 0xFFFF)
@@ -382,7 +382,7 @@ class _SplitCore(Generic[T]):
 
     def enable_interrupts(self) -> bool:
         """Ask for used-buffer notifications again.  Returns True if used entries arrived
-        meanwhile: the caller must reap instead of sleeping (the race of §2.7.13.5 -- the
+        meanwhile: the caller must reap instead of sleeping (the race of §2.7.7 and §2.7.14 -- the
         device may have completed a buffer after the last poll and before it could see this
         request, and will not notify for it)."""
         if self._state_v is not _READY:
@@ -403,7 +403,7 @@ class _SplitCore(Generic[T]):
         idx the device cannot be told, so this is :meth:`enable_interrupts`).  ``count`` is
         clamped to the chains published and not yet reaped, so the wake-up it asks for can
         happen.  Returns True if ``count`` completions are already there (reap instead of
-        sleeping: the §2.7.13.5 race).  ``count`` 0 counts as 1.  Raises
+        sleeping: the race of §2.7.7, §2.7.14).  ``count`` 0 counts as 1.  Raises
         :class:`ArgumentError` for a count that is not an int >= 0."""
         # The class test first: it is what passes on the hot path.
         if (count.__class__ is not int or count < 0) and (
@@ -417,7 +417,7 @@ class _SplitCore(Generic[T]):
         used_seq = self._used_seq
         count = max(1, min(count, self._pub_seq - used_seq))
         self._avail[self._idx_used_event] = (used_seq + count - 1) & 0xFFFF
-        full_fence()  # store used_event -> load used.idx (§2.7.13.5)
+        full_fence()  # store used_event -> load used.idx (§2.7.7; the mb() of §2.7.14)
         return ((self._used_h[1] - used_seq) & 0xFFFF) >= count
 
     def enable_interrupts_delayed(self) -> bool:

@@ -212,9 +212,11 @@ class ChainTemplate(Protocol[T_contra]):
         unchanged then."""
         ...
 
-    def submit_many(self, slots: Sequence[int], readables: Sequence[Sequence[Buffer]],
-                    writables: Sequence[Sequence[Buffer]], tokens: Sequence[T_contra]) -> None:
-        """:meth:`submit` for each, all or nothing."""
+    def submit_many(self, slots: Sequence[int], readables: Sequence[Sequence[Buffer]] | None,
+                    writables: Sequence[Sequence[Buffer]] | None,
+                    tokens: Sequence[T_contra]) -> None:
+        """:meth:`submit` for each, all or nothing; ``readables``/``writables`` None repeat
+        each slot's previous buffers (nothing but the avail entries is written)."""
         ...
 
 

@@ -608,26 +608,39 @@ class SplitTemplate(Generic[T]):
             head, state = q._add_chain(_as_seq(readable, "readable"),
                                        _as_seq(writable, "writable"), token, self._free, slot)
             q._state[head] = state
+            self._r[slot], self._w[slot] = readable, writable
         held[slot] = 0
         q._avail[2 + (seq & q._mask)] = head
         q._avail_seq = seq + 1
 
-    def submit_many(self, slots: Sequence[int], readables: Sequence[Sequence[Buffer]],
-                    writables: Sequence[Sequence[Buffer]], tokens: Sequence[T]) -> None:
+    def submit_many(self, slots: Sequence[int],
+                    readables: Sequence[Sequence[Buffer]] | None,
+                    writables: Sequence[Sequence[Buffer]] | None, tokens: Sequence[T]) -> None:
         """:meth:`submit` each ``(slots[i], readables[i], writables[i], tokens[i])``, in one
         call and all or nothing: on any error none of them is submitted (their slots stay
-        held).  Direct chains are checked against the free descriptors first."""
+        held).  Direct chains are checked against the free descriptors first.
+
+        ``readables`` and ``writables`` None submit every slot with the buffers it held the
+        last time (the cheapest refill: nothing but the avail entries is written); a slot
+        that never held any is an :class:`ArgumentError`."""
         q = self._q
         if q._state_v is not _READY:
             q._refuse()
         count = len(slots)
-        if not len(readables) == len(writables) == len(tokens) == count:
-            raise ArgumentError("submit_many", (count, len(readables), len(writables),
-                                                len(tokens)),
-                                "slots, readables, writables and tokens of one length")
+        same = readables is None and writables is None
+        if not same and (readables is None or writables is None
+                         or not len(readables) == len(writables) == count):
+            raise ArgumentError("readables/writables", (readables, writables),
+                                "one sequence each, as long as slots (or both None)")
+        if len(tokens) != count:
+            raise ArgumentError("tokens", len(tokens), f"one per slot ({count})")
         if not count:
             return
         if not self.persistent:
+            if same:
+                readables = [self._last(s)[0] for s in slots]
+                writables = [self._last(s)[1] for s in slots]
+            assert readables is not None and writables is not None
             self._submit_direct_many(slots, readables, writables, tokens)
             return
         held = self._held
@@ -636,32 +649,54 @@ class SplitTemplate(Generic[T]):
         mask = q._mask
         heads = self._heads
         caps = self._cap
-        r_cache = self._r
-        w_cache = self._w
         home = self._free
         nslots = self.slots
-        seq = q._avail_seq
-        done: list[int] = []
+        start = seq = q._avail_seq
         try:
-            for slot, readable, writable, token in zip(slots, readables, writables, tokens,
-                                                       strict=True):
-                if slot.__class__ is not int or not 0 <= slot < nslots or not held[slot]:
-                    self._bad_slot(slot)
-                if readable is not r_cache[slot] or writable is not w_cache[slot]:
-                    self._write(slot, readable, writable)
-                head = heads[slot]
-                state[head] = (token, caps[slot], (), seq, home, slot)
-                held[slot] = 0
-                done.append(slot)
-                avail[2 + (seq & mask)] = head
-                seq += 1
+            if same:
+                r_cache = self._r
+                for slot, token in zip(slots, tokens, strict=True):
+                    if slot.__class__ is not int or not 0 <= slot < nslots or not held[slot] \
+                            or r_cache[slot] is None:
+                        self._last(slot)
+                        self._bad_slot(slot)
+                    head = heads[slot]
+                    state[head] = (token, caps[slot], (), seq, home, slot)
+                    held[slot] = 0
+                    avail[2 + (seq & mask)] = head
+                    seq += 1
+            else:
+                assert readables is not None and writables is not None
+                r_cache = self._r
+                w_cache = self._w
+                for slot, readable, writable, token in zip(slots, readables, writables,
+                                                           tokens, strict=True):
+                    if slot.__class__ is not int or not 0 <= slot < nslots or not held[slot]:
+                        self._bad_slot(slot)
+                    if readable is not r_cache[slot] or writable is not w_cache[slot]:
+                        self._write(slot, readable, writable)
+                    head = heads[slot]
+                    state[head] = (token, caps[slot], (), seq, home, slot)
+                    held[slot] = 0
+                    avail[2 + (seq & mask)] = head
+                    seq += 1
         except BaseException:
             # Entries past next_avail are invisible until publish(): only undo the shadow.
-            for slot in done:
+            for slot in slots[: seq - start]:
                 state[heads[slot]] = None
                 held[slot] = 1
             raise
         q._avail_seq = seq
+
+    def _last(self, slot: object) -> tuple[Sequence[Buffer], Sequence[Buffer]]:
+        """What ``slot`` was last submitted with (:class:`ArgumentError` if nothing)."""
+        if not self._is_held(slot):
+            self._bad_slot(slot)
+        assert isinstance(slot, int)
+        r, w = self._r[slot], self._w[slot]
+        if r is None or w is None:
+            raise ArgumentError("slot", slot, "has never been submitted: nothing to repeat")
+        return r, w  # type: ignore[return-value]
 
     def _submit_direct_many(self, slots: Sequence[int], readables: Sequence[Sequence[Buffer]],
                             writables: Sequence[Sequence[Buffer]], tokens: Sequence[T]) -> None:
@@ -685,6 +720,7 @@ class SplitTemplate(Generic[T]):
                                            _as_seq(writable, "writable"), token, self._free,
                                            slot)
                 q._state[head] = state
+                self._r[slot], self._w[slot] = readable, writable
                 self._held[slot] = 0
                 done.append((head, slot))
                 q._avail[2 + (seq & q._mask)] = head

@@ -116,7 +116,7 @@ class DeviceQueue:
             raise DriverProtocolError(
                 f"avail.idx {avail_idx:#x} is more than {self.size} ahead of {self.last_avail:#x}"
             )
-        observe_barrier()  # ring entry and descriptors after the index (§2.7.13.4)
+        observe_barrier()  # ring entry and descriptors after the index that exposed them (§2.7.6)
         head = self._avail[2 + (self.last_avail & (self.size - 1))]
         self.last_avail = wrap_add(self.last_avail, 1)
         if head >= self.size:
