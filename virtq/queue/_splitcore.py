@@ -329,7 +329,8 @@ class _SplitCore(Generic[T]):
         old = self._pub_seq
         if new == old:
             return False
-        # Descriptors and ring entries must be visible before the index (§2.7.13 step 4, §2.7.13.3.1).
+        # Descriptors and ring entries must be visible before the index (§2.7.13 step 4,
+        # §2.7.13.3.1).
         if PUBLISH_BARRIER_NEEDED:
             publish_barrier()
         self._avail[1] = new & 0xFFFF

@@ -1,7 +1,8 @@
 """One completion waiter for every device driver.
 
-Sleeping correctly on a virtqueue takes three steps in this order (VIRTIO 1.2 §2.7.7 and the example of §2.7.14,
-Linux ``virtqueue_enable_cb_prepare``/``virtqueue_poll``): *arm* (ask the device for a
+Sleeping correctly on a virtqueue takes three steps in this order (VIRTIO 1.2 §2.7.7 and the
+example of §2.7.14, Linux ``virtqueue_enable_cb_prepare``/``virtqueue_poll``): *arm* (ask the
+device for a
 used-buffer notification), *re-check* (completions that raced in before the device could see
 the request will never be signalled), and only then *sleep*.  :class:`Waiter` does it for all
 of a device's queues at once: it arms every queue with chains in flight, re-checks them
