@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from virtq.errors import VirtqError
+from virtq.errors import DeviceProtocolError, VirtqError
 from virtq.layout import SplitLayout
 from virtq.memory import MemfdRegion
 from virtq.queue import SplitQueue
@@ -16,13 +16,24 @@ BASE = 0x2000_0000
 
 
 def fuzz(rounds: int, seed: int) -> dict[str, int]:
+    """``rounds`` of: add chains (plain and template), maybe a legitimate completion, one
+    random corruption of the device-owned ring, a reap.  Every outcome is success or a
+    VirtqError; and no token is ever lost or delivered twice: each token added comes back
+    exactly once -- reaped, in a DeviceProtocolError's ``completed``, or from reset()."""
     layout = SplitLayout.compute(8, buffer_size=64, indirect_size=3)
     outcomes = {"ok": 0, "error": 0, "resets": 0}
     with MemfdRegion(layout.nbytes) as region:
         q = SplitQueue(region, layout, iova=BASE, indirect=True, event_idx=bool(seed % 2))
+        tpl = q.template(3, slots=2)
         hostile = HostileDevice(region, layout, seed=seed)
         dev = DeviceQueue(region, layout, iova=BASE)
         rng = hostile.rng
+        next_token = 0
+        back: list[int] = []  # every token that came back, in any way
+
+        def collect(got: list[tuple[int, int]]) -> None:
+            back.extend(token for token, _ in got)
+
         for _ in range(rounds):
             try:
                 # Keep some chains in flight so corruptions can hit real heads.
@@ -32,23 +43,38 @@ def fuzz(rounds: int, seed: int) -> dict[str, int]:
                         n_r = 1
                     slot = rng.randrange(8)
                     buf = BASE + layout.buffer(slot)
-                    q.add([(buf, 8)] * n_r, [(buf + 32, 16)] * n_w, token=slot)
+                    q.add([(buf, 8)] * n_r, [(buf + 32, 16)] * n_w, token=next_token)
+                    next_token += 1
+                if tpl.num_free and rng.random() < 0.5:
+                    tslot = tpl.acquire()
+                    buf = BASE + layout.buffer(tslot)
+                    tpl.submit(tslot, [(buf, 16)], [(buf + 32, 8)], next_token)
+                    next_token += 1
                 q.publish()
                 if rng.random() < 0.5:  # sometimes a legitimate completion
                     chain = dev.pop()
                     if chain:
                         dev.push(chain[0], 0)
                 hostile.corrupt()
-                q.drain_used() if rng.random() < 0.5 else q.pop_used()
+                if rng.random() < 0.5:
+                    collect(q.drain_used())
+                else:
+                    got = q.pop_used()
+                    collect([got] if got else [])
                 q.enable_interrupts()
                 outcomes["ok"] += 1
+            except DeviceProtocolError as err:
+                collect(err.completed)  # type: ignore[arg-type]
+                outcomes["error"] += 1
             except VirtqError:
                 outcomes["error"] += 1
-                if q.broken is not None:
-                    q.reset()
-                    dev.close()
-                    dev = DeviceQueue(region, layout, iova=BASE)
-                    outcomes["resets"] += 1
+            if q.broken is not None:
+                back.extend(q.reset())
+                dev.close()
+                dev = DeviceQueue(region, layout, iova=BASE)
+                outcomes["resets"] += 1
+        back.extend(q.reset())
+        assert sorted(back) == list(range(next_token)), "a token was lost or came back twice"
         dev.close()
         hostile.close()
         q.close()

@@ -67,3 +67,52 @@ def test_every_layer_is_checked():
               if (p.is_dir() and (p / "__init__.py").exists()) or p.suffix == ".py"}
     layers -= {"__init__", "__main__", "__pycache__"}
     assert {f"virtq.{name}" for name in layers} <= set(ALLOWED)
+
+
+# Who may know what a descriptor looks like.  Devices and transports see a ring only through
+# the driver-queue interface (virtq.queue.interface); the queue alone writes descriptor
+# bytes.  virtq.abi defines them, virtq.testing holds device-side peers and hostile drivers
+# (which read or forge descriptors on purpose), virtq.check is the hostile driver's home.
+DESCRIPTOR_AWARE = {"virtq.queue", "virtq.abi", "virtq.testing", "virtq.check"}
+DESCRIPTOR_NAMES = ("VIRTQ_DESC_F_", "VirtqDesc", "VirtqPackedDesc")
+# struct virtq_desc (le64 addr, le32 len, le16 flags, le16 next) and the packed ring's
+# (le64 addr, le32 len, le16 id, le16 flags) share this struct format.
+DESCRIPTOR_FORMATS = ("QIHH",)
+
+
+def descriptor_knowledge(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        name = None
+        if isinstance(node, ast.Name):
+            name = node.id
+        elif isinstance(node, ast.Attribute):
+            name = node.attr
+        elif isinstance(node, ast.alias):
+            name = node.name
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if any(f in node.value.replace("<", "").replace(" ", "") for f in
+                   DESCRIPTOR_FORMATS) and len(node.value) <= 8:
+                found.append(f"line {node.lineno}: descriptor struct format {node.value!r}")
+            continue
+        if name and name.startswith(DESCRIPTOR_NAMES):
+            found.append(f"line {getattr(node, 'lineno', '?')}: {name}")
+    return found
+
+
+def test_only_the_queue_writes_descriptors():
+    bad = []
+    for path in PKG.rglob("*.py"):
+        rel = path.relative_to(PKG.parent).with_suffix("")
+        module = ".".join(rel.parts).removesuffix(".__init__")
+        if layer_of(module) in DESCRIPTOR_AWARE:
+            continue
+        bad += [f"{module} {what}" for what in descriptor_knowledge(path)]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_descriptor_check_can_fail(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("import struct\nfrom virtq.abi import VIRTQ_DESC_F_NEXT\n"
+                      "PACK = struct.Struct('<QIHH')\nflags = abi.VIRTQ_DESC_F_WRITE\n")
+    assert len(descriptor_knowledge(sample)) == 3

@@ -404,7 +404,10 @@ class NetDevice:
             f"receiveq used.len of buffer {slot}", length,
             f">= {NET_HDR_SIZE} (the virtio_net_hdr precedes every frame)")
         self.rxq.mark_broken(err)
-        raise err
+        try:
+            raise err
+        finally:
+            del err  # no error -> traceback -> frame -> error cycle (see SplitQueue._fail)
 
     # -- lifecycle ------------------------------------------------------------------------
 

@@ -168,7 +168,10 @@ class RngDevice:
                         f"used.len of a {length}-byte entropy request", 0,
                         ">= 1 (§5.4.6.1: the device MUST place one or more random bytes)")
                     q.mark_broken(err)
-                    raise err
+                    try:
+                        raise err
+                    finally:
+                        del err  # no error -> traceback -> frame -> error cycle
                 start = offsets[slot]
                 take = n - len(out)
                 out += mem[start : start + (written if written < take else take)]

@@ -241,7 +241,13 @@ class _SplitCore(Generic[T]):
         lost: they are neither returned by reset() nor reaped again."""
         err.completed = completed  # type: ignore[assignment]
         self._break(err)
-        raise err
+        try:
+            raise err
+        finally:
+            # The traceback keeps this frame; without the local, the error does not keep
+            # itself (error -> traceback -> frame -> error), and nothing outlives the
+            # caller's reference to it -- the queue is freed by reference counting alone.
+            del err
 
     def _fail_at(self, k: int, part: str, value: int, expected: str,
                  completed: list[tuple[T, int]]) -> NoReturn:

@@ -124,13 +124,21 @@ class DeviceQueue:
         return head, self._walk(head)
 
     def _walk(self, head: int) -> list[Segment]:
+        """The chain from ``head``; a chain longer than the table it lives in loops.  The
+        bound is the table's own length: the ring's size, or the indirect table's entries
+        once the chain moves into one (§2.7.5.3.1: an indirect table may hold more entries
+        than the ring has)."""
         segments: list[Segment] = []
         table: memoryview = self._desc
         limit = self.size
         index = head
         indirect = False
         seen_writable = False
-        for _ in range(limit + 1):
+        steps = 0  # descriptors visited in the current table
+        while True:
+            steps += 1
+            if steps > limit:
+                raise DriverProtocolError(f"descriptor chain from head {head} loops")
             addr, length, flags, nxt = _DESC.unpack_from(table, index * DESC_SIZE)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if indirect or flags & VIRTQ_DESC_F_NEXT or length % DESC_SIZE or not length:
@@ -139,6 +147,7 @@ class DeviceQueue:
                 limit = length // DESC_SIZE
                 index = 0
                 indirect = True
+                steps = 0
                 continue
             writable = bool(flags & VIRTQ_DESC_F_WRITE)
             if seen_writable and not writable:
@@ -151,9 +160,6 @@ class DeviceQueue:
             if nxt >= limit:
                 raise DriverProtocolError(f"next={nxt} out of range {limit}")
             index = nxt
-            if len(segments) > limit:
-                break
-        raise DriverProtocolError(f"descriptor chain from head {head} loops")
 
     # -- returning used chains --------------------------------------------------------
 
