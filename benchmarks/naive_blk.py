@@ -3,7 +3,9 @@ compared against (bench_blk_ref.py).
 
 Only the control plane is virtq's, through public API: :class:`VhostUserTransport` does the
 socket handshake, the memory table, feature negotiation (event idx, no indirect
-descriptors) and registers a split ring that a :class:`SplitQueue` zeroed.  From then on
+descriptors), registers a split ring that a :class:`SplitQueue` zeroed, and hands over the
+kick (``notify``) and the call eventfd (``call_fd``), which this front-end sleeps on with
+``select.poll`` and drains with ``os.eventfd_read``.  From then on
 that queue object is never touched: the ring memory is written with ``struct.pack_into`` /
 read with ``struct.unpack_from`` at the layout's offsets, the way someone writes it with
 struct and os -- three direct descriptors per read (header, 4 KiB data, status), a Python
@@ -33,6 +35,8 @@ with the same two waiting strategies:
 
 from __future__ import annotations
 
+import os
+import select
 import struct
 import time
 from pathlib import Path
@@ -92,6 +96,9 @@ class NaiveBlk:
                 q.close()  # idempotent; t.close() closes it again if it was attached
             t.close()
             raise
+        self.call = t.call_fd(0)  # the back-end signals used buffers here
+        self.poller = select.poll()
+        self.poller.register(self.call, select.POLLIN)
         self.mem = arena.region.view()
         self.u16 = self.mem.cast("H")  # the shared index words, one access each
         self.iova = arena.iova
@@ -146,6 +153,17 @@ class NaiveBlk:
         if (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF:
             self.t.notify(0)
 
+    def wait(self, timeout: float) -> bool:
+        """Sleep until the back-end signals the call eventfd, at most ``timeout`` s; True if
+        it did (the eventfd is drained: one read resets its counter)."""
+        if not self.poller.poll(max(0, int(timeout * 1000))):
+            return False
+        try:
+            os.eventfd_read(self.call)
+        except BlockingIOError:  # drained meanwhile (the fd is non-blocking)
+            return False
+        return True
+
     def data(self, slot: int) -> bytes:
         """A copy of the 4 KiB in ``slot``'s buffer."""
         off = self.data_off + slot * IO
@@ -193,7 +211,7 @@ class NaiveBlk:
             last_used = self.last_used
             self.u16[self.used_event] = (last_used + want - 1) & 0xFFFF
             if (self.u16[self.used_idx] - last_used) & 0xFFFF < want \
-                    and not self.t.wait(0, min(0.1, remaining)):
+                    and not self.wait(min(0.1, remaining)):
                 # Nothing for 0.1 s.  Without a fence the kick decision in publish() may
                 # have read avail_event before the device saw the new avail.idx (x86 lets
                 # a load pass an earlier store): notify again, which is always allowed.
