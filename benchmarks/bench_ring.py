@@ -1,27 +1,33 @@
-"""Per-operation cost of virtq's SplitQueue next to a naive struct-per-field ring.
+"""Per-chain cost of virtq's SplitQueue next to a fair plain-stdlib ring (naive_ring.py).
 
-    python benchmarks/bench_ring.py [--seconds 0.5]
+    python benchmarks/bench_ring.py [--seconds 0.5] [--rounds 3] [--json results.json]
 
-Every configuration runs add x batch + publish, a minimal in-process device completes the
-chains, then the driver reaps.  "driver" counts only the driver's work (add + publish +
+Every configuration runs add x batch + publish, a minimal in-process echo device completes
+the chains, then the driver reaps.  "driver" counts only the driver's work (add + publish +
 reap, timer overhead subtracted); "round trip" also counts the device.  The naive ring does
-the same driver work with one struct.pack_into/unpack_from per field.  Both run in this
-process, interleaved, so the ratio is meaningful on a noisy machine; absolute numbers are not.
+the same driver work with precompiled structs, one ``pack_into`` per descriptor, the same
+batching (one publish per batch) and, in the event-idx rows, the same kick decision; it
+never uses indirect descriptors and checks nothing the device wrote.  Each row compares
+``add()`` with ``add()`` or ``add_many()`` with ``add_many()``.  virtq and naive run in
+this process, interleaved, keeping the best of the rounds, so the ratio is meaningful on a
+noisy machine; absolute numbers are not.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# naive_ring beside this file, and virtq from this checkout when it is not installed.
+# Appended, not inserted: PYTHONPATH (benchmarks/compare.py) and an install come first.
+sys.path.append(str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 from naive_ring import NaiveRing
 
+from virtq.cli.benchutil import Results, host_line, markdown_table
 from virtq.layout import SplitLayout
 from virtq.memory import MemfdRegion
 from virtq.queue import SplitQueue
@@ -63,36 +69,41 @@ class EchoDevice:
 
 
 def timer_overhead() -> float:
+    """The cost of one ``perf_counter_ns()`` call, in ns."""
     pc = time.perf_counter_ns
     t = pc()
     for _ in range(100_000):
         a = pc()
         b = pc()
         _ = b - a
-    return (pc() - t) / 100_000 / 2  # per perf_counter_ns call pair / 2 ... per call
+    return (pc() - t) / 100_000 / 2
 
 
-def run(kind: str, chain: int, batch: int, event_idx: bool, indirect: bool,
+def run(kind: str, api: str, chain: int, batch: int, event_idx: bool, indirect: bool,
         seconds: float, overhead: float) -> tuple[float, float]:
-    """kind: "virtq" (add per chain), "virtq-many" (add_many per batch) or "naive"."""
+    """(driver ns, round-trip ns) per chain.  ``kind``: "virtq" or "naive"; ``api``: "add"
+    (one call per chain) or "add_many" (one per batch).  The naive ring never uses
+    indirect descriptors."""
     layout = SplitLayout.compute(N, buffer_size=64, indirect_size=4 if indirect else 0)
     region = MemfdRegion(layout.nbytes)
     dev = EchoDevice(region, layout)
-    if kind.startswith("virtq"):
+    mem = None
+    q: SplitQueue | NaiveRing
+    if kind == "virtq":
         q = SplitQueue(region, layout, iova=BASE, event_idx=event_idx, indirect=indirect)
     else:
         mem = region.view(0, layout.nbytes)
-        q = NaiveRing(mem, N, layout.desc, layout.avail, layout.used)
+        q = NaiveRing(mem, N, layout.desc, layout.avail, layout.used, event_idx=event_idx)
     buf = BASE + layout.buffers
     readable = [(buf, 16)] if chain == 1 else [(buf, 16), (buf + 16, 16)]
     writable = [] if chain == 1 else [(buf + 32, 16)]
     add, publish, drain = q.add, q.publish, q.drain_used
     many = [(readable, writable, i) for i in range(batch)]
-    add_many = q.add_many if kind == "virtq-many" else None
+    add_many = q.add_many if api == "add_many" else None
     pc = time.perf_counter_ns
     ops = 0
-    driver_ns = 0
-    total_ns = 0
+    driver_ns = 0.0
+    total_ns = 0.0
     deadline = time.monotonic() + seconds
     rng = range(batch)
     while time.monotonic() < deadline:
@@ -113,19 +124,24 @@ def run(kind: str, chain: int, batch: int, event_idx: bool, indirect: bool,
             total_ns += t3 - t0 - overhead
             ops += batch
     dev.close()
-    if kind.startswith("virtq"):
+    if isinstance(q, SplitQueue):
         q.close()
-    else:
+    if mem is not None:
         mem.release()
     region.close()
     return driver_ns / ops, total_ns / ops
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--seconds", type=float, default=0.5, help="per configuration and ring")
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=0.5,
+                   help="per configuration, API and ring, over all rounds")
     p.add_argument("--rounds", type=int, default=3, help="alternate virtq/naive this often")
-    args = p.parse_args()
+    p.add_argument("--json", help="also write the numbers to this file")
+    args = p.parse_args(argv)
+    if args.rounds < 1 or args.seconds <= 0:
+        p.error("--rounds must be >= 1 and --seconds > 0")
     overhead = timer_overhead()
     configs = [
         (chain, batch, ev, ind)
@@ -134,37 +150,37 @@ def main() -> None:
         for ev in (False, True)
         for ind in ((False, True) if chain == 3 else (False,))
     ]
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    print(f"# bench_ring: {cpu}, Python {platform.python_version()}, queue size {N}, "
-          f"{args.seconds}s x {args.rounds} rounds per ring and configuration")
-    print("# driver ns/op = add + publish + reap per chain; round trip adds the echo device")
-    print("| chain | batch | event_idx | indirect | virtq add() | virtq add_many() | naive "
-          "| naive / virtq (best) | virtq round trip | naive round trip |")
-    print("|" + "---|" * 10)
+    title = (f"bench_ring: {host_line()}, queue size {N}, {args.seconds:g} s over "
+             f"{args.rounds} round(s) per ring, API and configuration")
+    print(f"# {title}")
+    print("# driver ns/chain = add + publish + reap; round trip adds the echo device; "
+          "best of the rounds")
+    results = Results("ring", title)
+    rows = []
     for chain, batch, ev, ind in configs:
-        kinds = ["virtq", "naive"] + (["virtq-many"] if batch > 1 else [])
-        best = dict.fromkeys(kinds, (1e+18, 1e+18))
-        for _ in range(args.rounds):  # interleaved; keep the best of each (least disturbed)
-            for kind in kinds:
-                feat = kind != "naive"
-                d, t = run(kind, chain, batch, ev and feat, ind and feat,
-                           args.seconds / args.rounds, overhead)
-                best[kind] = (min(best[kind][0], d), min(best[kind][1], t))
-        vd, vt = best["virtq"]
-        nd, nt = best["naive"]
-        md, mt = best.get("virtq-many", (None, None))
-        fastest_d = min(vd, md) if md is not None else vd
-        fastest_t = min(vt, mt) if mt is not None else vt
-        many_col = f"{md:.0f}" if md is not None else "-"
-        print(f"| {chain} | {batch} | {'on' if ev else 'off'} | {'on' if ind else 'off'} "
-              f"| {vd:.0f} | {many_col} | {nd:.0f} | {nd / fastest_d:.2f}x "
-              f"| {fastest_t:.0f} | {nt:.0f} |")
+        for api in ("add", "add_many") if batch > 1 else ("add",):
+            best = {kind: (float("inf"), float("inf")) for kind in ("virtq", "naive")}
+            for rnd in range(args.rounds):  # interleaved; keep the best (least disturbed)
+                for kind in ("virtq", "naive") if rnd % 2 == 0 else ("naive", "virtq"):
+                    d, t = run(kind, api, chain, batch, ev, ind and kind == "virtq",
+                               args.seconds / args.rounds, overhead)
+                    best[kind] = (min(best[kind][0], d), min(best[kind][1], t))
+            (vd, vt), (nd, nt) = best["virtq"], best["naive"]
+            on = {False: "off", True: "on"}
+            rows.append([chain, batch, on[ev], on[ind], f"{api}()", f"{vd:.0f}", f"{nd:.0f}",
+                         f"{nd / vd:.2f}x", f"{vt:.0f}", f"{nt:.0f}"])
+            label = (f"chain {chain}, batch {batch}, event_idx {on[ev]}, indirect {on[ind]}, "
+                     f"{api}()")
+            results.add(label, "virtq ns/chain", vd, "lower")
+            # The same code whatever virtq is: what compare.py shows as the noise floor.
+            results.add(label, "naive ns/chain (control)", nd, None)
+    print(markdown_table(
+        ["chain", "batch", "event_idx", "indirect", "API", "virtq ns", "naive ns",
+         "naive / virtq", "virtq round trip", "naive round trip"], rows, "rrlllrrrrr"))
+    if args.json:
+        results.write(args.json)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,13 +1,16 @@
 """A plain-stdlib vhost-user-blk front-end data path: the reference virtq's blk CPU cost is
 compared against (bench_blk_ref.py).
 
-Only the control plane is virtq's: :class:`VhostUserTransport` does the socket handshake,
-the memory table, feature negotiation (event idx, no indirect descriptors) and registers a
-split ring that a :class:`SplitQueue` zeroed.  From then on that queue object is never
-touched: the ring memory is written with ``struct.pack_into`` / read with
-``struct.unpack_from`` at the layout's offsets, the way someone writes it with struct and
-os -- three direct descriptors per read (header, 4 KiB data, status), a Python list of free
-descriptors, a dict from head to request.  No fences (x86 TSO).
+Only the control plane is virtq's, through public API: :class:`VhostUserTransport` does the
+socket handshake, the memory table, feature negotiation (event idx, no indirect
+descriptors), registers a split ring that a :class:`SplitQueue` zeroed, and hands over the
+kick (``notify``) and the call eventfd (``call_fd``), which this front-end sleeps on with
+``select.poll`` and drains with ``os.eventfd_read``.  From then on
+that queue object is never touched: the ring memory is written with ``struct.pack_into`` /
+read with ``struct.unpack_from`` at the layout's offsets, the way someone writes it with
+struct and os -- three direct descriptors per read (header, 4 KiB data, status), a Python
+list of free descriptors, a dict from head to request.  No fences (x86 TSO), no checks of
+what the device writes.
 
 One departure from "struct everywhere": the four u16 index words the device reads or writes
 while this process runs (avail.idx, used_event, used.idx, avail_event) go through a
@@ -19,39 +22,52 @@ missing headers", "vu_panic: Virtqueue size exceeded") and reports heads that ar
 flight.  Descriptors, ring entries, headers and used elements are not shared at the
 moment they are written or read, so struct is fine for them.
 
-``run_naive`` does the same work as :func:`virtq.cli.bench_blk.run_depth` in eventfd mode (same
-targets, same warm-up, same latency bookkeeping, same CPU accounting, the data left in the
-request's buffer or, with ``copy``, copied out into ``bytes``) and returns the same keys.
-It submits one request at a time and wakes for every completion: what a first stdlib
-front-end does.
+``run_naive`` does the same work as :func:`virtq.cli.bench_blk.run_depth` (same targets,
+same warm-up, same latency bookkeeping, same CPU accounting, the data left in the
+request's buffer or, with ``copy``, copied out into ``bytes``) and returns the same keys,
+with the same two waiting strategies:
+
+- ``eventfd``: wake for every completion (``used_event = last_used``);
+- ``batch``: what virtq's ``poll(min_completions=N)`` does -- ask the device, through event
+  idx, to notify only once N more requests have completed (``used_event = last_used + N -
+  1``, VIRTIO 1.2 §2.7.10), then re-check used.idx before sleeping (§2.7.13.5).
 """
 
 from __future__ import annotations
 
-import random
+import os
+import select
 import struct
-import sys
 import time
 from pathlib import Path
 
 import psutil
 
-from virtq.abi import VIRTIO_F_EVENT_IDX
-from virtq.cli.bench_blk import IMAGE_BYTES, _progress, bench_row
+from virtq.cli.bench_blk import batch_size, read_targets
+from virtq.cli.benchutil import ProgressBar, cpu_seconds, io_stats
 from virtq.layout import SplitLayout
 from virtq.queue import SplitQueue
-from virtq.transport.vhost_user.transport import VhostUserTransport
+from virtq.transport.vhost_user import VhostUserTransport
 
 IO = 4096
-VIRTQ_DESC_F_NEXT = 1
+# The constants a stdlib author copies out of the spec.
+VIRTIO_F_EVENT_IDX = 29  # VIRTIO 1.2 §6
+VIRTQ_DESC_F_NEXT = 1  # §2.7.5
 VIRTQ_DESC_F_WRITE = 2
-VIRTIO_BLK_T_IN = 0
+VIRTIO_BLK_T_IN = 0  # §5.2.6
 STATUS_POISON = 0xFF  # the device overwrites it; still 0xFF = no status written
 # Per-request bytes: 16-byte header, then the status byte; a cache line each, as virtq does,
 # so the comparison is of the code and not of false sharing.
 META = 64
 #: What any 4 KiB read of the bench image returns (``bytes(range(256))`` repeated).
 EXPECTED = bytes(range(256)) * (IO // 256)
+#: The waiting strategies, as in ``virtq bench blk``.
+MODES = ("eventfd", "batch")
+
+DESC = struct.Struct("<QIHH")  # struct virtq_desc (§2.7.5)
+HEADER = struct.Struct("<IIQ")  # struct virtio_blk_req: type, reserved, sector (§5.2.6)
+U16 = struct.Struct("<H")
+USED_ELEM = struct.Struct("<II")  # struct virtq_used_elem (§2.7.8)
 
 
 class NaiveBlk:
@@ -80,13 +96,16 @@ class NaiveBlk:
                 q.close()  # idempotent; t.close() closes it again if it was attached
             t.close()
             raise
+        self.call = t.call_fd(0)  # the back-end signals used buffers here
+        self.poller = select.poll()
+        self.poller.register(self.call, select.POLLIN)
         self.mem = arena.region.view()
         self.u16 = self.mem.cast("H")  # the shared index words, one access each
         self.iova = arena.iova
         self.n = queue_size
         self.desc = layout.desc
-        self.avail = layout.avail
-        self.used = layout.used
+        self.avail_ring = layout.avail + 4
+        self.used_ring = layout.used + 4
         # u16 indices into self.u16
         self.avail_idx = (layout.avail + 2) // 2
         self.used_idx = (layout.used + 2) // 2
@@ -107,17 +126,18 @@ class NaiveBlk:
         hdr = self.meta_off + slot * META
         status = hdr + 16
         data = self.data_off + slot * IO
-        struct.pack_into("<IIQ", mem, hdr, VIRTIO_BLK_T_IN, 0, sector)
+        HEADER.pack_into(mem, hdr, VIRTIO_BLK_T_IN, 0, sector)
         mem[status] = STATUS_POISON
-        d0 = self.free_desc.pop()
-        d1 = self.free_desc.pop()
-        d2 = self.free_desc.pop()
+        free = self.free_desc
+        d0 = free.pop()
+        d1 = free.pop()
+        d2 = free.pop()
         iova, desc = self.iova, self.desc
-        struct.pack_into("<QIHH", mem, desc + 16 * d0, iova + hdr, 16, VIRTQ_DESC_F_NEXT, d1)
-        struct.pack_into("<QIHH", mem, desc + 16 * d1, iova + data, IO,
-                         VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, d2)
-        struct.pack_into("<QIHH", mem, desc + 16 * d2, iova + status, 1, VIRTQ_DESC_F_WRITE, 0)
-        struct.pack_into("<H", mem, self.avail + 4 + 2 * (self.next_avail % self.n), d0)
+        DESC.pack_into(mem, desc + 16 * d0, iova + hdr, 16, VIRTQ_DESC_F_NEXT, d1)
+        DESC.pack_into(mem, desc + 16 * d1, iova + data, IO,
+                       VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, d2)
+        DESC.pack_into(mem, desc + 16 * d2, iova + status, 1, VIRTQ_DESC_F_WRITE, 0)
+        U16.pack_into(mem, self.avail_ring + 2 * (self.next_avail % self.n), d0)
         self.next_avail = (self.next_avail + 1) & 0xFFFF
         self.inflight[d0] = (slot, d1, d2, sector)
         return slot
@@ -133,6 +153,17 @@ class NaiveBlk:
         if (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF:
             self.t.notify(0)
 
+    def wait(self, timeout: float) -> bool:
+        """Sleep until the back-end signals the call eventfd, at most ``timeout`` s; True if
+        it did (the eventfd is drained: one read resets its counter)."""
+        if not self.poller.poll(max(0, int(timeout * 1000))):
+            return False
+        try:
+            os.eventfd_read(self.call)
+        except BlockingIOError:  # drained meanwhile (the fd is non-blocking)
+            return False
+        return True
+
     def data(self, slot: int) -> bytes:
         """A copy of the 4 KiB in ``slot``'s buffer."""
         off = self.data_off + slot * IO
@@ -144,8 +175,8 @@ class NaiveBlk:
         mem = self.mem
         used_idx = self.u16[self.used_idx]
         while self.last_used != used_idx:
-            head, _written = struct.unpack_from(
-                "<II", mem, self.used + 4 + 8 * (self.last_used % self.n))
+            head, _written = USED_ELEM.unpack_from(
+                mem, self.used_ring + 8 * (self.last_used % self.n))
             self.last_used = (self.last_used + 1) & 0xFFFF
             slot, d1, d2, sector = self.inflight.pop(head)
             status = mem[self.meta_off + slot * META + 16]
@@ -159,29 +190,34 @@ class NaiveBlk:
             self.free_desc += (head, d1, d2)
             self.free_slots.append(slot)
 
-    def poll(self, timeout: float) -> list[tuple[int, bytes | None]]:
-        """Publish, then return what completed; block up to ``timeout`` s for at least one."""
+    def poll(self, timeout: float, min_completions: int = 1) -> list[tuple[int, bytes | None]]:
+        """Publish, then return what completed; block up to ``timeout`` s until at least
+        ``min_completions`` have (fewer if fewer are in flight)."""
         self.publish()
         done: list[tuple[int, bytes | None]] = []
         self.reap(done)
-        if done or not self.inflight:
+        if len(done) >= min_completions or not self.inflight:
             return done
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return done
-            # Ask for a notification at the next used entry, then re-check used.idx so a
-            # completion that raced in is not slept through (§2.7.13.5).
-            self.u16[self.used_event] = self.last_used
-            if self.u16[self.used_idx] == self.last_used \
-                    and not self.t.wait(0, min(0.1, remaining)):
+            # Ask for a notification once `want` more chains are used (used_event =
+            # last_used + want - 1: the device notifies when used.idx moves past it,
+            # §2.7.10), then re-check used.idx so completions that raced in are not slept
+            # through (§2.7.13.5).  Everything in flight is published, so `want` can happen.
+            want = min(min_completions - len(done), len(self.inflight))
+            last_used = self.last_used
+            self.u16[self.used_event] = (last_used + want - 1) & 0xFFFF
+            if (self.u16[self.used_idx] - last_used) & 0xFFFF < want \
+                    and not self.wait(min(0.1, remaining)):
                 # Nothing for 0.1 s.  Without a fence the kick decision in publish() may
                 # have read avail_event before the device saw the new avail.idx (x86 lets
                 # a load pass an earlier store): notify again, which is always allowed.
                 self.t.notify(0)
             self.reap(done)
-            if done:
+            if len(done) >= min_completions or not self.inflight:
                 return done
 
     def close(self) -> None:
@@ -190,18 +226,21 @@ class NaiveBlk:
         self.t.close()  # closes the SplitQueue's views and the region too
 
 
-def run_naive(socket_path: Path, depth: int, seconds: float, *,
+def run_naive(socket_path: Path, depth: int, seconds: float, mode: str = "eventfd", *,
               backend_pid: int | None = None, label: str = "naive",
-              copy: bool = False) -> dict[str, float]:
-    """:func:`virtq.cli.bench_blk.run_depth` (eventfd mode) with the plain front-end: keep
-    ``depth`` random 4 KiB reads in flight for ``seconds``; ``copy`` returns each read's
-    data as ``bytes``, otherwise it stays in the request's buffer (as virtq's zero-copy
-    reads)."""
+              copy: bool = False, batch: int | None = None) -> dict[str, float]:
+    """:func:`virtq.cli.bench_blk.run_depth` with the plain front-end: keep ``depth``
+    random 4 KiB reads in flight for ``seconds``, waking per completion (``eventfd``) or
+    once ``batch`` (default 3/8 of the depth) have completed (``batch``); ``copy`` returns
+    each read's data as ``bytes``, otherwise it stays in the request's buffer (as virtq's
+    zero-copy reads)."""
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
+    min_completions = batch_size(depth, batch) if mode == "batch" else 1
     queue_size = 1 << max(7, (3 * depth - 1).bit_length())
-    sectors_total = IMAGE_BYTES // 512
-    rng = random.Random(depth)
-    targets = [rng.randrange(0, sectors_total - 8) & ~7 for _ in range(65536)]
+    targets = read_targets(depth)
     backend = psutil.Process(backend_pid) if backend_pid else None
+    bar = ProgressBar(label)
     dev = NaiveBlk(socket_path, queue_size, depth, copy=copy)
     try:
         for i in range(min(depth, 64)):  # warm up, one at a time; check the data
@@ -211,18 +250,17 @@ def run_naive(socket_path: Path, depth: int, seconds: float, *,
                 got = dev.poll(1.0)
             if dev.data(got[0][0]) != EXPECTED:
                 raise AssertionError(f"read of sector {targets[i]} returned wrong data")
-        proc = psutil.Process()
         lat: list[int] = []
-        started = [0] * depth  # submission time by slot
+        # Slot -> submission time: a dict, as virtq's run keeps one keyed by request.
+        started: dict[int, int] = {}
         pc = time.perf_counter_ns
         submit = dev.submit_read
-        k = 0
         t = pc()
-        for _ in range(depth):
-            started[submit(targets[k & 0xFFFF])] = t
-            k += 1
-        cpu0 = proc.cpu_times()
-        bcpu0 = backend.cpu_times() if backend else None
+        for k in range(depth):
+            started[submit(targets[k])] = t
+        k = depth
+        cpu0 = cpu_seconds()
+        bcpu0 = cpu_seconds(backend) if backend else 0.0
         t0 = time.monotonic()
         end = t0 + seconds
         next_progress = t0
@@ -233,9 +271,9 @@ def run_naive(socket_path: Path, depth: int, seconds: float, *,
             if now >= end:
                 break
             if now >= next_progress:
-                _progress(label, (now - t0) / seconds)
+                bar.show((now - t0) / seconds)
                 next_progress = now + 0.2
-            completed = dev.poll(1.0)
+            completed = dev.poll(1.0, min_completions)
             if not completed:
                 continue
             t = pc()
@@ -243,14 +281,17 @@ def run_naive(socket_path: Path, depth: int, seconds: float, *,
                 checked += 1
                 if dev.data(completed[0][0]) != EXPECTED:
                     raise AssertionError("a timed read returned wrong data")
-            for slot, _data in completed:
-                lat.append(t - started[slot])
-                started[submit(targets[k & 0xFFFF])] = t
-                k += 1
+            # Every completion first, then the refill: a refill reuses the slots just
+            # freed (last in, first out), which must not be read as still in flight.
+            pop = started.pop
+            lat += [t - pop(slot) for slot, _data in completed]
+            for _ in completed:
+                started[submit(targets[k])] = t
+                k = (k + 1) & 0xFFFF
             done += len(completed)
         elapsed = time.monotonic() - t0
-        cpu1 = proc.cpu_times()
-        bcpu1 = backend.cpu_times() if backend else None
+        cpu = cpu_seconds() - cpu0
+        bcpu = cpu_seconds(backend) - bcpu0 if backend else None
         deadline = time.monotonic() + 10
         while dev.inflight:  # drain
             if time.monotonic() > deadline:
@@ -260,6 +301,5 @@ def run_naive(socket_path: Path, depth: int, seconds: float, *,
                     raise AssertionError("a drained read returned wrong data")
     finally:
         dev.close()
-    _progress(label, 1.0)
-    sys.stderr.write("\n")
-    return bench_row(lat, done, elapsed, (cpu0, cpu1), (bcpu0, bcpu1))
+    bar.close()
+    return io_stats(lat, done, elapsed, cpu, bcpu)

@@ -1,4 +1,4 @@
-"""The command line: the README's demo and the benchmarks' plumbing (no timings checked)."""
+"""The command line: the README's demo and ``inspect`` (the benchmarks: test_benchmarks.py)."""
 
 from __future__ import annotations
 
@@ -37,14 +37,3 @@ def test_inspect_prints_the_seed_layout():
     assert "used: 4616" in out
     assert "nbytes: 270336" in out
 
-
-def test_bench_blk_runs_and_prints_a_table():
-    out = virtq("bench", "blk", "--seconds", "0.3", "--depths", "1,8",
-                "--modes", "eventfd,batch")
-    assert "| QD | mode | IOPS |" in out
-    assert "zero-copy" in out
-    assert len([line for line in out.splitlines() if line.startswith("| 8 |")]) == 2
-    out = virtq("bench", "blk", "--seconds", "0.3", "--depths", "8", "--modes", "batch",
-                "--copy", "--batch", "3")
-    assert "copied out as bytes" in out
-    assert len([line for line in out.splitlines() if line.startswith("| 8 | batch |")]) == 1

@@ -13,23 +13,27 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import psutil
 
-from virtq.devices import BlkDevice
+from virtq.cli.benchutil import (
+    ProgressBar,
+    Results,
+    cpu_seconds,
+    host_line,
+    io_stats,
+    markdown_table,
+)
+from virtq.devices import BlkDevice, DmaBuffer
+from virtq.errors import ArgumentError
 from virtq.testing.runners import QemuStorageDaemon, make_image
+
+if TYPE_CHECKING:
+    from virtq.devices import BlkRequest
 
 IMAGE_BYTES = 256 << 20
 IO = 4096
-
-
-def _progress(label: str, frac: float) -> None:
-    width = 30
-    filled = int(width * min(1.0, frac))
-    sys.stderr.write(f"\r{label:<28} [{'#' * filled}{'.' * (width - filled)}] {frac:4.0%}")
-    sys.stderr.flush()
-
 
 #: ``--modes``: how the driver waits for completions.
 MODES = {
@@ -39,6 +43,20 @@ MODES = {
 }
 
 
+def read_targets(depth: int) -> list[int]:
+    """The sectors a run at ``depth`` reads, 4 KiB-aligned, random but the same for every
+    front-end at that depth: 65536 of them, then the first ``depth`` again, so a slice
+    ``[k : k + m]`` with ``k < 65536`` and ``m <= depth`` never wraps."""
+    rng = random.Random(depth)
+    targets = [rng.randrange(0, IMAGE_BYTES // 512 - 8) & ~7 for _ in range(65536)]
+    return targets + targets[:depth]
+
+
+def batch_size(depth: int, batch: int | None = None) -> int:
+    """``min_completions`` of the batch mode at ``depth``: ``batch``, or 3/8 of the depth."""
+    return batch or max(1, depth * 3 // 8)
+
+
 def run_depth(socket_path: Path, depth: int, seconds: float, mode: str,
               label: str, *, backend_pid: int | None = None,
               copy: bool = False, batch: int | None = None) -> dict[str, float]:
@@ -46,42 +64,50 @@ def run_depth(socket_path: Path, depth: int, seconds: float, mode: str,
     one ``submit_read_many`` per ``poll``.  The data lands in one DmaBuffer per request
     (zero-copy, as fio reads into its buffers), or with ``copy`` is returned as ``bytes``.
     ``mode`` is a key of :data:`MODES`.  Latency is per request (submit to reap); CPU is
-    this process's, and the back-end's when ``backend_pid`` is given.  ``batch`` overrides
-    the batch mode's ``min_completions``."""
+    this process's, and the back-end's when ``backend_pid`` is given (see
+    :func:`~virtq.cli.benchutil.io_stats` for the keys).  ``batch`` overrides the batch
+    mode's ``min_completions``.
+
+    ``benchmarks/compare.py`` runs this against older virtq trees too, so it uses only
+    long-standing API: ``connect_vhost_user``, ``submit_read_many``, ``poll``,
+    ``alloc_buffer``, ``DmaBuffer.slice``, ``wait``, and a request's ``error``; requests
+    are tracked in a dict keyed by the request object.  Raises
+    :class:`~virtq.errors.ArgumentError` for an unknown ``mode``, and what the device
+    raises."""
     if mode not in MODES:
-        raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
-    min_completions = 1
-    if mode == "batch":
-        min_completions = batch or max(1, depth * 3 // 8)
+        raise ArgumentError("mode", mode, f"one of {', '.join(MODES)}")
+    min_completions = batch_size(depth, batch) if mode == "batch" else 1
     queue_size = 1 << max(7, (3 * depth - 1).bit_length())
-    sectors_total = IMAGE_BYTES // 512
-    rng = random.Random(depth)
-    targets = [rng.randrange(0, sectors_total - 8) & ~7 for _ in range(65536)]
-    targets += targets[:depth]  # targets[k : k + m] never wraps (k < 65536, m <= depth)
+    targets = read_targets(depth)
     backend = psutil.Process(backend_pid) if backend_pid else None
+    bar = ProgressBar(label)
     with BlkDevice.connect_vhost_user(socket_path, queue_size=queue_size,
                                       poll=mode == "poll", max_io=IO) as dev:
-        for i in range(min(depth, 64)):  # warm up
-            dev.read(targets[i], IO)
+        dev.submit_read_many(targets[:depth], IO)  # warm up
+        dev.wait(timeout=10)
         arena = None if copy else dev.alloc_buffer(IO * depth)
         buffers = [] if arena is None else [arena.slice(i * IO, IO) for i in range(depth)]
-        proc = psutil.Process()
         lat: list[int] = []
-        # Submission times by request slot: cheaper than a dict keyed by request, and
-        # this loop's own cost is counted as virtq's.
-        started = [0] * (dev.slots_per_queue * len(dev.queues))
+        # Request -> submission time (copy) or (submission time, its buffer) (zero-copy):
+        # this bookkeeping runs per request and is counted as virtq's CPU.
+        started: dict[object, int] = {}
+        owned: dict[object, tuple[int, DmaBuffer]] = {}
         pc = time.perf_counter_ns
         submit_many = dev.submit_read_many
         t = pc()
         if copy:
-            reqs = submit_many(targets[:depth], IO)
+            for req in submit_many(targets[:depth], IO):
+                started[req] = t
         else:
-            reqs = submit_many(targets[:depth], into=buffers)
-        for req in reqs:
-            started[req.slot] = t
+            for req, buf in zip(submit_many(targets[:depth], into=buffers), buffers,
+                                strict=True):
+                owned[req] = (t, buf)
         k = depth
-        cpu0 = proc.cpu_times()
-        bcpu0 = backend.cpu_times() if backend else None
+        completed: list[BlkRequest] = []
+        freed: list[tuple[int, DmaBuffer]] = []
+        bufs: list[DmaBuffer] = []
+        cpu0 = cpu_seconds()
+        bcpu0 = cpu_seconds(backend) if backend else 0.0
         t0 = time.monotonic()
         end = t0 + seconds
         next_progress = t0
@@ -91,7 +117,7 @@ def run_depth(socket_path: Path, depth: int, seconds: float, mode: str,
             if now >= end:
                 break
             if now >= next_progress:
-                _progress(label, (now - t0) / seconds)
+                bar.show((now - t0) / seconds)
                 next_progress = now + 0.2
             completed = dev.poll(timeout=1.0, min_completions=min_completions)
             m = len(completed)
@@ -101,51 +127,30 @@ def run_depth(socket_path: Path, depth: int, seconds: float, mode: str,
             errors = [req.error for req in completed if req.error is not None]
             if errors:
                 raise errors[0]
-            lat += [t - started[req.slot] for req in completed]
-            # Refill: each zero-copy buffer goes back with the next request.
             if copy:
-                reqs = submit_many(targets[k : k + m], IO)
+                pop = started.pop
+                lat += [t - pop(req) for req in completed]
+                for req in submit_many(targets[k : k + m], IO):
+                    started[req] = t
             else:
-                reqs = submit_many(targets[k : k + m],
-                                   into=[req.into[0] for req in completed if req.into])
-            for req in reqs:
-                started[req.slot] = t
+                # Refill: each zero-copy buffer goes back with the next request.
+                freed = [owned.pop(req) for req in completed]
+                lat += [t - t_sub for t_sub, _ in freed]
+                bufs = [buf for _, buf in freed]
+                for req, buf in zip(submit_many(targets[k : k + m], into=bufs), bufs,
+                                    strict=True):
+                    owned[req] = (t, buf)
             k = (k + m) & 0xFFFF
             done += m
         elapsed = time.monotonic() - t0
-        cpu1 = proc.cpu_times()
-        bcpu1 = backend.cpu_times() if backend else None
+        cpu = cpu_seconds() - cpu0
+        bcpu = cpu_seconds(backend) - bcpu0 if backend else None
         dev.wait(timeout=10)
-        del reqs, completed, buffers, arena  # before the device closes its memory
-    _progress(label, 1.0)
-    sys.stderr.write("\n")
-    return bench_row(lat, done, elapsed, (cpu0, cpu1), (bcpu0, bcpu1))
-
-
-def bench_row(lat: list[int], done: int, elapsed: float, cpu: tuple[Any, Any],
-              backend_cpu: tuple[Any, Any]) -> dict[str, float]:
-    """The table row for ``done`` requests in ``elapsed`` seconds: latencies (ns) to
-    percentiles, psutil ``cpu_times()`` before/after (the back-end's may be None) to CPU
-    per request and utilisation."""
-    lat.sort()
-
-    def used(times: tuple[Any, Any]) -> float:
-        before, after = times
-        return float((after.user - before.user) + (after.system - before.system))
-
-    spent = used(cpu)
-    row = {
-        "iops": done / elapsed,
-        "p50": lat[len(lat) // 2] / 1000,
-        "p99": lat[int(len(lat) * 0.99)] / 1000,
-        "cpu_us": spent / done * 1e6,
-        "cpu_util": spent / elapsed,
-    }
-    if None not in backend_cpu:
-        bspent = used(backend_cpu)
-        row["backend_cpu_us"] = bspent / done * 1e6
-        row["backend_util"] = bspent / elapsed
-    return row
+        # Before the device closes its memory: nothing may still view the buffers.
+        del completed, freed, bufs, buffers, arena
+        owned.clear()
+    bar.close()
+    return io_stats(lat, done, elapsed, cpu, bcpu)
 
 
 def make_bench_image(directory: Path) -> Path:
@@ -173,6 +178,10 @@ def filesystem_type(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``virtq bench blk [options]``: start qemu-storage-daemon, run every depth and mode,
+    print the table (``--json``: write the numbers too).  Returns 0; argparse exits on bad
+    options; a back-end that cannot start raises
+    :class:`~virtq.testing.runners.BackendError`."""
     p = argparse.ArgumentParser(prog="virtq bench blk", description=__doc__)
     p.add_argument("--depths", default="1,32,128", help="queue depths, comma-separated")
     p.add_argument("--seconds", type=float, default=3.0, help="per depth and mode")
@@ -186,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--aio", default="io_uring", help="qemu-storage-daemon aio= mode")
     p.add_argument("--image-dir", default=None,
                    help="where the 256 MiB image goes (default: the temp dir; avoid tmpfs)")
+    p.add_argument("--json", help="also write the numbers to this file")
     args = p.parse_args(argv)
     depths = [int(d) for d in args.depths.split(",")]
     modes = args.modes.split(",")
@@ -208,18 +218,29 @@ def main(argv: list[str] | None = None) -> int:
                                   copy=args.copy, batch=args.batch)
                     rows.append((depth, mode, r))
     how = "copied out as bytes" if args.copy else "zero-copy into DmaBuffers"
-    print(f"# virtq bench blk: 4 KiB random reads ({how}), qemu-storage-daemon "
-          f"aio={args.aio}, image on {fstype}, {args.seconds:g} s per row")
-    print("| QD | mode | IOPS | p50 µs | p99 µs | virtq CPU-µs/req | virtq CPU use "
-          "| QSD CPU-µs/req | QSD CPU use |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    title = (f"virtq bench blk: 4 KiB random reads ({how}), qemu-storage-daemon "
+             f"aio={args.aio}, image on {fstype}, {args.seconds:g} s per row; {host_line()}")
+    print(f"# {title}")
+    results = Results("blk", title)
+    table = []
     for depth, mode, r in rows:
-        print(f"| {depth} | {mode} | {r['iops']:,.0f} | {r['p50']:.1f} | {r['p99']:.1f} "
-              f"| {r['cpu_us']:.2f} | {r['cpu_util']:.0%} "
-              f"| {r['backend_cpu_us']:.2f} | {r['backend_util']:.0%} |")
+        table.append([depth, mode, f"{r['iops']:,.0f}", f"{r['p50']:.1f}", f"{r['p99']:.1f}",
+                      f"{r['cpu_us']:.2f}", f"{r['cpu_util']:.0%}",
+                      f"{r['backend_cpu_us']:.2f}", f"{r['backend_util']:.0%}"])
+        row = f"QD {depth} {mode}"
+        results.add(row, "IOPS", r["iops"], "higher")
+        results.add(row, "p50 µs", r["p50"], "lower")
+        results.add(row, "p99 µs", r["p99"], "lower")
+        results.add(row, "virtq CPU-µs/req", r["cpu_us"], "lower")
+        results.add(row, "QSD CPU-µs/req", r["backend_cpu_us"], None)
+    print(markdown_table(["QD", "mode", "IOPS", "p50 µs", "p99 µs", "virtq CPU-µs/req",
+                          "virtq CPU use", "QSD CPU-µs/req", "QSD CPU use"], table,
+                         "rlrrrrrrr"))
     print()
     for mode in modes:
         print(f"- {mode}: {MODES[mode]}")
+    if args.json:
+        results.write(args.json)
     return 0
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -33,7 +32,8 @@ from pathlib import Path
 
 import psutil
 
-from virtq.devices.net import NetDevice
+from virtq.cli.benchutil import Results, cpu_seconds, host_line, markdown_table
+from virtq.devices import NetDevice
 from virtq.testing.testpmd import TestPmd
 
 #: The target of issue 5: virtq's rate within this factor of the C driver's.
@@ -42,6 +42,9 @@ TARGET_RATIO = 10.0
 
 @dataclass
 class Result:
+    """One row: ``packets`` moved in ``seconds`` by ``driver`` in ``direction``, costing it
+    ``cpu_seconds``."""
+
     direction: str  # "TX" or "RX"
     driver: str
     packets: int
@@ -50,16 +53,13 @@ class Result:
 
     @property
     def pps(self) -> float:
+        """Packets per second (0 for an empty window)."""
         return self.packets / self.seconds if self.seconds else 0.0
 
     @property
     def cpu_us_per_packet(self) -> float:
+        """The front-end's CPU µs per packet (infinite when none moved)."""
         return self.cpu_seconds * 1e6 / self.packets if self.packets else float("inf")
-
-
-def _cpu(proc: psutil.Process) -> float:
-    t = proc.cpu_times()
-    return t.user + t.system
 
 
 @contextlib.contextmanager
@@ -86,6 +86,9 @@ def _frames(size: int, count: int) -> list[bytes]:
 
 
 def virtq_tx(backend: TestPmd, sock: Path, args: argparse.Namespace, poll: bool) -> Result:
+    """virtq transmits batches for ``args.seconds``; the rate is what ``backend`` counted.
+    Raises ``RuntimeError`` if the back-end counted another number of frames than were
+    sent, and what NetDevice and TestPmd raise."""
     backend.set_forward_mode("rxonly")
     backend.start_forwarding()
     frames = _frames(args.frame_size, args.batch)
@@ -93,22 +96,23 @@ def virtq_tx(backend: TestPmd, sock: Path, args: argparse.Namespace, poll: bool)
     with NetDevice.connect_vhost_user(sock, queue_size=args.queue_size, poll=poll) as dev:
         backend.wait_link(True)
         send = dev.send_batch
+        # Every warm-up frame is counted before the counters are zeroed (counting from
+        # what the back-end had counted before: the C driver's run used it too).
+        warm = backend.port_stats().rx_packets
         warm_end = time.monotonic() + args.warmup
         while time.monotonic() < warm_end:
-            send(frames, timeout=5)
-        deadline = time.monotonic() + 5
-        while dev.tx_in_flight and time.monotonic() < deadline:
-            dev.reclaim()  # every warm-up frame is counted before the counters are zeroed
+            warm += send(frames, timeout=5)
+        backend.wait_rx_packets(warm, timeout=5)
         backend.clear_stats()
         sent = 0
-        c0, t0 = _cpu(me), time.perf_counter()
+        c0, t0 = cpu_seconds(me), time.perf_counter()
         end = t0 + args.seconds
         while True:
             for _ in range(64):
                 sent += send(frames, timeout=5)
             if time.perf_counter() >= end:
                 break
-        t1, c1 = time.perf_counter(), _cpu(me)
+        t1, c1 = time.perf_counter(), cpu_seconds(me)
         # Every frame sent must reach the back-end: the rate is what it counted.
         stats = backend.wait_rx_packets(sent, timeout=5)
     backend.wait_link(False)
@@ -119,6 +123,8 @@ def virtq_tx(backend: TestPmd, sock: Path, args: argparse.Namespace, poll: bool)
 
 
 def virtq_rx(backend: TestPmd, sock: Path, args: argparse.Namespace, poll: bool) -> Result:
+    """``backend`` floods virtq's receiveq for ``args.seconds``; the rate is what virtq
+    received.  Raises what NetDevice and TestPmd raise."""
     backend.set_forward_mode("txonly")
     me = psutil.Process()
     with NetDevice.connect_vhost_user(sock, queue_size=args.queue_size, poll=poll) as dev:
@@ -130,14 +136,14 @@ def virtq_rx(backend: TestPmd, sock: Path, args: argparse.Namespace, poll: bool)
         while time.monotonic() < warm_end:
             recv(args.queue_size, wait)
         got = 0
-        c0, t0 = _cpu(me), time.perf_counter()
+        c0, t0 = cpu_seconds(me), time.perf_counter()
         end = t0 + args.seconds
         while True:
             for _ in range(64):
                 got += len(recv(args.queue_size, wait))
             if time.perf_counter() >= end:
                 break
-        t1, c1 = time.perf_counter(), _cpu(me)
+        t1, c1 = time.perf_counter(), cpu_seconds(me)
         backend.stop_forwarding()
     backend.wait_link(False)
     mode = "poll" if poll else "notify"
@@ -153,15 +159,16 @@ def _c_window(counter: TestPmd, cpu_of: TestPmd, rx: bool, seconds: float) -> tu
     assert cpu_of.pid is not None
     fe = psutil.Process(cpu_of.pid)
     s0 = counter.port_stats()
-    t0, c0 = time.perf_counter(), _cpu(fe)
+    t0, c0 = time.perf_counter(), cpu_seconds(fe)
     time.sleep(seconds)
     s1 = counter.port_stats()
-    t1, c1 = time.perf_counter(), _cpu(fe)
+    t1, c1 = time.perf_counter(), cpu_seconds(fe)
     packets = s1.rx_packets - s0.rx_packets if rx else s1.tx_packets - s0.tx_packets
     return packets, t1 - t0, c1 - c0
 
 
 def c_tx(backend: TestPmd, sock: Path, args: argparse.Namespace) -> Result:
+    """:func:`virtq_tx` with DPDK's C virtio-user (a second testpmd, ``txonly``)."""
     backend.set_forward_mode("rxonly")
     backend.start_forwarding()
     with TestPmd.virtio_user(sock, forward_mode="txonly", queue_size=args.queue_size,
@@ -176,6 +183,7 @@ def c_tx(backend: TestPmd, sock: Path, args: argparse.Namespace) -> Result:
 
 
 def c_rx(backend: TestPmd, sock: Path, args: argparse.Namespace) -> Result:
+    """:func:`virtq_rx` with DPDK's C virtio-user (a second testpmd, ``rxonly``)."""
     backend.set_forward_mode("txonly")
     with TestPmd.virtio_user(sock, forward_mode="rxonly", queue_size=args.queue_size) as fe:
         backend.wait_link(True)
@@ -193,12 +201,10 @@ def c_rx(backend: TestPmd, sock: Path, args: argparse.Namespace) -> Result:
 
 
 def table(results: Sequence[Result]) -> str:
+    """The Markdown table of ``results``, each row next to the C driver's in its
+    direction."""
     c = {r.direction: r for r in results if "(C)" in r.driver}
-    lines = [
-        "| dir | front-end driver | packets | Mpps | C rate / this | CPU µs/pkt | "
-        f"this CPU / C CPU | rate within {TARGET_RATIO:g}x of C |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
-    ]
+    rows = []
     for r in results:
         base = c.get(r.direction)
         if base is None or r is base:
@@ -208,12 +214,17 @@ def table(results: Sequence[Result]) -> str:
             x = base.pps / r.pps if r.pps else float("inf")
             ratio, verdict = f"{x:.1f}", "yes" if x <= TARGET_RATIO else "no"
             cpu_ratio = f"{r.cpu_us_per_packet / base.cpu_us_per_packet:.1f}"
-        lines.append(f"| {r.direction} | {r.driver} | {r.packets} | {r.pps / 1e6:.3f} | "
-                     f"{ratio} | {r.cpu_us_per_packet:.3f} | {cpu_ratio} | {verdict} |")
-    return "\n".join(lines)
+        rows.append([r.direction, r.driver, r.packets, f"{r.pps / 1e6:.3f}", ratio,
+                     f"{r.cpu_us_per_packet:.3f}", cpu_ratio, verdict])
+    return markdown_table(
+        ["dir", "front-end driver", "packets", "Mpps", "C rate / this", "CPU µs/pkt",
+         "this CPU / C CPU", f"rate within {TARGET_RATIO:g}x of C"], rows, "llrrrrrl")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``virtq bench net [options]``: start testpmd, run the rounds, print the table
+    (``--json``: write the numbers too).  Returns 0; argparse exits on bad options; a
+    back-end that cannot start raises :class:`~virtq.testing.runners.BackendError`."""
     ap = argparse.ArgumentParser(prog="virtq bench net", description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=3.0, help="measurement window per row")
     ap.add_argument("--warmup", type=float, default=0.5, help="seconds before each window")
@@ -225,13 +236,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2,
                     help="interleaved rounds per direction (rows sum them)")
     ap.add_argument("--skip-c", action="store_true", help="no DPDK virtio-user baseline")
+    ap.add_argument("--json", help="also write the numbers to this file")
     args = ap.parse_args(argv)
+    if args.rounds < 1 or args.seconds <= 0:
+        ap.error("--rounds must be >= 1 and --seconds > 0")
     modes = {"poll": [True], "notify": [False], "both": [True, False]}[args.mode]
 
-    cpu = platform.processor() or platform.machine()
-    print(f"# bench net: {cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-          f"{args.frame_size}-byte frames, queue size {args.queue_size}, virtq batch "
-          f"{args.batch}, {args.rounds} x {args.seconds:g} s per row")
+    title = (f"bench net: {host_line()}, {args.frame_size}-byte frames, queue size "
+             f"{args.queue_size}, virtq batch {args.batch}, {args.rounds} x "
+             f"{args.seconds:g} s per row")
+    print(f"# {title}")
     print("# back-end: dpdk-testpmd net_vhost0 (--no-huge), forwarding lcore on CPU 1; "
           "front-end data path on CPU 0")
     # Rounds interleave the drivers, so a noisy neighbour on the machine hits them alike;
@@ -263,6 +277,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                             totals[key] = r
     results = list(totals.values())
     print(table(results))
+    if args.json:
+        out = Results("net", title)
+        for r in results:
+            row = f"{r.direction} {r.driver}"
+            mine = "(C)" not in r.driver  # the C driver's rows are a control, not judged
+            out.add(row, "Mpps", r.pps / 1e6, "higher" if mine else None)
+            out.add(row, "CPU µs/pkt", r.cpu_us_per_packet, "lower" if mine else None)
+        out.write(args.json)
     return 0
 
 

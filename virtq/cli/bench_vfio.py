@@ -69,6 +69,9 @@ def _time(op: Callable[[int], object], iters: int, warmup: int) -> list[float]:
 
 def measure(rng_address: str, blk_address: str, iters: int, warmup: int = 20
             ) -> dict[str, dict[str, float]]:
+    """Time ``iters`` requests per row (see :data:`ROWS`) on the virtio-rng and virtio-blk
+    functions at these PCI addresses, after ``warmup`` untimed ones; :func:`stats` per row.
+    Raises what :meth:`RngDevice.open_vfio` / :meth:`BlkDevice.open_vfio` raise."""
     results: dict[str, dict[str, float]] = {}
     for poll in (True, False):
         mode = "poll" if poll else "msix"
@@ -97,6 +100,8 @@ def reference_rows(path: Path) -> dict[str, dict[str, float]]:
 
 def render(ours: dict[str, dict[str, float]], ref: dict[str, dict[str, float]] | None,
            iters: int) -> str:
+    """The text table of :func:`measure`'s rows, with the reference driver's rows and the
+    ratios beside them when ``ref`` is given."""
     lines = [f"virtq bench vfio: {iters} requests per row, python {platform.python_version()}"
              f" ({sys.executable}), {platform.machine()}"]
     head = f"{'':18}{'virtq (us)':^26}"
@@ -140,7 +145,8 @@ def _run_here(args: argparse.Namespace) -> int:
 
 
 def _run_in_guest(args: argparse.Namespace) -> int:
-    wrapper = Path(__file__).resolve().parent.parent / "scripts" / "vfio-guest"
+    # virtq/cli/bench_vfio.py -> the checkout's root (three levels up).
+    wrapper = Path(__file__).resolve().parents[2] / "scripts" / "vfio-guest"
     if not wrapper.exists():
         print(f"virtq bench vfio: no VFIO devices here and no {wrapper} (a source checkout "
               "has it) to boot the vfio-guest VM; use --here on a machine with devices",
@@ -168,6 +174,9 @@ def _run_in_guest(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``virtq bench vfio [options]``: measure here (``--here``, or inside the vfio-guest
+    VM), else boot the VM from a source checkout and measure there.  Returns 0, or 2 when
+    there is nothing to measure on (the command's status when the VM ran it)."""
     parser = argparse.ArgumentParser(
         prog="virtq bench vfio",
         description="Per-request latency of virtio-rng and virtio-blk through VFIO, beside "

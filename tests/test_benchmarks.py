@@ -1,0 +1,216 @@
+"""Every benchmark runs, for a second or two, against the real back-ends it needs, so none
+rots: ``benchmarks/bench_ring.py``, ``benchmarks/bench_blk_ref.py`` (qemu-storage-daemon),
+``virtq bench blk`` (qemu-storage-daemon), ``virtq bench net`` (two dpdk-testpmd),
+``virtq bench vfio`` (the vfio-guest VM, about 10 s) and ``benchmarks/compare.py`` (a
+``git worktree`` of ``HEAD~1``).
+
+Smoke runs: each must exit 0 and print its table (header and every row); no timing is
+checked.  Their stderr is a pipe here, so it must carry no progress-bar redraws, and the
+children run with ResourceWarnings shown, so it must carry none of those either.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from virtq.cli.benchutil import ProgressBar, Results, io_stats, markdown_table, read_results
+from virtq.errors import ArgumentError, VirtqOSError
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def run(*argv: str | Path, timeout: float = 180) -> str:
+    """Run a benchmark (``sys.executable`` + ``argv``); its stdout.  Fails on a non-zero
+    exit, a progress-bar redraw or a ResourceWarning on stderr."""
+    env = dict(os.environ, PYTHONWARNINGS="always::ResourceWarning")
+    # Bytes, decoded here: text=True would turn a redraw's "\r" into "\n".
+    done = subprocess.run([sys.executable, *map(str, argv)], capture_output=True,
+                          timeout=timeout, check=False, cwd=ROOT, env=env)
+    stdout, stderr = done.stdout.decode(), done.stderr.decode()
+    assert done.returncode == 0, f"exit {done.returncode}\n{stdout}\n{stderr}"
+    assert "\r" not in stderr, f"a progress bar was drawn into a pipe:\n{stderr!r}"
+    assert "ResourceWarning" not in stderr, stderr
+    return stdout
+
+
+def table_rows(out: str, header: str) -> list[list[str]]:
+    """The cells of the Markdown table that starts with ``header``."""
+    lines = out.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith(header)]
+    assert starts, f"no table starting {header!r} in:\n{out}"
+    rows = []
+    for line in lines[starts[0] + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def check_results(path: Path, bench: str, rows: int) -> dict[str, object]:
+    data = read_results(path)
+    assert data["bench"] == bench
+    assert Path(data["virtq"]).resolve() == ROOT / "virtq" / "__init__.py"
+    assert len({v["row"] for v in data["values"]}) == rows
+    assert all(v["better"] in ("lower", "higher", None) for v in data["values"])
+    return data
+
+
+# -- the scripts and commands -------------------------------------------------------------------
+
+
+def test_bench_ring(tmp_path):
+    out = run(BENCHMARKS / "bench_ring.py", "--seconds", "0.02", "--rounds", "1",
+              "--json", tmp_path / "ring.json")
+    rows = table_rows(out, "| chain | batch | event_idx | indirect | API | virtq ns | naive ns |")
+    # 1-descriptor chains: 2 batch sizes x event idx on/off; 3-descriptor: x indirect too;
+    # the batched ones twice (add, add_many).
+    assert len(rows) == 2 * 1 + 2 * 2 + 4 * 1 + 4 * 2
+    assert {row[4] for row in rows} == {"add()", "add_many()"}
+    assert all(float(row[5]) > 0 and float(row[6]) > 0 for row in rows)
+    check_results(tmp_path / "ring.json", "ring", len(rows))
+
+
+def test_bench_blk_ref(tmp_path):
+    out = run(BENCHMARKS / "bench_blk_ref.py", "--seconds", "0.2", "--rounds", "1",
+              "--depths", "8", "--json", tmp_path / "ref.json")
+    rows = table_rows(out, "| QD | mode | front-end | IOPS |")
+    assert [(r[1], r[2]) for r in rows] == [("eventfd", "naive"), ("eventfd", "virtq"),
+                                            ("batch", "naive"), ("batch", "virtq")]
+    check_results(tmp_path / "ref.json", "blk-ref", 4)
+
+
+def test_bench_blk(tmp_path):
+    out = run("-m", "virtq", "bench", "blk", "--seconds", "0.2", "--depths", "1,8",
+              "--modes", "poll,eventfd,batch", "--json", tmp_path / "blk.json")
+    assert "zero-copy" in out
+    rows = table_rows(out, "| QD | mode | IOPS | p50 µs |")
+    assert [(r[0], r[1]) for r in rows] == [(d, m) for d in ("1", "8")
+                                            for m in ("poll", "eventfd", "batch")]
+    check_results(tmp_path / "blk.json", "blk", 6)
+    out = run("-m", "virtq", "bench", "blk", "--seconds", "0.2", "--depths", "8",
+              "--modes", "batch", "--copy", "--batch", "3")
+    assert "copied out as bytes" in out
+    assert [r[:2] for r in table_rows(out, "| QD | mode | IOPS |")] == [["8", "batch"]]
+
+
+def test_bench_net(tmp_path):
+    out = run("-m", "virtq", "bench", "net", "--seconds", "0.2", "--warmup", "0.1",
+              "--rounds", "1", "--json", tmp_path / "net.json")
+    rows = table_rows(out, "| dir | front-end driver | packets | Mpps |")
+    assert [(r[0], r[1]) for r in rows] == [
+        (d, who) for d in ("TX", "RX")
+        for who in ("DPDK virtio-user (C)", "virtq (poll)", "virtq (notify)")]
+    assert all(int(r[2]) > 0 for r in rows)
+    check_results(tmp_path / "net.json", "net", 6)
+
+
+def test_bench_vfio(tmp_path):
+    out = run("-m", "virtq", "bench", "vfio", "--iters", "5", "--out", tmp_path / "vm",
+              timeout=330)
+    assert "virtq / reference" in out
+    for label in ("rng 64 B   poll ", "rng 64 B   MSI-X", "blk 4 KiB  poll ", "blk 4 KiB  MSI-X"):
+        lines = [line for line in out.splitlines() if line.startswith(label)]
+        assert len(lines) == 1, f"no row {label!r} in:\n{out}"
+        assert len(lines[0][len(label) :].split()) == 9  # virtq, reference, ratio x 3
+
+
+def test_compare_ring_with_the_previous_commit(tmp_path):
+    before = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True,
+                            text=True, check=True).stdout
+    out = run(BENCHMARKS / "compare.py", "--rev", "HEAD~1", "--rounds", "2",
+              "--json", tmp_path / "cmp.json", "--", "ring", "--seconds", "0.02",
+              "--rounds", "1")
+    old = next(line for line in out.splitlines() if line.startswith("# old: "))
+    new = next(line for line in out.splitlines() if line.startswith("# new: "))
+    # Each side's virtq came from its own tree, not from the editable install.
+    old_file = Path(old.split("virtq from ")[1].split(" (")[0])
+    new_file = Path(new.split("virtq from ")[1].split(" (")[0])
+    assert new_file.resolve() == ROOT / "virtq" / "__init__.py"
+    assert old_file.name == "__init__.py"
+    assert not old_file.resolve().is_relative_to(ROOT)
+    assert not old_file.exists(), "the temporary worktree was left behind"
+    rows = table_rows(out, "| row | metric | old | new | new/old |")
+    assert len(rows) == 2 * 18  # virtq and the control, per ring row
+    assert all(float(r[2].replace(",", "")) > 0 and float(r[4]) > 0 for r in rows)
+    data = json.loads((tmp_path / "cmp.json").read_text())
+    assert len(data["runs"]) == 2
+    after = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True,
+                           text=True, check=True).stdout
+    assert after == before
+
+
+def test_compare_child_refuses_a_virtq_from_another_tree(tmp_path):
+    """Without PYTHONPATH pointing at the tree, the child finds the working tree's virtq
+    and must say so rather than measure the wrong code."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "compare.py"), "--child",
+                           str(tmp_path), "--results", str(tmp_path / "r.json"), "--", "ring"],
+                          capture_output=True, text=True, timeout=60, check=False, env=env)
+    assert done.returncode == 3, done.stderr
+    assert "PYTHONPATH did not win" in done.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
+# -- benchutil ----------------------------------------------------------------------------------
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_draws_only_on_a_terminal():
+    pipe, tty = io.StringIO(), _Terminal()
+    for stream in (pipe, tty):
+        bar = ProgressBar("QD 32 batch", stream)
+        bar.show(0.5)
+        bar.show(2.0)  # clamped
+        bar.close()
+    assert pipe.getvalue() == ""
+    drawn = tty.getvalue()
+    assert drawn.count("\r") == 3
+    assert "50%" in drawn
+    assert "150%" not in drawn and "200%" not in drawn
+    assert drawn.endswith("100%\n")
+
+
+def test_markdown_table_and_its_errors():
+    assert markdown_table(["a", "b"], [[1, "x"]], "lr") == "| a | b |\n|---|---:|\n| 1 | x |"
+    with pytest.raises(ArgumentError, match="has 1 cells"):
+        markdown_table(["a", "b"], [[1]])
+    with pytest.raises(ArgumentError, match="align"):
+        markdown_table(["a", "b"], [], "l")
+
+
+def test_results_round_trip_and_io_stats(tmp_path):
+    r = Results("x", "title")
+    r.add("row", "IOPS", 10, "higher")
+    with pytest.raises(ArgumentError, match="better"):
+        r.add("row", "IOPS", 10, "more")
+    r.write(tmp_path / "r.json")
+    data = read_results(tmp_path / "r.json")
+    assert data["values"] == [{"row": "row", "metric": "IOPS", "value": 10.0,
+                               "better": "higher"}]
+    (tmp_path / "bad.json").write_text("[]")
+    with pytest.raises(ArgumentError, match="no values"):
+        read_results(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ArgumentError, match="a benchmark results file"):
+        read_results(tmp_path / "bad.json")
+    with pytest.raises(VirtqOSError) as err:
+        read_results(tmp_path / "missing.json")
+    assert err.value.errno == errno.ENOENT
+    row = io_stats([3000, 1000, 2000, 4000], 4, 2.0, 0.5, 1.0)
+    assert row == {"iops": 2.0, "p50": 3.0, "p99": 4.0, "cpu_us": 125000.0, "cpu_util": 0.25,
+                   "backend_cpu_us": 250000.0, "backend_util": 0.5}
+    with pytest.raises(ArgumentError, match="no requests completed"):
+        io_stats([], 0, 1.0, 0.0)
