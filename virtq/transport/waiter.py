@@ -131,6 +131,8 @@ class Waiter:
 
     def _spin(self, deadline: float | None) -> bool:
         queues = self.queues
+        if not any(q.num_in_flight for q in queues if q.state is _READY):
+            return True  # nothing in flight: nothing to wait for (as arm() says)
         check = self.transport.check_alive
         while True:
             for _ in range(CHECK_EVERY):
