@@ -28,6 +28,7 @@ A violation raises :class:`~virtq.errors.DeviceProtocolError` and breaks the que
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Iterable, Sequence
 from typing import Any, Generic, NoReturn, TypeVar
@@ -71,6 +72,37 @@ def _as_seq(value: object, name: str) -> Sequence[Any]:
         return tuple(value)  # type: ignore[arg-type]
     except TypeError:
         raise ArgumentError(name, value, "must be a sequence of (iova, length)") from None
+
+
+def _chain_entries(readable: Sequence[Buffer], writable: Sequence[Buffer], nr: int, n: int
+                   ) -> tuple[list[tuple[int, int, int]], int]:
+    """The ``(iova, length, flags)`` of each descriptor of a chain of ``nr`` readable then
+    writable buffers (``n`` in all), chained by NEXT, and its writable capacity -- every
+    buffer checked (u64 address, 0 < length < 2**32, total < 2**32, §2.7.5.3.1) before the
+    caller writes anything."""
+    entries: list[tuple[int, int, int]] = []
+    total = 0
+    capacity = 0
+    buf: object = None
+    last = n - 1
+    try:
+        for k, buf in enumerate(itertools.chain(readable, writable)):
+            iova, length = buf
+            if not (isinstance(iova, int) and isinstance(length, int)):
+                raise TypeError
+            if not (0 <= iova < 1 << 64 and 0 < length < _U32_LIMIT):
+                raise ValueError
+            if k < nr:
+                entries.append((iova, length, _F_NEXT if k < last else 0))
+            else:
+                entries.append((iova, length, _F_WRITE | _F_NEXT if k < last else _F_WRITE))
+                capacity += length
+            total += length
+    except (TypeError, ValueError, OverflowError):
+        _bad_buffer(buf)
+    if total >= _U32_LIMIT:
+        raise ArgumentError("buffers", total, "a chain's total length must be < 2**32")
+    return entries, capacity
 
 
 class SplitQueue(_SplitCore[T]):
@@ -751,35 +783,7 @@ class SplitTemplate(Generic[T]):
         if not 1 <= n <= self.max_buffers:
             raise ArgumentError("buffers", n, f"a chain of this template has 1..{self.max_buffers}"
                                 " buffers")
-        entries: list[tuple[int, int, int]] = []
-        total = 0
-        capacity = 0
-        buf: object = None
-        i = 0
-        try:
-            for buf in readable:
-                iova, length = buf
-                if not (isinstance(iova, int) and isinstance(length, int)):
-                    raise TypeError
-                if not (0 <= iova < 1 << 64 and 0 < length < _U32_LIMIT):
-                    raise ValueError
-                i += 1
-                entries.append((iova, length, _F_NEXT if i < n else 0))
-                total += length
-            for buf in writable:
-                iova, length = buf
-                if not (isinstance(iova, int) and isinstance(length, int)):
-                    raise TypeError
-                if not (0 <= iova < 1 << 64 and 0 < length < _U32_LIMIT):
-                    raise ValueError
-                i += 1
-                entries.append((iova, length, _F_WRITE | _F_NEXT if i < n else _F_WRITE))
-                capacity += length
-        except (TypeError, ValueError, OverflowError):
-            _bad_buffer(buf)
-        if total + capacity >= _U32_LIMIT:  # §2.7.5.3.1: total length fits in 32 bits
-            raise ArgumentError("buffers", total + capacity,
-                                "a chain's total length must be < 2**32")
+        entries, capacity = _chain_entries(readable, writable, nr, n)
         old = self._entries[slot]
         if self.indirect:
             mem = q._mem
