@@ -30,6 +30,7 @@ from virtq.memory import (
     MmapRegion,
     VfioContainer,
 )
+
 HUGE = 1 << 50  # more than any address space or overcommit limit here allows
 MEMFD_NAME_MAX = 249  # memfd_create(2)
 MAX_REGION_BYTES = 1 << 56  # virtq.memory.base.MAX_REGION_BYTES
