@@ -33,6 +33,7 @@ from pathlib import Path
 
 import psutil
 
+from virtq.cli import _args
 from virtq.devices.net import NetDevice
 from virtq.testing.testpmd import TestPmd
 
@@ -215,17 +216,24 @@ def table(results: Sequence[Result]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="virtq bench net", description=__doc__.split("\n")[0])
-    ap.add_argument("--seconds", type=float, default=3.0, help="measurement window per row")
-    ap.add_argument("--warmup", type=float, default=0.5, help="seconds before each window")
-    ap.add_argument("--frame-size", type=int, default=64, help="bytes per frame (no FCS)")
-    ap.add_argument("--batch", type=int, default=32, help="frames per virtq send_batch")
-    ap.add_argument("--queue-size", type=int, default=256)
+    ap.add_argument("--seconds", type=_args.seconds(), default=3.0,
+                    help="measurement window per row")
+    ap.add_argument("--warmup", type=_args.seconds(allow_zero=True), default=0.5,
+                    help="seconds before each window")
+    # Ethernet frames without FCS: 60..1514 bytes (IEEE 802.3 minimum and maximum).
+    ap.add_argument("--frame-size", type=_args.int_in(60, 1514), default=64,
+                    help="bytes per frame (no FCS), 60..1514")
+    ap.add_argument("--batch", type=_args.positive_int, default=32,
+                    help="frames per virtq send_batch (at most the queue size)")
+    ap.add_argument("--queue-size", type=_args.queue_size, default=256)
     ap.add_argument("--mode", choices=("poll", "notify", "both"), default="both",
                     help="virtq: busy-poll, sleep on notifications, or both rows")
-    ap.add_argument("--rounds", type=int, default=2,
+    ap.add_argument("--rounds", type=_args.positive_int, default=2,
                     help="interleaved rounds per direction (rows sum them)")
     ap.add_argument("--skip-c", action="store_true", help="no DPDK virtio-user baseline")
     args = ap.parse_args(argv)
+    if args.batch > args.queue_size:
+        ap.error(f"--batch {args.batch}: more than --queue-size {args.queue_size}")
     modes = {"poll": [True], "notify": [False], "both": [True, False]}[args.mode]
 
     cpu = platform.processor() or platform.machine()
