@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     insp.add_argument("--buffer-size", type=_args.nonnegative_int, default=0)
     insp.add_argument("--legacy", action="store_true")
     insp.set_defaults(func=cmd_inspect, parser=insp)
-    args = parser.parse_args(argv)
+    args = _args.parse(parser, argv)
     try:
         result: int = args.func(args)
     except ArgumentError as exc:

@@ -83,3 +83,20 @@ def directory(text: str) -> str:
     if not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a directory")
     return text
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None,
+          *subparsers: argparse.ArgumentParser) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, then a check argparse itself misses: Python 3.11's
+    argparse drops a ``--`` value (``--count=--``) and stores an empty list without calling
+    the option's type or checking its choices, which would reach the command as a list."""
+    args = parser.parse_args(argv)
+    for p in (parser, *subparsers, getattr(args, "parser", None)):
+        if not isinstance(p, argparse.ArgumentParser):
+            continue
+        for action in p._actions:  # argparse has no public accessor
+            value = getattr(args, action.dest, None)
+            if action.nargs is None and isinstance(value, list) and value is not action.default:
+                p.error(f"argument {'/'.join(action.option_strings) or action.dest}: "
+                        "expected one value")
+    return args

@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="qemu-storage-daemon aio= mode")
     p.add_argument("--image-dir", type=_args.directory, default=None,
                    help="where the 256 MiB image goes (default: the temp dir; avoid tmpfs)")
-    args = p.parse_args(argv)
+    args = _args.parse(p, argv)
     depths = args.depths
     if args.batch is not None and args.batch > min(depths):
         p.error(f"--batch {args.batch}: more than the smallest depth ({min(depths)}) would "

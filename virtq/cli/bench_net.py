@@ -231,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rounds", type=_args.positive_int, default=2,
                     help="interleaved rounds per direction (rows sum them)")
     ap.add_argument("--skip-c", action="store_true", help="no DPDK virtio-user baseline")
-    args = ap.parse_args(argv)
+    args = _args.parse(ap, list(argv) if argv is not None else None)
     if args.batch > args.queue_size:
         ap.error(f"--batch {args.batch}: more than --queue-size {args.queue_size}")
     modes = {"poll": [True], "notify": [False], "both": [True, False]}[args.mode]

@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  "to compare with")
     parser.add_argument("--json", help="also write the numbers to this file")
     parser.add_argument("--out", help="run folder for the VM (default .cache/vfio-guest/out/...)")
-    args = parser.parse_args(argv)
+    args = _args.parse(parser, argv)
     if args.here or os.environ.get("VIRTQ_GUEST") == "1":
         return _run_here(args)
     return _run_in_guest(args)
