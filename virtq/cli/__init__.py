@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -14,7 +15,6 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-import virtq
 from virtq.cli import _args
 from virtq.errors import ArgumentError
 from virtq.layout import SplitLayout, wrap_add
@@ -181,9 +181,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    # From the installed metadata: the CLI may not import the package root (layers).
+    try:
+        return importlib.metadata.version("virtq")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="virtq", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"virtq {virtq.__version__}")
+    parser.add_argument("--version", action="version", version=f"virtq {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="show virtq driving a device")
     demo.add_argument("what", nargs="?", default="blk", choices=["blk", "ring"],

@@ -89,14 +89,15 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None,
           *subparsers: argparse.ArgumentParser) -> argparse.Namespace:
     """``parser.parse_args(argv)``, then a check argparse itself misses: Python 3.11's
     argparse drops a ``--`` value (``--count=--``) and stores an empty list without calling
-    the option's type or checking its choices, which would reach the command as a list."""
+    the option's type or checking its choices, which would reach the command as [] (no
+    type here returns an empty list)."""
     args = parser.parse_args(argv)
     for p in (parser, *subparsers, getattr(args, "parser", None)):
         if not isinstance(p, argparse.ArgumentParser):
             continue
         for action in p._actions:  # argparse has no public accessor
             value = getattr(args, action.dest, None)
-            if action.nargs is None and isinstance(value, list) and value is not action.default:
+            if action.nargs is None and value == [] and value is not action.default:
                 p.error(f"argument {'/'.join(action.option_strings) or action.dest}: "
                         "expected one value")
     return args
