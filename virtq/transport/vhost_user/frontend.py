@@ -111,7 +111,7 @@ def check_timeout(timeout: object) -> float | None:
     if (not isinstance(timeout, int | float) or isinstance(timeout, bool)
             or not math.isfinite(timeout) or not 0 < timeout <= MAX_TIMEOUT):
         raise ArgumentError("timeout", timeout,
-                            f"must be None (wait forever) or seconds in (0, {MAX_TIMEOUT:g}]")
+                            f"must be None (wait forever) or seconds in (0, {MAX_TIMEOUT:.0f}]")
     return float(timeout)
 
 
