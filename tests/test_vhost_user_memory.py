@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import named_resource_counts
 from virtq.devices import BlkDevice
+from virtq.errors import VirtqUsageError
 from virtq.iova import IdentityAllocator
 from virtq.memory import MemfdRegion
 from virtq.testing import VhostUserBlkBackend
@@ -28,6 +29,7 @@ from virtq.transport.vhost_user import (
     VhostUserFrontend,
     VhostUserNackError,
     VhostUserTimeoutError,
+    VhostUserTransport,
 )
 from virtq.transport.vhost_user import protocol as P
 
@@ -305,3 +307,14 @@ def test_embedded_back_end_refuses_memory_slots_unless_negotiated(image, sock):
         fe.get_features()
         assert not fe.get_protocol_features() >> P.ProtocolFeature.CONFIGURE_MEM_SLOTS & 1
 
+
+
+def test_alloc_dma_on_a_closed_transport_allocates_nothing(image, sock, no_leaks):
+    with VhostUserBlkBackend(image, sock, mem_slots=EMBEDDED_SLOTS):
+        t = VhostUserTransport.connect(sock)
+        t.alloc_dma(4096)
+        t.close()
+        before = named_resource_counts()
+        with pytest.raises(VirtqUsageError):
+            t.alloc_dma(4096)
+        assert named_resource_counts() == before
