@@ -12,9 +12,11 @@ from hypothesis import strategies as st
 from virtq.errors import (
     ArgumentError,
     DeviceProtocolError,
+    IovaError,
     QueueBrokenError,
     QueueFullError,
     QueueStateError,
+    VirtqOSError,
 )
 from virtq.iova import BumpAllocator, IdentityAllocator, NullDmaMapper, TaggedAllocator
 from virtq.memory import AnonymousRegion
@@ -233,6 +235,9 @@ def test_release_after_close_of_a_drained_queue(no_leaks):
     ({"queue_size": "8"}, "queue_size"), ({"device_writable": "yes"}, "device_writable"),
     ({"memory_factory": lambda n: AnonymousRegion(max(1, n // 2))}, "memory_factory"),
     ({"memory_factory": bytearray}, "memory_factory"),
+    ({"iova_allocator": None}, "iova_allocator"), ({"iova_allocator": object()},
+                                                   "iova_allocator"),
+    ({"dma_mapper": object()}, "dma_mapper"), ({"event_idx": "no"}, "event_idx"),
 ])
 def test_constructor_arguments_are_checked(kwargs, name, no_leaks):
     args = {"queue_size": 8, "device_writable": False, "iova_allocator":
@@ -240,3 +245,27 @@ def test_constructor_arguments_are_checked(kwargs, name, no_leaks):
     with pytest.raises(ArgumentError) as info:
         UserQueue(args.pop("queue_size"), args.pop("device_writable"), **args)
     assert info.value.name == name
+
+
+class RefusingMapper(NullDmaMapper):
+    """A DmaMapper whose map() fails, as VFIO's does when pages cannot be pinned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unmapped: list[int] = []
+
+    def map(self, iova, host_addr, nbytes, **kwargs):
+        raise VirtqOSError(12, "cannot pin")
+
+    def unmap(self, iova, nbytes):
+        self.unmapped.append(iova)
+        raise IovaError(f"no mapping at {iova:#x}")
+
+
+def test_a_failed_map_is_not_unmapped_and_the_iova_is_freed(no_leaks):
+    alloc = BumpAllocator(0, 1 << 20)
+    mapper = RefusingMapper()
+    with pytest.raises(VirtqOSError):  # the mapper's own error, not an unmap error
+        UserQueue(8, False, iova_allocator=alloc, dma_mapper=mapper)
+    assert mapper.unmapped == []
+    assert alloc.alloc(4096) == 0  # everything was freed: the allocator rewound

@@ -112,6 +112,13 @@ class UserQueue:
                                 f"must be an int in 1..{MAX_USERQUEUE_SIZE}")
         if not isinstance(device_writable, bool):
             raise ArgumentError("device_writable", device_writable, "must be True or False")
+        if not isinstance(event_idx, bool):
+            raise ArgumentError("event_idx", event_idx, "must be True or False")
+        if not isinstance(iova_allocator, IovaAllocator):
+            raise ArgumentError("iova_allocator", iova_allocator,
+                                "must be an IovaAllocator (alloc/free)")
+        if dma_mapper is not None and not isinstance(dma_mapper, DmaMapper):
+            raise ArgumentError("dma_mapper", dma_mapper, "must be None or a DmaMapper")
         self.layout = SplitLayout.compute(queue_size, buffer_size=buffer_size)
         self.device_writable = device_writable
         self.buffer_size = buffer_size
@@ -119,6 +126,7 @@ class UserQueue:
         self._mapper = dma_mapper
         self.region = memory_factory(self.layout.nbytes)
         self.iova: Iova | None = None
+        self._mapped = False
         if not isinstance(self.region, MemoryRegion) or self.region.nbytes < self.layout.nbytes:
             bad, nbytes = self.region, getattr(self.region, "nbytes", None)
             if isinstance(bad, MemoryRegion):
@@ -132,6 +140,7 @@ class UserQueue:
             )
             if dma_mapper is not None:
                 dma_mapper.map(self.iova, self.region.host_addr, self.region.nbytes)
+                self._mapped = True
             self.queue = SplitQueue(
                 self.region, self.layout, iova=self.iova, event_idx=event_idx,
                 start_index=start_index,
@@ -243,12 +252,19 @@ class UserQueue:
     # -- teardown ------------------------------------------------------------------------
 
     def _release_memory(self) -> None:
-        if self.iova is not None:
-            if self._mapper is not None:
+        # Undo only what was done (a map() that failed is not unmapped), and the rest even
+        # if one step fails: the error of the first failure is the one raised.
+        try:
+            if self._mapped and self._mapper is not None and self.iova is not None:
+                self._mapped = False
                 self._mapper.unmap(self.iova, self.region.nbytes)
-            self._allocator.free(self.iova)
-            self.iova = None
-        self.region.close()
+        finally:
+            try:
+                if self.iova is not None:
+                    iova, self.iova = self.iova, None
+                    self._allocator.free(iova)
+            finally:
+                self.region.close()
 
     def close(self) -> None:
         if self.region.closed:
