@@ -39,7 +39,8 @@ FIXTURE_OK = settings(suppress_health_check=[HealthCheck.function_scoped_fixture
 #: Anything a caller might pass where a size, offset or fd belongs.
 junk = st.one_of(
     st.integers(min_value=-(1 << 70), max_value=1 << 70),
-    st.sampled_from([0, -1, 1, 4095, 4096, HUGE, 1 << 63, 1 << 64, MAX_REGION_BYTES + 1]),
+    st.sampled_from([0, -1, 1, 4095, 4096, HUGE, 1 << 63, 1 << 64, MAX_REGION_BYTES + 1,
+                     2**31, 2**31 - 1, 2**32]),
     st.floats(allow_nan=True), st.booleans(), st.none(), st.text(max_size=4),
     st.binary(max_size=4), st.just(object()), st.just([4096]),
 )

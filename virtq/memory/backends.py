@@ -29,6 +29,8 @@ MEMFD_NAME_MAX = 249
 _HUGEPAGES_SYSFS = Path("/sys/kernel/mm/hugepages")
 #: MAP_HUGE_* / MFD_HUGE_* carry log2(page size) in 6 bits (linux/mman.h, HUGETLB_FLAG_ENCODE).
 _HUGE_LOG2_MAX = 0x3F
+#: File descriptors are C ints.
+_FD_MAX = 2**31 - 1
 _ENOMEM_HINT = ("the address space or the overcommit limit cannot hold a region this large "
                 "(see vm.overcommit_memory and ulimit -v)")
 
@@ -187,7 +189,7 @@ class MemfdRegion(MmapRegion):
         kernel's errno) if the kernel refuses the mapping (a file opened read-only: EACCES;
         a pipe or directory: ENODEV).
         """
-        if not is_int(fd) or fd < 0:
+        if not is_int(fd) or not 0 <= fd <= _FD_MAX:
             raise ArgumentError("fd", fd, "must be an open file descriptor (an int >= 0)")
         if not is_int(offset) or offset < 0:
             raise ArgumentError("offset", offset, "must be an int >= 0")

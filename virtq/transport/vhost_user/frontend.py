@@ -76,7 +76,7 @@ def _ring(index: object) -> int:
 def _fd(name: str, fd: object) -> int:
     """An open file descriptor: checked here, because sendmsg(2) with a closed one fails
     with EBADF and a file that is not open cannot be passed at all."""
-    if not _is_int(fd) or fd < 0:
+    if not _is_int(fd) or not 0 <= fd < 1 << 31:  # a C int
         raise ArgumentError(name, fd, "must be a file descriptor (an int >= 0)")
     try:
         os.fstat(fd)
