@@ -56,6 +56,7 @@ BENCHES = {
 #: The benchmarks' harness: always the working tree's files, in this (import) order.
 HARNESS = (
     "virtq.cli.benchutil",
+    "virtq.cli._args",
     "virtq.testing.runners",
     "virtq.testing.testpmd",
     "virtq.cli.bench_blk",

@@ -93,3 +93,28 @@ def buffer_address(buf: Any) -> int:
         return ctypes.addressof(anchor)
     finally:
         del anchor
+
+
+#: statfs(2) f_type of hugetlbfs (linux/magic.h), the file system of MFD_HUGETLB memfds.
+HUGETLBFS_MAGIC = 0x958458F6
+
+
+class _Statfs(ctypes.Structure):
+    # struct statfs on 64-bit Linux starts with f_type and f_bsize (__fsword_t, a long);
+    # the rest (120 bytes in all on x86-64 and arm64) is room for the kernel to fill.
+    _fields_ = (("f_type", ctypes.c_long), ("f_bsize", ctypes.c_long),
+                ("_rest", ctypes.c_byte * 240))
+
+
+_fstatfs = _libc.fstatfs
+_fstatfs.restype = ctypes.c_int
+_fstatfs.argtypes = (ctypes.c_int, ctypes.c_void_p)
+
+
+def fstatfs_type(fd: int) -> tuple[int, int]:
+    """``(f_type, f_bsize)`` of the file system ``fd`` lives on (fstatfs(2)); on hugetlbfs
+    f_bsize is the hugepage size."""
+    buf = _Statfs()
+    if _fstatfs(fd, ctypes.byref(buf)) != 0:
+        _raise_errno("fstatfs")
+    return buf.f_type & 0xFFFF_FFFF, int(buf.f_bsize)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -14,6 +15,8 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+from virtq.cli import _args
+from virtq.errors import ArgumentError
 from virtq.layout import SplitLayout, wrap_add
 from virtq.memory import MemfdRegion
 from virtq.queue import SplitQueue
@@ -179,8 +182,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    # From the installed metadata: the CLI may not import the package root (layers).
+    try:
+        return importlib.metadata.version("virtq")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="virtq", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"virtq {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="show virtq driving a device")
     demo.add_argument("what", nargs="?", default="blk", choices=["blk", "ring"],
@@ -188,21 +200,31 @@ def main(argv: list[str] | None = None) -> int:
                            "ring: driver and device in two processes over a memfd")
     demo.add_argument("--backend", choices=["auto", "qsd", "embedded"], default="auto",
                       help="blk: qemu-storage-daemon when installed, else the embedded one")
-    demo.add_argument("--mib", type=int, default=4, help="blk: MiB to write and read back")
-    demo.add_argument("--queue-size", type=int, default=16, help="ring: entries")
-    demo.add_argument("--count", type=int, default=2000, help="ring: requests")
-    demo.add_argument("--start-index", type=lambda s: int(s, 0), default=0xFF00,
-                      help="ring: first index (near 0xFFFF to show the wrap)")
-    demo.set_defaults(func=lambda a: demo_blk(a) if a.what == "blk" else demo_ring(a))
+    # The demo image is 16 MiB and the write starts 1 MiB in.
+    demo.add_argument("--mib", type=_args.int_in(1, 15), default=4,
+                      help="blk: MiB to write and read back (1..15)")
+    demo.add_argument("--queue-size", type=_args.queue_size, default=16,
+                      help="ring: entries (a power of two, 1..32768)")
+    demo.add_argument("--count", type=_args.positive_int, default=2000, help="ring: requests")
+    demo.add_argument("--start-index", type=_args.u16, default=0xFF00,
+                      help="ring: first index, 0..0xffff (near 0xFFFF to show the wrap)")
+    demo.set_defaults(func=lambda a: demo_blk(a) if a.what == "blk" else demo_ring(a),
+                      parser=demo)
     bench = sub.add_parser("bench", help="benchmarks (blk, net, vfio); --help after the name")
     bench.add_argument("what", choices=["blk", "net", "vfio"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
-    bench.set_defaults(func=cmd_bench)
+    bench.set_defaults(func=cmd_bench, parser=bench)
     insp = sub.add_parser("inspect", help="print a split ring layout")
-    insp.add_argument("queue_size", type=int)
-    insp.add_argument("--buffer-size", type=int, default=0)
+    insp.add_argument("queue_size", type=_args.queue_size,
+                      help="a power of two, 1..32768 (VIRTIO 1.2 §2.7)")
+    insp.add_argument("--buffer-size", type=_args.nonnegative_int, default=0)
     insp.add_argument("--legacy", action="store_true")
-    insp.set_defaults(func=cmd_inspect)
-    args = parser.parse_args(argv)
-    result: int = args.func(args)
+    insp.set_defaults(func=cmd_inspect, parser=insp)
+    args = _args.parse(parser, argv)
+    try:
+        result: int = args.func(args)
+    except ArgumentError as exc:
+        # A rule the argument types above do not know (the library checks every value
+        # again): still the caller's argument, so a usage error, not a traceback.
+        getattr(args, "parser", parser).error(str(exc))
     return result

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
+from virtq.cli import _args
 from virtq.cli.benchutil import (
     ProgressBar,
     Results,
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 
 IMAGE_BYTES = 256 << 20
 IO = 4096
+#: run_depth gives a depth a queue of up to 3 x depth entries; a split ring has 32768.
+MAX_DEPTH = 32768 // 3
 
 #: ``--modes``: how the driver waits for completions.
 MODES = {
@@ -183,21 +186,28 @@ def main(argv: list[str] | None = None) -> int:
     options; a back-end that cannot start raises
     :class:`~virtq.testing.runners.BackendError`."""
     p = argparse.ArgumentParser(prog="virtq bench blk", description=__doc__)
-    p.add_argument("--depths", default="1,32,128", help="queue depths, comma-separated")
-    p.add_argument("--seconds", type=float, default=3.0, help="per depth and mode")
+    # A depth needs a queue of 3 x depth entries (run_depth), at most 32768.
+    p.add_argument("--depths", type=_args.int_list(_args.int_in(1, MAX_DEPTH)),
+                   default=[1, 32, 128], help=f"queue depths 1..{MAX_DEPTH}, comma-separated")
+    p.add_argument("--seconds", type=_args.seconds(), default=3.0, help="per depth and mode")
     p.add_argument("--modes", default=",".join(MODES),
                    help="; ".join(f"{k}: {v}" for k, v in MODES.items()))
     p.add_argument("--copy", action="store_true",
                    help="return each read as bytes (copied out of a bounce buffer) instead "
                         "of reading into DmaBuffers")
-    p.add_argument("--batch", type=int, default=None,
+    p.add_argument("--batch", type=_args.positive_int, default=None,
                    help="min_completions in batch mode (default: 3/8 of the depth)")
-    p.add_argument("--aio", default="io_uring", help="qemu-storage-daemon aio= mode")
-    p.add_argument("--image-dir", default=None,
+    # aio=native needs cache.direct=on, which the benchmark does not set.
+    p.add_argument("--aio", default="io_uring", choices=["io_uring", "threads"],
+                   help="qemu-storage-daemon aio= mode")
+    p.add_argument("--image-dir", type=_args.directory, default=None,
                    help="where the 256 MiB image goes (default: the temp dir; avoid tmpfs)")
     p.add_argument("--json", help="also write the numbers to this file")
-    args = p.parse_args(argv)
-    depths = [int(d) for d in args.depths.split(",")]
+    args = _args.parse(p, argv)
+    depths = args.depths
+    if args.batch is not None and args.batch > min(depths):
+        p.error(f"--batch {args.batch}: more than the smallest depth ({min(depths)}) would "
+                "wait for completions that can never come")
     modes = args.modes.split(",")
     if set(modes) - set(MODES):
         p.error(f"--modes: unknown {sorted(set(modes) - set(MODES))}; choose from "

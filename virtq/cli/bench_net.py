@@ -32,6 +32,7 @@ from pathlib import Path
 
 import psutil
 
+from virtq.cli import _args
 from virtq.cli.benchutil import Results, cpu_seconds, host_line, markdown_table
 from virtq.devices import NetDevice
 from virtq.testing.testpmd import TestPmd
@@ -226,20 +227,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     (``--json``: write the numbers too).  Returns 0; argparse exits on bad options; a
     back-end that cannot start raises :class:`~virtq.testing.runners.BackendError`."""
     ap = argparse.ArgumentParser(prog="virtq bench net", description=__doc__.split("\n")[0])
-    ap.add_argument("--seconds", type=float, default=3.0, help="measurement window per row")
-    ap.add_argument("--warmup", type=float, default=0.5, help="seconds before each window")
-    ap.add_argument("--frame-size", type=int, default=64, help="bytes per frame (no FCS)")
-    ap.add_argument("--batch", type=int, default=32, help="frames per virtq send_batch")
-    ap.add_argument("--queue-size", type=int, default=256)
+    ap.add_argument("--seconds", type=_args.seconds(), default=3.0,
+                    help="measurement window per row")
+    ap.add_argument("--warmup", type=_args.seconds(allow_zero=True), default=0.5,
+                    help="seconds before each window")
+    # Ethernet frames without FCS: 60..1514 bytes (IEEE 802.3 minimum and maximum).
+    ap.add_argument("--frame-size", type=_args.int_in(60, 1514), default=64,
+                    help="bytes per frame (no FCS), 60..1514")
+    ap.add_argument("--batch", type=_args.positive_int, default=32,
+                    help="frames per virtq send_batch (at most the queue size)")
+    ap.add_argument("--queue-size", type=_args.queue_size, default=256)
     ap.add_argument("--mode", choices=("poll", "notify", "both"), default="both",
                     help="virtq: busy-poll, sleep on notifications, or both rows")
-    ap.add_argument("--rounds", type=int, default=2,
+    ap.add_argument("--rounds", type=_args.positive_int, default=2,
                     help="interleaved rounds per direction (rows sum them)")
     ap.add_argument("--skip-c", action="store_true", help="no DPDK virtio-user baseline")
     ap.add_argument("--json", help="also write the numbers to this file")
-    args = ap.parse_args(argv)
-    if args.rounds < 1 or args.seconds <= 0:
-        ap.error("--rounds must be >= 1 and --seconds > 0")
+    args = _args.parse(ap, list(argv) if argv is not None else None)
+    if args.batch > args.queue_size:
+        ap.error(f"--batch {args.batch}: more than --queue-size {args.queue_size}")
     modes = {"poll": [True], "notify": [False], "both": [True, False]}[args.mode]
 
     title = (f"bench net: {host_line()}, {args.frame_size}-byte frames, queue size "

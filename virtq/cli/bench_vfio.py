@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from virtq.cli import _args
 from virtq.devices.blk import BlkDevice
 from virtq.devices.rng import RngDevice
 from virtq.transport.vfio_pci import find_virtio_devices
@@ -181,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="virtq bench vfio",
         description="Per-request latency of virtio-rng and virtio-blk through VFIO, beside "
                     "the vfio-guest harness's reference driver.")
-    parser.add_argument("--iters", type=int, default=1000, help="requests per row [1000]")
+    parser.add_argument("--iters", type=_args.positive_int, default=1000,
+                        help="requests per row [1000]")
     parser.add_argument("--here", action="store_true",
                         help="measure on this machine's devices (implied in the vfio-guest VM)")
     parser.add_argument("--rng", help="PCI address of the virtio-rng function (default: found "
@@ -191,9 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  "to compare with")
     parser.add_argument("--json", help="also write the numbers to this file")
     parser.add_argument("--out", help="run folder for the VM (default .cache/vfio-guest/out/...)")
-    args = parser.parse_args(argv)
-    if args.iters <= 0:
-        parser.error("--iters must be positive")
+    args = _args.parse(parser, argv)
     if args.here or os.environ.get("VIRTQ_GUEST") == "1":
         return _run_here(args)
     return _run_in_guest(args)

@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import warnings
 import weakref
 from types import TracebackType
-from typing import Protocol, Self, runtime_checkable
+from typing import Protocol, Self, TypeGuard, cast, runtime_checkable
 
 from virtq._sys import libc
-from virtq.errors import ArgumentError, RegionBoundsError, RegionBusyError, RegionClosedError
+from virtq.errors import (
+    ArgumentError,
+    RegionBoundsError,
+    RegionBusyError,
+    RegionClosedError,
+    VirtqOSError,
+)
 from virtq.types import HostAddr
+
+#: The largest region virtq will try to map.  No 64-bit Linux address space is larger
+#: (x86-64 with 5-level paging gives a process 2**56 bytes, arm64 at most 2**52); below
+#: this the kernel decides, and refuses with ENOMEM (:class:`~virtq.errors.VirtqOSError`).
+MAX_REGION_BYTES = 1 << 56
 
 
 @runtime_checkable
@@ -72,7 +84,8 @@ def _finalize(mapping: mmap.mmap, fd: int | None, what: str) -> None:
     with contextlib.suppress(BufferError):
         mapping.close()
     if fd is not None:
-        os.close(fd)
+        with contextlib.suppress(OSError):  # already closed behind our back: nothing to do
+            os.close(fd)
 
 
 class MmapRegion:
@@ -86,6 +99,21 @@ class MmapRegion:
     def __init__(
         self, mapping: mmap.mmap, nbytes: int, fd: int | None, *, fd_offset: int = 0
     ) -> None:
+        """Take ownership of ``mapping`` (and of ``fd``, closed with the region).
+
+        Raises :class:`~virtq.errors.ArgumentError` unless ``mapping`` is an open
+        ``mmap.mmap`` of at least ``nbytes`` bytes, ``fd`` is ``None`` or a descriptor
+        number and ``fd_offset`` a non-negative int; nothing is taken over then.
+        """
+        if not isinstance(mapping, mmap.mmap) or mapping.closed:
+            raise ArgumentError("mapping", mapping, "must be an open mmap.mmap")
+        if not is_int(nbytes) or not 0 < nbytes <= len(mapping):
+            raise ArgumentError("nbytes", nbytes,
+                                f"must be an int in 1..{len(mapping)} (the mapping's length)")
+        if fd is not None and (not is_int(fd) or fd < 0):
+            raise ArgumentError("fd", fd, "must be None or a file descriptor (an int >= 0)")
+        if not is_int(fd_offset) or fd_offset < 0:
+            raise ArgumentError("fd_offset", fd_offset, "must be an int >= 0")
         self._mmap: mmap.mmap | None = mapping
         self._nbytes = nbytes
         self._fd = fd
@@ -125,20 +153,27 @@ class MmapRegion:
         return self._mmap
 
     def view(self, offset: int = 0, length: int | None = None) -> memoryview:
+        """A zero-copy writable view of ``[offset, offset + length)`` (to the end if
+        ``length`` is None).  Raises :class:`~virtq.errors.RegionClosedError` after
+        ``close()`` and :class:`~virtq.errors.RegionBoundsError` for a range (or a
+        non-int offset or length) outside the region."""
         mapping = self._check_open()
-        if length is None:
+        if length is None and is_int(offset):
             length = self._nbytes - offset
         if (
-            not isinstance(offset, int)
-            or not isinstance(length, int)
+            not is_int(offset)
+            or not is_int(length)
             or offset < 0
             or length < 0
             or offset + length > self._nbytes
         ):
-            raise RegionBoundsError(offset, length, self._nbytes)
+            # The values as given (the error shows what was asked, even a non-int).
+            raise RegionBoundsError(offset, cast(int, length), self._nbytes)
         return memoryview(mapping)[offset : offset + length]
 
     def close(self) -> None:
+        """Unmap and close the fd (idempotent).  Raises
+        :class:`~virtq.errors.RegionBusyError`, changing nothing, while views are alive."""
         mapping = self._mmap
         if mapping is None:
             return
@@ -151,9 +186,12 @@ class MmapRegion:
             ) from exc
         self._mmap = None
         self._finalizer.detach()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError as exc:  # someone closed our fd behind our back
+                raise os_error(exc, f"closing the region's fd {fd}") from exc
 
     def __enter__(self) -> Self:
         self._check_open()
@@ -168,7 +206,28 @@ class MmapRegion:
         self.close()
 
 
-def check_nbytes(nbytes: object) -> int:
-    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes <= 0:
-        raise ArgumentError("nbytes", nbytes, "must be a positive int")
-    return nbytes
+def is_int(value: object) -> TypeGuard[int]:
+    """A real int: ``True`` is an int to Python but never a size, offset or fd here."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_nbytes(nbytes: object, align: int = 1, *, name: str = "nbytes") -> int:
+    """``nbytes`` rounded up to ``align`` (a power of two); raises
+    :class:`~virtq.errors.ArgumentError` unless it is an int in
+    ``1..``:data:`MAX_REGION_BYTES` after rounding."""
+    if not is_int(nbytes) or nbytes <= 0:
+        raise ArgumentError(name, nbytes, "must be a positive int")
+    size = (nbytes + align - 1) & ~(align - 1)
+    if size > MAX_REGION_BYTES:
+        raise ArgumentError(name, nbytes,
+                            f"must be at most {MAX_REGION_BYTES:#x} bytes (no address space "
+                            "is larger)")
+    return size
+
+
+def os_error(exc: OSError, what: str, hint: str = "") -> VirtqOSError:
+    """``exc`` as a :class:`~virtq.errors.VirtqOSError` with the same errno, saying what
+    was attempted (raise it ``from exc``)."""
+    err = exc.errno if exc.errno is not None else errno.EIO
+    message = f"{what}: {os.strerror(err)}"
+    return VirtqOSError(err, f"{message} -- {hint}" if hint else message)

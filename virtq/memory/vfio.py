@@ -34,7 +34,7 @@ from typing import Protocol, Self
 
 from virtq._sys import vfio as _vfio
 from virtq.errors import ArgumentError, IovaError, RegionClosedError, VirtqUsageError
-from virtq.memory.base import MemoryRegion
+from virtq.memory.base import MemoryRegion, is_int
 from virtq.types import HostAddr, Iova
 
 VFIO_CONTAINER_PATH = "/dev/vfio/vfio"
@@ -99,6 +99,11 @@ class VfioContainer:
     """
 
     def __init__(self, path: str = VFIO_CONTAINER_PATH) -> None:
+        """Open the container at ``path``.  Raises :class:`~virtq.errors.ArgumentError` for a
+        ``path`` that is not a str or contains NUL, and a ``VfioOSError`` (with the
+        kernel's errno, and what to load) if it cannot be opened or has no type1v2 IOMMU."""
+        if not isinstance(path, str) or "\0" in path:
+            raise ArgumentError("path", path, "must be a str without NUL characters")
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
@@ -225,14 +230,21 @@ class VfioContainer:
             writable: bool = True) -> None:
         """Make ``nbytes`` at ``host_addr`` reachable by the devices at ``iova``
         (``VFIO_IOMMU_MAP_DMA``; the kernel pins the pages)."""
+        for name, value in (("iova", iova), ("host_addr", host_addr), ("nbytes", nbytes)):
+            if not is_int(value) or not 0 <= value < 1 << 64:
+                raise ArgumentError(name, value, "must be an int in 0..2**64-1")
+        if nbytes <= 0 or iova + nbytes > 1 << 64:
+            raise ArgumentError("nbytes", nbytes,
+                                f"must be positive and end inside the 64-bit space "
+                                f"(iova {iova:#x})")
+        if not isinstance(readable, bool) or not isinstance(writable, bool):
+            raise ArgumentError("readable/writable", (readable, writable), "must be bools")
         fd = self._check_iommu()
         page = self.page_size
         for name, value in (("iova", iova), ("host_addr", host_addr), ("nbytes", nbytes)):
             if value % page:
                 raise ArgumentError(name, value,
                                     f"must be a multiple of the IOMMU page size {page:#x}")
-        if nbytes <= 0:
-            raise ArgumentError("nbytes", nbytes, "must be positive")
         check_iova_span(self.iova_ranges, iova, nbytes)
         end = iova + nbytes
         for start, (_, length) in self.mappings.items():
@@ -258,9 +270,11 @@ class VfioContainer:
         self.mappings[iova] = (host_addr, nbytes)
 
     def unmap(self, iova: Iova, nbytes: int) -> None:
-        """Undo :meth:`map` (the whole mapping: type1v2 refuses partial unmaps)."""
+        """Undo :meth:`map` (the whole mapping: type1v2 refuses partial unmaps).  Raises
+        :class:`~virtq.errors.IovaError` unless exactly that mapping exists."""
         fd = self._check_iommu()
-        if self.mappings.get(iova, (0, -1))[1] != nbytes:
+        if not is_int(iova) or not is_int(nbytes) or \
+                self.mappings.get(iova, (0, -1))[1] != nbytes:
             raise IovaError(f"no mapping of {nbytes:#x} bytes at IOVA {iova:#x}")
         try:
             done = _vfio.iommu_unmap_dma(fd, iova, nbytes)
@@ -346,6 +360,17 @@ class VfioDmaRegion:
 
     def __init__(self, container: VfioContainer, region: MemoryRegion, allocator: _Allocator,
                  *, tag: int = 0, own: bool = False) -> None:
+        """Reserve an IOVA from ``allocator`` and map ``region`` there.  Raises
+        :class:`~virtq.errors.ArgumentError` if ``container`` is not a
+        :class:`VfioContainer`, ``region`` not an open
+        :class:`~virtq.memory.MemoryRegion` or ``own`` not a bool; what the allocator and
+        :meth:`VfioContainer.map` raise otherwise (the IOVA is freed again then)."""
+        if not isinstance(container, VfioContainer):
+            raise ArgumentError("container", container, "must be a VfioContainer")
+        if not isinstance(region, MemoryRegion) or region.closed:
+            raise ArgumentError("region", region, "must be an open MemoryRegion")
+        if not isinstance(own, bool):
+            raise ArgumentError("own", own, "must be True or False")
         self.container = container
         self.inner = region
         self.allocator = allocator

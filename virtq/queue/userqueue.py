@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
-from virtq.errors import ArgumentError, QueueFullError, QueueStateError
+from virtq.errors import ArgumentError, QueueBrokenError, QueueFullError, QueueStateError
 from virtq.iova import DmaMapper, IovaAllocator
 from virtq.layout import SplitLayout
 from virtq.memory import MemfdRegion, MemoryRegion
@@ -34,7 +34,14 @@ class DescTableAddrs(NamedTuple):
 class UsedBuffer:
     """A zero-copy view of a received buffer.  The buffer goes back to the device only when
     this is released (``release()`` or leaving the ``with`` block) -- never while the caller
-    may still be reading it (the seed re-posted first: defect 2 in SEED.md)."""
+    may still be reading it (the seed re-posted first: defect 2 in SEED.md).
+
+    Once the queue is broken (the device broke the protocol) or closed, releasing still
+    works and is quiet: the view is released but the buffer is *not* re-posted -- there is
+    no ring to post it to that the device may be trusted with.  The queue's error surfaces
+    on the next call to the queue itself (``read_data()`` raises
+    :class:`~virtq.errors.QueueBrokenError`), not on the way out of a ``with`` block.
+    """
 
     def __init__(self, owner: UserQueue, slot: int, data: memoryview) -> None:
         self._owner: UserQueue | None = owner
@@ -49,12 +56,21 @@ class UsedBuffer:
         return self.data.tobytes()
 
     def release(self) -> bool:
-        """Re-post the buffer; returns whether the device wants a notification."""
+        """Re-post the buffer; returns whether the device wants a notification (False if
+        it was not re-posted: already released, or the queue is broken or closed).
+        Idempotent.  Raises :class:`~virtq.errors.QueueStateError`, keeping the buffer,
+        while something still holds an export of :attr:`data` (the device could write
+        under it)."""
         owner = self._owner
         if owner is None:
             return False
+        try:
+            self.data.release()
+        except BufferError as exc:
+            raise QueueStateError(
+                f"buffer {self.slot} is still exported (a view made from its data is "
+                "alive); release that first: the device would write under it") from exc
         self._owner = None
-        self.data.release()
         self.notify = owner._repost(self.slot)
         return self.notify
 
@@ -86,8 +102,23 @@ class UserQueue:
         event_idx: bool = False,
         start_index: int = 0,
     ) -> None:
-        if buffer_size <= 0:
-            raise ArgumentError("buffer_size", buffer_size, "must be positive")
+        if not isinstance(buffer_size, int) or isinstance(buffer_size, bool) \
+                or buffer_size <= 0:
+            raise ArgumentError("buffer_size", buffer_size, "must be a positive int")
+        if not isinstance(queue_size, int) or isinstance(queue_size, bool) \
+                or not 1 <= queue_size <= MAX_USERQUEUE_SIZE:
+            # The seed's cap (min(256, device max)); SplitLayout checks the power of two.
+            raise ArgumentError("queue_size", queue_size,
+                                f"must be an int in 1..{MAX_USERQUEUE_SIZE}")
+        if not isinstance(device_writable, bool):
+            raise ArgumentError("device_writable", device_writable, "must be True or False")
+        if not isinstance(event_idx, bool):
+            raise ArgumentError("event_idx", event_idx, "must be True or False")
+        if not isinstance(iova_allocator, IovaAllocator):
+            raise ArgumentError("iova_allocator", iova_allocator,
+                                "must be an IovaAllocator (alloc/free)")
+        if dma_mapper is not None and not isinstance(dma_mapper, DmaMapper):
+            raise ArgumentError("dma_mapper", dma_mapper, "must be None or a DmaMapper")
         self.layout = SplitLayout.compute(queue_size, buffer_size=buffer_size)
         self.device_writable = device_writable
         self.buffer_size = buffer_size
@@ -95,12 +126,21 @@ class UserQueue:
         self._mapper = dma_mapper
         self.region = memory_factory(self.layout.nbytes)
         self.iova: Iova | None = None
+        self._mapped = False
+        if not isinstance(self.region, MemoryRegion) or self.region.nbytes < self.layout.nbytes:
+            bad, nbytes = self.region, getattr(self.region, "nbytes", None)
+            if isinstance(bad, MemoryRegion):
+                bad.close()
+            raise ArgumentError("memory_factory", memory_factory,
+                                f"returned {bad!r} ({nbytes} bytes); it must return a "
+                                f"MemoryRegion of at least {self.layout.nbytes} bytes")
         try:
             self.iova = iova_allocator.alloc(
                 self.region.nbytes, align=4096, tag=tag, host_addr=self.region.host_addr
             )
             if dma_mapper is not None:
                 dma_mapper.map(self.iova, self.region.host_addr, self.region.nbytes)
+                self._mapped = True
             self.queue: SplitQueue[int] = SplitQueue(
                 self.region, self.layout, iova=self.iova, event_idx=event_idx,
                 start_index=start_index,
@@ -132,22 +172,44 @@ class UserQueue:
     # -- device-readable (tx) ------------------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> bool:
-        """Copy ``data`` into a free buffer and publish it.  Returns whether the device
-        wants a notification (the caller notifies; the queue does no I/O)."""
+        """Copy the bytes of ``data`` into a free buffer and publish it.  Returns whether
+        the device wants a notification (the caller notifies; the queue does no I/O).
+
+        ``data`` is any C-contiguous bytes-like object; its length is counted in bytes
+        (an ``array('Q')`` of 3 items is 24 bytes).  Raises
+        :class:`~virtq.errors.ArgumentError` for anything else (a non-contiguous view, a
+        str) or for 0 or more than ``buffer_size`` bytes,
+        :class:`~virtq.errors.QueueFullError` when every buffer is in flight."""
         if self.device_writable:
             raise QueueStateError("write() is for device-readable queues; use read_data()")
-        if not 0 < len(data) <= self.buffer_size:
+        try:
+            view = memoryview(data)
+        except TypeError:
+            raise ArgumentError("data", type(data).__name__, "must be bytes-like") from None
+        with view:
+            if not view.c_contiguous:
+                raise ArgumentError("data", view, "must be C-contiguous (copy it first)")
+            try:
+                raw = view.cast("B")  # its bytes, whatever the item format and shape
+            except (TypeError, ValueError):  # a non-native format such as ctypes' "<Q"
+                raw = memoryview(view.tobytes())
+            with raw:
+                return self._write(raw)
+
+    def _write(self, raw: memoryview) -> bool:
+        n = raw.nbytes
+        if not 0 < n <= self.buffer_size:
             raise ArgumentError(
-                "data", len(data), f"length must be in 1..{self.buffer_size} (buffer size)"
-            )
+                "data", f"<{n} bytes>", f"length must be 1..{self.buffer_size} bytes "
+                "(buffer size)")
         self.ack_used()
         if not self._free_slots:
             raise QueueFullError(1, 0)
         slot = self._free_slots.pop()
         start = slot * self.buffer_size
-        self._buffers[start : start + len(data)] = data
+        self._buffers[start : start + n] = raw
         try:
-            self.queue.add([(self._slot_iova(slot), len(data))], (), slot)
+            self.queue.add([(self._slot_iova(slot), n)], (), slot)
         except BaseException:
             self._free_slots.append(slot)
             raise
@@ -178,20 +240,31 @@ class UserQueue:
 
     def _repost(self, slot: int) -> bool:
         self._lent.discard(slot)
-        if self.queue.region.closed:
+        queue = self.queue
+        if queue.region.closed or queue.broken is not None:
+            return False  # nothing to post to (see UsedBuffer): the queue reports itself
+        try:
+            self._post_writable(slot)
+            return queue.publish()
+        except QueueBrokenError:
             return False
-        self._post_writable(slot)
-        return self.queue.publish()
 
     # -- teardown ------------------------------------------------------------------------
 
     def _release_memory(self) -> None:
-        if self.iova is not None:
-            if self._mapper is not None:
+        # Undo only what was done (a map() that failed is not unmapped), and the rest even
+        # if one step fails: the error of the first failure is the one raised.
+        try:
+            if self._mapped and self._mapper is not None and self.iova is not None:
+                self._mapped = False
                 self._mapper.unmap(self.iova, self.region.nbytes)
-            self._allocator.free(self.iova)
-            self.iova = None
-        self.region.close()
+        finally:
+            try:
+                if self.iova is not None:
+                    iova, self.iova = self.iova, None
+                    self._allocator.free(iova)
+            finally:
+                self.region.close()
 
     def close(self) -> None:
         if self.region.closed:

@@ -280,10 +280,13 @@ class _Session:
             P.Request.GET_FEATURES: self._get_features,
             P.Request.SET_FEATURES: self._set_features,
             P.Request.SET_OWNER: lambda _: None,
-            P.Request.GET_PROTOCOL_FEATURES: lambda _: P.U64.pack(PROTOCOL_FEATURES),
+            P.Request.GET_PROTOCOL_FEATURES: lambda _: P.U64.pack(self.offered_protocol),
             P.Request.SET_PROTOCOL_FEATURES: self._set_protocol_features,
             P.Request.GET_QUEUE_NUM: lambda _: P.U64.pack(backend.num_queues),
             P.Request.SET_MEM_TABLE: self._set_mem_table,
+            P.Request.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
+            P.Request.ADD_MEM_REG: self._add_mem_reg,
+            P.Request.REM_MEM_REG: self._rem_mem_reg,
             P.Request.SET_VRING_NUM: self._set_vring_num,
             P.Request.SET_VRING_ADDR: self._set_vring_addr,
             P.Request.SET_VRING_BASE: self._set_vring_base,
@@ -474,9 +477,14 @@ class _Session:
 
     def _set_protocol_features(self, payload: bytes) -> None:
         (features,) = self._unpack(P.U64, payload, "SET_PROTOCOL_FEATURES")
-        if features & ~PROTOCOL_FEATURES:
+        if features & ~self.offered_protocol:
             raise FrontendProtocolError(f"SET_PROTOCOL_FEATURES: {features:#x} not offered")
         self.protocol_features = features
+
+    @property
+    def offered_protocol(self) -> int:
+        slots = self.backend.mem_slots is not None
+        return PROTOCOL_FEATURES | (1 << P.ProtocolFeature.CONFIGURE_MEM_SLOTS if slots else 0)
 
     def _set_mem_table(self, payload: bytes) -> None:
         if len(payload) < P.MEM_TABLE_HEADER.size:
@@ -499,13 +507,63 @@ class _Session:
             for m in new:
                 m.region.close()
             raise FrontendProtocolError(f"SET_MEM_TABLE: cannot map region: {exc}") from None
-        # A new table replaces the old one (vhost-user.rst, SET_MEM_TABLE): rings are
-        # re-translated from their front-end addresses on their next use.
+        # A new table replaces the old one (vhost-user.rst, SET_MEM_TABLE).
+        self._new_memory()
+        self._unmap()
+        self.mem = new
+
+    def _new_memory(self) -> None:
+        """Rings are re-translated from their front-end addresses on their next use: a
+        DeviceQueue knows the regions that existed when it was built."""
         for ring in self.rings:
             ring.drop_queue()
             self._recheck.add(ring.index)
-        self._unmap()
-        self.mem = new
+
+    def _mem_slots(self, name: str) -> int:
+        slots = self.backend.mem_slots
+        if slots is None or not self.protocol_features >> P.ProtocolFeature.CONFIGURE_MEM_SLOTS & 1:
+            raise FrontendProtocolError(f"{name}: CONFIGURE_MEM_SLOTS was not negotiated")
+        return slots
+
+    def _get_max_mem_slots(self, payload: bytes) -> bytes:
+        return P.U64.pack(self._mem_slots("GET_MAX_MEM_SLOTS"))
+
+    def _add_mem_reg(self, payload: bytes) -> None:
+        # vhost-user.rst, ADD_MEM_REG: a single memory region description, exactly one fd.
+        slots = self._mem_slots("ADD_MEM_REG")
+        _, gpa, size, uva, offset = self._unpack(P.SINGLE_MEM_REGION, payload, "ADD_MEM_REG")
+        fd = self._take_fd("ADD_MEM_REG")
+        try:
+            if len(self.mem) >= slots:
+                raise FrontendProtocolError(f"ADD_MEM_REG: all {slots} memory slots are used")
+            for m in self.mem:
+                if m.gpa < gpa + size and gpa < m.gpa + m.region.nbytes:
+                    raise FrontendProtocolError(
+                        f"ADD_MEM_REG: [{gpa:#x}, +{size:#x}) overlaps a region at {m.gpa:#x}")
+            try:
+                region = MemfdRegion.attach(fd, size, offset=offset)
+            except (OSError, ArgumentError) as exc:
+                raise FrontendProtocolError(f"ADD_MEM_REG: cannot map region: {exc}") from None
+        finally:
+            os.close(fd)  # attach() mapped its own duplicate
+        self.mem.append(_MemRegion(gpa, uva, region))
+        self._new_memory()
+
+    def _rem_mem_reg(self, payload: bytes) -> None:
+        # vhost-user.rst, REM_MEM_REG: the region is named by guest address, user address
+        # and size; an fd may come along (QEMU sends one) and is closed unused.
+        self._mem_slots("REM_MEM_REG")
+        _, gpa, size, uva, _ = self._unpack(P.SINGLE_MEM_REGION, payload, "REM_MEM_REG")
+        if len(self._fds) > 1:
+            raise FrontendProtocolError(f"REM_MEM_REG: {len(self._fds)} fds, at most 1")
+        for m in self.mem:
+            if (m.gpa, m.uva, m.region.nbytes) == (gpa, uva, size):
+                self._new_memory()  # the queues' views pin the mapping: drop them first
+                self.mem.remove(m)
+                m.region.close()
+                return
+        raise FrontendProtocolError(f"REM_MEM_REG: no region [{gpa:#x}, +{size:#x}) at "
+                                    f"user address {uva:#x}")
 
     def _set_vring_num(self, payload: bytes) -> None:
         index, num = self._unpack(P.VRING_STATE, payload, "SET_VRING_NUM")
@@ -761,6 +819,10 @@ class VhostUserBlkBackend:
     as it returns) and serves connections, one at a time, in a background thread;
     :meth:`stop` ends the thread and releases every fd and mapping.
 
+    ``mem_slots``: offer VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS with that many memory
+    slots (GET_MAX_MEM_SLOTS, ADD_MEM_REG, REM_MEM_REG, as qemu-storage-daemon does); the
+    default ``None`` offers only SET_MEM_TABLE (at most 8 regions), as DPDK does.
+
     Inspection for tests: :attr:`completed` (:class:`BlkRecord` per completed request, in
     completion order, the last 4096), :attr:`connections` (accepted so far) and
     :attr:`errors` (why connections were closed on the front-end's account, and any bug
@@ -775,13 +837,19 @@ class VhostUserBlkBackend:
         num_queues: int = 1,
         read_only: bool = False,
         faults: Faults | Mapping[str, object] | None = None,
+        mem_slots: int | None = None,
     ) -> None:
         if not 1 <= num_queues <= 0xFFFF:
             raise ArgumentError("num_queues", num_queues, "must be in 1..65535")
+        if mem_slots is not None and (not isinstance(mem_slots, int) or mem_slots < 1):
+            raise ArgumentError("mem_slots", mem_slots, "must be None or a count >= 1")
         self.image_path = Path(image_path)
         self.socket_path = Path(socket_path)
         self.num_queues = num_queues
         self.read_only = read_only
+        #: With a count: offer CONFIGURE_MEM_SLOTS (GET_MAX_MEM_SLOTS answers it,
+        #: ADD_MEM_REG / REM_MEM_REG work); None: memory only through SET_MEM_TABLE.
+        self.mem_slots = mem_slots
         self._faults = Faults.coerce(faults)
         self.capacity = 0  # sectors
         self.completed: deque[BlkRecord] = deque(maxlen=4096)

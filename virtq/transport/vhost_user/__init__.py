@@ -6,6 +6,7 @@ from virtq.transport.vhost_user.errors import (
     VhostUserError,
     VhostUserNackError,
     VhostUserProtocolError,
+    VhostUserRegionLimitError,
     VhostUserTimeoutError,
 )
 from virtq.transport.vhost_user.frontend import VhostUserFrontend
@@ -18,6 +19,7 @@ __all__ = [
     "VhostUserFrontend",
     "VhostUserNackError",
     "VhostUserProtocolError",
+    "VhostUserRegionLimitError",
     "VhostUserTimeoutError",
     "VhostUserTransport",
 ]

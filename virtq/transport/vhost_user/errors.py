@@ -41,3 +41,14 @@ class VhostUserNackError(VhostUserError, DeviceError):
 
 class VhostUserProtocolError(VhostUserError, DeviceError):
     """The back-end sent something that is not a valid reply to what was asked."""
+
+
+class VhostUserRegionLimitError(VhostUserError):
+    """The back-end cannot hold another memory region: ``limit`` is how many it takes (8
+    with SET_MEM_TABLE; GET_MAX_MEM_SLOTS's answer, at most ``MAX_RAM_SLOTS``, with
+    CONFIGURE_MEM_SLOTS) and ``regions`` how many the transport would need."""
+
+    def __init__(self, message: str, *, limit: int, regions: int) -> None:
+        super().__init__(message, request="ADD_MEM_REG/SET_MEM_TABLE", got=regions)
+        self.limit = limit
+        self.regions = regions

@@ -2,20 +2,27 @@
 
 This module speaks the message protocol only (it never touches a ring).  Every reply is
 matched to its request and checked; every failure is a :class:`VhostUserError` that names
-the request.  The connection is unusable after any error (the protocol has no way to
-resynchronise), and the front-end says so on every later call.
+the request.  The connection is unusable after any error of the back-end (the protocol has
+no way to resynchronise), and the front-end says so on every later call.
+
+Every public method checks its arguments against the wire format before anything is sent
+(field widths, fds, vhost-user.rst's limits) and raises
+:class:`~virtq.errors.ArgumentError` for a bad one; the connection stays usable then.
 """
 
 from __future__ import annotations
 
 import errno
+import itertools
+import math
 import os
 import socket
 import warnings
 import weakref
 from collections.abc import Sequence
-from typing import Self
+from typing import Self, TypeGuard
 
+from virtq.errors import ArgumentError
 from virtq.transport.vhost_user import protocol as P
 from virtq.transport.vhost_user.errors import (
     VhostUserConnectError,
@@ -27,6 +34,15 @@ from virtq.transport.vhost_user.errors import (
 )
 
 DEFAULT_TIMEOUT = 5.0
+#: Longest timeout accepted (seconds): what poll(2)'s int milliseconds can express.
+#: ``None`` waits forever.
+MAX_TIMEOUT = 2_147_483.0
+#: sockaddr_un.sun_path holds 108 bytes, the terminating NUL included (unix(7)).
+_SUN_PATH_MAX = 107
+
+#: A memory region as the front-end describes it: (guest_phys_addr, memory_size,
+#: userspace_addr, mmap_offset, fd).
+MemRegion = tuple[int, int, int, int, int]
 
 
 def _finalize(sock: socket.socket, path: str) -> None:
@@ -35,11 +51,96 @@ def _finalize(sock: socket.socket, path: str) -> None:
     sock.close()
 
 
+# -- argument checks (each raises ArgumentError naming the argument) ---------------------
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _uint(name: str, value: object, bits: int, *, low: int = 0) -> int:
+    """``value`` if it is an int in ``low..2**bits-1`` (the wire field's width)."""
+    if not _is_int(value) or not low <= value < 1 << bits:
+        raise ArgumentError(name, value, f"must be an int in {low}..{(1 << bits) - 1} "
+                            f"(a u{bits} field)")
+    return value
+
+
+def _ring(index: object) -> int:
+    if not _is_int(index) or not 0 <= index < P.MAX_VRINGS:
+        raise ArgumentError("index", index, f"must be a ring index in 0..{P.MAX_VRINGS - 1} "
+                            "(SET_VRING_KICK/CALL carry 8 bits of it)")
+    return index
+
+
+def _fd(name: str, fd: object) -> int:
+    """An open file descriptor: checked here, because sendmsg(2) with a closed one fails
+    with EBADF and a file that is not open cannot be passed at all."""
+    if not _is_int(fd) or not 0 <= fd < 1 << 31:  # a C int
+        raise ArgumentError(name, fd, "must be a file descriptor (an int >= 0)")
+    try:
+        os.fstat(fd)
+    except OSError as exc:
+        raise ArgumentError(name, fd, f"is not an open file descriptor "
+                            f"({os.strerror(exc.errno or errno.EBADF)})") from None
+    return fd
+
+
+def _mem_region(name: str, region: object) -> MemRegion:
+    """One memory region description (vhost-user.rst, "Memory regions description"): u64
+    fields, a non-empty span that does not wrap around either address space, an fd."""
+    if not isinstance(region, tuple | list) or len(region) != 5:
+        raise ArgumentError(name, region, "must be (guest_phys_addr, memory_size, "
+                            "userspace_addr, mmap_offset, fd)")
+    gpa = _uint(f"{name}.guest_phys_addr", region[0], 64)
+    size = _uint(f"{name}.memory_size", region[1], 64, low=1)
+    uva = _uint(f"{name}.userspace_addr", region[2], 64)
+    offset = _uint(f"{name}.mmap_offset", region[3], 64)
+    if gpa + size > 1 << 64 or uva + size > 1 << 64:
+        raise ArgumentError(f"{name}.memory_size", size,
+                            "the region must end inside the 64-bit address spaces")
+    return gpa, size, uva, offset, _fd(f"{name}.fd", region[4])
+
+
+def check_timeout(timeout: object) -> float | None:
+    """``timeout`` if it is ``None`` (wait forever) or a number of seconds in
+    ``(0, MAX_TIMEOUT]``; :class:`~virtq.errors.ArgumentError` otherwise (0 would make the
+    socket non-blocking, a negative or NaN value is refused by the socket module)."""
+    if timeout is None:
+        return None
+    if (not isinstance(timeout, int | float) or isinstance(timeout, bool)
+            or not math.isfinite(timeout) or not 0 < timeout <= MAX_TIMEOUT):
+        raise ArgumentError("timeout", timeout,
+                            f"must be None (wait forever) or seconds in (0, {MAX_TIMEOUT:.0f}]")
+    return float(timeout)
+
+
+def _check_path(path: object) -> str | bytes:
+    try:
+        fspath = os.fspath(path)  # type: ignore[call-overload]
+    except TypeError:
+        raise ArgumentError("path", path, "must be a str, bytes or os.PathLike") from None
+    raw = os.fsencode(fspath)
+    if not raw or len(raw) > _SUN_PATH_MAX or (b"\0" in raw and not raw.startswith(b"\0")):
+        raise ArgumentError("path", path, f"must be a Unix socket path of 1..{_SUN_PATH_MAX} "
+                            "bytes without NUL (unix(7))")
+    return fspath  # type: ignore[no-any-return]
+
+
 class VhostUserFrontend:
     """The message layer.  ``reply_ack`` is switched on by :meth:`set_protocol_features`
-    when REPLY_ACK is negotiated: every SET_* request then waits for the back-end's ack."""
+    when REPLY_ACK is negotiated: every SET_* request then waits for the back-end's ack.
 
-    def __init__(self, sock: socket.socket, path: str, timeout: float) -> None:
+    ``VhostUserFrontend(sock, path, timeout)`` wraps a connected ``AF_UNIX`` stream socket
+    (and owns it); :meth:`connect` makes one.  ``timeout`` (seconds, or ``None`` to wait
+    forever) bounds every send and reply.
+    """
+
+    def __init__(self, sock: socket.socket, path: str, timeout: float | None) -> None:
+        if not isinstance(sock, socket.socket) or sock.family != socket.AF_UNIX \
+                or sock.type != socket.SOCK_STREAM or sock.fileno() < 0:
+            raise ArgumentError("sock", sock, "must be an open AF_UNIX stream socket")
+        timeout = check_timeout(timeout)
         self.sock = sock
         self.path = path
         self.timeout = timeout
@@ -49,19 +150,32 @@ class VhostUserFrontend:
         self._finalizer = weakref.finalize(self, _finalize, sock, path)
 
     @classmethod
-    def connect(cls, path: str | os.PathLike[str], *, timeout: float = DEFAULT_TIMEOUT) -> Self:
-        path = os.fspath(path)
+    def connect(cls, path: str | os.PathLike[str],
+                *, timeout: float | None = DEFAULT_TIMEOUT) -> Self:
+        """Connect to the back-end's socket at ``path``.
+
+        Raises :class:`~virtq.errors.ArgumentError` for a ``path`` that cannot name a Unix
+        socket or a ``timeout`` that is not ``None`` or in ``(0, MAX_TIMEOUT]``,
+        :class:`VhostUserTimeoutError` if connecting takes longer, and
+        :class:`VhostUserConnectError` (an ``OSError`` with the errno) if it fails.
+        """
+        fspath = _check_path(path)
+        timeout = check_timeout(timeout)
+        shown = os.fsdecode(fspath)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.settimeout(timeout)
         try:
-            sock.connect(path)
+            sock.settimeout(timeout)
+            sock.connect(fspath)
         except TimeoutError as exc:
             sock.close()
-            raise VhostUserTimeoutError(f"connecting to {path!r} timed out") from exc
+            raise VhostUserTimeoutError(f"connecting to {shown!r} timed out") from exc
         except OSError as exc:
             sock.close()
-            raise VhostUserConnectError(path, exc) from exc
-        return cls(sock, path, timeout)
+            raise VhostUserConnectError(shown, exc) from exc
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock, shown, timeout)
 
     # -- framing -----------------------------------------------------------------------------
 
@@ -90,11 +204,14 @@ class VhostUserFrontend:
             raise self._fail(VhostUserTimeoutError(f"{name}: send timed out",
                                                    request=name)) from exc
         except OSError as exc:
-            if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
-                raise self._fail(VhostUserDisconnectedError(
-                    f"{name}: the back-end closed the connection ({exc.strerror})",
-                    request=name)) from exc
-            raise
+            if exc.errno == errno.EBADF and self.sock.fileno() >= 0:
+                # An fd closed since it was checked: sendmsg(2) sent nothing, so the
+                # connection is still in step.
+                raise ArgumentError("fds", list(fds), "an fd was closed while being sent") \
+                    from exc
+            raise self._fail(VhostUserDisconnectedError(
+                f"{name}: cannot send to the back-end ({exc.strerror or exc})",
+                request=name)) from exc
         if sent != len(data):
             raise self._fail(VhostUserProtocolError(
                 f"{name}: only {sent} of {len(data)} bytes sent", request=name))
@@ -113,6 +230,10 @@ class VhostUserFrontend:
             except ConnectionResetError as exc:
                 raise self._fail(VhostUserDisconnectedError(
                     f"{name}: the back-end reset the connection", request=name)) from exc
+            except OSError as exc:
+                raise self._fail(VhostUserDisconnectedError(
+                    f"{name}: cannot receive from the back-end ({exc.strerror or exc})",
+                    request=name)) from exc
             if k == 0:
                 raise self._fail(VhostUserDisconnectedError(
                     f"{name}: the back-end closed the connection (it rejected the request, "
@@ -127,7 +248,7 @@ class VhostUserFrontend:
             raise self._fail(VhostUserProtocolError(
                 f"{name}: expected its reply, got {P.request_name(code)} flags={flags:#x} "
                 f"size={size}", request=name, got=(code, flags, size)))
-        if size > 4096:
+        if size > P.MAX_PAYLOAD:
             raise self._fail(VhostUserProtocolError(
                 f"{name}: reply payload of {size} bytes is implausible", request=name, got=size))
         return self._recv_exact(size, name) if size else b""
@@ -136,7 +257,26 @@ class VhostUserFrontend:
         """Send one request; return its reply payload (b"" when it has none).
 
         With REPLY_ACK negotiated a request without a reply of its own carries NEED_REPLY
-        and its ack is checked here, so every SET_* is synchronous."""
+        and its ack is checked here, so every SET_* is synchronous.
+
+        Raises :class:`~virtq.errors.ArgumentError` (nothing sent) unless ``request`` is a
+        :class:`~virtq.transport.vhost_user.protocol.Request`, ``payload`` bytes-like of
+        at most ``MAX_PAYLOAD`` bytes and ``fds`` at most ``MAX_FDS`` open descriptors;
+        :class:`VhostUserNackError` when the back-end refuses; another
+        :class:`VhostUserError` (the connection is then unusable) when it misbehaves.
+        """
+        if not isinstance(request, P.Request):
+            raise ArgumentError("request", request, "must be a protocol.Request")
+        if not isinstance(payload, bytes | bytearray | memoryview):
+            raise ArgumentError("payload", payload, "must be bytes-like")
+        payload = bytes(payload)
+        if len(payload) > P.MAX_PAYLOAD:
+            raise ArgumentError("payload", f"<{len(payload)} bytes>",
+                                f"must be at most {P.MAX_PAYLOAD} bytes")
+        if not isinstance(fds, Sequence) or isinstance(fds, str | bytes) \
+                or len(fds) > P.MAX_FDS:
+            raise ArgumentError("fds", fds, f"must be a sequence of at most {P.MAX_FDS} fds")
+        fds = [_fd("fds", fd) for fd in fds]
         wants_ack = self.reply_ack and request not in P.HAS_REPLY
         flags = P.VERSION | (P.FLAG_NEED_REPLY if wants_ack else 0)
         self._send(request, payload, fds, flags)
@@ -155,53 +295,115 @@ class VhostUserFrontend:
                     request=request.name, got=status)
         return b""
 
-    def _u64_reply(self, request: P.Request) -> int:
+    def _u64_reply(self, request: P.Request, *, low: int = 0,
+                   high: int = (1 << 64) - 1) -> int:
         reply = self.request(request)
         if len(reply) != 8:
             raise self._fail(VhostUserProtocolError(
                 f"{request.name}: reply of {len(reply)} bytes, expected 8",
                 request=request.name, got=reply))
         value: int = P.U64.unpack(reply)[0]
+        if not low <= value <= high:
+            raise self._fail(VhostUserProtocolError(
+                f"{request.name}: the back-end answered {value:#x}, expected "
+                f"{low}..{high:#x}", request=request.name, got=value))
         return value
 
     # -- messages ----------------------------------------------------------------------------
 
     def get_features(self) -> int:
+        """GET_FEATURES: the device's feature bits plus vhost-user's (bit 30)."""
         return self._u64_reply(P.Request.GET_FEATURES)
 
     def set_features(self, features: int) -> None:
-        self.request(P.Request.SET_FEATURES, P.U64.pack(features))
+        """SET_FEATURES; ``features`` is a u64 (else :class:`ArgumentError`)."""
+        self.request(P.Request.SET_FEATURES, P.U64.pack(_uint("features", features, 64)))
 
     def get_protocol_features(self) -> int:
+        """GET_PROTOCOL_FEATURES (only if GET_FEATURES offered bit 30)."""
         return self._u64_reply(P.Request.GET_PROTOCOL_FEATURES)
 
     def set_protocol_features(self, features: int) -> None:
+        """SET_PROTOCOL_FEATURES; ``features`` is a u64.  Turns :attr:`reply_ack` on when
+        REPLY_ACK is among them."""
+        features = _uint("features", features, 64)
         self.request(P.Request.SET_PROTOCOL_FEATURES, P.U64.pack(features))
         self.reply_ack = bool(features >> P.ProtocolFeature.REPLY_ACK & 1)
 
     def set_owner(self) -> None:
+        """SET_OWNER: the first message of a session."""
         self.request(P.Request.SET_OWNER)
 
     def get_queue_num(self) -> int:
-        return self._u64_reply(P.Request.GET_QUEUE_NUM)
+        """GET_QUEUE_NUM (with protocol feature MQ): how many queues the back-end has.
+        Raises :class:`VhostUserProtocolError` for an answer outside ``1..MAX_QUEUE_NUM``
+        (virtio's num_queues is 16 bits; a device without queues cannot be driven)."""
+        return self._u64_reply(P.Request.GET_QUEUE_NUM, low=1, high=P.MAX_QUEUE_NUM)
 
-    def set_mem_table(self, regions: Sequence[tuple[int, int, int, int, int]]) -> None:
-        """``regions``: (guest_phys_addr, memory_size, userspace_addr, mmap_offset, fd)."""
-        if not 1 <= len(regions) <= P.MAX_MEM_REGIONS:
-            raise VhostUserError(
-                f"SET_MEM_TABLE takes 1..{P.MAX_MEM_REGIONS} regions, not {len(regions)}",
-                request="SET_MEM_TABLE")
-        payload = P.MEM_TABLE_HEADER.pack(len(regions), 0) + b"".join(
-            P.MEM_REGION.pack(gpa, size, uva, off) for gpa, size, uva, off, _ in regions)
-        self.request(P.Request.SET_MEM_TABLE, payload, [fd for *_, fd in regions])
+    def set_mem_table(self, regions: Sequence[MemRegion]) -> None:
+        """SET_MEM_TABLE: replace the back-end's memory table with ``regions``, each
+        ``(guest_phys_addr, memory_size, userspace_addr, mmap_offset, fd)``.
+
+        Raises :class:`~virtq.errors.ArgumentError` unless there are 1..``MAX_MEM_REGIONS``
+        regions, each with u64 fields, a non-zero size and an open fd, and no two overlap
+        in guest-physical or in user address space (an address must name one byte)."""
+        if not isinstance(regions, Sequence) or not 1 <= len(regions) <= P.MAX_MEM_REGIONS:
+            raise ArgumentError("regions", regions,
+                                f"SET_MEM_TABLE takes 1..{P.MAX_MEM_REGIONS} regions")
+        checked = [_mem_region(f"regions[{i}]", r) for i, r in enumerate(regions)]
+        for field, name in ((0, "guest_phys_addr"), (2, "userspace_addr")):
+            spans = sorted((r[field], r[field] + r[1]) for r in checked)
+            for (_, end), (start, _) in itertools.pairwise(spans):
+                if start < end:
+                    raise ArgumentError("regions", regions,
+                                        f"two regions overlap in {name} space at {start:#x}")
+        payload = P.MEM_TABLE_HEADER.pack(len(checked), 0) + b"".join(
+            P.MEM_REGION.pack(gpa, size, uva, off) for gpa, size, uva, off, _ in checked)
+        self.request(P.Request.SET_MEM_TABLE, payload, [fd for *_, fd in checked])
+
+    def get_max_mem_slots(self) -> int:
+        """GET_MAX_MEM_SLOTS (with CONFIGURE_MEM_SLOTS): how many regions the back-end
+        can hold.  Raises :class:`VhostUserProtocolError` for 0."""
+        return self._u64_reply(P.Request.GET_MAX_MEM_SLOTS, low=1)
+
+    def add_mem_reg(self, region: MemRegion) -> None:
+        """ADD_MEM_REG (with CONFIGURE_MEM_SLOTS): map one more region, given as for
+        :meth:`set_mem_table`, with its fd (vhost-user.rst: "Exactly one file descriptor").
+        Raises :class:`~virtq.errors.ArgumentError` for a bad region."""
+        gpa, size, uva, off, fd = _mem_region("region", region)
+        self.request(P.Request.ADD_MEM_REG, P.SINGLE_MEM_REGION.pack(0, gpa, size, uva, off),
+                     [fd])
+
+    def rem_mem_reg(self, region: MemRegion) -> None:
+        """REM_MEM_REG (with CONFIGURE_MEM_SLOTS): unmap a region added before, named by
+        its guest address, user address and size (the mmap offset is ignored).
+
+        Its fd is sent along, as QEMU's front-end does: vhost-user.rst says back-ends
+        "MAY accept messages with one file descriptor" and must close it, and the
+        libvhost-user of QEMU before 9.0 (qemu-storage-daemon 7.2) hangs up on a
+        REM_MEM_REG without exactly one.  Raises :class:`~virtq.errors.ArgumentError` for a
+        bad region."""
+        gpa, size, uva, off, fd = _mem_region("region", region)
+        self.request(P.Request.REM_MEM_REG, P.SINGLE_MEM_REGION.pack(0, gpa, size, uva, off),
+                     [fd])
 
     def set_vring_num(self, index: int, num: int) -> None:
-        self.request(P.Request.SET_VRING_NUM, P.VRING_STATE.pack(index, num))
+        """SET_VRING_NUM: ring ``index`` (0..255) has ``num`` (1..32768) entries."""
+        num = _uint("num", num, 16, low=1)
+        if num > P.MAX_VRING_NUM:
+            raise ArgumentError("num", num, f"must be in 1..{P.MAX_VRING_NUM} (VIRTIO 1.2 §2.7)")
+        self.request(P.Request.SET_VRING_NUM, P.VRING_STATE.pack(_ring(index), num))
 
     def set_vring_base(self, index: int, base: int) -> None:
-        self.request(P.Request.SET_VRING_BASE, P.VRING_STATE.pack(index, base))
+        """SET_VRING_BASE: ring ``index`` starts at ``base`` (a u32; a split ring uses its
+        low 16 bits, the next avail index)."""
+        self.request(P.Request.SET_VRING_BASE,
+                     P.VRING_STATE.pack(_ring(index), _uint("base", base, 32)))
 
     def get_vring_base(self, index: int) -> int:
+        """GET_VRING_BASE: stop ring ``index`` and return where it stopped.  Raises
+        :class:`VhostUserProtocolError` for a reply of the wrong size or ring."""
+        index = _ring(index)
         reply = self.request(P.Request.GET_VRING_BASE, P.VRING_STATE.pack(index, 0))
         if len(reply) != P.VRING_STATE.size:
             raise self._fail(VhostUserProtocolError(
@@ -215,38 +417,72 @@ class VhostUserFrontend:
         return int(num)
 
     def set_vring_addr(self, index: int, desc: int, used: int, avail: int) -> None:
-        """Ring addresses in the *front-end's* virtual address space (§3.4 of spec-notes)."""
-        self.request(P.Request.SET_VRING_ADDR, P.VRING_ADDR.pack(index, 0, desc, used, avail, 0))
+        """Ring addresses in the *front-end's* virtual address space (§3.4 of spec-notes);
+        each a u64."""
+        self.request(P.Request.SET_VRING_ADDR, P.VRING_ADDR.pack(
+            _ring(index), 0, _uint("desc", desc, 64), _uint("used", used, 64),
+            _uint("avail", avail, 64), 0))
 
     def set_vring_kick(self, index: int, fd: int) -> None:
-        self.request(P.Request.SET_VRING_KICK, P.U64.pack(index & P.VRING_IDX_MASK), [fd])
+        """SET_VRING_KICK: the eventfd ``fd`` (open, >= 0) the front-end writes to kick
+        ring ``index`` (0..255)."""
+        index, fd = _ring(index), _fd("fd", fd)
+        self.request(P.Request.SET_VRING_KICK, P.U64.pack(index), [fd])
 
     def set_vring_call(self, index: int, fd: int) -> None:
-        self.request(P.Request.SET_VRING_CALL, P.U64.pack(index & P.VRING_IDX_MASK), [fd])
+        """SET_VRING_CALL: the eventfd ``fd`` (open, >= 0) the back-end signals when ring
+        ``index`` (0..255) has used buffers."""
+        index, fd = _ring(index), _fd("fd", fd)
+        self.request(P.Request.SET_VRING_CALL, P.U64.pack(index), [fd])
 
     def set_vring_enable(self, index: int, enable: bool) -> None:
-        self.request(P.Request.SET_VRING_ENABLE, P.VRING_STATE.pack(index, int(enable)))
+        """SET_VRING_ENABLE: enable (True) or disable (False) ring ``index``."""
+        if not isinstance(enable, bool):
+            raise ArgumentError("enable", enable, "must be True or False")
+        self.request(P.Request.SET_VRING_ENABLE, P.VRING_STATE.pack(_ring(index), int(enable)))
 
     def get_config(self, offset: int, size: int) -> bytes:
-        if not 0 < size <= P.MAX_CONFIG_SIZE:
-            raise VhostUserError(f"GET_CONFIG size {size} not in 1..{P.MAX_CONFIG_SIZE}",
-                                 request="GET_CONFIG")
+        """GET_CONFIG: ``size`` bytes of the device's config space from ``offset``.
+
+        Raises :class:`~virtq.errors.ArgumentError` unless ``offset >= 0``, ``size >= 1``
+        and ``offset + size <= MAX_CONFIG_SIZE`` (256); :class:`VhostUserNackError` for the
+        back-end's empty reply (its way of failing, vhost-user.rst); and
+        :class:`VhostUserProtocolError` for a reply whose size, offset or flags differ
+        from the request (the spec: its "payload size MUST match the front-end's
+        request")."""
+        offset = _uint("offset", offset, 32)
+        size = _uint("size", size, 32, low=1)
+        if offset + size > P.MAX_CONFIG_SIZE:
+            raise ArgumentError("size", size, f"offset {offset} + size must be at most "
+                                f"{P.MAX_CONFIG_SIZE} (VHOST_USER_MAX_CONFIG_SIZE)")
         payload = P.CONFIG_HEADER.pack(offset, size, 0) + bytes(size)
         reply = self.request(P.Request.GET_CONFIG, payload)
+        where = f"GET_CONFIG(offset={offset}, size={size})"
+        if not reply:
+            raise VhostUserNackError(f"{where}: the back-end answered with an empty payload "
+                                     "(it failed)", request="GET_CONFIG", got=reply)
         if len(reply) != P.CONFIG_HEADER.size + size:
-            # A zero-length (or short) reply is how a back-end reports failure.
-            raise VhostUserNackError(
-                f"GET_CONFIG(offset={offset}, size={size}): back-end answered "
-                f"{len(reply)} bytes", request="GET_CONFIG", got=reply)
+            raise self._fail(VhostUserProtocolError(
+                f"{where}: reply of {len(reply)} bytes, expected "
+                f"{P.CONFIG_HEADER.size + size}", request="GET_CONFIG", got=reply))
+        header = P.CONFIG_HEADER.unpack_from(reply)
+        if header != (offset, size, 0):
+            raise self._fail(VhostUserProtocolError(
+                f"{where}: reply is for offset={header[0]} size={header[1]} "
+                f"flags={header[2]:#x}", request="GET_CONFIG", got=header))
         return reply[P.CONFIG_HEADER.size :]
 
     def set_status(self, status: int) -> None:
-        self.request(P.Request.SET_STATUS, P.U64.pack(status))
+        """SET_STATUS (with protocol feature STATUS): the virtio device status, a u8."""
+        self.request(P.Request.SET_STATUS, P.U64.pack(_uint("status", status, 8)))
 
     def get_status(self) -> int:
-        return self._u64_reply(P.Request.GET_STATUS)
+        """GET_STATUS: the device status.  Raises :class:`VhostUserProtocolError` for a
+        value that does not fit virtio's 8-bit status (VIRTIO 1.2 §2.1)."""
+        return self._u64_reply(P.Request.GET_STATUS, high=0xFF)
 
     def reset_device(self) -> None:
+        """RESET_DEVICE (with protocol feature RESET_DEVICE)."""
         self.request(P.Request.RESET_DEVICE)
 
     # -- teardown --------------------------------------------------------------------------
@@ -256,6 +492,7 @@ class VhostUserFrontend:
         return self.sock.fileno() < 0
 
     def close(self) -> None:
+        """Close the socket (idempotent); the back-end resets the device on disconnect."""
         self._finalizer.detach()
         self.sock.close()
 

@@ -16,6 +16,8 @@ VRING_STATE = struct.Struct("=II")  # index, num
 VRING_ADDR = struct.Struct("=IIQQQQ")  # index, flags, desc, used, avail, log (used first!)
 MEM_TABLE_HEADER = struct.Struct("=II")  # nregions, padding
 MEM_REGION = struct.Struct("=QQQQ")  # guest_phys_addr, memory_size, userspace_addr, mmap_offset
+#: "Single memory region description" (ADD_MEM_REG, REM_MEM_REG): u64 padding + a region.
+SINGLE_MEM_REGION = struct.Struct("=QQQQQ")
 CONFIG_HEADER = struct.Struct("=III")  # offset, size, flags
 
 VERSION = 0x1
@@ -24,9 +26,30 @@ FLAG_REPLY = 0x4
 FLAG_NEED_REPLY = 0x8
 
 MAX_MEM_REGIONS = 8  # VHOST_MEMORY_BASELINE_NREGIONS
+#: At most this many fds ride along one message: QEMU and libvhost-user receive up to
+#: VHOST_MEMORY_BASELINE_NREGIONS (a full SET_MEM_TABLE); more would be truncated.
+MAX_FDS = MAX_MEM_REGIONS
+#: QEMU's VHOST_USER_MAX_CONFIG_SIZE: the config space GET_CONFIG can carry (its payload
+#: buffer); QEMU's front-end always reads it from offset 0.
 MAX_CONFIG_SIZE = 256
+#: QEMU's VHOST_USER_MAX_RAM_SLOTS on targets without an ACPI/sPAPR limit: the most memory
+#: slots a front-end uses, whatever GET_MAX_MEM_SLOTS reports (vhost-user.rst: "capped at
+#: the maximum number of ram slots which can be supported by the target platform").
+MAX_RAM_SLOTS = 512
+#: Largest GET_QUEUE_NUM answer accepted: virtio's num_queues is a 16-bit field (VIRTIO 1.2
+#: §4.1.4.3, common configuration ``le16 num_queues``).
+MAX_QUEUE_NUM = 0xFFFF
+#: Bits 0-7 of SET_VRING_KICK/CALL/ERR's u64 carry the ring index (vhost-user.rst), so a
+#: front-end can set up rings 0..255 only.
 VRING_IDX_MASK = 0xFF
+MAX_VRINGS = VRING_IDX_MASK + 1
 VRING_NOFD_MASK = 0x100
+#: Largest split or packed ring (VIRTIO 1.2 §2.7 "Queue Size ... maximum 32768", §2.8).
+MAX_VRING_NUM = 32768
+#: Largest payload sent or accepted: far above any message virtq exchanges (a full memory
+#: table is 264 bytes, a full GET_CONFIG 268), small enough that a garbage size field is
+#: caught before it is waited for.
+MAX_PAYLOAD = 4096
 
 #: GET_FEATURES bit 30: the back-end speaks GET/SET_PROTOCOL_FEATURES.
 VHOST_USER_F_PROTOCOL_FEATURES = 30

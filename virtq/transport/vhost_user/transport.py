@@ -37,6 +37,7 @@ from virtq.transport.vhost_user import protocol as P
 from virtq.transport.vhost_user.errors import (
     VhostUserDisconnectedError,
     VhostUserProtocolError,
+    VhostUserRegionLimitError,
 )
 from virtq.transport.vhost_user.frontend import DEFAULT_TIMEOUT, VhostUserFrontend
 
@@ -48,6 +49,7 @@ SUPPORTED_PROTOCOL_FEATURES = (
     | 1 << P.ProtocolFeature.REPLY_ACK
     | 1 << P.ProtocolFeature.CONFIG
     | 1 << P.ProtocolFeature.STATUS
+    | 1 << P.ProtocolFeature.CONFIGURE_MEM_SLOTS
 )
 _EFD_FLAGS = os.EFD_CLOEXEC | os.EFD_NONBLOCK
 
@@ -186,31 +188,98 @@ class VhostUserTransport:
         return self.frontend.get_config(offset, size)
 
     # -- memory ---------------------------------------------------------------------------------
+    #
+    # Without CONFIGURE_MEM_SLOTS the back-end learns about memory from SET_MEM_TABLE, which
+    # replaces its whole table and holds at most 8 regions (VHOST_MEMORY_BASELINE_NREGIONS):
+    # every allocation after the first table resends all of them.  With it (vhost-user.rst,
+    # GET_MAX_MEM_SLOTS / ADD_MEM_REG) each allocation sends one ADD_MEM_REG, up to the
+    # back-end's slot count.  A region is counted as sent per connection (in
+    # ``arena.private``), so a reconnect sends every region again and a failure half-way
+    # through the regions never sends one twice.
+
+    #: (the connection it was asked on, GET_MAX_MEM_SLOTS capped at MAX_RAM_SLOTS)
+    _mem_slots: tuple[VhostUserFrontend, int] | None = None
+
+    def _uses_mem_slots(self) -> bool:
+        return self._has(P.ProtocolFeature.CONFIGURE_MEM_SLOTS)
+
+    def _region_limit(self) -> int:
+        """How many memory regions the back-end holds (asked once per connection)."""
+        if not self._uses_mem_slots():
+            return P.MAX_MEM_REGIONS
+        cached = self._mem_slots
+        if cached is None or cached[0] is not self.frontend:
+            cached = (self.frontend, min(self.frontend.get_max_mem_slots(), P.MAX_RAM_SLOTS))
+            self._mem_slots = cached
+        return cached[1]
+
+    def _check_region_limit(self, regions: int) -> None:
+        limit = self._region_limit()
+        if regions > limit:
+            how = ("GET_MAX_MEM_SLOTS" if self._uses_mem_slots()
+                   else "SET_MEM_TABLE without CONFIGURE_MEM_SLOTS")
+            raise VhostUserRegionLimitError(
+                f"the back-end at {self.path} holds at most {limit} memory regions ({how}); "
+                f"{regions} would be needed: allocate fewer, larger DMA arenas",
+                limit=limit, regions=regions)
+
+    @staticmethod
+    def _describe(arena: DmaArena) -> tuple[int, int, int, int, int]:
+        fd = arena.region.fd
+        assert fd is not None  # memfd regions always have one
+        return (arena.iova, arena.region.nbytes, arena.region.host_addr,
+                arena.region.fd_offset, fd)
+
+    def _add_mem_reg(self, arena: DmaArena) -> None:
+        self.frontend.add_mem_reg(self._describe(arena))
+        arena.private["vhost_user_sent_on"] = self.frontend
 
     def alloc_dma(self, nbytes: int) -> DmaArena:
-        """A memfd region the back-end maps (memory table) at a guest address from the
-        IOVA allocator."""
+        """A shareable memfd region of ``nbytes`` (rounded up to the page) that the
+        back-end can reach, at a guest address from the IOVA allocator.
+
+        Once memory has been sent to the back-end, the new region is sent at once: one
+        ADD_MEM_REG with CONFIGURE_MEM_SLOTS, a whole new SET_MEM_TABLE without.  A failed
+        allocation leaves no trace (region closed, guest address freed, not in the table).
+
+        Raises :class:`VhostUserRegionLimitError` (before allocating anything) when the
+        back-end cannot hold another region, :class:`~virtq.errors.ArgumentError` for a bad
+        ``nbytes``, :class:`~virtq.errors.VirtqOSError` when the memory cannot be mapped,
+        :class:`~virtq.errors.QueueStateError` after :meth:`close`, and the back-end's
+        :class:`VhostUserError` if it refuses the region.
+        """
         if self._closed:
             raise QueueStateError(f"vhost-user transport to {self.path} is closed")
+        self._check_region_limit(len(self._arenas) + 1)
         region = MemfdRegion(nbytes, name="virtq-vhost-user", hugepages=self.hugepages)
+        arena: DmaArena | None = None
         try:
             gpa = self.iova_allocator.alloc(region.nbytes, host_addr=region.host_addr)
+            arena = DmaArena(region, gpa, owner=self)
+            if self._mem_table_sent:
+                if self._uses_mem_slots():
+                    self._add_mem_reg(arena)
+                else:  # back-ends remap on a new table (rings included)
+                    self.frontend.set_mem_table(
+                        [self._describe(a) for a in (*self._arenas, arena)])
         except BaseException:
+            if arena is not None:
+                self.iova_allocator.free(arena.iova)
             region.close()
             raise
-        arena = DmaArena(region, gpa, owner=self)
         self._arenas.append(arena)
-        if self._mem_table_sent:
-            self._send_mem_table()  # back-ends remap on a new table (rings included)
         return arena
 
     def _send_mem_table(self) -> None:
-        regions = []
-        for a in self._arenas:
-            fd = a.region.fd
-            assert fd is not None  # memfd regions always have one
-            regions.append((a.iova, a.region.nbytes, a.region.host_addr, a.region.fd_offset, fd))
-        self.frontend.set_mem_table(regions)
+        """Tell a (new) connection about every region: ADD_MEM_REG for each one not yet
+        sent on it with CONFIGURE_MEM_SLOTS, else one SET_MEM_TABLE."""
+        self._check_region_limit(len(self._arenas))
+        if self._uses_mem_slots():
+            for arena in self._arenas:
+                if arena.private.get("vhost_user_sent_on") is not self.frontend:
+                    self._add_mem_reg(arena)
+        else:
+            self.frontend.set_mem_table([self._describe(a) for a in self._arenas])
         self._mem_table_sent = True
 
     # -- rings ----------------------------------------------------------------------------------
