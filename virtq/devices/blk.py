@@ -36,6 +36,7 @@ import os
 import struct
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, NoReturn, Self
 
 from virtq.abi import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC
@@ -123,6 +124,21 @@ def _check_int(name: str, value: object, low: int, high: int | None = None) -> i
     return value
 
 
+@dataclass(frozen=True, slots=True)
+class BlkConfig:
+    """What the device says about itself (struct virtio_blk_config, §5.2.4), validated:
+    ``capacity`` in 512-byte sectors; ``size_max`` the largest data segment (None: no
+    limit); ``seg_max`` the most data segments (None: not said); ``block_size`` a power of
+    two >= 512; ``read_only`` (VIRTIO_BLK_F_RO), ``flush_supported`` (VIRTIO_BLK_F_FLUSH)."""
+
+    capacity: int
+    size_max: int | None
+    seg_max: int | None
+    block_size: int
+    read_only: bool
+    flush_supported: bool
+
+
 class BlkRequest:
     """A submitted request.  :meth:`wait` returns its result (the bytes read, when the
     request copied them) or raises the request's error.
@@ -207,8 +223,8 @@ class BlkDevice:
         self._transport_closed = False
         # Why submissions are refused (closed, or the transport failed), None while usable:
         # one check on the submit paths.
-        self._refused: str | None = None
-        self._refused_cause: BaseException | None = None
+        # (why, the error behind it): one attribute, checked on every submit.
+        self._refused: tuple[str, BaseException | None] | None = None
         # Zero-copy buffers a broken queue may still write (its ring could not be stopped).
         self._quarantine: list[DmaBuffer] = []
         self.queues: list[DriverQueue[BlkRequest]] = []
@@ -255,11 +271,11 @@ class BlkDevice:
         # A copying request's bounce buffer goes to the device in pieces of at most
         # size_max bytes (§5.2.4: "maximum size of any single segment").
         seg = self.size_max or self.max_io
-        self._bounce_pieces = -(-self.max_io // seg)
-        if self._bounce_pieces > max_segments:
+        bounce_pieces = -(-self.max_io // seg)
+        if bounce_pieces > max_segments:
             raise ArgumentError(
                 "max_io", self.max_io,
-                f"needs {self._bounce_pieces} segments of size_max {self.size_max}, more "
+                f"needs {bounce_pieces} segments of size_max {self.size_max}, more "
                 f"than the {max_segments} the device allows (seg_max)")
 
         max_size = t.max_queue_size(0)
@@ -274,8 +290,8 @@ class BlkDevice:
                 raise ArgumentError("queue_size", size, "a ring of >= 3 entries without "
                                     "indirect descriptors (header, data, status)")
             max_segments = self.max_segments = min(max_segments, size - 2)
-            if self._bounce_pieces > max_segments:
-                raise ArgumentError("max_io", self.max_io, f"needs {self._bounce_pieces} "
+            if bounce_pieces > max_segments:
+                raise ArgumentError("max_io", self.max_io, f"needs {bounce_pieces} "
                                     f"segments; a {size}-entry ring holds {max_segments}")
         chain = 2 + max_segments  # header, data segments, status
         layout = ring_layout(size, indirect_size=chain if self.indirect else 0)
@@ -322,6 +338,36 @@ class BlkDevice:
     def _has(self, bit: int) -> bool:
         return bool(self.features >> bit & 1)
 
+    # The configuration, read once (see BlkConfig).  Kept on one attribute: past 29 instance
+    # attributes CPython 3.11 stops sharing instance-dict keys, and every attribute load of
+    # the per-request paths gets slower.
+    @property
+    def capacity(self) -> int:
+        """Sectors of 512 bytes."""
+        return self.config.capacity
+
+    @property
+    def size_max(self) -> int | None:
+        """The largest data segment the device takes (None: no limit)."""
+        return self.config.size_max
+
+    @property
+    def seg_max(self) -> int | None:
+        """The most data segments per request the device takes (None: not said)."""
+        return self.config.seg_max
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    @property
+    def read_only(self) -> bool:
+        return self.config.read_only
+
+    @property
+    def flush_supported(self) -> bool:
+        return self.config.flush_supported
+
     def _read_config(self) -> None:
         """struct virtio_blk_config (§5.2.4): the one ingress for what the device says about
         itself.  A field of a feature not negotiated is not read."""
@@ -333,24 +379,21 @@ class BlkDevice:
             value: int = struct.unpack_from("<I", config, offset)[0]
             return value
 
-        self.capacity: int = struct.unpack_from("<Q", config, BLK_CFG_CAPACITY)[0]
+        capacity: int = struct.unpack_from("<Q", config, BLK_CFG_CAPACITY)[0]
         # qemu-storage-daemon offers SIZE_MAX with size_max 0: no limit.
-        self.size_max: int | None = (u32(BLK_CFG_SIZE_MAX) or None
-                                     if self._has(VIRTIO_BLK_F_SIZE_MAX) else None)
-        if self.size_max is not None and self.size_max < SECTOR_SIZE:
-            raise DeviceProtocolError("config.size_max", self.size_max,
+        size_max = u32(BLK_CFG_SIZE_MAX) or None if self._has(VIRTIO_BLK_F_SIZE_MAX) else None
+        if size_max is not None and size_max < SECTOR_SIZE:
+            raise DeviceProtocolError("config.size_max", size_max,
                                       f">= {SECTOR_SIZE} (or 0: no limit)")
-        self.seg_max: int | None = (u32(BLK_CFG_SEG_MAX)
-                                    if self._has(VIRTIO_BLK_F_SEG_MAX) else None)
-        if self.seg_max is not None and self.seg_max < 1:
-            raise DeviceProtocolError("config.seg_max", self.seg_max, ">= 1 data segment")
+        seg_max = u32(BLK_CFG_SEG_MAX) if self._has(VIRTIO_BLK_F_SEG_MAX) else None
+        if seg_max is not None and seg_max < 1:
+            raise DeviceProtocolError("config.seg_max", seg_max, ">= 1 data segment")
         block_size = u32(BLK_CFG_BLK_SIZE) if self._has(VIRTIO_BLK_F_BLK_SIZE) else SECTOR_SIZE
         if block_size < SECTOR_SIZE or block_size & (block_size - 1):
             raise DeviceProtocolError("config.blk_size", block_size,
                                       "a power of two >= 512")
-        self.block_size: int = block_size
-        self.read_only = self._has(VIRTIO_BLK_F_RO)
-        self.flush_supported = self._has(VIRTIO_BLK_F_FLUSH)
+        self.config = BlkConfig(capacity, size_max, seg_max, block_size,
+                                self._has(VIRTIO_BLK_F_RO), self._has(VIRTIO_BLK_F_FLUSH))
 
     @classmethod
     def connect_vhost_user(
@@ -432,8 +475,8 @@ class BlkDevice:
             raise QueueStateError("BlkDevice is closed")
 
     def _refuse(self) -> NoReturn:
-        raise QueueStateError(self._refused or "BlkDevice is unusable") \
-            from self._refused_cause
+        why, cause = self._refused or ("BlkDevice is unusable", None)
+        raise QueueStateError(why) from cause
 
     def _take_slot(self) -> tuple[int, ChainTemplate[BlkRequest]]:
         """A free slot of a usable queue, round-robin over the queues: (the slot's global
@@ -460,7 +503,7 @@ class BlkDevice:
     def _data_pieces(self, g: int, nbytes: int) -> tuple[tuple[Iova, int], ...]:
         """Slot ``g``'s bounce buffer as the device gets it: pieces of at most size_max."""
         base = self.arena.iova + self._bounce[g]
-        seg = self.size_max or nbytes
+        seg = self.config.size_max or nbytes
         return tuple((Iova(base + off), min(seg, nbytes - off))
                      for off in range(0, nbytes, seg))
 
@@ -566,9 +609,10 @@ class BlkDevice:
                 f"{self.transport!r}: a buffer may only go to the device that allocated it")
         if b.length % SECTOR_SIZE:
             raise ArgumentError("into", b, "buffer lengths must be multiples of 512")
-        if self.size_max is not None and b.length > self.size_max:
-            raise ArgumentError("into", b, f"each buffer at most size_max={self.size_max} "
-                                "bytes (the device's largest segment)")
+        size_max = self.config.size_max
+        if size_max is not None and b.length > size_max:
+            raise ArgumentError("into", b, f"each buffer at most size_max={size_max} bytes "
+                                "(the device's largest segment)")
         if self._quarantine and any(b.overlaps(q) for q in self._quarantine):
             raise ArgumentError("into", b, "the device may still write this buffer: a queue "
                                 "broke with it in flight; reconnect() or close() first")
@@ -723,7 +767,8 @@ class BlkDevice:
             for b in into:
                 self._check_buf(b)
         ((_, length, _),) = kinds
-        if length % SECTOR_SIZE or (self.size_max is not None and length > self.size_max):
+        size_max = self.config.size_max
+        if length % SECTOR_SIZE or (size_max is not None and length > size_max):
             self._check_buf(into[0])
         return length
 
@@ -748,7 +793,7 @@ class BlkDevice:
         """Start writing ``data`` at ``sector``: bytes-like data (any item format; its
         length in bytes a multiple of 512, at most ``max_io``) is copied, a
         :class:`DmaBuffer` or a list of them is written without a copy."""
-        if self.read_only:
+        if self.config.read_only:
             raise QueueStateError("the device is read-only (VIRTIO_BLK_F_RO)")
         if isinstance(data, DmaBuffer) or (isinstance(data, list | tuple) and data
                                            and isinstance(data[0], DmaBuffer)):
@@ -934,8 +979,7 @@ class BlkDevice:
                     done.append(req)
         if self._refused is None:
             self._refused = (f"the transport failed ({type(err).__name__}: {err}); "
-                             "reconnect() before submitting more")
-            self._refused_cause = err
+                             "reconnect() before submitting more", err)
 
     def _in_flight(self) -> list[BlkRequest]:
         """The requests submitted and not done (the queues keep them as tokens)."""
@@ -1009,7 +1053,7 @@ class BlkDevice:
 
     def flush(self) -> None:
         """Make previous writes durable (VIRTIO_BLK_T_FLUSH)."""
-        if not self.flush_supported:
+        if not self.config.flush_supported:
             raise QueueStateError("the device did not offer VIRTIO_BLK_F_FLUSH")
         self.submit_flush().wait()
 
@@ -1020,7 +1064,7 @@ class BlkDevice:
 
     @property
     def capacity_bytes(self) -> int:
-        return self.capacity * SECTOR_SIZE
+        return self.config.capacity * SECTOR_SIZE
 
     # -- teardown and recovery -----------------------------------------------------------
 
@@ -1041,7 +1085,7 @@ class BlkDevice:
         ``close()`` again."""
         if not self._closed:
             self._closed = True
-            self._refused, self._refused_cause = "BlkDevice is closed", None
+            self._refused = ("BlkDevice is closed", None)
             err = QueueStateError("BlkDevice was closed with the request in flight")
             for req in self._in_flight():
                 req.error = err
@@ -1075,8 +1119,7 @@ class BlkDevice:
         try:
             lost = t.reconnect(path, timeout=timeout)
         except BaseException as exc:
-            self._refused = f"reconnect failed ({type(exc).__name__}: {exc})"
-            self._refused_cause = exc
+            self._refused = (f"reconnect failed ({type(exc).__name__}: {exc})", exc)
             raise
         count = 0
         gone = DeviceError("the back-end went away with the request in flight")
@@ -1088,5 +1131,5 @@ class BlkDevice:
         self._quarantine.clear()
         if self.poll_mode:
             self._waiter.disarm()
-        self._refused = self._refused_cause = None
+        self._refused = None
         return count

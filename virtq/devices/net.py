@@ -349,10 +349,10 @@ class NetDevice:
     def _wait_rx(self, timeout: float | None) -> list[bytes]:
         """Received frames, waiting until some arrive or ``timeout`` passes (then [])."""
         self._check_open()
-        deadline = deadline_after(timeout)
         frames = self._harvest_rx()
         if frames or timeout == 0:
-            return frames
+            return frames  # (the hot path: no clock read)
+        deadline = deadline_after(timeout)
         waiter = self._rx_waiter
         while True:
             # Sleep only with notifications on and the ring re-checked after the store

@@ -96,8 +96,7 @@ class _SplitCore(Generic[T]):
     """Views, indices, publish, interrupt control, ``used.idx`` check, state, teardown."""
 
     #: The memoryviews close() releases (subclasses add theirs).
-    _views: tuple[str, ...] = ("_avail", "_used_h", "_used_q", "_used_i", "_desc_w",
-                               "_mem_h", "_desc_mem")
+    _views: tuple[str, ...] = ("_avail", "_used_h", "_used_q", "_desc_w", "_desc_mem")
 
     def __init__(
         self,
@@ -130,8 +129,7 @@ class _SplitCore(Generic[T]):
         self._state_v = _READY
         # The error that broke the queue: the original while the caller holds it (weakly:
         # its traceback references this queue), and a detached copy for after that.
-        self._broken_ref: weakref.ref[DeviceError] | None = None
-        self._broken_copy: DeviceError | None = None
+        self._broken: tuple[weakref.ref[DeviceError], DeviceError] | None = None
 
         # Zero-copy views.  Each index field is read/written as its own 2-byte element so
         # no access ever tears or spans a neighbouring field (spec-notes §4.3).
@@ -144,10 +142,7 @@ class _SplitCore(Generic[T]):
         self._used_h = used_mem.cast("H")
         # used elements as u64[]: ring[i] = id | len << 32, one load per element
         self._used_q = used_mem[4 : 4 + 8 * n].cast("Q")
-        # ... and as u32 pairs: [2i] id, [2i + 1] len (struct virtq_used_elem, §2.7.8)
-        self._used_i = used_mem[4 : 4 + 8 * n].cast("I")
         used_mem.release()
-        self._mem_h = self._mem.cast("H")  # 2-byte stores anywhere in the region's view
         self._desc_w = self._desc_mem.cast("I")  # descriptor i's len at [4 * i + 2]
         self._idx_used_event = 2 + n
         self._idx_avail_event = 2 + 4 * n
@@ -215,8 +210,10 @@ class _SplitCore(Generic[T]):
         """The device error that broke the queue, or ``None``."""
         if self._state_v is not _BROKEN:
             return None
-        original = self._broken_ref() if self._broken_ref is not None else None
-        return original if original is not None else self._broken_copy
+        assert self._broken is not None
+        ref, copy = self._broken
+        original = ref()
+        return original if original is not None else copy
 
     @property
     def closed(self) -> bool:
@@ -231,8 +228,7 @@ class _SplitCore(Generic[T]):
         raise QueueBrokenError(cause) from cause
 
     def _break(self, err: DeviceError) -> None:
-        self._broken_ref = weakref.ref(err)
-        self._broken_copy = _detached(err)
+        self._broken = (weakref.ref(err), _detached(err))
         self._state_v = _BROKEN
 
     def _fail(self, err: DeviceProtocolError, completed: list[tuple[T, int]]) -> NoReturn:
@@ -289,7 +285,6 @@ class _SplitCore(Generic[T]):
         self._avail_seq = start_index  # chains added (unbounded; the ring sees it mod 2**16)
         self._pub_seq = start_index  # chains published
         self._used_seq = start_index  # chains reaped
-        self._interrupts = True
 
     def _forget(self) -> list[T]:
         """Drop every chain's shadow state; return the tokens that were in flight."""
@@ -314,7 +309,7 @@ class _SplitCore(Generic[T]):
                                                                         start_index)
         lost = self._forget()
         self._reset_rings(start)
-        self._broken_ref = self._broken_copy = None
+        self._broken = None
         self._state_v = _READY
         self._rebuild()
         return lost
@@ -379,7 +374,6 @@ class _SplitCore(Generic[T]):
         :meth:`has_used`."""
         if self._state_v is not _READY:
             self._refuse()
-        self._interrupts = False
         if self.event_idx:
             # used_event one behind last_used: the device notifies only after 65536 more.
             self._avail[self._idx_used_event] = (self._used_seq - 1) & 0xFFFF
@@ -394,7 +388,6 @@ class _SplitCore(Generic[T]):
         request, and will not notify for it)."""
         if self._state_v is not _READY:
             self._refuse()
-        self._interrupts = True
         last_used = self._used_seq & 0xFFFF
         if self.event_idx:
             self._avail[self._idx_used_event] = last_used
@@ -420,7 +413,6 @@ class _SplitCore(Generic[T]):
             return self.enable_interrupts()
         if self._state_v is not _READY:
             self._refuse()
-        self._interrupts = True
         used_seq = self._used_seq
         count = max(1, min(count, self._pub_seq - used_seq))
         self._avail[self._idx_used_event] = (used_seq + count - 1) & 0xFFFF
@@ -444,7 +436,7 @@ class _SplitCore(Generic[T]):
             getattr(self, name).release()
         self._mem.release()
         self._state_v = _CLOSED
-        self._broken_ref = self._broken_copy = None
+        self._broken = None
 
     def __enter__(self) -> _SplitCore[T]:
         return self
@@ -470,6 +462,13 @@ class _SplitCore(Generic[T]):
     def _snapshot_extra(self) -> dict[str, Any]:
         return {}
 
+    def _interrupts_on(self) -> bool:
+        """Whether the driver currently asks for used-buffer notifications (read from the
+        driver area it wrote, not kept twice: every attribute counts, see SplitQueue)."""
+        if self.event_idx:
+            return bool(self._avail[self._idx_used_event] != (self._used_seq - 1) & 0xFFFF)
+        return not self._avail[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+
     def snapshot(self) -> dict[str, Any]:
         """Driver state and ring indices as a plain dict (for logs, tests, the CLI)."""
         closed = self._state_v is _CLOSED
@@ -484,7 +483,7 @@ class _SplitCore(Generic[T]):
             "num_in_flight": self.num_in_flight,
             "in_flight_heads": [] if closed else self._in_flight_heads(),
             "event_idx": self.event_idx,
-            "interrupts": self._interrupts,
+            "interrupts": None if closed else self._interrupts_on(),
             "broken": None if broken is None else str(broken),
             "closed": closed,
             "desc_area": self.desc_area,

@@ -190,9 +190,10 @@ class ChainTemplate(Protocol[T_contra]):
         :class:`~virtq.errors.QueueFullError` when none is free."""
         ...
 
-    def acquire_many(self, count: int) -> list[int]:
+    def acquire_many(self, count: int) -> tuple[int, ...]:
         """``count`` free slots (all or none; :class:`~virtq.errors.QueueFullError`).  The
-        slots freed last come first, in the order they were freed."""
+        slots freed last come first, in the order they were freed.  Submit this very tuple
+        with :meth:`submit_many` and the slots need no checking again."""
         ...
 
     def release(self, slot: int) -> None:

@@ -62,7 +62,7 @@ class SlotQueue(_SplitCore[int]):
     (publish, interrupt control, the ``used.idx`` check, state, reset, close).
     """
 
-    _views = (*_SplitCore._views,)
+    _views = (*_SplitCore._views, "_used_i")
 
     def __init__(
         self,
@@ -89,16 +89,20 @@ class SlotQueue(_SplitCore[int]):
                                     f"for {slot_size} bytes")
         super().__init__(region, layout, iova=iova, event_idx=event_idx,
                          start_index=start_index, strict_len=strict_len)
+        # used.ring as u32 pairs: [2i] id, [2i + 1] len (struct virtq_used_elem, §2.7.8)
+        used = layout.used
+        self._used_i = self._mem[used + 4 : used + 4 + 8 * n].cast("I")
         self._slot_addrs = addrs
         self.slot_size = slot_size
         self.writable = bool(writable)
         # What the device may report writing into a slot (§2.7.8: used.len counts bytes
         # written into device-writable buffers; a device-readable slot has none).
         self._capacity = slot_size if writable else 0
-        # Expected used ids for positions first..first+count-1 (mod size), as one slice
-        # for any first < size and count <= size.
-        self._ids2 = list(range(n)) * 2
-        self._zeros = [0] * n
+        # Expected used ids for positions first..first+count-1 (mod size), as one slice for
+        # any first < size and count <= size; and count zero lengths.  (One attribute for
+        # both: past 29 instance attributes CPython 3.11 stops sharing the keys of instance
+        # dicts, and every attribute load gets slower.)
+        self._expect = (list(range(n)) * 2, [0] * n)
         self._rebuild()
 
     def _rebuild(self) -> None:
@@ -225,16 +229,17 @@ class SlotQueue(_SplitCore[int]):
             # A device-readable slot completes with len 0, so an in-order element, read as
             # one u64 (id | len << 32), equals its slot number: one list comparison checks
             # ids and lengths together.
+            ids2, zeros = self._expect
             elems = ring_run(self._used_q, first, count, n)
-            if elems == self._ids2[first:end]:
+            if elems == ids2[first:end]:
                 self._front = self._used_seq = last_used + count
-                return elems, self._zeros[:count]
+                return elems, zeros[:count]
         slots = ring_run(self._used_i, first, count, n, step=2)
         lens = ring_run(self._used_i, first, count, n, step=2, offset=1)
         # In order: with no early completion pending, front == last_used, and positions
         # last_used .. last_used + count - 1 are published and in flight; element k must
         # then name the slot made available at position last_used + k.
-        if (not self._early_count and slots == self._ids2[first:end]
+        if (not self._early_count and slots == self._expect[0][first:end]
                 and (max(lens) <= self._capacity or not self.strict_len)):
             self._front = self._used_seq = last_used + count
             return slots, lens

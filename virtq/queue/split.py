@@ -51,6 +51,9 @@ _SEQUENTIAL = list(range(32769))  # indirect table entries are chained 0 -> 1 ->
 _F_NEXT = VIRTQ_DESC_F_NEXT
 _F_WRITE = VIRTQ_DESC_F_WRITE
 _F_INDIRECT = VIRTQ_DESC_F_INDIRECT
+#: The flags of a chain's last descriptor (no NEXT), as the le16 bytes stored.
+_LAST_WRITABLE = _F_WRITE.to_bytes(2, "little")
+_LAST_READABLE = bytes(2)
 
 #: Shadow state of an in-flight head: (token, writable capacity, descriptors to return to
 #: the queue's free list, the chain's position in avail order (unbounded), the free list
@@ -140,9 +143,7 @@ class SplitQueue(_SplitCore[T]):
         self.indirect = bool(indirect)
         self._indirect_base = layout.indirect or 0
         self._indirect_size = layout.indirect_size
-        self._layout_desc = layout.desc
-        # Descriptors templates keep for good (their heads); never on the free list.
-        self._reserved = bytearray(n)
+        # Templates keep some descriptors for good (their heads): never on the free list.
         self._templates: list[SplitTemplate[T]] = []
         # Stack of free descriptors (pop() takes the lowest index first).
         self._free: list[int] = list(range(n - 1, -1, -1))
@@ -174,7 +175,8 @@ class SplitQueue(_SplitCore[T]):
         lost = self.in_flight_tokens()
         n = self.size
         self._state = [None] * n
-        self._free = [d for d in range(n - 1, -1, -1) if not self._reserved[d]]
+        reserved = {head for tpl in self._templates for head in tpl._heads}
+        self._free = [d for d in range(n - 1, -1, -1) if d not in reserved]
         return lost
 
     def _rebuild(self) -> None:
@@ -209,13 +211,13 @@ class SplitQueue(_SplitCore[T]):
         seq = self._avail_seq
         if nr + nw == 1 and free:
             # Fast path: one buffer, one descriptor.
-            buf: object = readable if nr else writable
+            buf: object  # an annotation only: nothing runs on the fast path
             try:
                 buf = readable[0] if nr else writable[0]
                 iova, length = buf
                 ok = length > 0
             except (TypeError, ValueError, IndexError, KeyError):
-                ok = False
+                buf, ok = readable if nr else writable, False
             if not ok:
                 _bad_buffer(buf)
             head = free[-1]
@@ -352,7 +354,7 @@ class SplitQueue(_SplitCore[T]):
             raise QueueFullError(count, len(free))
         descs = free[-count:]
         descs.append(0)  # "next" of the last descriptor
-        capacity = self._write_chain(self._layout_desc, descs, readable, writable)
+        capacity = self._write_chain(self.layout.desc, descs, readable, writable)
         del free[-count:]
         del descs[-1]
         if item < 0:
@@ -389,8 +391,10 @@ class SplitQueue(_SplitCore[T]):
                 i += 1
         except (TypeError, ValueError, struct.error):
             _bad_buffer(buf)
-        # The last descriptor ends the chain: clear its NEXT (flags at byte 12, §2.7.5).
-        self._mem_h[(base + (chain[i - 1] << 4) + 12) >> 1] = _F_WRITE if writable else 0
+        # The last descriptor ends the chain: clear its NEXT (le16 flags at byte 12, §2.7.5;
+        # not yet visible to the device, so two plain byte stores are fine).
+        last = base + (chain[i - 1] << 4) + 12
+        mem[last : last + 2] = _LAST_WRITABLE if writable else _LAST_READABLE
         if total + capacity >= _U32_LIMIT:  # §2.7.5.3.1: total length fits in 32 bits
             raise ArgumentError(
                 "buffers", total + capacity, "a chain's total length must be < 2**32")
@@ -522,15 +526,13 @@ class SplitTemplate(Generic[T]):
         self.persistent = persistent
         self.indirect = persistent and max_buffers > 1
         self._free: list[int] = list(range(slots - 1, -1, -1))
-        self._held = bytearray(slots)
+        self._held: set[int] = set()
         self._heads: list[int] = []
         self._tables: list[int] = []
         if persistent:
             free = queue._free
             self._heads = free[-slots:][::-1]
             del free[-slots:]
-            for head in self._heads:
-                queue._reserved[head] = 1
             if self.indirect:
                 base = queue._indirect_base
                 per_head = DESC_SIZE * queue._indirect_size
@@ -541,7 +543,11 @@ class SplitTemplate(Generic[T]):
         """Every slot free, nothing remembered; persistent heads written again."""
         slots = self.slots
         self._free = list(range(slots - 1, -1, -1))
-        self._held = bytearray(slots)
+        # Slots handed out by acquire*() and not yet submitted or released.
+        self._held = set()
+        # The tuple the last acquire_many() returned, all of its slots still held: a
+        # submit_many() of that very tuple needs no per-slot check.
+        self._batch: tuple[int, ...] | None = None
         self._r: list[object] = [None] * slots
         self._w: list[object] = [None] * slots
         self._entries: list[list[tuple[int, int, int]]] = [[] for _ in range(slots)]
@@ -568,24 +574,24 @@ class SplitTemplate(Generic[T]):
         if not free:
             raise QueueFullError(1, 0, "template slots")
         slot = free.pop()
-        self._held[slot] = 1
+        self._held.add(slot)
         return slot
 
-    def acquire_many(self, count: int) -> list[int]:
+    def acquire_many(self, count: int) -> tuple[int, ...]:
         """``count`` free slots, all or none (:class:`QueueFullError`): the slots freed last,
-        in the order they were freed."""
+        in the order they were freed.  Submitting them as they are (this very tuple) with
+        :meth:`submit_many` skips the per-slot checks."""
         free = self._free
         if count.__class__ is not int or not 0 <= count <= len(free):
             if not isinstance(count, int) or count < 0:
                 raise ArgumentError("count", count, "must be an int >= 0")
             raise QueueFullError(count, len(free), "template slots")
         if not count:
-            return []
-        slots = free[-count:]
+            return ()
+        slots = tuple(free[-count:])
         del free[-count:]
-        held = self._held
-        for slot in slots:
-            held[slot] = 1
+        self._held.update(slots)
+        self._batch = slots
         return slots
 
     def release(self, slot: int) -> None:
@@ -593,7 +599,8 @@ class SplitTemplate(Generic[T]):
         held)."""
         if not self._is_held(slot):
             self._bad_slot(slot)
-        self._held[slot] = 0
+        self._held.discard(slot)
+        self._batch = None
         self._free.append(slot)
 
     def release_many(self, slots: Iterable[int]) -> None:
@@ -602,13 +609,15 @@ class SplitTemplate(Generic[T]):
         if len(set(slots)) != len(slots) or not all(map(self._is_held, slots)):
             bad = next((s for s in slots if not self._is_held(s)), slots)
             self._bad_slot(bad)
-        for slot in slots:
-            self._held[slot] = 0
+        self._held.difference_update(slots)
+        self._batch = None
         self._free.extend(slots)
 
     def _is_held(self, slot: object) -> bool:
-        return (slot.__class__ is int and 0 <= slot < self.slots
-                and bool(self._held[slot]))
+        try:
+            return slot.__class__ is int and slot in self._held
+        except TypeError:  # unhashable
+            return False
 
     def _bad_slot(self, slot: object) -> NoReturn:
         raise ArgumentError("slot", slot, f"must be a slot of this template (0..{self.slots - 1}) "
@@ -628,7 +637,7 @@ class SplitTemplate(Generic[T]):
         if q._state_v is not _READY:
             q._refuse()
         held = self._held
-        if slot.__class__ is not int or not 0 <= slot < self.slots or not held[slot]:
+        if not self._is_held(slot):
             self._bad_slot(slot)
         seq = q._avail_seq
         if self.persistent:
@@ -641,7 +650,8 @@ class SplitTemplate(Generic[T]):
                                        _as_seq(writable, "writable"), token, self._free, slot)
             q._state[head] = state
             self._r[slot], self._w[slot] = readable, writable
-        held[slot] = 0
+        held.discard(slot)
+        self._batch = None
         q._avail[2 + (seq & q._mask)] = head
         q._avail_seq = seq + 1
 
@@ -676,25 +686,27 @@ class SplitTemplate(Generic[T]):
             self._submit_direct_many(slots, readables, writables, tokens)
             return
         held = self._held
+        # Unless these are the very slots acquire_many() handed out, check every one (held,
+        # and only once).
+        if slots is not self._batch and (
+                len(set(slots)) != count or not all(map(self._is_held, slots))):
+            bad = next((s for s in slots if not self._is_held(s)), slots)
+            self._bad_slot(bad)
         state = q._state
         avail = q._avail
         mask = q._mask
         heads = self._heads
         caps = self._cap
         home = self._free
-        nslots = self.slots
         start = seq = q._avail_seq
         try:
             if same:
                 r_cache = self._r
                 for slot, token in zip(slots, tokens, strict=True):
-                    if slot.__class__ is not int or not 0 <= slot < nslots or not held[slot] \
-                            or r_cache[slot] is None:
-                        self._last(slot)
-                        self._bad_slot(slot)
+                    if r_cache[slot] is None:
+                        self._last(slot)  # raises: it never held a chain to repeat
                     head = heads[slot]
                     state[head] = (token, caps[slot], (), seq, home, slot)
-                    held[slot] = 0
                     avail[2 + (seq & mask)] = head
                     seq += 1
             else:
@@ -703,21 +715,19 @@ class SplitTemplate(Generic[T]):
                 w_cache = self._w
                 for slot, readable, writable, token in zip(slots, readables, writables,
                                                            tokens, strict=True):
-                    if slot.__class__ is not int or not 0 <= slot < nslots or not held[slot]:
-                        self._bad_slot(slot)
                     if readable is not r_cache[slot] or writable is not w_cache[slot]:
                         self._write(slot, readable, writable)
                     head = heads[slot]
                     state[head] = (token, caps[slot], (), seq, home, slot)
-                    held[slot] = 0
                     avail[2 + (seq & mask)] = head
                     seq += 1
         except BaseException:
             # Entries past next_avail are invisible until publish(): only undo the shadow.
             for slot in slots[: seq - start]:
                 state[heads[slot]] = None
-                held[slot] = 1
             raise
+        held.difference_update(slots)
+        self._batch = None
         q._avail_seq = seq
 
     def _last(self, slot: object) -> tuple[Sequence[Buffer], Sequence[Buffer]]:
@@ -753,7 +763,6 @@ class SplitTemplate(Generic[T]):
                                            slot)
                 q._state[head] = state
                 self._r[slot], self._w[slot] = readable, writable
-                self._held[slot] = 0
                 done.append((head, slot))
                 q._avail[2 + (seq & q._mask)] = head
                 seq += 1
@@ -761,12 +770,13 @@ class SplitTemplate(Generic[T]):
         except BaseException:
             # Undone from the shadow (the driver never reads its own state back from shared
             # memory); avail entries past the old next_avail were never visible.
-            for head, slot in done:
+            for head, _ in done:
                 q._state[head] = None
-                self._held[slot] = 1
             q._avail_seq = start_seq
             q._free[:] = start_free
             raise
+        self._held.difference_update(slots)
+        self._batch = None
 
     def _write(self, slot: int, readable: Sequence[Buffer], writable: Sequence[Buffer]) -> None:
         """Bring slot's persistent chain to these buffers, writing only the descriptors
