@@ -318,7 +318,7 @@ def test_h10_waiting_for_another_devices_request(no_leaks):
 
 
 def test_h12_arguments_are_checked_with_virtq_errors(blk):
-    dev, _ = blk
+    dev, t = blk
     for call in (lambda: dev.alloc_buffer(1 << 62), lambda: dev.alloc_buffer(0),
                  lambda: dev.poll(timeout=-1), lambda: dev.wait(timeout=-1),
                  lambda: dev.poll(min_completions=0), lambda: dev.read(-1, 512),
@@ -327,6 +327,19 @@ def test_h12_arguments_are_checked_with_virtq_errors(blk):
             call()
     with pytest.raises(ArgumentError):
         BlkDevice(blk_transport(), max_io=1 << 40)
+    for huge in (1 << 40, dev.capacity_bytes + 512):  # more than the disk: never split
+        with pytest.raises(ArgumentError, match="larger than the device"):
+            dev.read(0, huge)
+    with pytest.raises(ArgumentError, match="larger than the device"):
+        dev.write(0, bytes(dev.capacity_bytes + 512))
+    assert dev.in_flight == 0
+    # timeouts of any size are accepted, infinity included (no OverflowError in poll())
+    req = dev.submit_read(8, 512)
+    dev.kick()
+    serve(t, 0)
+    for timeout in (float("inf"), 1e300, 1 << 40):
+        assert in_thread(lambda timeout=timeout: dev.poll(timeout=timeout)) in (
+            {"result": [req]}, {"result": []})
     full = dev.submit_read_many(list(range(dev.slots_per_queue)), 512)
     with pytest.raises(QueueFullError):  # a full device is QueueFullError everywhere
         dev.submit_read(0, 512)

@@ -1018,6 +1018,7 @@ class BlkDevice:
         error."""
         _check_sector(sector)
         _check_sectors(nbytes)
+        self._check_size(nbytes)
         chunks = []
         for off in range(0, nbytes, self.max_io):
             n = min(self.max_io, nbytes - off)
@@ -1032,6 +1033,7 @@ class BlkDevice:
         _check_sector(sector)
         view = byte_view(data)
         _check_sectors(len(view))
+        self._check_size(len(view))
         reqs = []
         for off in range(0, len(view), self.max_io):
             part = view[off : off + self.max_io]
@@ -1040,6 +1042,13 @@ class BlkDevice:
         self.wait(reqs)
         for r in reqs:
             r.wait()
+
+    def _check_size(self, nbytes: int) -> None:
+        """A transfer larger than the whole disk can never succeed (and would be split
+        into that many requests first)."""
+        if nbytes > self.config.capacity * SECTOR_SIZE:
+            raise ArgumentError("nbytes", nbytes, f"larger than the device "
+                                f"({self.config.capacity * SECTOR_SIZE} bytes)")
 
     def _submit_when_free(self, submit: Callable[[], BlkRequest]) -> BlkRequest:
         while True:

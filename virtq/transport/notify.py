@@ -22,6 +22,9 @@ from virtq.errors import QueueStateError
 
 _EFD_FLAGS = os.EFD_CLOEXEC | os.EFD_NONBLOCK
 _POLL_ERR = select.POLLERR | select.POLLHUP | select.POLLNVAL
+#: The longest single sleep, in seconds: poll() takes a C int of milliseconds (callers with
+#: longer deadlines sleep again).
+_MAX_SLEEP = min(2**31 - 1, int(threading.TIMEOUT_MAX * 1000)) / 1000
 
 
 class NotificationSet:
@@ -86,6 +89,8 @@ class NotificationSet:
         drain the counters; True if any fired.  A watched fd that becomes ready runs its
         check (which raises when the device is gone).  Raises
         :class:`~virtq.errors.QueueStateError` if the transport is (or gets) closed."""
+        if timeout is not None and not timeout < _MAX_SLEEP:  # also +inf
+            timeout = _MAX_SLEEP  # poll() takes an int of milliseconds; a waiter loops on
         ms = -1 if timeout is None else max(0, int(timeout * 1000 + 0.999))
         if not self._lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
             return False  # another thread held the sleep for the whole timeout

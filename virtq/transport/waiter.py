@@ -43,6 +43,8 @@ def deadline_after(timeout: float | None) -> float | None:
         return None
     if not isinstance(timeout, int | float) or math.isnan(timeout) or timeout < 0:
         raise ArgumentError("timeout", timeout, "must be None or a number of seconds >= 0")
+    if timeout == math.inf:
+        return None
     return time.monotonic() + timeout
 
 
