@@ -72,7 +72,8 @@ def drain_tx(dev: NetDevice) -> None:
 
 #: The ring formats testpmd's net_vhost offers (split and packed, with IN_ORDER): each is
 #: driven for real.
-RINGS = [pytest.param(("split", None), id="split"),
+RINGS = [pytest.param(("split", False), id="split"),
+         pytest.param(("split", True), id="split-in-order"),
          pytest.param(("packed", True), id="packed-in-order"),
          pytest.param(("packed", False), id="packed")]
 

@@ -14,7 +14,7 @@ from virtq.transport.errors import DeviceRefusedError
 
 RINGS = ("auto", "split", "packed")
 #: The formats virtq's queues implement VIRTIO_F_IN_ORDER for.
-IN_ORDER_FORMATS = frozenset({"packed"})
+IN_ORDER_FORMATS = frozenset({"split", "packed"})
 
 
 def ring_wanted(ring: str, in_order: bool | None) -> int:

@@ -225,8 +225,9 @@ class BlkDevice:
         in_order: bool | None = None,
     ) -> None:
         self.transport = transport
-        self._closed = False
-        self._transport_closed = False
+        # 0 open; 1 closed, the transport still to close (a refused close() is retried);
+        # 2 closed for good.
+        self._closed = 0
         # Why submissions are refused (closed, or the transport failed), None while usable:
         # one check on the submit paths.
         # (why, the error behind it): one attribute, checked on every submit.
@@ -1110,20 +1111,20 @@ class BlkDevice:
         :class:`~virtq.errors.RegionBusyError` is raised; release them and call
         ``close()`` again."""
         if not self._closed:
-            self._closed = True
+            self._closed = 1
             self._refused = ("BlkDevice is closed", None)
             err = QueueStateError("BlkDevice was closed with the request in flight")
             for req in self._in_flight():
                 req.error = err
             self._quarantine.clear()
             self._release_views()
-        if not self._transport_closed:
+        if self._closed == 1:
             self.transport.close()
-            self._transport_closed = True
+            self._closed = 2
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return bool(self._closed)
 
     def __enter__(self) -> Self:
         return self

@@ -16,7 +16,7 @@ from virtq.queue.factory import (
 from virtq.queue.interface import Buffer, ChainTemplate, DriverQueue, QueueState, VirtQueue
 from virtq.queue.packed import PackedQueue, PackedSlotQueue, PackedTemplate
 from virtq.queue.slots import SlotQueue
-from virtq.queue.split import SplitQueue, SplitTemplate
+from virtq.queue.split import InOrderSplitQueue, SplitQueue, SplitTemplate
 from virtq.queue.userqueue import DescTableAddrs, UsedBuffer, UserQueue
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "ChainTemplate",
     "DescTableAddrs",
     "DriverQueue",
+    "InOrderSplitQueue",
     "PackedQueue",
     "PackedSlotQueue",
     "PackedTemplate",

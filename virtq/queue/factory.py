@@ -15,7 +15,7 @@ from virtq.memory import MemoryRegion
 from virtq.queue.interface import DriverQueue
 from virtq.queue.packed import PackedQueue, PackedSlotQueue
 from virtq.queue.slots import SlotQueue
-from virtq.queue.split import SplitQueue
+from virtq.queue.split import InOrderSplitQueue, SplitQueue
 from virtq.types import Iova
 
 #: The ring formats virtq implements.
@@ -49,10 +49,9 @@ def make_queue(region: MemoryRegion, layout: RingLayout, *, iova: Iova,
                            in_order=in_order,
                            start_index=1 << 15 if start_index is None else start_index)
     if isinstance(layout, SplitLayout):
-        if in_order:
-            raise ArgumentError("in_order", in_order, "a split ring in order is not built yet")
-        return SplitQueue(region, layout, iova=iova, event_idx=event_idx, indirect=indirect,
-                          start_index=0 if start_index is None else start_index)
+        cls = InOrderSplitQueue if in_order else SplitQueue
+        return cls(region, layout, iova=iova, event_idx=event_idx, indirect=indirect,
+                   start_index=0 if start_index is None else start_index)
     raise ArgumentError("layout", layout, "must be a SplitLayout or a PackedLayout")
 
 
@@ -67,10 +66,8 @@ def make_slot_queue(region: MemoryRegion, layout: RingLayout, *, iova: Iova,
                                writable=writable, event_idx=event_idx, in_order=in_order,
                                start_index=1 << 15 if start_index is None else start_index)
     if isinstance(layout, SplitLayout):
-        if in_order:
-            raise ArgumentError("in_order", in_order, "a split ring in order is not built yet")
         return SlotQueue(region, layout, iova=iova, slots=slots, slot_size=slot_size,
-                         writable=writable, event_idx=event_idx,
+                         writable=writable, event_idx=event_idx, in_order=in_order,
                          start_index=0 if start_index is None else start_index)
     raise ArgumentError("layout", layout, "must be a SplitLayout or a PackedLayout")
 

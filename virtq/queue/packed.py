@@ -141,7 +141,7 @@ class _PackedCore(Generic[T]):
                 or not 0 <= iova <= _U64_LIMIT - layout.nbytes:
             raise ArgumentError("iova", iova, "must be a u64 with room for the layout")
         n = layout.queue_size
-        start = self._check_start(start_index, n)
+        self._check_start(start_index, n)  # validated before anything is built
         self.region = region
         self.layout = layout
         self.size = n
@@ -158,7 +158,6 @@ class _PackedCore(Generic[T]):
         self._desc_w = desc.cast("I")  # descriptor p: len at [4p + 2]
         self._drv_ev = self._mem[layout.driver_event : layout.driver_event + 4].cast("H")
         self._dev_ev = self._mem[layout.device_event : layout.device_event + 4].cast("H")
-        self._start = start
 
     @staticmethod
     def _check_start(start_index: object, n: int) -> int:
@@ -176,7 +175,6 @@ class _PackedCore(Generic[T]):
         self._drv_ev[0] = self._drv_ev[1] = 0  # ENABLE: notify every used buffer
         self._dev_ev[0] = self._dev_ev[1] = 0
         self._avail_dseq = self._pub_dseq = self._used_dseq = start  # descriptors
-        self._avail_cseq = self._pub_cseq = self._used_cseq = 0  # chains
         # The first descriptor of the chains added since the last publish(): (its offset
         # in the ring's u16 view of flags, the flags to store), or None.
         self._pending: tuple[int, int] | None = None
@@ -282,7 +280,7 @@ class _PackedCore(Generic[T]):
         self._desc_h[pending[0]] = pending[1]
         self._pending = None
         self._pub_dseq = new
-        self._pub_cseq = self._avail_cseq
+        self._published()
         # The decision reads what the device wrote: only after the flags store is visible
         # (§2.8.21.1.2 "a suitable memory barrier before reading the Event Suppression
         # structure").
@@ -371,7 +369,7 @@ class _PackedCore(Generic[T]):
             return self.enable_interrupts()
         if self._state_v is not _READY:
             self._refuse()
-        chains = self._pub_cseq - self._used_cseq
+        chains = self._published_chains()
         descs = self._pub_dseq - self._used_dseq
         count = max(1, min(count, chains))
         target = self._used_dseq + ((count - 1) * descs) // max(chains, 1)
@@ -381,7 +379,14 @@ class _PackedCore(Generic[T]):
 
     def enable_interrupts_delayed(self) -> bool:
         """:meth:`enable_interrupts_after` about 3/4 of the chains in flight."""
-        return self.enable_interrupts_after((self._pub_cseq - self._used_cseq) * 3 // 4 + 1)
+        return self.enable_interrupts_after(self._published_chains() * 3 // 4 + 1)
+
+    def _published(self) -> None:
+        """publish() exposed everything added (subclass hook for chain counts)."""
+
+    def _published_chains(self) -> int:
+        """Chains published and not yet reaped (one descriptor each, unless overridden)."""
+        return self._pub_dseq - self._used_dseq
 
     # -- reset and teardown ------------------------------------------------------------------
 
@@ -467,8 +472,8 @@ class _PackedCore(Generic[T]):
 
     @property
     def num_in_flight(self) -> int:
-        """Chains (slots) made available and not yet reaped."""
-        return self._avail_cseq - self._used_cseq
+        """Slots (one descriptor each) made available and not yet reaped."""
+        return self._avail_dseq - self._used_dseq
 
     def describe(self) -> str:
         """A human-readable dump of the driver state and the live ring."""
@@ -532,10 +537,22 @@ class PackedQueue(_PackedCore[T]):
                          start_index=start_index, strict_len=strict_len)
         self.indirect = bool(indirect)
         self._templates: list[PackedTemplate[T]] = []
-        self._reset_ring(self._start)
+        self._reset_ring(self._check_start(start_index, self.size))
+
+    @property
+    def num_in_flight(self) -> int:
+        """Chains added and not yet reaped (published or not)."""
+        return self._avail_cseq - self._used_cseq
+
+    def _published(self) -> None:
+        self._pub_cseq = self._avail_cseq
+
+    def _published_chains(self) -> int:
+        return self._pub_cseq - self._used_cseq
 
     def _forget(self) -> None:
         n = self.size
+        self._avail_cseq = self._pub_cseq = self._used_cseq = 0  # chains
         # Buffer ids: a stack of free ones; templates keep theirs.
         reserved = {i for tpl in self._templates for i in tpl._ids}
         self._free_ids = [i for i in range(n - 1, -1, -1) if i not in reserved]
@@ -556,11 +573,6 @@ class PackedQueue(_PackedCore[T]):
     def num_free(self) -> int:
         """Free ring positions (a direct chain of k buffers needs k, an indirect one 1)."""
         return self.size - (self._avail_dseq - self._used_dseq)
-
-    @property
-    def num_in_flight(self) -> int:
-        """Chains added and not yet reaped (published or not)."""
-        return self._avail_cseq - self._used_cseq
 
     def in_flight_tokens(self) -> list[T]:
         """Tokens of the chains added and not reaped, in the order they were added."""
@@ -1072,7 +1084,7 @@ class PackedSlotQueue(_PackedCore[int]):
         # Each slot's length, as the driver last set it (the ring's len is the device's
         # after a completion).
         self._lens = [slot_size] * n
-        self._reset_ring(self._start)
+        self._reset_ring(self._check_start(start_index, n))
 
     def _forget(self) -> None:
         self._front = self._avail_dseq  # oldest slot not yet completed (count)
@@ -1146,7 +1158,6 @@ class PackedSlotQueue(_PackedCore[int]):
             if pos == n:
                 pos = 0
         self._avail_dseq = seq + count
-        self._avail_cseq += count
         return first
 
     def _set_lengths(self, seq: int, count: int, lengths: Sequence[int]) -> None:
@@ -1227,12 +1238,10 @@ class PackedSlotQueue(_PackedCore[int]):
                 lens.append(length)
                 self._front = at + 1
                 seq += at + 1 - front
-                self._used_cseq += at + 1 - front
                 continue
             slots.append(slot)
             lens.append(length)
             seq += 1
-            self._used_cseq += 1
             if at == front and not self._early_count:
                 self._front = front + 1
                 continue
