@@ -802,12 +802,18 @@ class PackedQueue(_PackedCore[T]):
             if OBSERVE_BARRIER_NEEDED:
                 observe_barrier()
             buffer_id = desc_h[pos * 8 + 6]
-            length = desc_w[pos * 4 + 2] if flags & _F_WRITE else 0
+            length = desc_w[pos * 4 + 2]
             try:
                 token, capacity, ndesc, cseq, home, item = states[buffer_id]  # type: ignore[misc]
             except (IndexError, TypeError):
                 self._fail_here(seq, out, "id", buffer_id,
                                 f"a buffer id in flight (queue size {n})")
+            if not flags & _F_WRITE and length > capacity:
+                # Without WRITE the len field is reserved (§2.8.3, §2.8.4).  QEMU's devices
+                # never set WRITE in a used descriptor and put the written length there
+                # anyway (Linux and DPDK read it regardless), so a plausible len is taken
+                # as the written length and anything else as "nothing written".
+                length = 0
             if cseq >= pub_cseq:
                 self._fail_here(seq, out, "id", buffer_id, "a buffer that has been published")
             if length > capacity and strict:
@@ -1230,7 +1236,9 @@ class PackedSlotQueue(_PackedCore[int]):
             if OBSERVE_BARRIER_NEEDED:
                 observe_barrier()
             slot = desc_h[pos * 8 + 6]
-            length = desc_w[pos * 4 + 2] if flags & _F_WRITE else 0
+            length = desc_w[pos * 4 + 2]
+            if not flags & _F_WRITE and length > cap:
+                length = 0  # reserved without WRITE, as in PackedQueue._reap (§2.8.4)
             front = self._front
             # Where that slot was made available: at or after the oldest in flight.
             at = front + (slot - front) % n if slot < n else pub
