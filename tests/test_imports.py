@@ -25,10 +25,15 @@ ALLOWED = {
                              "virtq.iova", "virtq.queue", "virtq.transport", "virtq.devices"},
     "virtq.devices": LEAF | {"virtq.layout", "virtq.abi", "virtq._sys", "virtq.memory",
                              "virtq.iova", "virtq.queue", "virtq.transport"},
+    # The back-end tester (virtq check / virtq fuzz) drives back-ends with the hostile
+    # driver of virtq.testing, below the CLI.
+    "virtq.check": LEAF | {"virtq.layout", "virtq.abi", "virtq._sys", "virtq.memory",
+                           "virtq.iova", "virtq.queue", "virtq.transport", "virtq.devices",
+                           "virtq.testing"},
     # The CLI (with the benchmarks behind ``virtq bench``) sits above every layer.
     "virtq.cli": LEAF | {"virtq.layout", "virtq.abi", "virtq._sys", "virtq.memory",
                          "virtq.iova", "virtq.queue", "virtq.transport", "virtq.devices",
-                         "virtq.testing"},
+                         "virtq.testing", "virtq.check"},
 }
 
 
