@@ -224,23 +224,29 @@ def blk_flush_durable(ctx: CheckContext) -> str | None:
         "data after a reconnect (no --image to look at)"
 
 
-@check("blk.get-id", title="GET_ID writes at most 20 bytes of NUL-padded ASCII",
+@check("blk.get-id", title="GET_ID: at most 20 bytes of NUL-padded ASCII, as used.len says",
        clause="VIRTIO 1.2 §5.2.6: The device ID string is a NUL-padded ASCII string up to "
-              "20 bytes long.", level=MUST, devices=BLK)
+              "20 bytes long (with §2.7.8.2: the device MUST write at least len bytes).",
+       level=MUST, devices=BLK)
 def blk_get_id(ctx: CheckContext) -> str | None:
     s = ctx.session()
     r = blk_io(s, VIRTIO_BLK_T_GET_ID, 0, read_len=VIRTIO_BLK_ID_BYTES)
     if r.status == VIRTIO_BLK_S_UNSUPP:
         raise CheckSkipped("GET_ID is not supported (UNSUPP)")
     _require_status(r, VIRTIO_BLK_S_OK, "GET_ID")
-    hits = s.drv.mem.guard_hits()
+    hits = [h for h in s.drv.mem.guard_hits() if h.what == "guard bytes"]
     if hits:
         raise CheckFailed(f"GET_ID wrote outside its 20-byte buffer: {hits[0].describe()}")
-    ident = r.data[: max(0, min(r.done.used_len - 1, VIRTIO_BLK_ID_BYTES))]
-    text = ident.split(b"\0", 1)
-    if any(c >= 0x80 for c in text[0]) or (len(text) > 1 and text[1].strip(b"\0")):
-        raise CheckFailed(f"the id {ident!r} is not NUL-padded ASCII", id=ident)
-    return repr(text[0].decode("ascii", "replace"))
+    claimed = r.done.used_len - 1  # used.len counts the id bytes and the status byte
+    if not 0 <= claimed <= VIRTIO_BLK_ID_BYTES:
+        raise CheckFailed(f"used.len {r.done.used_len}: the id can be at most 20 bytes")
+    ident = r.data[:claimed]
+    text, _, padding = ident.partition(b"\0")
+    if any(not 0x20 <= c < 0x7F for c in text) or padding.strip(b"\0"):
+        raise CheckFailed(f"the {claimed} id bytes used.len counts are {ident!r}, not a "
+                          "NUL-padded ASCII string (bytes after the NUL were not written "
+                          "as NULs)", used_len=r.done.used_len, id=ident)
+    return f"{text.decode('ascii')!r} (used.len {r.done.used_len})"
 
 
 @check("blk.ioerr-past-end", title="I/O past the capacity fails with IOERR",

@@ -38,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         print("ready", backend.socket_path, flush=True)
-        signal.sigwait(stop_signals)
+        # Until a stop signal, or until the back-end stops serving by itself (the
+        # exit_on_disconnect fault: one front-end, then exit, as virtiofsd does).
+        while backend.serving and signal.sigtimedwait(stop_signals, 0.1) is None:
+            pass
     finally:
         backend.stop()
     return 0

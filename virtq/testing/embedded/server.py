@@ -733,9 +733,11 @@ class _Session:
         while True:
             faults = self.backend.faults
             batch: list[tuple[int, int, BlkRecord]] = []
+            stuck = False
             while True:
                 if faults.wrap_bug and dev.last_avail == 0 and self.popped:
-                    break  # the bug: "index 0 comes before anything we served"
+                    stuck = True  # the bug: "index 0 comes before anything we served"
+                    break
                 try:
                     chain = dev.pop()
                 except DriverProtocolError as exc:
@@ -754,6 +756,8 @@ class _Session:
                 batch.append(self._serve(ring.index, dev, *chain))
             if batch:
                 self._complete(ring, dev, batch, faults)
+            if stuck:
+                return
             if not dev.event_idx:
                 return  # the driver kicks for every publish unless we ask it not to
             # With EVENT_IDX the driver kicks only past avail_event: move it, then look
@@ -963,6 +967,11 @@ class VhostUserBlkBackend:
         self._socket_ino = 0
         self._thread: threading.Thread | None = None
         self._finalizer: weakref.finalize[[int, str], VhostUserBlkBackend] | None = None
+
+    @property
+    def serving(self) -> bool:
+        """True while the serving thread runs (it ends on stop(), or by a fault)."""
+        return self._thread is not None and self._thread.is_alive()
 
     @property
     def faults(self) -> Faults:
