@@ -279,6 +279,21 @@ class CommandBackend:
         self.proc = proc
         self._release()
 
+    def log_size(self) -> int:
+        try:
+            return self._log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def log_since(self, offset: int) -> str:
+        """What the back-end printed after byte ``offset`` of its log."""
+        try:
+            with open(self._log_path, "rb") as f:
+                f.seek(offset)
+                return f.read(1 << 16).decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
     def log_tail(self, nbytes: int = 2000) -> str:
         try:
             data = self._log_path.read_bytes()

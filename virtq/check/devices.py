@@ -136,7 +136,10 @@ class FsProfile(Profile):
         def judge(done: Done) -> str | None:
             reply = fuse.parse_reply(done.written())
             if reply is None or reply.error or reply.unique != unique:
-                return f"FUSE_GETATTR of the root answered {reply}"
+                return ("FUSE_GETATTR of the root: out header " + (
+                    "missing" if reply is None else
+                    f"len={reply.length} error={reply.error} unique={reply.unique:#x}")
+                    + f" (expected error 0, unique {unique:#x}; used.len {done.used_len})")
             return None
 
         return ProbeSpec([fuse.getattr_request(unique)],

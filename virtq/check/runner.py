@@ -58,6 +58,7 @@ def run_check(chk: Check, ctx: CheckContext) -> CheckResult:
     """Run one check; never raises for what the back-end does."""
     result = CheckResult(chk.id, chk.title, chk.clause, chk.level, Outcome.PASS)
     t0 = time.monotonic()
+    log_at = ctx.backend.log_size() if isinstance(ctx.backend, CommandBackend) else 0
     try:
         note = chk.func(ctx)
         result.message = note or ""
@@ -88,6 +89,11 @@ def run_check(chk: Check, ctx: CheckContext) -> CheckResult:
             result.outcome = Outcome.FAIL
             result.message = (f"the back-end {end.describe()} during this check"
                               + (f" ({result.message})" if result.message else ""))
+    if result.outcome in (Outcome.FAIL, Outcome.ERROR) and isinstance(ctx.backend,
+                                                                      CommandBackend):
+        said = ctx.backend.log_since(log_at).strip()
+        if said:
+            result.evidence["backend_log"] = said[-800:]
     result.seconds = time.monotonic() - t0
     return result
 

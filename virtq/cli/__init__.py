@@ -1,4 +1,4 @@
-"""``virtq`` command line: ``demo``, ``inspect``, ``bench``."""
+"""``virtq`` command line: ``demo``, ``inspect``, ``bench``, ``check``, ``fuzz``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+from virtq.cli import check as cli_check
+from virtq.cli import fuzz as cli_fuzz
 from virtq.layout import SplitLayout, wrap_add
 from virtq.memory import MemfdRegion
 from virtq.queue import SplitQueue
@@ -202,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     insp.add_argument("--buffer-size", type=int, default=0)
     insp.add_argument("--legacy", action="store_true")
     insp.set_defaults(func=cmd_inspect)
+    cli_check.register(sub)
+    cli_fuzz.register(sub)
     args = parser.parse_args(argv)
     result: int = args.func(args)
     return result

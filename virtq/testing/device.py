@@ -111,6 +111,12 @@ class DeviceQueue:
         """Chains the driver has published and the device has not popped yet."""
         return distance(self.last_avail, self._avail[1])
 
+    def next_head(self) -> int | None:
+        """The head the next :meth:`pop` would take (unvalidated), or None."""
+        if self._avail[1] == self.last_avail:
+            return None
+        return int(self._avail[2 + (self.last_avail & (self.size - 1))])
+
     def pop(self) -> tuple[int, list[Segment]] | None:
         """The next available chain as ``(head, segments)``, indirect tables followed."""
         avail_idx = self._avail[1]

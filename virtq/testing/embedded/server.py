@@ -738,6 +738,11 @@ class _Session:
                 if faults.wrap_bug and dev.last_avail == 0 and self.popped:
                     stuck = True  # the bug: "index 0 comes before anything we served"
                     break
+                if faults.crash_on_indirect:
+                    head = dev.next_head()
+                    if head is not None and head < dev.size and \
+                            dev.desc(head)[2] & VIRTQ_DESC_F_INDIRECT:
+                        os.abort()  # the fault: a back-end that dies on an indirect table
                 try:
                     chain = dev.pop()
                 except DriverProtocolError as exc:
@@ -747,8 +752,6 @@ class _Session:
                     raise
                 if chain is None:
                     break
-                if faults.crash_on_indirect and dev.desc(chain[0])[2] & VIRTQ_DESC_F_INDIRECT:
-                    os.abort()  # the fault: a back-end that dies on an indirect descriptor
                 self.popped += 1
                 if faults.drop_after is not None and self.popped >= faults.drop_after:
                     raise _EndSession(f"fault: dropping the connection after "
