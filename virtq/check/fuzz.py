@@ -61,6 +61,7 @@ __all__ = [
     "Finding",
     "FuzzOptions",
     "FuzzReport",
+    "Reproducer",
     "Verdict",
     "fuzz",
     "generate",
@@ -532,7 +533,9 @@ def _judge_ring(s: Session, chain: _Chain, timeout: float) -> Verdict:
     q = s.profile.probe_queue
     ring = s.ring(q)
     expected = len(chain.heads)
-    s.drv.wait_used(q, expected, timeout)
+    # A completion normally comes at once; waiting the whole hang timeout for chains a
+    # back-end silently dropped would make every ignored case cost a second.
+    s.drv.wait_used(q, expected, min(timeout, 0.25))
     time.sleep(0.02)  # anything more it is about to publish
     pending = ring.pending()
     mem = s.drv.mem
@@ -548,15 +551,22 @@ def _judge_ring(s: Session, chain: _Chain, timeout: float) -> Verdict:
                        "made available")
     in_mem = [(a, b) for a, b in covered if mem.gpa_base <= a <= b <= mem.gpa_end]
     plausible = sum(b - a for a, b in in_mem)
-    seen: set[int] = set()
+    # What was made available: the heads written, and -- when avail.idx was published
+    # past them (by less than the queue size, which a device may take as valid) -- the
+    # entries the ring held at those positions.
+    available = Counter(chain.heads)
+    if chain.avail_extra < ring.size:
+        start = ring.avail_idx - chain.avail_extra
+        for k in range(chain.avail_extra):
+            available[ring.avail_entry(start + k)] += 1
     statuses = []
     for _ in range(min(pending, ring.size)):
         head, length = ring.used_elem(ring.last_used)
         ring.last_used = (ring.last_used + 1) & 0xFFFF
-        if head not in chain.heads or (head in seen and chain.heads.count(head) < 2):
-            return Verdict("protocol", f"used id {head} was never made available "
-                           f"(heads {sorted(set(chain.heads))})")
-        seen.add(head)
+        if available[head] <= 0:
+            return Verdict("protocol", f"used id {head} was never made available, or used "
+                           f"more often than made available (heads {sorted(chain.heads)})")
+        available[head] -= 1
         if length > plausible:
             return Verdict("protocol", f"used.len {length} for a chain with {plausible} "
                            "device-writable bytes in guest memory")
@@ -578,6 +588,7 @@ def run_case(case: Case, backend: Backend, options: FuzzOptions, *,
     """Run one case against ``backend`` on a fresh connection; never raises for what the
     back-end does (``error`` when the case itself could not be set up)."""
     ctx = _ctx(case.device, backend, options, exits_on_disconnect)
+    log_at = backend.log_size() if isinstance(backend, CommandBackend) else 0
     try:
         verdict = _run_case(ctx, case, options)
     except _Outcome as out:
@@ -586,10 +597,19 @@ def run_case(case: Case, backend: Backend, options: FuzzOptions, *,
         verdict = Verdict("error", f"set-up failed before the case: {exc}")
     finally:
         ctx.close()
-    end = backend.poll()
+    if verdict.cls == "rejected" and isinstance(backend, CommandBackend):
+        # A back-end that hung up may be on its way down (DPDK's datapath thread can die
+        # a moment after the message thread dropped the connection).
+        end = backend.wait_exit(0.3)
+    else:
+        end = backend.poll()
     if end is not None:
         if end.signal is not None:
-            return Verdict("crash", f"the back-end {end.describe()}")
+            said = ""
+            if isinstance(backend, CommandBackend):
+                lines = [ln for ln in backend.log_since(log_at).splitlines() if ln.strip()]
+                said = f"; it said: {lines[-1].strip()[:200]}" if lines else ""
+            return Verdict("crash", f"the back-end {end.describe()}{said}")
         if verdict.cls in ("ok", "ignored", "error"):
             return Verdict("rejected", f"the back-end {end.describe()}")
     return verdict
@@ -647,15 +667,15 @@ def _simpler(case: Case) -> Iterator[Case]:
 
 
 def minimise(case: Case, verdict: Verdict, run: Callable[[Case], Verdict],
-             budget: int = 12) -> Case:
-    """The simplest variant of ``case`` (within ``budget`` runs) that gives the same
-    class of verdict."""
+             budget: int = 12, deadline: float = float("inf")) -> Case:
+    """The simplest variant of ``case`` (within ``budget`` runs, and not after the
+    monotonic ``deadline``) that gives the same class of verdict."""
     tries = 0
     improved = True
     while improved and tries < budget:
         improved = False
         for smaller in _simpler(case):
-            if tries >= budget:
+            if tries >= budget or time.monotonic() > deadline:
                 break
             tries += 1
             if run(smaller).cls == verdict.cls:
@@ -664,19 +684,45 @@ def minimise(case: Case, verdict: Verdict, run: Callable[[Case], Verdict],
     return case
 
 
+def shrink_prelude(prelude: list[Case], reproduces: Callable[[list[Case]], bool],
+                   budget: int = 8, deadline: float = float("inf")) -> list[Case]:
+    """Drop cases from ``prelude`` (halves, then quarters, ...) while ``reproduces`` still
+    holds, within ``budget`` tries and the ``deadline`` (delta debugging, simplified)."""
+    tries = 0
+    chunk = max(1, len(prelude) // 2)
+    while prelude and tries < budget and time.monotonic() < deadline:
+        i = 0
+        while i < len(prelude) and tries < budget and time.monotonic() < deadline:
+            candidate = prelude[:i] + prelude[i + chunk :]
+            tries += 1
+            if reproduces(candidate):
+                prelude = candidate
+            else:
+                i += chunk
+        if chunk == 1:
+            break
+        chunk //= 2
+    return prelude
+
+
 @dataclass
 class Finding:
     case: Case
     verdict: Verdict
     first: Case
+    #: Cases that must run first (on the same back-end process) for it to reproduce.
+    prelude: list[Case] = field(default_factory=list)
+    #: Whether a replay on a fresh back-end gave the same class again.
+    reproduced: bool = True
     path: Path | None = None
     repeats: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return {"class": self.verdict.cls, "detail": self.verdict.detail,
                 "case": self.case.to_dict(), "found_as": self.first.describe(),
-                "repeats": self.repeats, "reproducer": None if self.path is None
-                else str(self.path)}
+                "prelude": [c.describe() for c in self.prelude],
+                "reproduced": self.reproduced, "repeats": self.repeats,
+                "reproducer": None if self.path is None else str(self.path)}
 
 
 @dataclass
@@ -722,36 +768,84 @@ def _probe_exits(backend: Backend) -> bool:
     return False
 
 
+class _Fuzzer:
+    def __init__(self, device: str, backend: Backend, options: FuzzOptions,
+                 report: FuzzReport) -> None:
+        self.device = device
+        self.backend = backend
+        self.options = options
+        self.report = report
+        self.exits = _probe_exits(backend)
+        #: Cases run on the current back-end process (a crash may be their doing).
+        self.history: list[Case] = []
+
+    def fresh(self) -> None:
+        if self.backend.restartable:
+            self.backend.restart()
+            self.report.restarts += 1
+        self.history = []
+
+    def run(self, case: Case) -> Verdict:
+        verdict = run_case(case, self.backend, self.options,
+                           exits_on_disconnect=self.exits)
+        self.history.append(case)
+        if verdict.cls in ("crash", "hang"):
+            self.fresh()
+        return verdict
+
+    def sequence(self, cases: list[Case]) -> Verdict:
+        """Run ``cases`` on a fresh back-end; the verdict of the last one (``error`` if an
+        earlier one already crashed or hung it)."""
+        self.fresh()
+        for c in cases[:-1]:
+            if self.run(c).cls in ("crash", "hang"):
+                return Verdict("error", "the prelude itself failed")
+        return self.run(cases[-1])
+
+    def finding(self, case: Case, verdict: Verdict, history: list[Case],
+                deadline: float) -> Finding:
+        """Check the finding reproduces; minimise it and its prelude (not after
+        ``deadline``: a run must end near its time budget)."""
+        if not self.options.minimise or time.monotonic() > deadline:
+            return Finding(case, verdict, case, history if verdict.cls in ("crash", "hang")
+                           else [], reproduced=False)
+        stateful = verdict.cls in ("crash", "hang") and self.backend.restartable
+        if not stateful or self.sequence([case]).cls == verdict.cls:
+            small = minimise(case, verdict, lambda c: (self.sequence([c]) if stateful
+                                                       else self.run(c)), deadline=deadline)
+            return Finding(small, verdict, case)
+        # Not on its own: it needs what ran before on the same process.
+        if self.sequence([*history, case]).cls != verdict.cls:
+            return Finding(case, verdict, case, history, reproduced=False)
+        prelude = shrink_prelude(history, lambda pre: self.sequence(
+            [*pre, case]).cls == verdict.cls, deadline=deadline)
+        return Finding(case, verdict, case, prelude)
+
+
 def fuzz(device: str, backend: Backend, options: FuzzOptions, *,
          on_progress: Callable[[FuzzReport, Case, Verdict], None] | None = None) -> FuzzReport:
     """Generate and run cases for ``options.seconds`` (or ``options.cases``); each finding is
-    minimised and, with ``options.out``, written there as a JSON reproducer.  A back-end
-    that crashed or hung is restarted (a :class:`CommandBackend`)."""
+    checked to reproduce on a fresh back-end, minimised (with the earlier cases it needs,
+    if any) and, with ``options.out``, written there as a JSON reproducer.  A back-end that
+    crashed or hung is restarted (a :class:`CommandBackend`)."""
     if device not in PROFILES:
         raise ArgumentError("device", device, f"must be one of {', '.join(PROFILES)}")
     bad_levels = set(options.levels) - set(LEVELS)
     if bad_levels or not options.levels:
         raise ArgumentError("levels", options.levels, f"must be among {LEVELS}")
     report = FuzzReport(device, backend.describe(), options.seed)
-    exits = _probe_exits(backend)
+    fz = _Fuzzer(device, backend, options, report)
     rng = random.Random(options.seed)
     t0 = time.monotonic()
     seen: dict[tuple[str, str, str], Finding] = {}
-
-    def run(case: Case) -> Verdict:
-        verdict = run_case(case, backend, options, exits_on_disconnect=exits)
-        if verdict.cls in ("crash", "hang") and backend.restartable:
-            backend.restart()
-            report.restarts += 1
-        return verdict
-
     while True:
         if options.cases is not None and report.cases >= options.cases:
             break
         if options.cases is None and time.monotonic() - t0 >= options.seconds:
             break
         case = generate(rng, device, options.levels)
-        verdict = run(case)
+        history = list(fz.history)
+        verdict = fz.run(case)
         report.cases += 1
         report.by_class[verdict.cls] += 1
         report.by_kind.setdefault(f"{case.level}/{case.kind}", Counter())[verdict.cls] += 1
@@ -760,13 +854,16 @@ def fuzz(device: str, backend: Backend, options: FuzzOptions, *,
             if key in seen:
                 seen[key].repeats += 1
             else:
-                small = minimise(case, verdict, run) if options.minimise else case
-                finding = Finding(small, verdict, case)
+                # Minimising may take the run past its budget by a quarter, no more.
+                finding = fz.finding(case, verdict, history,
+                                     t0 + options.seconds * 1.25 if options.cases is None
+                                     else float("inf"))
                 if options.out is not None:
                     finding.path = write_case(options.out, len(report.findings), finding,
                                               options.seed)
                 seen[key] = finding
                 report.findings.append(finding)
+                fz.fresh()  # the search goes on from a known state
         if on_progress is not None:
             on_progress(report, case, verdict)
     report.seconds = time.monotonic() - t0
@@ -776,29 +873,50 @@ def fuzz(device: str, backend: Backend, options: FuzzOptions, *,
 def write_case(out: Path, n: int, finding: Finding, seed: int) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{n:03d}-{finding.verdict.cls}-{finding.case.level}-{finding.case.kind}.json"
-    path.write_text(json.dumps({"virtq_fuzz_case": CASE_FORMAT, "seed": seed,
-                                "class": finding.verdict.cls, "detail": finding.verdict.detail,
-                                **finding.case.to_dict()}, indent=2) + "\n")
+    path.write_text(json.dumps({
+        "virtq_fuzz_case": CASE_FORMAT, "seed": seed, "class": finding.verdict.cls,
+        "detail": finding.verdict.detail, "reproduced": finding.reproduced,
+        **finding.case.to_dict(),
+        "prelude": [c.to_dict() for c in finding.prelude]}, indent=2) + "\n")
     return path
 
 
-def load_case(path: str | Path) -> tuple[Case, str | None]:
-    """A reproducer written by :func:`fuzz`: the case and the class it was found as.
-    Raises :class:`ArgumentError` for a file that is not one."""
+@dataclass
+class Reproducer:
+    """A reproducer file: the case, the cases to run before it on the same back-end
+    process, and the class it was found as."""
+
+    case: Case
+    prelude: list[Case]
+    cls: str | None
+
+
+def load_case(path: str | Path) -> Reproducer:
+    """Read a reproducer written by :func:`fuzz`.  Raises :class:`ArgumentError` for a
+    file that is not one."""
     try:
         data = json.loads(Path(path).read_text())
         if data.get("virtq_fuzz_case") != CASE_FORMAT:
             raise ValueError("not a virtq fuzz case (no virtq_fuzz_case: 1)")
         case = Case(data["device"], data["level"], data["kind"], dict(data["params"]))
+        prelude = [Case(c["device"], c["level"], c["kind"], dict(c["params"]))
+                   for c in data.get("prelude", [])]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ArgumentError("replay", str(path), f"cannot read a fuzz case: {exc}") from None
-    if case.device not in PROFILES or case.level not in LEVELS:
-        raise ArgumentError("replay", str(path), "unknown device or level")
-    return case, data.get("class")
+    for c in (*prelude, case):
+        if c.device not in PROFILES or c.level not in LEVELS or c.device != case.device:
+            raise ArgumentError("replay", str(path), "unknown device or level")
+    return Reproducer(case, prelude, data.get("class"))
 
 
 def replay(path: str | Path, backend: Backend, options: FuzzOptions) -> tuple[Case, Verdict]:
     """Run a reproducer once."""
-    case, _ = load_case(path)
+    rep = load_case(path)
     exits = _probe_exits(backend)
-    return case, run_case(case, backend, options, exits_on_disconnect=exits)
+    for k, earlier in enumerate(rep.prelude):
+        verdict = run_case(earlier, backend, options, exits_on_disconnect=exits)
+        if verdict.cls in ("crash", "hang"):
+            # The damage the prelude does may surface while it still runs.
+            return earlier, Verdict(verdict.cls, f"{verdict.detail} (during prelude case "
+                                    f"{k + 1} of {len(rep.prelude)})")
+    return rep.case, run_case(rep.case, backend, options, exits_on_disconnect=exits)

@@ -53,11 +53,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def _progress(out: IO[str], started: float) -> object:
     last = [started]
+    known = [0]
 
     def show(report: FuzzReport, case: Case, verdict: Verdict) -> None:
         now = time.monotonic()
-        if verdict.finding:
-            out.write(f"  finding: {verdict.cls}: {case.describe()}: {verdict.detail}\n")
+        if len(report.findings) > known[0]:
+            known[0] = len(report.findings)
+            out.write(f"  new finding: {verdict.cls}: {case.describe()}: {verdict.detail}\n")
         if now - last[0] >= 2.0:
             last[0] = now
             elapsed = now - started
@@ -88,6 +90,11 @@ def format_summary(report: FuzzReport, colour: bool) -> str:
     for f in report.findings:
         head = paint(f"{f.verdict.cls}", "31;1", colour)
         lines.append(f"{head}: {f.case.describe()} (x{f.repeats}): {f.verdict.detail}")
+        if f.prelude:
+            lines.append(f"    after {len(f.prelude)} earlier case(s) on the same process: "
+                         + "; ".join(c.describe() for c in f.prelude))
+        if not f.reproduced:
+            lines.append("    (did not reproduce on a fresh back-end)")
         if f.path is not None:
             lines.append(f"    reproducer: {f.path}")
     return "\n".join(lines)
@@ -103,11 +110,11 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error("--seconds, --cases and --hang-timeout must be positive")
     if args.replay is not None:
         try:
-            case, _ = load_case(args.replay)
+            rep = load_case(args.replay)
         except ArgumentError as exc:
             parser.error(str(exc))
-        if case.device != args.device:
-            parser.error(f"{args.replay} is a {case.device} case, not {args.device}")
+        if rep.case.device != args.device:
+            parser.error(f"{args.replay} is a {rep.case.device} case, not {args.device}")
     options = FuzzOptions(seconds=args.seconds, cases=args.cases, seed=args.seed,
                           hang_timeout=args.hang_timeout, levels=levels,
                           minimise=not args.no_minimise, out=args.out)
@@ -120,6 +127,9 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         if args.replay is not None:
             case, verdict = replay(args.replay, backend, options)
+            if rep.prelude:
+                out.write(f"after {len(rep.prelude)} earlier case(s): "
+                          + "; ".join(c.describe() for c in rep.prelude) + "\n")
             out.write(f"{case.describe()}: {verdict.cls}: {verdict.detail}\n")
             return 1 if verdict.finding else 0
         report = fuzz(args.device, backend, options,

@@ -315,6 +315,10 @@ class RawRing:
         """``avail.ring[position % size] = head`` (any u16)."""
         self._avail[2 + position % self.size] = head & 0xFFFF
 
+    def avail_entry(self, position: int) -> int:
+        """``avail.ring[position % size]``."""
+        return int(self._avail[2 + position % self.size])
+
     @property
     def avail_idx(self) -> int:
         return int(self._avail[1])
