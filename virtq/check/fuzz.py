@@ -599,8 +599,9 @@ def run_case(case: Case, backend: Backend, options: FuzzOptions, *,
         ctx.close()
     if verdict.cls == "rejected" and isinstance(backend, CommandBackend):
         # A back-end that hung up may be on its way down (DPDK's datapath thread can die
-        # a moment after the message thread dropped the connection).
-        end = backend.wait_exit(0.3)
+        # a moment after the message thread dropped the connection; a later death is still
+        # caught, on the next case, and the reproducer then carries this one as prelude).
+        end = backend.wait_exit(0.1)
     else:
         end = backend.poll()
     if end is not None:
