@@ -128,3 +128,43 @@ def test_a_back_end_that_dies_on_indirect_descriptors(tmp):
     assert outcomes == {"ring.setup": "pass", "ring.message-framing": "pass",
                         "ring.indirect": "fail"}
     assert "died on SIGABRT" in report.by_id()["ring.indirect"].message
+
+
+#: The embedded back-end's other device types: (device, fault) -> the checks that fail.
+RNG_PROBE_CHECKS = {"feat.subset", "vu.reconnect", "ring.setup", "ring.index-wrap",
+                    "ring.message-framing", "ring.indirect", "ring.indirect-after-direct"}
+DEVICE_EXPECTED = {
+    ("rng", ""): set(),
+    ("rng", "rng_no_bytes"): {"rng.bytes"} | RNG_PROBE_CHECKS,
+    ("net", ""): set(),
+    ("net", "net_corrupt_frame"): {"net.loopback", "net.mrg-rxbuf"},
+    ("net", "net_bad_header"): {"net.rx-header", "net.mrg-rxbuf"},
+    ("net", "mrg_wrong_count"): {"net.mrg-rxbuf"},
+    ("fs", ""): set(),
+    ("fs", "fuse_init_major"): {"fs.init"},
+    ("fs", "fuse_root_not_dir"): {"fs.getattr-root"},
+    ("fs", "fuse_lookup_any"): {"fs.lookup"},
+    ("fs", "fs_zero_queues"): {"fs.config"},
+}
+
+
+@pytest.mark.parametrize(("device", "spec"), list(DEVICE_EXPECTED))
+def test_other_device_types_fail_exactly_their_checks(tmp, device, spec):
+    image = make_image(tmp / "disk.img", IMAGE_BYTES)
+    with VhostUserBlkBackend(image, tmp / "s.sock", device=device,
+                             faults=Faults.parse(spec)) as b:
+        report = run_checks(device, SocketBackend(b.socket_path),
+                            options=CheckOptions(timeout=0.5, fs_lookup="hello.txt"))
+        assert not b.errors
+    outcomes = report.outcomes()
+    assert "error" not in outcomes.values(), report.to_json()
+    failed = {i for i, o in outcomes.items() if o == "fail"}
+    assert failed == DEVICE_EXPECTED[device, spec], report.to_json()
+    skipped = {i for i, o in outcomes.items() if o == "skip"}
+    # What cannot apply: no readable part in an rng request, no writable one in a net probe.
+    expected_skips = {"rng": {"ring.readable-untouched"}, "net": {"ring.used-len-written"},
+                      "fs": set()}[device]
+    if spec == "rng_no_bytes":  # nothing written: no used.len bytes to look at
+        expected_skips = expected_skips | {"ring.used-len-written"}
+    assert skipped == expected_skips
+    assert {r.id.split(".")[0] for r in report.results} >= {device}

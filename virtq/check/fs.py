@@ -45,7 +45,8 @@ def fs_getattr_root(ctx: CheckContext) -> str | None:
         raise CheckFailed(f"GETATTR(1) failed with error {reply.error}")
     mode = fuse.attr_mode(reply.body, fuse.ATTR_OUT_HEAD)
     if mode is None or not stat.S_ISDIR(mode):
-        raise CheckFailed(f"the root's mode is {mode!r}, not a directory", body=reply.body)
+        raise CheckFailed(f"the root's mode is {mode:o} (octal), not a directory" if mode
+                          is not None else "GETATTR reply too short", body=reply.body)
     return f"mode {mode:o}"
 
 

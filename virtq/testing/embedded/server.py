@@ -45,11 +45,13 @@ from virtq.abi.blk import (
     VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
 )
+from virtq.abi.net import VIRTIO_NET_F_MRG_RXBUF
 from virtq.errors import ArgumentError, VirtqError
 from virtq.layout import MAX_SPLIT_QUEUE_SIZE, SplitLayout, avail_nbytes, is_power_of_two
 from virtq.layout.split import DESC_SIZE, used_nbytes
 from virtq.memory import PAGE_SIZE, MemfdRegion, MemoryRegion
 from virtq.testing.device import DeviceQueue, DriverProtocolError, Segment
+from virtq.testing.embedded import devices
 from virtq.testing.runners import BackendError
 from virtq.transport.vhost_user import protocol as P
 from virtq.types import Offset
@@ -156,6 +158,14 @@ class Faults:
     ``spin_on_loop``: hang forever on a descriptor chain that loops (instead of hanging
       up).  Use it with :class:`BackendProcess` only.
 
+    For the other device types (``device=``): ``rng_no_bytes`` (used.len 0, §5.4.6.2);
+    ``net_corrupt_frame`` (flip a byte of each looped frame); ``net_bad_header``
+    (num_buffers 0 and NEEDS_CSUM in the receive header, §5.1.6.4.1); ``mrg_wrong_count``
+    (num_buffers one too many with MRG_RXBUF); ``fuse_init_major`` (FUSE_INIT answers
+    major 8); ``fuse_root_not_dir`` (GETATTR says the root is a file);
+    ``fuse_lookup_any`` (LOOKUP finds names that do not exist); ``fs_zero_queues``
+    (num_request_queues 0 in the configuration space, §5.11.4).
+
     Replace :attr:`VhostUserBlkBackend.faults` at any time; the back-end reads it for
     every message and every batch.
     """
@@ -192,6 +202,14 @@ class Faults:
     exit_on_disconnect: bool = False
     crash_on_indirect: bool = False
     spin_on_loop: bool = False
+    rng_no_bytes: bool = False
+    net_corrupt_frame: bool = False
+    net_bad_header: bool = False
+    mrg_wrong_count: bool = False
+    fuse_init_major: bool = False
+    fuse_root_not_dir: bool = False
+    fuse_lookup_any: bool = False
+    fs_zero_queues: bool = False
 
     def __post_init__(self) -> None:
         for name in ("nack", "garbage_reply", "never_answer"):
@@ -529,6 +547,11 @@ class _Session:
     @property
     def offered_features(self) -> int:
         b = self.backend
+        if b.device != "blk":
+            offered = devices.FEATURES[b.device]
+            if b.faults.no_version_1:
+                offered &= ~(1 << VIRTIO_F_VERSION_1)
+            return offered
         offered = (BASE_FEATURES | (1 << VIRTIO_BLK_F_RO if b.read_only else 0)
                    | (1 << VIRTIO_BLK_F_MQ if b.num_queues > 1 else 0))
         if b.faults.no_version_1:
@@ -667,6 +690,9 @@ class _Session:
         """struct virtio_blk_config (VIRTIO 1.2 §5.2.4), zero-padded to the vhost-user
         maximum: capacity le64 @0, size_max le32 @8, seg_max le32 @12, geometry @16,
         blk_size le32 @20, topology @24, writeback @32, num_queues le16 @34."""
+        if self.backend.device != "blk":
+            return devices.config(self.backend.device, self.backend.faults).ljust(
+                P.MAX_CONFIG_SIZE, b"\0")
         cfg = bytearray(P.MAX_CONFIG_SIZE)
         extra = 8 if self.backend.faults.wrong_capacity else 0
         struct.pack_into("<Q", cfg, 0, self.backend.capacity + extra)
@@ -729,10 +755,12 @@ class _Session:
         enabled = ring.enabled or faults.process_disabled
         if not (enabled and ring.kick >= 0 and ring.num and ring.addrs and self.mem):
             return
+        if self.backend.device == "net" and ring.index == 0:
+            return  # receive buffers wait for frames (they are taken by _deliver)
         dev = self._queue_of(ring, ring.addrs)
         while True:
             faults = self.backend.faults
-            batch: list[tuple[int, int, BlkRecord]] = []
+            batch: list[tuple[int, int, BlkRecord | None]] = []
             stuck = False
             while True:
                 if faults.wrap_bug and dev.last_avail == 0 and self.popped:
@@ -756,7 +784,7 @@ class _Session:
                 if faults.drop_after is not None and self.popped >= faults.drop_after:
                     raise _EndSession(f"fault: dropping the connection after "
                                       f"{self.popped} requests")
-                batch.append(self._serve(ring.index, dev, *chain))
+                batch.append(self._serve_any(ring.index, dev, *chain))
             if batch:
                 self._complete(ring, dev, batch, faults)
             if stuck:
@@ -772,7 +800,7 @@ class _Session:
                 return
 
     def _complete(self, ring: _Ring, dev: DeviceQueue,
-                  batch: list[tuple[int, int, BlkRecord]], faults: Faults) -> None:
+                  batch: list[tuple[int, int, BlkRecord | None]], faults: Faults) -> None:
         if faults.out_of_order:
             batch.reverse()  # any completion order is legal (§2.7.14); make it visible
         for i, (served, written, record) in enumerate(batch):
@@ -783,7 +811,8 @@ class _Session:
             dev.push(dev.size if bad else head, written, publish=False)  # size: never a head
             if faults.write_desc_table:
                 dev.write_desc_len(head, 0xBAD)
-            self.backend.completed.append(record)
+            if record is not None:
+                self.backend.completed.append(record)
         # One used.idx store per batch; signal only if the driver asked (EVENT_IDX's
         # used_event or VIRTQ_AVAIL_F_NO_INTERRUPT), as DeviceQueue.publish_used says.
         notify = dev.publish_used()
@@ -793,6 +822,26 @@ class _Session:
             notify = False
         if (notify or faults.spurious_notify) and ring.call >= 0:
             os.eventfd_write(ring.call, 1)
+
+    def _serve_any(self, queue: int, dev: DeviceQueue, head: int,
+                   segments: list[Segment]) -> tuple[int, int, BlkRecord | None]:
+        device, faults = self.backend.device, self.backend.faults
+        if device == "blk":
+            return self._serve(queue, dev, head, segments)
+        if device == "rng":
+            return head, devices.serve_rng(dev, segments, faults), None
+        if device == "fs":
+            return head, devices.serve_fs(dev, queue, segments, faults), None
+        # net: what the driver transmits on queue 1 comes back on queue 0 (§5.1.2)
+        rx_ring = self.rings[0]
+        frame = devices.tx_frame(dev, segments)
+        if frame and rx_ring.num and rx_ring.addrs and rx_ring.enabled:
+            rx = self._queue_of(rx_ring, rx_ring.addrs)
+            mrg = bool(self.features >> VIRTIO_NET_F_MRG_RXBUF & 1)
+            if devices.deliver_frame(rx, frame, mrg_rxbuf=mrg, faults=faults) and \
+                    rx_ring.call >= 0:
+                os.eventfd_write(rx_ring.call, 1)
+        return head, 0, None
 
     def _serve(self, queue: int, dev: DeviceQueue, head: int,
                segments: list[Segment]) -> tuple[int, int, BlkRecord]:
@@ -952,9 +1001,16 @@ class VhostUserBlkBackend:
         num_queues: int = 1,
         read_only: bool = False,
         faults: Faults | Mapping[str, object] | None = None,
+        device: str = "blk",
     ) -> None:
         if not 1 <= num_queues <= 0xFFFF:
             raise ArgumentError("num_queues", num_queues, "must be in 1..65535")
+        if device not in devices.DEVICE_TYPES:
+            raise ArgumentError("device", device, f"must be one of {devices.DEVICE_TYPES}")
+        #: "blk" (the default), or "net", "fs", "rng" (see :mod:`.devices`)
+        self.device = device
+        if device != "blk":
+            num_queues = devices.QUEUES[device]
         self.image_path = Path(image_path)
         self.socket_path = Path(socket_path)
         self.num_queues = num_queues
