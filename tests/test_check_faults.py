@@ -55,9 +55,8 @@ def tmp() -> Iterator[Path]:
 def run_embedded(tmp: Path, spec: str, **kw):
     image = make_image(tmp / "disk.img", IMAGE_BYTES)
     with VhostUserBlkBackend(image, tmp / "s.sock", faults=Faults.parse(spec), **kw) as b:
-        report = run_checks("blk", SocketBackend(b.socket_path),
-                            options=CheckOptions(image=image, timeout=0.5))
-    return report
+        return run_checks("blk", SocketBackend(b.socket_path),
+                          options=CheckOptions(image=image, timeout=0.5))
 
 
 @pytest.mark.parametrize("spec", [k for k, v in EXPECTED.items() if v is not None])

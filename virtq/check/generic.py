@@ -529,7 +529,8 @@ def indirect_after_direct(ctx: CheckContext) -> str | None:
 
 @check("vu.reconnect", title="a new front-end is accepted after a disconnect",
        clause=f"{VHOST_USER}: a back-end that keeps serving can take a new front-end after "
-              "the previous one disconnected (some back-ends exit by design)", level=INFO)
+              "the previous one disconnected (some back-ends exit by design)", level=INFO,
+       fresh=True)
 def reconnect(ctx: CheckContext) -> str | None:
     with ctx.opened() as s:
         _judge(_run_probes(s))
