@@ -139,12 +139,13 @@ def test_fuzz_20_seconds(tmp, image, shared_dir, which):
     assert "Traceback" not in done.stderr, done.stderr
     report = json.loads(js.read_text())
     assert report["cases"] > 0 and sum(report["by_class"].values()) == report["cases"]
-    assert done.returncode == (1 if report["findings"] else 0)
+    confirmed = [f for f in report["findings"] if f["reproduced"] or f["class"] == "crash"]
+    assert done.returncode == (1 if confirmed else 0)
     for finding in report["findings"]:
         rep = load_case(finding["reproducer"])
         assert rep.cls == finding["class"] in ("crash", "hang", "wrote-outside", "protocol")
     if which == "embedded":
-        assert report["findings"] == []  # virtq's own back-end has none to report
+        assert confirmed == []  # virtq's own back-end has none to report
     print(done.stdout)  # the summary, in the test log (pytest -s)
 
 

@@ -739,8 +739,15 @@ class FuzzReport:
     findings: list[Finding] = field(default_factory=list)
 
     @property
+    def confirmed(self) -> list[Finding]:
+        """Findings that stand: every crash (a process that died on a signal did), and
+        the others when they happened again on a fresh back-end.  A hang seen once on a
+        loaded machine is reported, not counted."""
+        return [f for f in self.findings if f.reproduced or f.verdict.cls == "crash"]
+
+    @property
     def exit_status(self) -> int:
-        return 1 if self.findings else 0
+        return 1 if self.confirmed else 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"device": self.device, "backend": self.backend, "seed": self.seed,
