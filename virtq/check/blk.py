@@ -385,8 +385,11 @@ def blk_disabled_ring(ctx: CheckContext) -> str | None:
     data = os.urandom(4096)
     req = s.request(0, [BLK_REQ_HEADER.pack(VIRTIO_BLK_T_OUT, 0, sector), data], [1])
     s.submit([req])
-    time.sleep(0.3)
+    deadline = time.monotonic() + 0.5  # a back-end that serves it does so at once
     on_disk = _image_bytes(ctx, sector, 4096)
+    while on_disk == original and time.monotonic() < deadline:
+        time.sleep(0.02)
+        on_disk = _image_bytes(ctx, sector, 4096)
     s.drv.enable(0, True)  # let it finish (or discard it) before restoring
     s.drv.wait_used(0, 1, ctx.options.timeout)
     s.ring(0).reap()
