@@ -12,12 +12,14 @@ from virtq.abi import VIRTIO_F_INDIRECT_DESC
 from virtq.abi.blk import (
     BLK_CFG_CAPACITY,
     BLK_CFG_SEG_MAX,
+    BLK_CFG_SIZE_MAX,
     BLK_REQ_HEADER,
     SECTOR_SIZE,
     VIRTIO_BLK_F_DISCARD,
     VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_RO,
     VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_F_SIZE_MAX,
     VIRTIO_BLK_F_WRITE_ZEROES,
     VIRTIO_BLK_ID_BYTES,
     VIRTIO_BLK_S_IOERR,
@@ -292,13 +294,27 @@ def blk_ro(ctx: CheckContext) -> str | None:
     return None
 
 
-@check("blk.seg-max", title="a request with many segments is served",
+@check("blk.seg-max", title="requests at seg_max segments and size_max bytes are served",
        clause="VIRTIO 1.2 §5.2.4: seg_max is the maximum number of segments that can be in "
-              "a command (a request within it must be served)", level=SHOULD, devices=BLK)
+              "a command, size_max the maximum size of any single segment (a request "
+              "within them must be served)", level=SHOULD, devices=BLK)
 def blk_seg_max(ctx: CheckContext) -> str | None:
     s = ctx.session()
+    size_note = ""
+    if s.has_feature(VIRTIO_BLK_F_SIZE_MAX) and s.config is not None:
+        (size_max,) = struct.unpack_from("<I", s.config, BLK_CFG_SIZE_MAX)
+        n = min(size_max, 1 << 16) // SECTOR_SIZE * SECTOR_SIZE
+        if not size_max:  # offered, and then no limit given (qemu-storage-daemon does this)
+            size_note = "; VIRTIO_BLK_F_SIZE_MAX offered with size_max 0"
+        elif n:
+            if read(s, 8, n) != read(s, 8, n, segments=8):
+                raise CheckFailed(f"a read in one {n}-byte segment (size_max {size_max}) "
+                                  "differs from the same read in 8 segments")
+            size_note = f"; one {n}-byte segment (size_max {size_max})"
     if not s.has_feature(VIRTIO_BLK_F_SEG_MAX) or s.config is None:
-        raise CheckSkipped("VIRTIO_BLK_F_SEG_MAX is not offered")
+        if size_note:
+            return size_note[2:]
+        raise CheckSkipped("neither VIRTIO_BLK_F_SEG_MAX nor VIRTIO_BLK_F_SIZE_MAX is offered")
     (seg_max,) = struct.unpack_from("<I", s.config, BLK_CFG_SEG_MAX)
     indirect = s.has_feature(VIRTIO_F_INDIRECT_DESC)
     n = min(seg_max, 64 if indirect else ctx.options.queue_size - 2)
@@ -309,7 +325,7 @@ def blk_seg_max(ctx: CheckContext) -> str | None:
     if many != plain:
         raise CheckFailed(f"a read in {n} segments differs from the same read in one",
                           offset=_differs(many, plain))
-    return f"{n} segments (seg_max {seg_max})"
+    return f"{n} segments (seg_max {seg_max}){size_note}"
 
 
 @check("blk.write-zeroes", title="WRITE_ZEROES leaves zeroes",

@@ -27,6 +27,7 @@ from virtq.check.model import (
 from virtq.errors import ArgumentError, DeviceError
 from virtq.testing.hostile_driver import HostileDriver
 from virtq.transport.vhost_user import VhostUserConnectError, VhostUserError
+from virtq.transport.vhost_user import protocol as P
 
 __all__ = ["DEVICES", "run_check", "run_checks", "select_checks"]
 
@@ -107,7 +108,7 @@ def _detect_exit_on_disconnect(backend: Backend, options: CheckOptions, report: 
             fe = drv.frontend
             fe.set_owner()
             report.offered_features = fe.get_features()
-            if report.offered_features >> 30 & 1:
+            if report.offered_features >> P.VHOST_USER_F_PROTOCOL_FEATURES & 1:
                 report.protocol_features = fe.get_protocol_features()
     except VhostUserConnectError as exc:
         raise BackendStartError(f"cannot connect to {backend.socket_path}: {exc}") from exc
