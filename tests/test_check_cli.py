@@ -52,6 +52,7 @@ def embedded(tmp: Path, faults: str = "") -> str:
     ["--device", "blk", "/s", "--only", "nothing.*"],
     ["--device", "blk", "/s", "--timeout", "0"],
     ["--device", "blk", "/s", "--image", "/nonexistent.img"],
+    ["--device", "blk", "/s", "--json", "/nonexistent/dir/r.json"],
 ])
 def test_bad_arguments_exit_2_without_a_traceback(args):
     done = virtq("check", *args)

@@ -110,6 +110,7 @@ def test_fuzz_cli_on_a_clean_back_end(tmp):
 
 @pytest.mark.parametrize("args", [
     ["--levels", "bogus"], ["--seconds", "0"], ["--replay", "/nonexistent.json"],
+    ["--json", "/nonexistent/dir/f.json"],
 ])
 def test_fuzz_cli_bad_arguments_exit_2_without_a_traceback(args):
     done = subprocess.run([sys.executable, "-m", "virtq", "fuzz", "--device", "blk",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from pathlib import Path
 from typing import IO
 
@@ -93,14 +94,23 @@ def list_checks(device: str, out: IO[str]) -> None:
         out.write(f"{chk.id:28} {chk.level!s:6} {chk.title}\n{'':35}{chk.clause}\n")
 
 
+def _wrap(text: str, width: int, first: str = "") -> list[str]:
+    return textwrap.wrap(text, width, initial_indent=" " * 17 + first,
+                         subsequent_indent=" " * (17 + len(first)),
+                         break_long_words=False, break_on_hyphens=False) or [""]
+
+
 def format_result(r: CheckResult, colour: bool, *, width: int = 100) -> list[str]:
     mark = paint(f"{r.outcome!s:5}", _COLOURS[r.outcome], colour)
     lines = [f"  {mark}  {r.level!s:6}  {r.id:28} {r.title}"]
     if r.outcome in (Outcome.FAIL, Outcome.ERROR):
-        lines.append(f"{'':17}{r.message}")
-        lines.append(f"{'':17}clause: {r.clause}"[: width + 40])
+        lines += _wrap(r.message, width)
+        said = str(r.evidence.get("backend_log", "")).strip().splitlines()
+        if said:
+            lines += _wrap(said[-1], width, "back-end said: ")
+        lines += _wrap(r.clause, width, "clause: ")
     elif r.message and r.outcome is Outcome.SKIP:
-        lines.append(f"{'':17}{r.message}")
+        lines += _wrap(r.message, width)
     return lines
 
 
@@ -139,6 +149,8 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(str(exc))
     if args.timeout <= 0:
         parser.error("--timeout must be positive")
+    if args.json is not None and not args.json.parent.is_dir():
+        parser.error(f"--json {args.json}: no such directory {args.json.parent}")
     if args.image is not None and not args.image.is_file():
         parser.error(f"--image {args.image}: no such file")
     colour = use_colour(args.color, out)

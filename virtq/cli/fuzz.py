@@ -108,6 +108,8 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.seconds <= 0 or args.hang_timeout <= 0 or (args.cases is not None
                                                         and args.cases <= 0):
         parser.error("--seconds, --cases and --hang-timeout must be positive")
+    if args.json is not None and not args.json.parent.is_dir():
+        parser.error(f"--json {args.json}: no such directory {args.json.parent}")
     if args.replay is not None:
         try:
             rep = load_case(args.replay)
