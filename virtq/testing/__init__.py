@@ -3,7 +3,8 @@
 from virtq.testing.conformance import check_iova_allocator, check_memory_region
 from virtq.testing.device import DeviceQueue, DriverProtocolError, Segment
 from virtq.testing.embedded import BackendProcess, Faults, VhostUserBlkBackend
-from virtq.testing.hostile import HostileDevice
+from virtq.testing.hostile import HostileDevice, PackedHostileDevice
+from virtq.testing.packed_device import PackedDeviceQueue
 from virtq.testing.testpmd import PortStats, TestPmd
 
 __all__ = [
@@ -12,6 +13,8 @@ __all__ = [
     "DriverProtocolError",
     "Faults",
     "HostileDevice",
+    "PackedDeviceQueue",
+    "PackedHostileDevice",
     "PortStats",
     "Segment",
     "TestPmd",
