@@ -17,6 +17,10 @@ Fixtures (each stops its process, by pid, and removes its socket afterwards):
 ``virtq_testpmd``
     a module-scoped ``dpdk-testpmd`` vhost-user-net back-end
     (:class:`~virtq.testing.testpmd.TestPmd`, ``rxonly``).  Needs ``dpdk-dev``.
+``virtq_dpdk_vhost_blk``
+    DPDK's ``vhost_blk`` example (:class:`~virtq.testing.runners.DpdkVhostBlk`): a
+    packed-ring-only vhost-user-blk back-end with a 128 MiB RAM disk (``.socket_path``).
+    Needs the binary ``scripts/build-dpdk-vhost-blk.sh`` builds.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from virtq.testing.embedded import VhostUserBlkBackend
-from virtq.testing.runners import QemuStorageDaemon, make_image
+from virtq.testing.runners import DpdkVhostBlk, QemuStorageDaemon, make_image
 from virtq.testing.testpmd import TestPmd
 
 BLK_IMAGE_BYTES = 16 << 20
@@ -55,3 +59,9 @@ def virtq_testpmd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestPmd]
     sock = tmp_path_factory.mktemp("virtq-net") / "vhost-net.sock"
     with TestPmd.vhost(sock) as tp:
         yield tp
+
+
+@pytest.fixture
+def virtq_dpdk_vhost_blk(tmp_path: Path) -> Iterator[DpdkVhostBlk]:
+    with DpdkVhostBlk(tmp_path / "virtq-vhost-blk") as backend:
+        yield backend
