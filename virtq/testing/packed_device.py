@@ -30,8 +30,8 @@ How the ring is read and written (the section numbers are those of packed-ring.t
 The driver is the untrusted side: anything impossible it wrote into the ring -- an address
 outside every region, a list longer than allowed, a readable element after a writable one, an
 indirect descriptor inside a NEXT list, a bad indirect table, a buffer id out of range or
-still in flight -- raises :class:`~virtq.testing.DriverProtocolError` and leaves the device's
-positions unchanged.
+still in flight, more descriptors outstanding than the ring has slots -- raises
+:class:`~virtq.testing.DriverProtocolError` and leaves the device's positions unchanged.
 """
 
 from __future__ import annotations
@@ -152,6 +152,9 @@ class PackedDeviceQueue:
             "used_index", avail_index if used_index is None else used_index, n)
         self._used_wrap = _check_wrap(
             "used_wrap", self._avail_wrap if used_wrap is None else used_wrap)
+        # The used position the driver has been shown (pending used descriptors excluded):
+        # the driver may reuse ring slots only up to here.
+        self._published = (self._used_index, self._used_wrap)
         if max_segments is None:
             max_segments = n
         if not isinstance(max_segments, int) or max_segments < 1:
@@ -278,6 +281,16 @@ class PackedDeviceQueue:
                 buffers += 1  # only complete lists count
         return buffers
 
+    def _room(self) -> int:
+        """Ring slots the driver may fill beyond the device's avail position: the size less
+        the slots from the published used position to the avail position (§2.8.17: the
+        driver makes sure there is space for a whole list before exposing it)."""
+        used_index, used_wrap = self._published
+        behind = self._avail_index - used_index
+        if self._avail_wrap != used_wrap:
+            behind += self.size
+        return self.size - behind
+
     def pop(self) -> tuple[int, list[Segment]] | None:
         """The next available buffer in ring order as ``(buffer_id, segments)`` (NEXT runs
         and indirect tables followed), or None when the descriptor at :attr:`avail_index`
@@ -295,13 +308,21 @@ class PackedDeviceQueue:
         segments: list[Segment] = []
         seen_writable = False
         count = 0
+        limit = min(self.size, self.max_segments)
+        room = self._room()
         while True:
-            if count == min(self.size, self.max_segments):
+            if count == limit:
                 # §2.8.17: a list no longer than the queue size (or the device's limit);
                 # a ring full of NEXT flags would otherwise be walked round and round.
                 raise DriverProtocolError(
                     f"descriptor list at position {self._avail_index} is longer than "
-                    f"{min(self.size, self.max_segments)} descriptors")
+                    f"{limit} descriptors")
+            if count == room:
+                # The driver wrote into slots whose used descriptors it has not been shown:
+                # more descriptors outstanding than the ring holds (§2.8.17).
+                raise DriverProtocolError(
+                    f"descriptor {position} made available while the ring's {self.size} "
+                    "slots are all outstanding (the driver overran the used position)")
             here = position
             addr, length, buffer_id, flags = _PDESC.unpack_from(self._desc, here * DESC_SIZE)
             if count and not is_avail(flags, wrap):
@@ -446,6 +467,7 @@ class PackedDeviceQueue:
         publish_barrier()  # buffer data and descriptor fields before the flags exposing them
         self._desc_h[first_position * 8 + _FLAGS_H] = used_flags(first_wrap, first_len > 0)
         self._pending.clear()
+        self._published = (self._used_index, self._used_wrap)
         full_fence()  # the flags store before reading the driver's suppression structure
         return self._driver_wants_notification(first_position)
 
