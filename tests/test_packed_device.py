@@ -119,10 +119,14 @@ class SpecDriver:
             # Nothing outstanding: the §2.8.22 example's check 1.  It matters when a ring
             # starts with wrap counter 0: zero-initialised descriptors (§2.8.13) look used.
             return None
-        _, length, buffer_id, flags = self.read(self.next_used)
+        # The flags first, alone; id and len only after them (the §2.8.22 example's
+        # read_memory_barrier).  One 16-byte unpack would load id before flags and could
+        # pair a new flags word with a stale id while the device is writing.
+        flags, = struct.unpack_from("<H", self.ring, self.next_used * 16 + 14)
         if (bool(flags & VIRTQ_DESC_F_AVAIL) != bool(self.used_wrap)
                 or bool(flags & VIRTQ_DESC_F_USED) != bool(self.used_wrap)):
             return None
+        length, buffer_id = struct.unpack_from("<IH", self.ring, self.next_used * 16 + 8)
         if self.in_order:  # §2.8.8: the batch up to this id, in the order made available
             retired = []
             while True:
@@ -581,6 +585,27 @@ def test_buffer_id_reused_while_in_flight(no_leaks):
             r.dev.pop()
         r.dev.push(2, 0)
         assert r.dev.pop()[0] == 2  # type: ignore[index]
+
+
+def test_overrunning_the_used_position_is_detected(no_leaks):
+    with ring(n=4, position=2) as r:
+        for b in range(4):
+            r.drv.add(b, [(r.buf(b), 1, False)])
+            r.dev.pop()
+        # A driver that lost count: a fifth buffer in the slot of the first one, which the
+        # device has not marked used (the driver is a lap ahead now: wrap counter 0).
+        r.drv.raw(2, r.buf(0), 1, 0, r.drv.flags(False, False, 0))
+        with pytest.raises(DriverProtocolError, match="overran"):
+            r.dev.pop()
+        r.dev.push(0, 0, publish=False)
+        with pytest.raises(DriverProtocolError, match="overran"):
+            r.dev.pop()  # not published: the driver could not know the slot was free
+        r.dev.publish_used()
+        # Now the used descriptor at 2 is there; the driver writes its next buffer after
+        # seeing it, and that one is legal.
+        assert r.drv.get_used() == (0, 0, False, [0])
+        r.drv.add(0, [(r.buf(0), 1, False)])
+        assert r.dev.pop() == (0, [Segment(r.buf(0), 1, False)])
 
 
 def test_not_available_descriptors_are_not_popped(no_leaks):
