@@ -285,3 +285,37 @@ def test_blk_device_over_the_packed_only_back_end(virtq_dpdk_vhost_blk, no_leaks
         # vhost_bdev_process_blk_commands).  tests/test_vhost_user_blk.py reads past the end
         # of qemu-storage-daemon's disk (BlkIOError).
         assert [(q["state"], q["in_flight"]) for q in blk.stats()] == [("ready", 0)]
+
+
+def test_blk_device_reconnect_continues_the_packed_ring(tmp_path, no_leaks):
+    """A back-end restart on a packed ring: reconnect() resets the ring at the driver's next
+    position and wrap counter and sends that as the packed SET_VRING_BASE (position | wrap
+    << 15, vhost-user.rst); the new back-end serves on from there, not from 0.  (The run
+    stays in the ring's first lap -- wrap counter 0 -- the only one the example serves.)"""
+    workdir = tmp_path / "blk"
+    rng = random.Random(11)
+    backend = DpdkVhostBlk(workdir).start()
+    try:
+        with BlkDevice.connect_vhost_user(backend.socket_path, ring="packed", start_index=0,
+                                          timeout=10, queue_size=64) as blk:
+            q = blk.queues[0]
+            for i in range(4):
+                payload = rng.randbytes(4096)
+                blk.write(8 * i, payload)
+                assert blk.read(8 * i, 4096) == payload
+            position = q.vring_base & 0x7FFF
+            assert position == 8 * 3 and not q.vring_base & 0x8000  # 8 chains of 3
+            backend.stop()  # the back-end goes away (its RAM disk with it)
+            backend = DpdkVhostBlk(workdir).start()
+            assert blk.reconnect() == 0
+            assert q.vring_base & 0xFFFF == position  # where the old ring stopped
+            for i in range(4):
+                payload = rng.randbytes(4096)
+                blk.write(64 + 8 * i, payload)
+                assert blk.read(64 + 8 * i, 4096) == payload
+            assert q.vring_base & 0xFFFF == position + 8 * 3
+            # The back-end's own view of the ring agrees (GET_VRING_BASE stops the ring).
+            t = blk.transport
+            assert t.get_vring_base(0) & 0xFFFF == q.vring_base & 0xFFFF  # type: ignore[attr-defined]
+    finally:
+        backend.stop()
