@@ -17,17 +17,27 @@ Fixtures (each stops its process, by pid, and removes its socket afterwards):
 ``virtq_testpmd``
     a module-scoped ``dpdk-testpmd`` vhost-user-net back-end
     (:class:`~virtq.testing.testpmd.TestPmd`, ``rxonly``).  Needs ``dpdk-dev``.
+``virtq_fs_dir``
+    an empty temporary directory to share.
+``virtq_virtiofsd``
+    a :class:`~virtq.testing.runners.Virtiofsd` sharing ``virtq_fs_dir`` with ``-o
+    cache=none`` (what the client sees is what the directory holds now).  virtiofsd exits
+    when its client disconnects, so each ``virtq_virtiofsd.connect(**options)`` starts a
+    new daemon and returns a connected :class:`~virtq.devices.fs.FsDevice`.  Needs root
+    and ``qemu-system-common``.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from virtq.testing.embedded import VhostUserBlkBackend
-from virtq.testing.runners import QemuStorageDaemon, make_image
+from virtq.testing.runners import QemuStorageDaemon, Virtiofsd, make_image
 from virtq.testing.testpmd import TestPmd
 
 BLK_IMAGE_BYTES = 16 << 20
@@ -55,3 +65,21 @@ def virtq_testpmd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestPmd]
     sock = tmp_path_factory.mktemp("virtq-net") / "vhost-net.sock"
     with TestPmd.vhost(sock) as tp:
         yield tp
+
+
+@pytest.fixture
+def virtq_fs_dir(tmp_path: Path) -> Path:
+    share = tmp_path / "virtq-share"
+    share.mkdir()
+    return share
+
+
+@pytest.fixture
+def virtq_virtiofsd(virtq_fs_dir: Path) -> Iterator[Virtiofsd]:
+    # A Unix socket path holds at most 107 bytes; pytest's tmp_path can be longer.
+    sockdir = tempfile.mkdtemp(prefix="virtq-fs-")
+    try:
+        with Virtiofsd(virtq_fs_dir, Path(sockdir) / "fs.sock", cache="none") as daemon:
+            yield daemon
+    finally:
+        shutil.rmtree(sockdir, ignore_errors=True)
