@@ -860,7 +860,10 @@ class FsDevice:
             if n != fixed:
                 raise DeviceProtocolError(f"payload length of a FUSE_{name} reply", n,
                                           f"{fixed} bytes")
-            self._finish_fixed(req, mem[roff + _OUT : roff + _OUT + n])
+            # Parsed from a copy: a view of device memory must not live on in the
+            # traceback of a DeviceProtocolError (it would keep the arena from closing),
+            # and the daemon must not change what was checked while it is read.
+            self._finish_fixed(req, bytes(mem[roff + _OUT : roff + _OUT + n]))
             return
         # A data reply: the payload is in the pool buffer or the caller's buffers (the
         # queue bounds used.len by their capacity, so n <= req.size).
@@ -877,17 +880,16 @@ class FsDevice:
             return
         assert req.chunk is not None
         off = self._chunks[req.chunk].offset
-        data = mem[off : off + n]
+        data = bytes(mem[off : off + n])  # a copy, as above
         if op == _OP.READLINK:
             # The kernel reads a link into one page and refuses a target that fills it.
             if not 0 < n < PATH_MAX:
                 raise DeviceProtocolError("FUSE_READLINK reply length", n,
                                           f"1..{PATH_MAX - 1} bytes (a symlink target)")
-            target = bytes(data)
-            if b"\0" in target:
+            if b"\0" in data:
                 raise DeviceProtocolError("FUSE_READLINK target length", n,
                                           "a target without NUL bytes")
-            req.result = target
+            req.result = data
             return
         # READDIR(PLUS): every node the daemon looked up for the reply is counted, and
         # given back at once if the reply is rejected (the kernel forgets them too).
@@ -900,7 +902,7 @@ class FsDevice:
             if req.result is None:
                 self._give_back(looked_up)
 
-    def _finish_fixed(self, req: FsRequest, payload: memoryview) -> None:
+    def _finish_fixed(self, req: FsRequest, payload: bytes) -> None:
         op = req.opcode
         if op in (_OP.LOOKUP, _OP.MKDIR, _OP.SYMLINK, _OP.LINK, _OP.CREATE):
             created = None if op == _OP.LOOKUP else req.expect
@@ -1907,9 +1909,7 @@ class FsDevice:
                 if not req.done:
                     self._fail(req, gone, free=False)
                     count += 1
-        for f in list(self._files.values()):
-            f._drop()
-        self._files.clear()
+        self._files.clear()  # stale now: they raise ESTALE and close without a word
         self._lookups.clear()
         self._forget.clear()
         self._quarantine.clear()

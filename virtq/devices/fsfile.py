@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from virtq.abi.fs import FOPEN_NONSEEKABLE
 from virtq.devices.dma import DmaBuffer, byte_view
-from virtq.devices.errors import fs_error
-from virtq.errors import ArgumentError
+from virtq.devices.errors import FsOSError, fs_error
+from virtq.errors import ArgumentError, VirtqError
 
 if TYPE_CHECKING:
     from virtq.devices.fs import FsDevice
@@ -189,26 +189,31 @@ class FsFile(io.RawIOBase):
     # -- closing --------------------------------------------------------------------------
 
     def close(self) -> None:
-        """FUSE_FLUSH and FUSE_RELEASE (a failed flush is raised after the release); the
-        file's lookup of its node is given back."""
+        """FUSE_FLUSH and FUSE_RELEASE; the file's lookup of its node is given back.  A
+        FUSE error of the flush is raised (after the release); a device that failed (the
+        session is broken: the daemon needs no handle back) is not, its error was the
+        failed call's."""
         if self.closed:
             return
         dev = self._dev
-        live = self._session == dev.session and not dev.closed and dev._refused is None
+        flush_error: FsOSError | None = None
         try:
-            if live:
+            if self._session == dev.session and not dev.closed and dev._refused is None:
                 try:
                     dev.fuse_flush(self.nodeid, self.fh, path=self.name)
-                except OSError as err:
-                    if err.errno != errno.ENOSYS:  # the kernel stops flushing then
-                        raise
-                finally:
-                    dev.fuse_release(self.nodeid, self.fh, self.flags, path=self.name)
+                except FsOSError as err:
+                    if err.errno != errno.ENOSYS:  # (the kernel stops flushing then)
+                        flush_error = err
+                dev.fuse_release(self.nodeid, self.fh, self.flags, path=self.name)
+        except VirtqError:
+            pass
         finally:
             if self._session == dev.session:
                 dev._give_back([self.nodeid])
             dev._files.pop(id(self), None)
             super().close()
+        if flush_error is not None:
+            raise flush_error
 
     def _drop(self) -> None:
         """Closed without a word to the daemon: its session is gone."""
