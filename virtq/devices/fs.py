@@ -1385,6 +1385,10 @@ class FsDevice:
     # again at the root of the share, as a guest that mounted it at / would see).  No
     # name is cached: with ``-o cache=none`` on the daemon every call sees the directory
     # as it is now.  The lookups a call takes are given back when it returns.
+    #
+    # Like the kernel's VFS, UNLINK, RMDIR and RENAME look their (source) name up first: a
+    # daemon may rely on it (virtiofsd answers EIO, not ENOENT, for a name it cannot find
+    # there, taking it for a race with another client).
 
     def _held(self) -> _Held:
         return _Held(self)
@@ -1726,6 +1730,7 @@ class FsDevice:
         held = self._held()
         try:
             parent, name, shown = self._resolve_parent(path, held)
+            held.add(self.fuse_lookup(parent, name, path=shown).nodeid)
             self.fuse_rmdir(parent, name, path=shown)
         finally:
             self._done(held)
@@ -1735,6 +1740,7 @@ class FsDevice:
         held = self._held()
         try:
             parent, name, shown = self._resolve_parent(path, held)
+            held.add(self.fuse_lookup(parent, name, path=shown).nodeid)
             self.fuse_unlink(parent, name, path=shown)
         finally:
             self._done(held)
@@ -1746,6 +1752,7 @@ class FsDevice:
         held = self._held()
         try:
             sparent, sname, shown = self._resolve_parent(src, held)
+            held.add(self.fuse_lookup(sparent, sname, path=shown).nodeid)
             dparent, dname, _ = self._resolve_parent(dst, held)
             self.fuse_rename(sparent, sname, dparent, dname, path=shown)
         finally:
