@@ -1,4 +1,4 @@
-"""``virtq`` command line: ``demo``, ``inspect``, ``bench``."""
+"""``virtq`` command line: ``demo``, ``inspect``, ``bench``, ``fs``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from virtq.cli import _args
+from virtq.cli import fs as fs_cli
 from virtq.errors import ArgumentError
 from virtq.layout import SplitLayout, wrap_add
 from virtq.memory import MemfdRegion
@@ -162,7 +163,7 @@ def demo_blk(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     modules = {"blk": "virtq.cli.bench_blk", "net": "virtq.cli.bench_net",
-               "vfio": "virtq.cli.bench_vfio"}
+               "vfio": "virtq.cli.bench_vfio", "fs": "virtq.cli.bench_fs"}
     try:
         module = importlib.import_module(modules[args.what])
     except ImportError as exc:
@@ -195,9 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"virtq {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="show virtq driving a device")
-    demo.add_argument("what", nargs="?", default="blk", choices=["blk", "ring"],
+    demo.add_argument("what", nargs="?", default="blk", choices=["blk", "ring", "fs"],
                       help="blk (default): a vhost-user-blk back-end end to end; "
-                           "ring: driver and device in two processes over a memfd")
+                           "ring: driver and device in two processes over a memfd; "
+                           "fs: virtiofsd sharing a directory (needs root)")
     demo.add_argument("--backend", choices=["auto", "qsd", "embedded"], default="auto",
                       help="blk: qemu-storage-daemon when installed, else the embedded one")
     # The demo image is 16 MiB and the write starts 1 MiB in.
@@ -208,10 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--count", type=_args.positive_int, default=2000, help="ring: requests")
     demo.add_argument("--start-index", type=_args.u16, default=0xFF00,
                       help="ring: first index, 0..0xffff (near 0xFFFF to show the wrap)")
-    demo.set_defaults(func=lambda a: demo_blk(a) if a.what == "blk" else demo_ring(a),
-                      parser=demo)
-    bench = sub.add_parser("bench", help="benchmarks (blk, net, vfio); --help after the name")
-    bench.add_argument("what", choices=["blk", "net", "vfio"])
+    demo.set_defaults(func=lambda a: {"blk": demo_blk, "ring": demo_ring,
+                                      "fs": fs_cli.demo_fs}[a.what](a), parser=demo)
+    bench = sub.add_parser("bench", help="benchmarks (blk, net, vfio, fs); --help after the "
+                                         "name")
+    bench.add_argument("what", choices=["blk", "net", "vfio", "fs"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench, parser=bench)
     insp = sub.add_parser("inspect", help="print a split ring layout")
@@ -220,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     insp.add_argument("--buffer-size", type=_args.nonnegative_int, default=0)
     insp.add_argument("--legacy", action="store_true")
     insp.set_defaults(func=cmd_inspect, parser=insp)
-    args = _args.parse(parser, argv)
+    fs = fs_cli.add_parser(sub)
+    args = _args.parse(parser, argv, fs)
     try:
         result: int = args.func(args)
     except ArgumentError as exc:
