@@ -286,8 +286,16 @@ def test_forgets_balance_lookups(virtq_fs_dir, cache, no_leaks):
             assert daemon.wait_exit() == 0
             looked = check_forgets_balance(daemon.logs[-1])
             assert sum(looked.values()) > 2 * 6 * 61  # (node ids are reused once forgotten)
-            assert re.search(r"opcode: FORGET \(2\)", daemon.logs[-1])
-            assert "opcode: DESTROY" in daemon.logs[-1]
+            log = daemon.logs[-1]
+            assert re.search(r"opcode: FORGET \(2\)", log)
+            assert "opcode: DESTROY" in log
+            # Forgets went to the hiprio queue's thread, everything else to queue 1's
+            # (§5.11.6.2: FORGET and BATCH_FORGET only on hiprio, nothing else there).
+            thread = {int(m[2]): m[1] for m in
+                      re.finditer(r"\[ID: (\d+)\] fv_queue_thread: Start for queue (\d+)", log)}
+            for m in re.finditer(r"\[ID: (\d+)\] unique: \d+, opcode: (\w+)", log):
+                forget = m[2] in ("FORGET", "BATCH_FORGET")
+                assert m[1] == thread[0 if forget else 1], m[0]
             # A second session walks the same tree (nothing was left half-forgotten).
             with daemon.connect() as fs:
                 assert sum(len(files) for _, _, files in fs.walk()) == 6 * 61
@@ -300,10 +308,16 @@ def test_forgets_balance_lookups(virtq_fs_dir, cache, no_leaks):
 def test_reads_in_flight_and_zero_copy(virtq_virtiofsd, virtq_fs_dir, no_leaks):
     data = os.urandom(5 * MIB + 333)
     (virtq_fs_dir / "f").write_bytes(data)
+    virtq_virtiofsd.debug = True
+    virtq_virtiofsd.stop()
     with virtq_virtiofsd.connect(io_size=256 << 10, io_buffers=4) as fs:
         assert fs.max_read == 256 << 10
-        # 21 READs of max_read, four in flight at a time (the pool's buffers).
+        # 21 READs of max_read, four in flight at a time (the pool's buffers): the daemon
+        # found four READs' worth of writable buffers in its ring at once.
         assert fs.read_bytes("f") == data
+        available = [int(m[1]) for m in re.finditer(r"available: in: (\d+)",
+                                                     virtq_virtiofsd.log())]
+        assert max(available) >= 4 * (256 << 10)
         buf = fs.alloc_buffer(MIB)
         entry = fs.fuse_lookup(FUSE_ROOT_ID, "f")
         fh, _ = fs.fuse_open(entry.nodeid)
@@ -384,3 +398,20 @@ def test_device_misuse(virtq_virtiofsd, no_leaks):
     with pytest.raises(ArgumentError):
         f.write(b"x")
     fs.close()  # idempotent
+
+
+@pytest.mark.parametrize(("indirect", "event_idx", "poll"), [
+    (False, False, False), (False, True, True), (True, False, True)])
+def test_ring_options(virtq_virtiofsd, virtq_fs_dir, indirect, event_idx, poll, no_leaks):
+    """Direct descriptors (a chain of header, data and reply in the ring itself), no event
+    idx, busy polling: the same session works."""
+    (virtq_fs_dir / "d").mkdir()
+    data = os.urandom(MIB + 5)
+    with virtq_virtiofsd.connect(indirect=indirect, event_idx=event_idx, poll=poll,
+                                 queue_size=16, io_size=128 << 10, io_buffers=4) as fs:
+        assert fs.indirect is indirect and fs.queues[1].event_idx is event_idx
+        fs.write_bytes("d/x", data)
+        assert fs.read_bytes("d/x") == data
+        assert fs_walk(fs) == host_walk(virtq_fs_dir)
+        fs.remove("d/x")
+        assert fs.listdir("d") == []

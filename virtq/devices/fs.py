@@ -1523,7 +1523,8 @@ class FsDevice:
     def scandir(self, path: Any = ".") -> list[FsDirEntry]:
         """The entries of a directory, ``.`` and ``..`` left out, with their type
         (``is_dir``, ``is_symlink``) and inode number; READDIRPLUS entries also carry
-        their attributes (``entry.attr``)."""
+        their attributes (``entry.attr``).  Their lookups are given back: an
+        ``entry.nodeid`` is not held for you (:meth:`fuse_lookup` one to use it)."""
         held = self._held()
         try:
             nodeid, attr, shown = self._resolve(path, held)
