@@ -1,4 +1,4 @@
-"""``virtq`` command line: ``demo``, ``inspect``, ``bench``, ``fs``."""
+"""``virtq`` command line: ``demo``, ``inspect``, ``bench``, ``check``, ``fuzz``, ``fs``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from virtq.cli import _args
+from virtq.cli import check as cli_check
 from virtq.cli import fs as fs_cli
+from virtq.cli import fuzz as cli_fuzz
 from virtq.errors import ArgumentError
 from virtq.layout import SplitLayout, wrap_add
 from virtq.memory import MemfdRegion
@@ -223,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     insp.add_argument("--buffer-size", type=_args.nonnegative_int, default=0)
     insp.add_argument("--legacy", action="store_true")
     insp.set_defaults(func=cmd_inspect, parser=insp)
+    cli_check.register(sub)
+    cli_fuzz.register(sub)
     fs = fs_cli.add_parser(sub)
     args = _args.parse(parser, argv, fs)
     try:

@@ -1,21 +1,26 @@
-"""Public test helpers: a device-side peer, a hostile device, a fake FUSE daemon,
-conformance suites."""
+"""Public test helpers: a device-side peer, a hostile device, a hostile driver (for testing
+back-ends), a fake FUSE daemon, conformance suites."""
 
 from virtq.testing.conformance import check_iova_allocator, check_memory_region
 from virtq.testing.device import DeviceQueue, DriverProtocolError, Segment
 from virtq.testing.embedded import BackendProcess, Faults, VhostUserBlkBackend
 from virtq.testing.fake_fs import FakeFsDaemon
 from virtq.testing.hostile import HostileDevice
+from virtq.testing.hostile_driver import Buf, GuestMemory, HostileDriver, RawRing
 from virtq.testing.testpmd import PortStats, TestPmd
 
 __all__ = [
     "BackendProcess",
+    "Buf",
     "DeviceQueue",
     "DriverProtocolError",
     "FakeFsDaemon",
     "Faults",
+    "GuestMemory",
     "HostileDevice",
+    "HostileDriver",
     "PortStats",
+    "RawRing",
     "Segment",
     "TestPmd",
     "VhostUserBlkBackend",

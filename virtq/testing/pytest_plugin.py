@@ -25,17 +25,39 @@ Fixtures (each stops its process, by pid, and removes its socket afterwards):
     when its client disconnects, so each ``virtq_virtiofsd.connect(**options)`` starts a
     new daemon and returns a connected :class:`~virtq.devices.fs.FsDevice`.  Needs root
     and ``qemu-system-common``.
+``virtq_check``
+    runs ``virtq check``'s conformance catalogue (:mod:`virtq.check`) against *your*
+    back-end and returns the :class:`~virtq.check.Report`::
+
+        def test_my_backend_conforms(virtq_check):
+            report = virtq_check("blk", backend_cmd="my-daemon --socket {socket}")
+            assert report.exit_status == 0, report.failed()
+
+    Give ``socket=`` for a back-end your test started, or ``backend_cmd=`` (with
+    ``{socket}``) to have it started, restarted as the checks need and stopped by pid;
+    ``only=["ring.*"]`` selects checks; other keywords are
+    :class:`~virtq.check.CheckOptions` fields (``image=``, ``timeout=``, ...).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from virtq.check import (
+    Backend,
+    CheckOptions,
+    CommandBackend,
+    Report,
+    SocketBackend,
+    run_checks,
+)
 from virtq.testing.embedded import VhostUserBlkBackend
 from virtq.testing.runners import QemuStorageDaemon, Virtiofsd, make_image
 from virtq.testing.testpmd import TestPmd
@@ -83,3 +105,30 @@ def virtq_virtiofsd(virtq_fs_dir: Path) -> Iterator[Virtiofsd]:
             yield daemon
     finally:
         shutil.rmtree(sockdir, ignore_errors=True)
+
+
+CheckRunner = Callable[..., Report]
+
+
+@pytest.fixture
+def virtq_check() -> Iterator[CheckRunner]:
+    started: list[CommandBackend] = []
+
+    def run(device: str, socket: str | os.PathLike[str] | None = None, *,
+            backend_cmd: str | list[str] | None = None, only: Iterable[str] = (),
+            **options: Any) -> Report:
+        if (socket is None) == (backend_cmd is None):
+            raise ValueError("give socket= or backend_cmd= (one of them)")
+        backend: Backend
+        if backend_cmd is not None:
+            cmd = CommandBackend(backend_cmd).start()
+            started.append(cmd)
+            backend = cmd
+        else:
+            assert socket is not None
+            backend = SocketBackend(socket)
+        return run_checks(device, backend, options=CheckOptions(**options), only=only)
+
+    yield run
+    for backend in started:
+        backend.close()
