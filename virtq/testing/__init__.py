@@ -5,8 +5,9 @@ from virtq.testing.conformance import check_iova_allocator, check_memory_region
 from virtq.testing.device import DeviceQueue, DriverProtocolError, Segment
 from virtq.testing.embedded import BackendProcess, Faults, VhostUserBlkBackend
 from virtq.testing.fake_fs import FakeFsDaemon
-from virtq.testing.hostile import HostileDevice
+from virtq.testing.hostile import HostileDevice, PackedHostileDevice
 from virtq.testing.hostile_driver import Buf, GuestMemory, HostileDriver, RawRing
+from virtq.testing.packed_device import PackedDeviceQueue
 from virtq.testing.testpmd import PortStats, TestPmd
 
 __all__ = [
@@ -19,6 +20,8 @@ __all__ = [
     "GuestMemory",
     "HostileDevice",
     "HostileDriver",
+    "PackedDeviceQueue",
+    "PackedHostileDevice",
     "PortStats",
     "RawRing",
     "Segment",

@@ -133,8 +133,6 @@ class DeviceQueue:
         head = self._avail[2 + (self.last_avail & (self.size - 1))]
         if head >= self.size:
             raise DriverProtocolError(f"avail ring names head {head} >= size {self.size}")
-        if head in self._popped:
-            raise DriverProtocolError(f"avail ring names head {head}, which is still in use")
         segments = self._walk(head)
         self.last_avail = wrap_add(self.last_avail, 1)
         self._popped[head] = None

@@ -17,6 +17,10 @@ Fixtures (each stops its process, by pid, and removes its socket afterwards):
 ``virtq_testpmd``
     a module-scoped ``dpdk-testpmd`` vhost-user-net back-end
     (:class:`~virtq.testing.testpmd.TestPmd`, ``rxonly``).  Needs ``dpdk-dev``.
+``virtq_dpdk_vhost_blk``
+    DPDK's ``vhost_blk`` example (:class:`~virtq.testing.runners.DpdkVhostBlk`): a
+    packed-ring-only vhost-user-blk back-end with a 128 MiB RAM disk (``.socket_path``).
+    Needs the binary ``scripts/build-dpdk-vhost-blk.sh`` builds.
 ``virtq_fs_dir``
     an empty temporary directory to share.
 ``virtq_virtiofsd``
@@ -58,8 +62,9 @@ from virtq.check import (
     SocketBackend,
     run_checks,
 )
+from virtq.errors import ArgumentError
 from virtq.testing.embedded import VhostUserBlkBackend
-from virtq.testing.runners import QemuStorageDaemon, Virtiofsd, make_image
+from virtq.testing.runners import DpdkVhostBlk, QemuStorageDaemon, Virtiofsd, make_image
 from virtq.testing.testpmd import TestPmd
 
 BLK_IMAGE_BYTES = 16 << 20
@@ -118,7 +123,8 @@ def virtq_check() -> Iterator[CheckRunner]:
             backend_cmd: str | list[str] | None = None, only: Iterable[str] = (),
             **options: Any) -> Report:
         if (socket is None) == (backend_cmd is None):
-            raise ValueError("give socket= or backend_cmd= (one of them)")
+            raise ArgumentError("socket/backend_cmd", (socket, backend_cmd),
+                                "give exactly one of them")
         backend: Backend
         if backend_cmd is not None:
             cmd = CommandBackend(backend_cmd).start()
@@ -132,3 +138,9 @@ def virtq_check() -> Iterator[CheckRunner]:
     yield run
     for backend in started:
         backend.close()
+
+
+@pytest.fixture
+def virtq_dpdk_vhost_blk(tmp_path: Path) -> Iterator[DpdkVhostBlk]:
+    with DpdkVhostBlk(tmp_path / "virtq-vhost-blk") as backend:
+        yield backend
