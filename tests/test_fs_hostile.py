@@ -344,3 +344,25 @@ def test_random_reply_corruption(opcode, offset, garbage, cut):
                 if isinstance(err, QueueBrokenError):
                     assert isinstance(err.__cause__, DeviceProtocolError)
     assert not daemon.errors
+
+
+@pytest.mark.parametrize(("packed", "in_order", "indirect"), [
+    (False, True, True), (True, False, True), (True, True, True), (True, False, False)])
+def test_ring_formats(packed, in_order, indirect, no_leaks):
+    """The same FUSE session over a packed ring and with VIRTIO_F_IN_ORDER (QEMU 7.2's
+    virtiofsd offers neither; the fake daemon serves them with the independent device
+    peers), with and without indirect descriptors."""
+    daemon = FakeFsDaemon(num_request_queues=2, packed=packed, in_order=in_order,
+                          readdirplus=True)
+    with daemon.connect(num_request_queues=2, indirect=indirect, queue_size=32,
+                        io_size=64 << 10, io_buffers=4, timeout=10) as fs:
+        assert (fs.ring, fs.in_order, fs.indirect) == (
+            "packed" if packed else "split", in_order, indirect)
+        data = bytes(range(256)) * 1000
+        fs.write_bytes("dir/big", data)  # 4 WRITEs of 64 KiB in flight
+        assert fs.read_bytes("dir/big") == data
+        assert [d for d, _, _ in fs.walk()] == [".", "./dir"]
+        assert fs.read_bytes("link") == b"hello world"
+    assert not daemon.errors
+    assert not +daemon.lookups and all(v >= 0 for v in daemon.lookups.values())
+    assert {qi for qi, _ in daemon.requests} == {0, 1, 2}

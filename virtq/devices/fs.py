@@ -114,6 +114,7 @@ from virtq.abi.fs import (
     WRITE_OUT_SIZE,
     FuseOpcode,
 )
+from virtq.devices._rings import ring_chosen, ring_wanted
 from virtq.devices.dma import MAX_BUFFER, DmaBuffer, byte_view
 from virtq.devices.errors import FsOSError, fs_error
 from virtq.devices.fsfile import FsFile
@@ -321,7 +322,8 @@ class FsDevice:
     credentials requests carry (default: this process's; the daemon creates files as
     them).  ``umask``: cleared from the mode of created files and directories, as the
     kernel does.  ``indirect``/``event_idx``: accept those features when offered.
-    ``poll``: never sleep; spin on the used rings.
+    ``poll``: never sleep; spin on the used rings.  ``ring``: ``"split"``, ``"packed"`` or
+    ``"auto"`` (packed when offered); ``in_order``: VIRTIO_F_IN_ORDER (None: when offered).
 
     Raises :class:`ArgumentError`, :class:`~virtq.transport.DeviceRefusedError` (a
     transport of another device type, too few queues, a FUSE version older than 7.23),
@@ -345,6 +347,8 @@ class FsDevice:
         indirect: bool = True,
         event_idx: bool = True,
         poll: bool = False,
+        ring: str = "auto",
+        in_order: bool | None = None,
     ) -> None:
         self.transport = transport
         self._closed = False
@@ -376,7 +380,7 @@ class FsDevice:
             self.gid = os.getegid() if gid is None else _check_int("gid", gid, 0, 0xFFFFFFFF)
             self.poll_mode = bool(poll or transport.polling)
             self._setup(queue_size, num_request_queues, io_size, io_buffers, max_segments,
-                        indirect, event_idx)
+                        indirect, event_idx, ring, in_order)
             self.init = self._fuse_init()
         except BaseException:
             self._release_views()
@@ -386,7 +390,8 @@ class FsDevice:
     # -- set-up ---------------------------------------------------------------------------
 
     def _setup(self, queue_size: int, nreq: int, io_size: int, io_buffers: int,
-               max_segments: int, indirect: bool, event_idx: bool) -> None:
+               max_segments: int, indirect: bool, event_idx: bool, ring: str,
+               in_order: bool | None) -> None:
         t = self.transport
         if t.device_type is not None and t.device_type != VIRTIO_ID_FS:
             raise DeviceRefusedError(f"the transport's device is virtio type "
@@ -396,7 +401,11 @@ class FsDevice:
             wanted |= 1 << VIRTIO_F_INDIRECT_DESC
         if event_idx:
             wanted |= 1 << VIRTIO_F_EVENT_IDX
+        wanted |= ring_wanted(ring, in_order)
         self.features = t.negotiate(wanted)
+        #: "split" or "packed", and whether VIRTIO_F_IN_ORDER is in use (the device then
+        #: uses every queue's requests in the order they were made available).
+        self.ring, self.in_order = ring_chosen(self.features, ring, in_order)
         self.config = self._read_config()
         if nreq > self.config.num_request_queues:
             raise DeviceRefusedError(f"{nreq} request queues asked for; the device has "
@@ -414,9 +423,10 @@ class FsDevice:
             max_segments = min(max_segments, max(1, min(sizes[1:]) // 2 - 2))
         self.max_segments = max_segments
         chain = 2 + 2 * max_segments
-        layouts = [ring_layout(sizes[0], indirect_size=1 if self.indirect else 0)]
-        layouts += [ring_layout(s, indirect_size=chain if self.indirect else 0)
-                    for s in sizes[1:]]
+        layouts = [ring_layout(sizes[0], indirect_size=1 if self.indirect else 0,
+                               ring=self.ring)]
+        layouts += [ring_layout(s, indirect_size=chain if self.indirect else 0,
+                                ring=self.ring) for s in sizes[1:]]
         # Request slots: one ring entry each with indirect descriptors, else a few.
         spq = [min(_HIPRIO_SLOTS, sizes[0])]
         spq += [s if self.indirect else max(1, s // 3) for s in sizes[1:]]
@@ -445,7 +455,7 @@ class FsDevice:
         for qi, (lay, slots) in enumerate(zip(layouts, spq, strict=True)):
             q: DriverQueue[FsRequest] = make_queue(
                 self.arena.region, lay.shifted(offset), iova=iova, event_idx=ev,
-                indirect=self.indirect)
+                indirect=self.indirect, in_order=self.in_order)
             offset += lay.nbytes
             self.queues.append(q)
             shape = 1 if qi == HIPRIO_QUEUE else chain
@@ -537,6 +547,8 @@ class FsDevice:
         indirect: bool = True,
         event_idx: bool = True,
         poll: bool = False,
+        ring: str = "auto",
+        in_order: bool | None = None,
         connect_timeout: float = 5.0,
         iova_allocator: IovaAllocator | None = None,
         hugepages: bool = False,
@@ -553,7 +565,7 @@ class FsDevice:
                        num_request_queues=num_request_queues, io_size=io_size,
                        io_buffers=io_buffers, max_segments=max_segments, timeout=timeout,
                        uid=uid, gid=gid, umask=umask, indirect=indirect,
-                       event_idx=event_idx, poll=poll)
+                       event_idx=event_idx, poll=poll, ring=ring, in_order=in_order)
         except BaseException:
             transport.close()
             raise

@@ -24,7 +24,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from virtq.abi import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1
+from virtq.abi import (
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_IN_ORDER,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_RING_PACKED,
+    VIRTIO_F_VERSION_1,
+)
 from virtq.abi.fs import (
     FS_TAG_SIZE,
     FUSE_ATOMIC_O_TRUNC,
@@ -57,8 +63,12 @@ from virtq.abi.fs import (
     FuseOpcode,
     fuse_dirent_align,
 )
+from virtq.errors import ArgumentError
+from virtq.layout import PackedLayout
+from virtq.queue import VirtQueue
 from virtq.testing.device import Segment
 from virtq.testing.loopback import LoopbackTransport
+from virtq.testing.packed_device import PackedDeviceQueue
 from virtq.transport.base import DmaArena
 
 _OP = FuseOpcode
@@ -79,14 +89,28 @@ class FakeNode:
 
 
 class _FakeTransport(LoopbackTransport):
-    """The loopback transport, with the daemon's thread stopped before the rings go."""
+    """The loopback transport, with the daemon's thread stopped before the rings go, and
+    the device's half of a packed ring (:class:`~virtq.testing.packed_device.
+    PackedDeviceQueue`) for a driver that negotiated VIRTIO_F_RING_PACKED."""
 
     def __init__(self, daemon: FakeFsDaemon, **kw: Any) -> None:
         super().__init__(**kw)
         self._daemon = daemon
 
+    def _device(self, queue: VirtQueue[Any], start: int | None) -> Any:
+        layout = queue.layout  # type: ignore[attr-defined]
+        if not isinstance(layout, PackedLayout):
+            return super()._device(queue, start)
+        regions = [(a.iova, a.region) for a in self.arenas if a.region is not queue.region]
+        return PackedDeviceQueue(queue.region, layout, iova=queue.iova,
+                                 event_idx=queue.event_idx, regions=regions)
+
     def alloc_dma(self, nbytes: int) -> DmaArena:
         with self._daemon.lock:  # the device side is rebuilt: not while it is in use
+            if any(isinstance(d, PackedDeviceQueue) for d in self.devices.values()):
+                # (Rebuilding a packed device side mid-ring is not needed by the tests.)
+                raise ArgumentError("nbytes", nbytes, "the fake daemon's packed rings "
+                                    "cannot reach memory allocated after them")
             return super().alloc_dma(nbytes)
 
     def close(self) -> None:
@@ -99,7 +123,8 @@ class FakeFsDaemon:
     ``queue_size`` entries, serving a tree with ``/file`` ("hello world"), ``/dir`` (empty)
     and ``/link`` (-> file).  ``readdirplus`` offers FUSE_DO_READDIRPLUS; ``tag`` is the
     config space's tag (raw bytes are written as they are); ``minor``/``major`` what INIT
-    answers.
+    answers; ``packed``/``in_order`` offer VIRTIO_F_RING_PACKED / VIRTIO_F_IN_ORDER (the
+    daemon answers each queue's requests in order anyway).
 
     :meth:`connect` starts the serving thread and returns an
     :class:`~virtq.devices.fs.FsDevice` over :attr:`transport`; closing the device stops
@@ -109,12 +134,14 @@ class FakeFsDaemon:
 
     def __init__(self, *, num_request_queues: int = 1, queue_size: int = 64,
                  tag: str | bytes = "fakefs", readdirplus: bool = False, major: int = 7,
-                 minor: int = 31, config_queues: int | None = None) -> None:
+                 minor: int = 31, config_queues: int | None = None, packed: bool = False,
+                 in_order: bool = False) -> None:
         raw_tag = tag.encode() if isinstance(tag, str) else tag
         nq = num_request_queues if config_queues is None else config_queues
         config = raw_tag[:FS_TAG_SIZE].ljust(FS_TAG_SIZE, b"\0") + struct.pack("<I", nq)
         features = (1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_INDIRECT_DESC
-                    | 1 << VIRTIO_F_EVENT_IDX)
+                    | 1 << VIRTIO_F_EVENT_IDX | packed << VIRTIO_F_RING_PACKED
+                    | in_order << VIRTIO_F_IN_ORDER)
         self.lock = threading.Lock()
         self.transport = _FakeTransport(self, features=features, config=config,
                                         queue_sizes=[queue_size] * (1 + num_request_queues),
