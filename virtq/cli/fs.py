@@ -152,7 +152,7 @@ def demo_fs(args: argparse.Namespace) -> int:
                 out(f"          max_write {init.max_write >> 10} KiB, max_pages "
                     f"{init.max_pages}: READ/WRITE up to {fs.max_read >> 10} KiB; "
                     f"{len(fs.queues) - 1} request queue(s) + hiprio, "
-                    f"{fs.queues[1].size}-entry rings, indirect={fs.indirect}")
+                    f"{fs.queues[1].size}-entry {fs.ring} rings, indirect={fs.indirect}")
                 files = 0
                 for dirpath, dirs, names in fs.walk():
                     files += len(names)
