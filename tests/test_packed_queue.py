@@ -6,6 +6,10 @@ descriptor.  Sequences and wrap-around are the state machines' (test_queue_state
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+
 import pytest
 
 from virtq.abi import (
@@ -243,3 +247,63 @@ def test_bad_arguments(rig: Rig) -> None:
     with pytest.raises(QueueStateError):
         q.add([(rig.buf(0), 8)], [], "x")
     assert "closed" in q.describe() or q.closed
+
+
+@pytest.mark.parametrize(("in_order", "wrap"), [(False, 1), (True, 0)],
+                         ids=["any-order", "in-order"])
+def test_cross_process_round_trip_across_the_ring_end(no_leaks, in_order: bool,
+                                                      wrap: int) -> None:
+    """virtq's PackedQueue here, the packed peer (``python -m virtq.testing.peer --packed``)
+    in another process over one memfd: 200 chains through an 8-entry ring (25 laps, both
+    wrap counters toggling), direct and indirect, completed in shuffled batches or, in
+    order, retired a batch at a time."""
+    n, count = 8, 200
+    layout = PackedLayout.compute(n, buffer_size=256, indirect_size=4)
+    start = n - 2
+    with MemfdRegion(layout.nbytes) as region:
+        q: PackedQueue[tuple[int, int]] = PackedQueue(
+            region, layout, iova=BASE, indirect=True, in_order=in_order,
+            start_index=start | wrap << 15)
+        args = [sys.executable, "-m", "virtq.testing.peer", "--packed", "--fd",
+                str(region.fd), "--nbytes", str(region.nbytes), "--queue-size", str(n),
+                "--buffer-size", "256", "--indirect-size", "4", "--iova", hex(BASE),
+                "--count", str(count), "--avail-index", str(start), "--avail-wrap",
+                str(wrap), "--seed", "3"]
+        child = subprocess.Popen(args + (["--in-order"] if in_order else []),
+                                 pass_fds=[region.fd])
+        try:
+            free = list(range(n))
+            results: dict[int, bytes] = {}
+            sent = 0
+            deadline = time.monotonic() + 60
+            while len(results) < count:
+                assert time.monotonic() < deadline, "peer did not answer"
+                while sent < count and free and q.num_free >= 2:
+                    slot = free.pop()
+                    payload = f"packed {sent:04d}".encode()
+                    off = layout.buffer(slot)
+                    region.view(off, len(payload))[:] = payload
+                    base = BASE + off
+                    # As many writable bytes as readable ones: the in-order peer then
+                    # fills each chain and may batch it (§2.8.8 skipped = fully written).
+                    if sent % 3 == 0:  # two readable + one writable: an indirect table
+                        q.add([(base, 4), (base + 4, len(payload) - 4)],
+                              [(base + 128, len(payload))], (sent, slot))
+                    else:
+                        q.add([(base, len(payload))], [(base + 128, len(payload))],
+                              (sent, slot))
+                    sent += 1
+                q.publish()
+                for (i, slot), written in q.drain_used():
+                    assert written == 11
+                    results[i] = bytes(region.view(layout.buffer(slot) + 128, written))
+                    free.append(slot)
+            assert child.wait(timeout=30) == 0
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        assert [results[i] for i in range(count)] == [
+            f"packed {i:04d}".encode()[::-1] for i in range(count)]
+        assert q.num_in_flight == 0 and q.num_free == n
+        q.close()

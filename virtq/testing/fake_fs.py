@@ -63,12 +63,8 @@ from virtq.abi.fs import (
     FuseOpcode,
     fuse_dirent_align,
 )
-from virtq.errors import ArgumentError
-from virtq.layout import PackedLayout
-from virtq.queue import VirtQueue
 from virtq.testing.device import Segment
 from virtq.testing.loopback import LoopbackTransport
-from virtq.testing.packed_device import PackedDeviceQueue
 from virtq.transport.base import DmaArena
 
 _OP = FuseOpcode
@@ -89,28 +85,15 @@ class FakeNode:
 
 
 class _FakeTransport(LoopbackTransport):
-    """The loopback transport, with the daemon's thread stopped before the rings go, and
-    the device's half of a packed ring (:class:`~virtq.testing.packed_device.
-    PackedDeviceQueue`) for a driver that negotiated VIRTIO_F_RING_PACKED."""
+    """The loopback transport (split or packed device side, as negotiated), with the
+    daemon's thread stopped before the rings go."""
 
     def __init__(self, daemon: FakeFsDaemon, **kw: Any) -> None:
         super().__init__(**kw)
         self._daemon = daemon
 
-    def _device(self, queue: VirtQueue[Any], start: int | None) -> Any:
-        layout = queue.layout  # type: ignore[attr-defined]
-        if not isinstance(layout, PackedLayout):
-            return super()._device(queue, start)
-        regions = [(a.iova, a.region) for a in self.arenas if a.region is not queue.region]
-        return PackedDeviceQueue(queue.region, layout, iova=queue.iova,
-                                 event_idx=queue.event_idx, regions=regions)
-
     def alloc_dma(self, nbytes: int) -> DmaArena:
-        with self._daemon.lock:  # the device side is rebuilt: not while it is in use
-            if any(isinstance(d, PackedDeviceQueue) for d in self.devices.values()):
-                # (Rebuilding a packed device side mid-ring is not needed by the tests.)
-                raise ArgumentError("nbytes", nbytes, "the fake daemon's packed rings "
-                                    "cannot reach memory allocated after them")
+        with self._daemon.lock:  # the device sides learn the region: not while in use
             return super().alloc_dma(nbytes)
 
     def close(self) -> None:
@@ -124,7 +107,8 @@ class FakeFsDaemon:
     and ``/link`` (-> file).  ``readdirplus`` offers FUSE_DO_READDIRPLUS; ``tag`` is the
     config space's tag (raw bytes are written as they are); ``minor``/``major`` what INIT
     answers; ``packed``/``in_order`` offer VIRTIO_F_RING_PACKED / VIRTIO_F_IN_ORDER (the
-    daemon answers each queue's requests in order anyway).
+    loopback transport plays either ring format's device side; the daemon answers each
+    queue's requests in order anyway).
 
     :meth:`connect` starts the serving thread and returns an
     :class:`~virtq.devices.fs.FsDevice` over :attr:`transport`; closing the device stops
