@@ -1,8 +1,8 @@
 """Every benchmark runs, for a second or two, against the real back-ends it needs, so none
 rots: ``benchmarks/bench_ring.py``, ``benchmarks/bench_blk_ref.py`` (qemu-storage-daemon),
 ``virtq bench blk`` (qemu-storage-daemon), ``virtq bench net`` (two dpdk-testpmd),
-``virtq bench vfio`` (the vfio-guest VM, about 10 s) and ``benchmarks/compare.py`` (a
-``git worktree`` of ``HEAD~1``).
+``virtq bench vfio`` (the vfio-guest VM, about 10 s), ``virtq bench fs`` (virtiofsd) and
+``benchmarks/compare.py`` (a ``git worktree`` of ``HEAD~1``).
 
 Smoke runs: each must exit 0 and print its table (header and every row); no timing is
 checked.  Their stderr is a pipe here, so it must carry no progress-bar redraws, and the
@@ -121,6 +121,19 @@ def test_bench_vfio(tmp_path):
         lines = [line for line in out.splitlines() if line.startswith(label)]
         assert len(lines) == 1, f"no row {label!r} in:\n{out}"
         assert len(lines[0][len(label) :].split()) == 9  # virtq, reference, ratio x 3
+
+
+def test_bench_fs(tmp_path):
+    out = run("-m", "virtq", "bench", "fs", "--size-mib", "2", "--files", "20",
+              "--request-sizes", "4096,65536", "--json", tmp_path / "fs.json")
+    rows = table_rows(out, "| operation | request | virtq | os | virtq / os |")
+    assert [(r[0], r[1]) for r in rows] == [
+        ("sequential read", "4 KiB"), ("sequential read", "64 KiB"),
+        ("sequential write", "4 KiB"), ("sequential write", "64 KiB"),
+        ("read_bytes(), READs in flight", "1 MiB"),
+        ("small files: stat+open+read+close", "4 KiB")]
+    assert all(float(r[4]) > 0 for r in rows)
+    check_results(tmp_path / "fs.json", "fs", 6)
 
 
 def _worktree_paths() -> set[str]:

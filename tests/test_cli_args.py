@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 import virtq
 from virtq import cli
-from virtq.cli import bench_blk, bench_net, bench_vfio
+from virtq.cli import bench_blk, bench_fs, bench_net, bench_vfio
+from virtq.cli import fs as fs_cli
 from virtq.layout import SplitLayout
 
 BAD = [
@@ -44,12 +45,24 @@ BAD = [
     ["bench", "net", "--seconds", "-2"], ["bench", "net", "--warmup", "-1"],
     ["bench", "net", "--rounds", "0"], ["bench", "net", "--mode", "spin"],
     ["bench", "vfio", "--iters", "0"], ["bench", "vfio", "--iters", "-3"],
+    ["bench", "fs", "--size-mib", "0"], ["bench", "fs", "--size-mib", "x"],
+    ["bench", "fs", "--request-sizes", "100"], ["bench", "fs", "--request-sizes", "4096,"],
+    ["bench", "fs", "--request-sizes", "2097152"], ["bench", "fs", "--files", "0"],
+    ["bench", "fs", "--dir", "/nonexistent/dir"], ["bench", "fs", "--bogus"],
+    ["demo", "fsx"], ["fs"], ["fs", "ls"], ["fs", "--socket", "s"],
+    ["fs", "--socket", "s", "frob"], ["fs", "--socket", "s", "cat"],
+    ["fs", "--socket", "s", "put", "/nonexistent/file", "x"],
+    ["fs", "--socket", "s", "get", "x"], ["fs", "--socket", "s", "--timeout", "0", "ls"],
+    ["fs", "--socket", "s", "--timeout", "nan", "ls"], ["fs", "--socket", "s", "ls", "-x"],
+    ["fs", "--socket", "s", "stat", "a", "b"],
     [], ["frobnicate"], ["--bogus"],
     # argparse (3.11) stores [] for an option value of "--" without checking it
     ["demo", "ring", "--count=--"], ["demo", "--backend=--"], ["demo", "--mib=--"],
     ["bench", "blk", "--depths=--"], ["bench", "blk", "--modes=--"],
     ["bench", "blk", "--aio=--"], ["bench", "net", "--mode=--"],
     ["bench", "vfio", "--iters=--"], ["inspect", "8", "--buffer-size=--"],
+    ["fs", "--socket=--", "ls"], ["fs", "--socket", "s", "--timeout=--", "ls"],
+    ["bench", "fs", "--size-mib=--"], ["bench", "fs", "--json=--"],
 ]
 
 
@@ -61,7 +74,8 @@ def _no_real_runs(monkeypatch):
 
     for module, name in ((cli, "demo_blk"), (cli, "demo_ring"), (bench_blk, "run_depth"),
                          (bench_blk, "QemuStorageDaemon"), (bench_net, "TestPmd"),
-                         (bench_vfio, "_run_here"), (bench_vfio, "_run_in_guest")):
+                         (bench_vfio, "_run_here"), (bench_vfio, "_run_in_guest"),
+                         (bench_fs, "Virtiofsd"), (fs_cli, "run_fs"), (fs_cli, "demo_fs")):
         monkeypatch.setattr(module, name, ran)
 
 

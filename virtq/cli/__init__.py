@@ -1,4 +1,4 @@
-"""``virtq`` command line: ``demo``, ``inspect``, ``bench``, ``check``, ``fuzz``."""
+"""``virtq`` command line: ``demo``, ``inspect``, ``bench``, ``check``, ``fuzz``, ``fs``."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from typing import Any
 
 from virtq.cli import _args
 from virtq.cli import check as cli_check
+from virtq.cli import fs as fs_cli
 from virtq.cli import fuzz as cli_fuzz
 from virtq.errors import ArgumentError
 from virtq.layout import SplitLayout, wrap_add
@@ -164,7 +165,7 @@ def demo_blk(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     modules = {"blk": "virtq.cli.bench_blk", "net": "virtq.cli.bench_net",
-               "vfio": "virtq.cli.bench_vfio"}
+               "vfio": "virtq.cli.bench_vfio", "fs": "virtq.cli.bench_fs"}
     try:
         module = importlib.import_module(modules[args.what])
     except ImportError as exc:
@@ -197,9 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"virtq {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="show virtq driving a device")
-    demo.add_argument("what", nargs="?", default="blk", choices=["blk", "ring"],
+    demo.add_argument("what", nargs="?", default="blk", choices=["blk", "ring", "fs"],
                       help="blk (default): a vhost-user-blk back-end end to end; "
-                           "ring: driver and device in two processes over a memfd")
+                           "ring: driver and device in two processes over a memfd; "
+                           "fs: virtiofsd sharing a directory (needs root)")
     demo.add_argument("--backend", choices=["auto", "qsd", "embedded"], default="auto",
                       help="blk: qemu-storage-daemon when installed, else the embedded one")
     # The demo image is 16 MiB and the write starts 1 MiB in.
@@ -210,10 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--count", type=_args.positive_int, default=2000, help="ring: requests")
     demo.add_argument("--start-index", type=_args.u16, default=0xFF00,
                       help="ring: first index, 0..0xffff (near 0xFFFF to show the wrap)")
-    demo.set_defaults(func=lambda a: demo_blk(a) if a.what == "blk" else demo_ring(a),
-                      parser=demo)
-    bench = sub.add_parser("bench", help="benchmarks (blk, net, vfio); --help after the name")
-    bench.add_argument("what", choices=["blk", "net", "vfio"])
+    demo.set_defaults(func=lambda a: {"blk": demo_blk, "ring": demo_ring,
+                                      "fs": fs_cli.demo_fs}[a.what](a), parser=demo)
+    bench = sub.add_parser("bench", help="benchmarks (blk, net, vfio, fs); --help after the "
+                                         "name")
+    bench.add_argument("what", choices=["blk", "net", "vfio", "fs"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench, parser=bench)
     insp = sub.add_parser("inspect", help="print a split ring layout")
@@ -224,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     insp.set_defaults(func=cmd_inspect, parser=insp)
     cli_check.register(sub)
     cli_fuzz.register(sub)
-    args = _args.parse(parser, argv)
+    fs = fs_cli.add_parser(sub)
+    args = _args.parse(parser, argv, fs)
     try:
         result: int = args.func(args)
     except ArgumentError as exc:

@@ -1,9 +1,10 @@
 """Public test helpers: a device-side peer, a hostile device, a hostile driver (for testing
-back-ends), conformance suites."""
+back-ends), a fake FUSE daemon, conformance suites."""
 
 from virtq.testing.conformance import check_iova_allocator, check_memory_region
 from virtq.testing.device import DeviceQueue, DriverProtocolError, Segment
 from virtq.testing.embedded import BackendProcess, Faults, VhostUserBlkBackend
+from virtq.testing.fake_fs import FakeFsDaemon
 from virtq.testing.hostile import HostileDevice, PackedHostileDevice
 from virtq.testing.hostile_driver import Buf, GuestMemory, HostileDriver, RawRing
 from virtq.testing.packed_device import PackedDeviceQueue
@@ -14,6 +15,7 @@ __all__ = [
     "Buf",
     "DeviceQueue",
     "DriverProtocolError",
+    "FakeFsDaemon",
     "Faults",
     "GuestMemory",
     "HostileDevice",

@@ -21,6 +21,14 @@ Fixtures (each stops its process, by pid, and removes its socket afterwards):
     DPDK's ``vhost_blk`` example (:class:`~virtq.testing.runners.DpdkVhostBlk`): a
     packed-ring-only vhost-user-blk back-end with a 128 MiB RAM disk (``.socket_path``).
     Needs the binary ``scripts/build-dpdk-vhost-blk.sh`` builds.
+``virtq_fs_dir``
+    an empty temporary directory to share.
+``virtq_virtiofsd``
+    a :class:`~virtq.testing.runners.Virtiofsd` sharing ``virtq_fs_dir`` with ``-o
+    cache=none`` (what the client sees is what the directory holds now).  virtiofsd exits
+    when its client disconnects, so each ``virtq_virtiofsd.connect(**options)`` starts a
+    new daemon and returns a connected :class:`~virtq.devices.fs.FsDevice`.  Needs root
+    and ``qemu-system-common``.
 ``virtq_check``
     runs ``virtq check``'s conformance catalogue (:mod:`virtq.check`) against *your*
     back-end and returns the :class:`~virtq.check.Report`::
@@ -38,6 +46,8 @@ Fixtures (each stops its process, by pid, and removes its socket afterwards):
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -54,7 +64,7 @@ from virtq.check import (
 )
 from virtq.errors import ArgumentError
 from virtq.testing.embedded import VhostUserBlkBackend
-from virtq.testing.runners import DpdkVhostBlk, QemuStorageDaemon, make_image
+from virtq.testing.runners import DpdkVhostBlk, QemuStorageDaemon, Virtiofsd, make_image
 from virtq.testing.testpmd import TestPmd
 
 BLK_IMAGE_BYTES = 16 << 20
@@ -82,6 +92,24 @@ def virtq_testpmd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestPmd]
     sock = tmp_path_factory.mktemp("virtq-net") / "vhost-net.sock"
     with TestPmd.vhost(sock) as tp:
         yield tp
+
+
+@pytest.fixture
+def virtq_fs_dir(tmp_path: Path) -> Path:
+    share = tmp_path / "virtq-share"
+    share.mkdir()
+    return share
+
+
+@pytest.fixture
+def virtq_virtiofsd(virtq_fs_dir: Path) -> Iterator[Virtiofsd]:
+    # A Unix socket path holds at most 107 bytes; pytest's tmp_path can be longer.
+    sockdir = tempfile.mkdtemp(prefix="virtq-fs-")
+    try:
+        with Virtiofsd(virtq_fs_dir, Path(sockdir) / "fs.sock", cache="none") as daemon:
+            yield daemon
+    finally:
+        shutil.rmtree(sockdir, ignore_errors=True)
 
 
 CheckRunner = Callable[..., Report]

@@ -3,7 +3,8 @@
 :class:`QemuStorageDaemon` runs ``qemu-storage-daemon`` (Debian package
 ``qemu-system-common``) exporting a raw image as vhost-user-blk.  :class:`DpdkVhostBlk` runs
 DPDK's ``vhost_blk`` example, the one packed-ring-only back-end here (built by
-``scripts/build-dpdk-vhost-blk.sh``).  :class:`TestPmd` lives in
+``scripts/build-dpdk-vhost-blk.sh``).  :class:`Virtiofsd` runs QEMU's C ``virtiofsd``
+(``qemu-system-common``) sharing a directory as vhost-user-fs.  :class:`TestPmd` lives in
 :mod:`virtq.testing.testpmd`.  All are context managers that stop their process by pid and
 remove their socket; none needs hugepages.
 """
@@ -20,9 +21,12 @@ import time
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from virtq.errors import VirtqError
+
+if TYPE_CHECKING:
+    from virtq.devices.fs import FsDevice
 
 
 class BackendError(VirtqError):
@@ -362,6 +366,149 @@ class DpdkVhostBlk:
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+#: Where Debian's qemu-system-common installs QEMU's C virtiofsd (not on PATH).
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+#: What virtiofsd prints once its socket listens (virtio_session_mount()).
+_VIRTIOFSD_READY = b"Waiting for vhost-user socket connection"
+
+
+class Virtiofsd:
+    """QEMU's C ``virtiofsd`` sharing the directory ``source`` on ``socket_path``.
+
+    virtiofsd serves one front-end and exits when it disconnects, so every connection
+    needs a new process: :meth:`connect` starts one (if none is waiting) and returns a
+    connected :class:`~virtq.devices.fs.FsDevice`.  ``cache``: the daemon's ``-o cache=``
+    (``none`` makes every LOOKUP and GETATTR see the directory as it is now); ``debug``
+    runs it with ``-d`` (every request and reply in :meth:`log`); ``sandbox``: ``chroot``
+    works in containers, ``namespace`` needs more privileges.  virtiofsd must run as root.
+
+    Readiness: the daemon prints that it waits for a connection only after its socket
+    listens.
+    """
+
+    def __init__(self, source: str | os.PathLike[str], socket_path: str | os.PathLike[str],
+                 *, cache: str = "none", debug: bool = False, sandbox: str = "chroot",
+                 extra: list[str] | None = None, timeout: float = 10.0) -> None:
+        self.source = Path(source)
+        self.socket_path = Path(socket_path)
+        self.cache = cache
+        self.debug = debug
+        self.sandbox = sandbox
+        self.extra = list(extra or [])
+        self.timeout = timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._stderr = self.socket_path.with_suffix(".stderr")
+        #: The logs of the processes that ran before the current one, oldest first.
+        self.logs: list[str] = []
+
+    def command(self) -> list[str]:
+        if not os.path.exists(VIRTIOFSD):
+            raise BackendError(f"{VIRTIOFSD} not found; install the Debian package "
+                               "qemu-system-common (scripts/install-system-deps.sh does)")
+        cmd = [VIRTIOFSD, f"--socket-path={self.socket_path}", "-o", f"source={self.source}",
+               "-o", f"sandbox={self.sandbox}", "-o", f"cache={self.cache}", *self.extra]
+        if self.debug:
+            cmd.append("-d")
+        return cmd
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> Self:
+        """Start a daemon (the previous one must have exited: :meth:`stop` or a client
+        that disconnected) and wait until it listens."""
+        if os.geteuid() != 0:
+            raise BackendError("virtiofsd must run as root (it changes credentials and "
+                               "chroots into the shared directory)")
+        if self.running:
+            raise BackendError(f"virtiofsd (pid {self.pid}) is still running")
+        self._reap()
+        self.socket_path.unlink(missing_ok=True)
+        with open(self._stderr, "wb") as err:
+            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            status = self.proc.poll()
+            if status is not None:
+                log = self.log()
+                self._reap()
+                raise BackendError(f"virtiofsd exited with {status}: {log.strip()}")
+            if self.socket_path.exists() and _VIRTIOFSD_READY in self._stderr.read_bytes():
+                return self
+            if time.monotonic() > deadline:
+                self.stop()
+                raise BackendError(f"virtiofsd not ready after {self.timeout} s")
+            time.sleep(0.005)
+
+    def connect(self, **options: Any) -> FsDevice:
+        """A new FUSE session: start a daemon unless one waits for a connection (one
+        whose client left is waited for first), then
+        :meth:`FsDevice.connect_vhost_user` with ``options``."""
+        from virtq.devices.fs import FsDevice  # noqa: PLC0415 - runners need no device
+
+        if self.running and self.proc is not None and self._connected():
+            self.wait_exit()
+        if not self.running:
+            self.start()
+        return FsDevice.connect_vhost_user(self.socket_path, **options)
+
+    def _connected(self) -> bool:
+        return b"Received vhost-user socket connection" in self._read_stderr()
+
+    def _read_stderr(self) -> bytes:
+        try:
+            return self._stderr.read_bytes()
+        except FileNotFoundError:
+            return b""
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    def log(self) -> str:
+        """What the current (or last) daemon wrote to stderr."""
+        return self._read_stderr().decode(errors="replace")
+
+    def wait_exit(self, timeout: float | None = None) -> int | None:
+        """Wait for the daemon to exit (it does when its client disconnects); its exit
+        status, or None if none ran.  Kills it after ``timeout`` (default: the runner's)."""
+        if self.proc is None:
+            return None
+        try:
+            self.proc.wait(timeout=self.timeout if timeout is None else timeout)
+        except subprocess.TimeoutExpired:
+            kill_process(self.proc, 10)
+        status = self.proc.returncode
+        self._reap()
+        return status
+
+    def _reap(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            self.logs.append(self.log())
+            self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would (for fault tests); the socket file stays behind."""
+        if self.proc is not None:
+            kill_process(self.proc, 10)
+            self._reap()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, 5)
+            self._reap()
+        for leftover in (self.socket_path, self._stderr):
+            leftover.unlink(missing_ok=True)
 
     def __enter__(self) -> Self:
         return self.start()
