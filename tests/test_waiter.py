@@ -12,7 +12,7 @@ import time
 import pytest
 
 from virtq.devices import BlkDevice
-from virtq.errors import QueueStateError, VirtqError
+from virtq.errors import DeviceProtocolError, QueueStateError, VirtqError
 from virtq.layout import SplitLayout
 from virtq.queue import SplitQueue
 from virtq.testing.loopback import LoopbackTransport
@@ -153,6 +153,25 @@ def test_the_deadline_ends_every_path():
     box = in_thread(lambda: waiter.wait(None))
     assert isinstance(box["error"], VhostUserDisconnectedError)
     lt.close()
+
+
+def test_a_broken_queue_does_not_keep_the_others_from_sleeping():
+    """Found by FsDevice: once one queue was broken (its requests already failed by the
+    device driver), arm() returned True for every queue and the waiter spun at 100% CPU
+    while the healthy queues' requests were outstanding.  Now it sleeps on those."""
+    t = EventfdTransport(2)
+    q0, q1 = queues_on(t, 2)
+    for q in (q0, q1):
+        q.add([(q.iova + q.layout.buffer(0), 8)], [], "x")
+        q.publish()
+    q0.mark_broken(DeviceProtocolError("used.len", 1, "0"))
+    waiter = Waiter(t, [q0, q1])
+    assert waiter.arm() is False  # sleep: queue 1 will notify
+    box = in_thread(lambda: waiter.wait(time.monotonic() + 0.2))
+    assert box == {"result": False}  # slept to the deadline instead of spinning
+    q1.close()
+    assert waiter.arm() is True  # no usable queue has anything in flight: do not sleep
+    t.close()
 
 
 def test_nothing_in_flight_is_nothing_to_wait_for():

@@ -32,6 +32,7 @@ from virtq.queue import QueueState, VirtQueue
 from virtq.transport.base import Transport
 
 _READY = QueueState.READY
+_CLOSED = QueueState.CLOSED
 #: Polling loops look at the transport's health (and the clock) once per this many spins.
 CHECK_EVERY = 4096
 
@@ -70,24 +71,29 @@ class Waiter:
         return False if self.polling else self.transport.drain_notifications()
 
     def ready(self) -> bool:
-        """True when any queue has completions not yet reaped (or is not usable, so the
-        caller must look at it instead of sleeping)."""
-        return any(q.state is not _READY or q.has_used() for q in self.queues)
+        """True when any queue has completions not yet reaped, or was closed (the caller
+        must look instead of sleeping).  A broken queue does not count: whoever reaped
+        it saw it break and completed its requests with the error (the failure policy)."""
+        return any(q.state is _CLOSED or (q.state is _READY and q.has_used())
+                   for q in self.queues)
 
     def arm(self, want: int = 1) -> bool:
         """Ask every queue with chains in flight for a notification once its share of
         ``want`` more completions is there (event idx; without it, at the next one), then
         re-check.  Returns True when the caller must not sleep: completions are already
-        there, a queue is not usable, or nothing is in flight to wait for."""
+        there, or no usable queue has anything in flight to wait for."""
         queues = self.queues
         if len(queues) == 1:
             q = queues[0]
             if q.state is not _READY or not q.num_in_flight:
                 return True
             return q.enable_interrupts_after(want)
-        if any(q.state is not _READY for q in queues):
+        if any(q.state is _CLOSED for q in queues):
             return True
-        busy = [q for q in queues if q.num_in_flight]
+        # A broken queue is not waited on: the device driver has already completed its
+        # requests with the error (the failure policy), so the others are what a wait is
+        # for -- sleep on them instead of spinning.
+        busy = [q for q in queues if q.state is _READY and q.num_in_flight]
         if not busy:
             return True
         total = sum(q.num_in_flight for q in busy)
@@ -139,7 +145,8 @@ class Waiter:
         while True:
             for _ in range(CHECK_EVERY):
                 for q in queues:
-                    if q.state is not _READY or q.has_used():
+                    state = q.state
+                    if state is _CLOSED or (state is _READY and q.has_used()):
                         return True
             check()
             if deadline is not None and time.monotonic() >= deadline:
