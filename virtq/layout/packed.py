@@ -28,6 +28,9 @@ EVENT_SUPPRESS_SIZE = 4
 
 @dataclass(frozen=True, slots=True)
 class PackedLayout:
+    """Byte offsets of a packed virtqueue's parts inside one region (all from byte 0): the
+    descriptor ring, then the driver and device event suppression structures (VIRTIO 1.2
+    §2.8.10)."""
     queue_size: int
     desc: Offset
     driver_event: Offset
@@ -37,6 +40,9 @@ class PackedLayout:
 
     @classmethod
     def compute(cls, queue_size: int, *, page_size: int = 4096) -> PackedLayout:
+        """Lay out a packed ring of ``queue_size`` entries (any size in 1..32768: a packed ring
+        need not be a power of two).  Raises :class:`~virtq.errors.LayoutError` for a size
+        outside that range or a bad ``page_size``."""
         if not isinstance(queue_size, int) or not 1 <= queue_size <= MAX_PACKED_QUEUE_SIZE:
             raise LayoutError("queue_size", queue_size, "packed queue size must be in 1..32768")
         check_page_size(page_size)

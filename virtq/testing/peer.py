@@ -32,7 +32,9 @@ def serve_chain(dev: DeviceQueue, segments: list[Segment]) -> int:
 
 
 def serve(dev: DeviceQueue, count: int, *, timeout: float, seed: int = 0) -> int:
-    """Serve ``count`` chains (polling), completing them in shuffled batches."""
+    """Serve ``count`` chains (polling), completing them in shuffled batches.  Returns how many
+    it served.  Raises ``TimeoutError`` when the driver published fewer within ``timeout``
+    seconds, and :class:`~virtq.testing.DriverProtocolError` for an impossible chain."""
     rng = random.Random(seed)
     deadline = time.monotonic() + timeout
     done = 0
@@ -55,6 +57,8 @@ def serve(dev: DeviceQueue, count: int, *, timeout: float, seed: int = 0) -> int
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line (``--help`` lists the options): attach the memfd, serve ``--count``
+    chains, exit 0 (1 if fewer were served)."""
     p = argparse.ArgumentParser(prog="python -m virtq.testing.peer", description=__doc__)
     p.add_argument("--fd", type=int, required=True, help="inherited memfd of the region")
     p.add_argument("--nbytes", type=int, required=True)

@@ -136,6 +136,9 @@ class Faults:
 
     @classmethod
     def coerce(cls, value: Faults | Mapping[str, object] | None) -> Faults:
+        """``value`` as :class:`Faults`: None is no fault, a mapping gives the fields by name.
+        Raises :class:`~virtq.errors.ArgumentError` for a bad value (``TypeError`` for a name
+        that is no field)."""
         if value is None:
             return cls()
         if isinstance(value, Faults):
@@ -144,7 +147,8 @@ class Faults:
 
     @classmethod
     def parse(cls, spec: str) -> Faults:
-        """The command-line form: ``"drop_after=3,out_of_order"`` (bare names are True)."""
+        """The command-line form: ``"drop_after=3,out_of_order"`` (bare names are True).  Raises
+        :class:`~virtq.errors.ArgumentError` for an unknown fault or a bad value."""
         kwargs: dict[str, object] = {}
         known = {f.name for f in fields(cls)}
         for item in filter(None, (s.strip() for s in spec.split(","))):
@@ -864,6 +868,8 @@ class VhostUserBlkBackend:
 
     @property
     def faults(self) -> Faults:
+        """The faults injected now; assign a :class:`Faults` (or a mapping) to change them while
+        the back-end runs."""
         return self._faults
 
     @faults.setter

@@ -104,8 +104,8 @@ def _mem_region(name: str, region: object) -> MemRegion:
 
 def check_timeout(timeout: object) -> float | None:
     """``timeout`` if it is ``None`` (wait forever) or a number of seconds in
-    ``(0, MAX_TIMEOUT]``; :class:`~virtq.errors.ArgumentError` otherwise (0 would make the
-    socket non-blocking, a negative or NaN value is refused by the socket module)."""
+    ``(0, MAX_TIMEOUT]``; raises :class:`~virtq.errors.ArgumentError` otherwise (0 would make
+    the socket non-blocking, a negative or NaN value is refused by the socket module)."""
     if timeout is None:
         return None
     if (not isinstance(timeout, int | float) or isinstance(timeout, bool)
@@ -388,7 +388,9 @@ class VhostUserFrontend:
                      [fd])
 
     def set_vring_num(self, index: int, num: int) -> None:
-        """SET_VRING_NUM: ring ``index`` (0..255) has ``num`` (1..32768) entries."""
+        """SET_VRING_NUM: ring ``index`` (0..255) has ``num`` (1..32768) entries.  Raises
+        :class:`~virtq.errors.ArgumentError` for a bad index or size, and what :meth:`request`
+        raises."""
         num = _uint("num", num, 16, low=1)
         if num > P.MAX_VRING_NUM:
             raise ArgumentError("num", num, f"must be in 1..{P.MAX_VRING_NUM} (VIRTIO 1.2 §2.7)")
@@ -436,7 +438,9 @@ class VhostUserFrontend:
         self.request(P.Request.SET_VRING_CALL, P.U64.pack(index), [fd])
 
     def set_vring_enable(self, index: int, enable: bool) -> None:
-        """SET_VRING_ENABLE: enable (True) or disable (False) ring ``index``."""
+        """SET_VRING_ENABLE: enable (True) or disable (False) ring ``index``.  Raises
+        :class:`~virtq.errors.ArgumentError` for a bad index or a non-bool ``enable``, and what
+        :meth:`request` raises."""
         if not isinstance(enable, bool):
             raise ArgumentError("enable", enable, "must be True or False")
         self.request(P.Request.SET_VRING_ENABLE, P.VRING_STATE.pack(_ring(index), int(enable)))
@@ -489,6 +493,7 @@ class VhostUserFrontend:
 
     @property
     def closed(self) -> bool:
+        """True after :meth:`close` (the socket is closed)."""
         return self.sock.fileno() < 0
 
     def close(self) -> None:
