@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from collections.abc import Callable
 
 from virtq.layout import MAX_SPLIT_QUEUE_SIZE, is_power_of_two
@@ -83,6 +84,24 @@ def directory(text: str) -> str:
     if not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a directory")
     return text
+
+
+_ROLE = re.compile(r":(?:class|func|meth|mod|data|attr|exc|obj|ref|doc):`~?([^`<]*?)(?: <[^>]*>)?`")
+
+
+def plain(text: str) -> str:
+    """``text`` (a docstring) without reStructuredText markup, for ``--help``: roles
+    (``:class:`~a.B``` -> ``B``, the last part when the target starts with ``~``),
+    double and single backquotes, and ``::`` at the end of a line (-> ``:``)."""
+    def role(m: re.Match[str]) -> str:
+        name = m.group(1)
+        return name.rsplit(".", 1)[-1] if m.group(0).split("`", 1)[1].startswith("~") \
+            else name
+
+    text = _ROLE.sub(role, text)
+    text = text.replace("``", "")
+    text = re.sub(r"`([^`]+)`", r"\1", text)
+    return re.sub(r"::$", ":", text, flags=re.M)
 
 
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None,
