@@ -14,7 +14,7 @@ import pytest
 from virtq.aio import AsyncBlkDevice, Pump
 from virtq.devices import BlkDevice
 from virtq.errors import ArgumentError, QueueStateError, VirtqError
-from virtq.ringview import IN_FLIGHT, SnapshotFile, analyze, snapshot_data
+from virtq.ringview import ADDED, IN_FLIGHT, SnapshotFile, analyze, snapshot_data
 from virtq.testing.runners import sector_pattern
 
 BACKENDS = ["asyncio", "trio"]
@@ -115,16 +115,21 @@ def test_cancellation_leaves_the_queue_consistent(virtq_qsd, backend, no_leaks):
                     finished.append(i)
 
                 async with anyio.create_task_group() as tg:
-                    for i in range(6):
+                    tg.start_soon(reader, 0)
+                    await until(lambda: dev.in_flight == 1)
+                    await anyio.sleep(0.05)  # let it fall asleep in the pump, on the fd
+                    for i in range(1, 6):
                         tg.start_soon(reader, i)
                     await until(lambda: dev.in_flight == 6)
-                    await anyio.sleep(0.05)  # let one of them fall asleep on the fd
                     tg.cancel_scope.cancel()
                 assert finished == []
                 assert dev.in_flight == 6  # still the device's: nothing reused
                 state = analyze(SnapshotFile.from_data(snapshot_data(dev.queues[0])))
                 assert state.problems == []
+                # every waiting task published its request, also the ones that waited
+                # behind the task asleep in the pump
                 assert len(state.by_status(IN_FLIGHT)) == 6
+                assert state.by_status(ADDED) == []
             finally:
                 os.kill(virtq_qsd.pid, signal.SIGCONT)
             await disk.drain()

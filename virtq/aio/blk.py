@@ -41,7 +41,7 @@ class AsyncBlkDevice:
             raise ArgumentError("device", device, "must be a BlkDevice")
         self.device = device
         self.pump: Pump[BlkRequest] = Pump(device.waiter, lambda: device.poll(0),
-                                           lambda: device.in_flight)
+                                           lambda: device.in_flight, device.kick)
 
     @classmethod
     async def connect_vhost_user(cls, path: str | os.PathLike[str], **kwargs: Any) -> Self:

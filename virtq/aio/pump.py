@@ -49,15 +49,20 @@ class Pump(Generic[R]):
 
     ``waiter`` is the device's :class:`~virtq.transport.Waiter`; ``poll`` publishes what was
     submitted and returns what completed without blocking (a device's ``poll(0)``);
-    ``in_flight`` says how many requests the device still holds.  Every completion
-    ``poll`` returns is also handed to each :meth:`subscribe`\\ d list.
+    ``in_flight`` says how many requests the device still holds; ``publish`` (optional)
+    makes what was submitted visible to the device and notifies it (a device's ``kick``):
+    every waiting task calls it first, so a request submitted while another task sleeps in
+    the pump is not left unpublished until that task wakes.  Every completion ``poll``
+    returns is also handed to each :meth:`subscribe`\\ d list.
     """
 
     def __init__(self, waiter: Waiter, poll: Callable[[], list[R]],
-                 in_flight: Callable[[], int]) -> None:
+                 in_flight: Callable[[], int],
+                 publish: Callable[[], None] | None = None) -> None:
         self.waiter = waiter
         self._poll = poll
         self._in_flight = in_flight
+        self._publish = publish
         self._busy = False
         self._round: anyio.Event | None = None
         self._subscribers: list[list[R]] = []
@@ -89,6 +94,8 @@ class Pump(Generic[R]):
         Raises :class:`~virtq.errors.VirtqError` when the condition is false and nothing
         is in flight (nothing could make it true), and what ``poll`` raises."""
         while not condition():
+            if self._publish is not None:
+                self._publish()
             if self._busy:
                 # Another task is in a round: its reap may be what we wait for.
                 if self._round is None:
