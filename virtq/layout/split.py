@@ -2,16 +2,16 @@
 
 One contiguous region holds, in order:
 
-=================  ===========  =====================  =====================================
-part               alignment    size (bytes)           notes
-=================  ===========  =====================  =====================================
-descriptor table   16           16 * N                 ``struct virtq_desc`` [N]
-available ring     2            6 + 2 * N              flags, idx, ring[N], used_event
-used ring          4            6 + 8 * N              flags, idx, ring[N], avail_event
-(legacy)           page_size    --                     used ring starts on a page boundary
-per-slot buffers   see below    buffer_size * N        optional; crosvm UserQueue's layout
-indirect tables    16           16 * indirect_size * N optional; one table per head
-=================  ===========  =====================  =====================================
+=================  ===========  =======================  ===================================
+part               alignment    size (bytes)             notes
+=================  ===========  =======================  ===================================
+descriptor table   16           16 * N                   ``struct virtq_desc`` [N]
+available ring     2            6 + 2 * N                flags, idx, ring[N], used_event
+used ring          4            6 + 8 * N                flags, idx, ring[N], avail_event
+(legacy)           page_size    --                       used ring starts on a page boundary
+per-slot buffers   see below    buffer_size * N          optional; crosvm UserQueue's layout
+indirect tables    16           16 * indirect_size * N   optional; one table per head
+=================  ===========  =======================  ===================================
 
 The event-index words (``used_event``, ``avail_event``) are already inside the ring sizes;
 nothing extra is needed for ``VIRTIO_F_EVENT_IDX`` (the seed's TODO saying otherwise was stale).

@@ -101,17 +101,17 @@ class Faults:
     """What the back-end does wrong, on purpose.  Requests are named like
     :class:`~virtq.transport.vhost_user.protocol.Request` members (``"GET_CONFIG"``).
 
-    ``drop_after``: close the connection once this many requests (per connection) have been
-      popped from the rings, before completing any of the current batch.
-    ``nack``: answer that request with a non-zero REPLY_ACK status, without acting on it.
+    * ``drop_after``: close the connection once this many requests (per connection) have
+      been popped from the rings, before completing any of the current batch.
+    * ``nack``: answer that request with a non-zero REPLY_ACK status, without acting on it.
       GET_CONFIG is answered with an empty payload (its way of failing); other requests
       that have a reply of their own cannot be NACKed: the connection is closed instead.
-    ``garbage_reply``: answer that request with a malformed reply: ``garbage_kind`` "code"
-      (a request code that does not exist), "flags" (the REPLY flag missing) or "size"
-      (a 3-byte payload, which no reply has).
-    ``never_answer``: read that request and stay silent (a hung back-end).
-    ``out_of_order``: complete each batch of popped requests in reverse order.
-    ``corrupt_used``: complete each batch's first request with a head id no driver owns.
+    * ``garbage_reply``: answer that request with a malformed reply: ``garbage_kind``
+      "code" (a request code that does not exist), "flags" (the REPLY flag missing) or
+      "size" (a 3-byte payload, which no reply has).
+    * ``never_answer``: read that request and stay silent (a hung back-end).
+    * ``out_of_order``: complete each batch of popped requests in reverse order.
+    * ``corrupt_used``: complete each batch's first request with a head id no driver owns.
 
     Replace :attr:`VhostUserBlkBackend.faults` at any time; the back-end reads it for
     every message and every batch.
