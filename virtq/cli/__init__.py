@@ -266,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     handler = enable_trace() if args.trace else None
     try:
         result: int = args.func(args)
+    except BrokenPipeError:
+        # The reader went away (``virtq inspect ... | head``): stop quietly, as cat does.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except ArgumentError as exc:
         # A rule the argument types above do not know (the library checks every value
         # again): still the caller's argument, so a usage error, not a traceback.
