@@ -52,6 +52,11 @@ def members(cls: type) -> Iterator[tuple[str, Callable[..., Any]]]:
             yield name, attr
 
 
+def is_function(obj: Any) -> bool:
+    """A plain function, or one wrapped by a decorator (``functools.cache``)."""
+    return callable(obj) and inspect.isfunction(inspect.unwrap(obj))
+
+
 def public_callables() -> dict[str, Callable[..., Any]]:
     """``module.qualname`` -> the function (or class) for every public callable."""
     found: dict[str, Callable[..., Any]] = {}
@@ -59,7 +64,7 @@ def public_callables() -> dict[str, Callable[..., Any]]:
         module = importlib.import_module(modname)
         for name in public_names(module):
             obj = getattr(module, name)
-            if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+            if not (inspect.isclass(obj) or is_function(obj)):
                 continue
             if not getattr(obj, "__module__", "").startswith("virtq"):
                 continue  # a re-exported typing helper or stdlib class
@@ -73,7 +78,7 @@ def public_callables() -> dict[str, Callable[..., Any]]:
 def raises_on_purpose(fn: Callable[..., Any]) -> bool:
     """Whether ``fn``'s own body (not a nested function's) has ``raise X``."""
     try:
-        source = textwrap.dedent(inspect.getsource(fn))
+        source = textwrap.dedent(inspect.getsource(inspect.unwrap(fn)))
     except (OSError, TypeError):
         return False
     tree = ast.parse(source)
@@ -112,7 +117,7 @@ def test_every_public_callable_has_a_docstring():
 
 def test_a_callable_that_raises_says_so():
     silent = sorted(name for name, fn in CALLABLES.items()
-                    if inspect.isfunction(fn) and raises_on_purpose(fn)
+                    if is_function(fn) and raises_on_purpose(fn)
                     and "raise" not in (fn.__doc__ or "").lower())
     assert not silent, f"{len(silent)} public callables raise without saying so:\n" + \
         "\n".join(silent)
