@@ -60,7 +60,10 @@ def list_memfds(pid: int) -> int:
 
 
 def show_ring(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """Attach to the ring named by ``args.target`` and print (and draw) it."""
+    """Attach to the ring named by ``args.target`` and print (and draw) it; returns the exit
+    status.  Raises :class:`~virtq.errors.VirtqOSError` when the file cannot be read or the
+    picture written, :class:`~virtq.errors.ArgumentError` when it holds no such ring, and
+    exits 2 through ``parser`` when a live ring's size is missing."""
     target: str = args.target
     source: Any
     if is_snapshot(target):
