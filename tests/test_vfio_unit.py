@@ -619,7 +619,7 @@ class LoopbackRng:
         return 1 << VIRTIO_F_VERSION_1
 
     def negotiate(self, wanted: int) -> int:
-        self.accepted = wanted | 1 << VIRTIO_F_VERSION_1
+        self.accepted = (wanted | 1 << VIRTIO_F_VERSION_1) & self.device_features
         return self.accepted
 
     def num_queues(self) -> int:

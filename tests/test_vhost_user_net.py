@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from virtq.abi.net import MIN_RX_BUFFER, NET_HDR_SIZE
+from virtq.abi.net import MIN_RX_BUFFER, NET_HDR_SIZE, TX_QUEUE
 from virtq.devices import NetDevice, NetTimeoutError
 from virtq.devices.net import build_frame
 from virtq.errors import ArgumentError, LayoutError, QueueStateError, VirtqError
@@ -70,13 +70,41 @@ def drain_tx(dev: NetDevice) -> None:
     assert dev.tx_in_flight == 0
 
 
+#: The ring formats testpmd's net_vhost offers (split and packed, with IN_ORDER): each is
+#: driven for real.
+RINGS = [pytest.param(("split", False), id="split"),
+         pytest.param(("split", True), id="split-in-order"),
+         pytest.param(("packed", True), id="packed-in-order"),
+         pytest.param(("packed", False), id="packed")]
+
+
+def check_ring(dev: NetDevice, ring: tuple[str, bool | None]) -> None:
+    fmt, in_order = ring
+    assert dev.ring == fmt
+    assert dev.in_order == bool(in_order)
+    assert bool(dev.features >> 34 & 1) == (fmt == "packed")  # VIRTIO_F_RING_PACKED
+    assert bool(dev.features >> 35 & 1) == bool(in_order)  # VIRTIO_F_IN_ORDER
+
+
+def check_tx_base(dev: NetDevice) -> None:
+    """After every frame went out, the back-end's GET_VRING_BASE of the transmitq is where
+    the driver's next descriptor goes: the avail index (split), or the position with the
+    driver wrap counter in bit 15 (packed, vhost-user.rst)."""
+    drain_tx(dev)
+    assert dev.transport.get_vring_base(TX_QUEUE) & 0xFFFF == dev.txq.vring_base & 0xFFFF
+
+
+@pytest.mark.parametrize("ring", RINGS)
 @pytest.mark.parametrize("poll", [False, True], ids=["notify", "poll"])
 @pytest.mark.usefixtures("no_leaks")
-def test_frames_sent_are_counted_exactly(backend: TestPmd, poll: bool) -> None:
+def test_frames_sent_are_counted_exactly(backend: TestPmd, poll: bool,
+                                         ring: tuple[str, bool | None]) -> None:
     rng = random.Random(5)
     frames = [frame(i, rng.randrange(60, 1515)) for i in range(3000)]
-    with connected(backend, "rxonly", poll=poll, queue_size=128) as dev:
+    with connected(backend, "rxonly", poll=poll, queue_size=128, ring=ring[0],
+                   in_order=ring[1]) as dev:
         assert dev.features >> 32 & 1  # VERSION_1
+        check_ring(dev, ring)
         for f in frames[:500]:
             dev.send(f, timeout=5)
         # Batches larger than the ring wait for the device to complete earlier frames.
@@ -90,20 +118,24 @@ def test_frames_sent_are_counted_exactly(backend: TestPmd, poll: bool) -> None:
         drain_tx(dev)
         time.sleep(0.1)
         assert backend.port_stats().rx_packets == len(frames)  # nothing sent twice
+        check_tx_base(dev)
 
 
+@pytest.mark.parametrize("ring", RINGS)
 @pytest.mark.parametrize(("poll", "event_idx"), [(False, True), (True, True), (False, False)],
                          ids=["notify", "poll", "notify-no-event-idx"])
 @pytest.mark.usefixtures("no_leaks")
-def test_io_forward_loopback_is_byte_exact(backend: TestPmd, poll: bool,
-                                           event_idx: bool) -> None:
+def test_io_forward_loopback_is_byte_exact(backend: TestPmd, poll: bool, event_idx: bool,
+                                           ring: tuple[str, bool | None]) -> None:
     rng = random.Random(7)
     # 14..1514 bytes: the shortest frame, the longest without MRG_RXBUF, and between.
     sizes = [14, 15, 60, 1513, 1514, *(rng.randrange(14, 1515) for _ in range(1995))]
     frames = [frame(i, s) for i, s in enumerate(sizes)]
     got: list[bytes] = []
-    with connected(backend, "io", poll=poll, event_idx=event_idx, queue_size=256) as dev:
+    with connected(backend, "io", poll=poll, event_idx=event_idx, queue_size=256,
+                   ring=ring[0], in_order=ring[1]) as dev:
         assert bool(dev.features >> 29 & 1) == event_idx  # VIRTIO_F_EVENT_IDX
+        check_ring(dev, ring)
         # Bursts no larger than the posted receive buffers: io forwarding drops what does
         # not fit the receiveq, and this test is about content, not loss.
         for k in range(0, len(frames), 128):
@@ -122,6 +154,7 @@ def test_io_forward_loopback_is_byte_exact(backend: TestPmd, poll: bool,
         assert dev.recv(timeout=0.05) is None  # nothing extra
         assert dev.rx_packets == len(frames)
         assert dev.rx_bytes == sum(map(len, frames))
+        check_tx_base(dev)
     # One queue, one forwarding lcore: order is kept, so the sequence must match exactly.
     assert got == frames
 
@@ -201,7 +234,7 @@ def test_bad_construction_releases_everything(backend: TestPmd, tmp_path: Path) 
         NetDevice.connect_vhost_user(backend.socket_path, buffer_size=MIN_RX_BUFFER - 1)
     backend.wait_link(False)
     with pytest.raises(LayoutError):
-        NetDevice.connect_vhost_user(backend.socket_path, queue_size=100)
+        NetDevice.connect_vhost_user(backend.socket_path, queue_size=100, ring="split")
     backend.wait_link(False)
     with pytest.raises(VhostUserConnectError) as info:
         NetDevice.connect_vhost_user(tmp_path / "nobody-listens.sock")

@@ -62,6 +62,7 @@ from virtq.abi.blk import (
     VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
 )
+from virtq.devices._rings import ring_chosen, ring_wanted
 from virtq.devices.dma import MAX_BUFFER, DmaBuffer, byte_view
 from virtq.devices.errors import BlkIOError, BlkUnsupportedError
 from virtq.errors import (
@@ -202,7 +203,10 @@ class BlkDevice:
     ``max_io``: the largest copying request, and each slot's bounce buffer (a multiple of
     512).  ``max_segments``: the most data buffers of one zero-copy request (capped by the
     device's ``seg_max``).  ``indirect``/``event_idx``: accept those features when offered.
-    ``poll``: never sleep; spin on the used rings.
+    ``poll``: never sleep; spin on the used rings.  ``ring``: ``"split"``, ``"packed"`` or
+    ``"auto"`` (packed when offered); ``in_order``: VIRTIO_F_IN_ORDER (None: when offered).
+    ``start_index``: where the rings start (split: the avail index; packed:
+    ``position | wrap << 15``; None: the beginning).
     """
 
     def __init__(
@@ -216,11 +220,14 @@ class BlkDevice:
         indirect: bool = True,
         event_idx: bool = True,
         poll: bool = False,
-        start_index: int = 0,
+        start_index: int | None = None,
+        ring: str = "auto",
+        in_order: bool | None = None,
     ) -> None:
         self.transport = transport
-        self._closed = False
-        self._transport_closed = False
+        # 0 open; 1 closed, the transport still to close (a refused close() is retried);
+        # 2 closed for good.
+        self._closed = 0
         # Why submissions are refused (closed, or the transport failed), None while usable:
         # one check on the submit paths.
         # (why, the error behind it): one attribute, checked on every submit.
@@ -239,7 +246,8 @@ class BlkDevice:
                                     "must be a positive multiple of 512 below 2**32")
             self.max_io = max_io
             self.poll_mode = bool(poll or transport.polling)
-            self._setup(queue_size, num_queues, max_segments, indirect, event_idx, start_index)
+            self._setup(queue_size, num_queues, max_segments, indirect, event_idx, start_index,
+                        ring, in_order)
         except BaseException:
             # Our own views pin the arena: release them first, or closing the transport
             # fails with RegionBusyError and hides the error that stopped the set-up.
@@ -250,7 +258,8 @@ class BlkDevice:
     # -- set-up ---------------------------------------------------------------------------------
 
     def _setup(self, queue_size: int, num_queues: int, max_segments: int, indirect: bool,
-               event_idx: bool, start_index: int) -> None:
+               event_idx: bool, start_index: int | None, ring: str,
+               in_order: bool | None) -> None:
         t = self.transport
         wanted = (1 << VIRTIO_BLK_F_SIZE_MAX | 1 << VIRTIO_BLK_F_SEG_MAX
                   | 1 << VIRTIO_BLK_F_BLK_SIZE | 1 << VIRTIO_BLK_F_FLUSH
@@ -261,7 +270,10 @@ class BlkDevice:
             wanted |= 1 << VIRTIO_F_EVENT_IDX
         if indirect:
             wanted |= 1 << VIRTIO_F_INDIRECT_DESC
+        wanted |= ring_wanted(ring, in_order)
         self.features = t.negotiate(wanted)
+        #: "split" or "packed", and whether VIRTIO_F_IN_ORDER is in use.
+        self.ring, self.in_order = ring_chosen(self.features, ring, in_order)
         if num_queues > 1 and not self._has(VIRTIO_BLK_F_MQ):
             raise DeviceRefusedError(f"{num_queues} queues asked, the device has no MQ")
         self._read_config()
@@ -294,7 +306,7 @@ class BlkDevice:
                 raise ArgumentError("max_io", self.max_io, f"needs {bounce_pieces} "
                                     f"segments; a {size}-entry ring holds {max_segments}")
         chain = 2 + max_segments  # header, data segments, status
-        layout = ring_layout(size, indirect_size=chain if self.indirect else 0)
+        layout = ring_layout(size, indirect_size=chain if self.indirect else 0, ring=self.ring)
         ring_bytes = layout.nbytes  # page-aligned: layouts stack with shifted()
         meta_off = num_queues * ring_bytes
         # An indirect request takes one ring descriptor; a direct one (usually) three.
@@ -323,7 +335,7 @@ class BlkDevice:
         for i in range(num_queues):
             q: DriverQueue[BlkRequest] = make_queue(
                 self.arena.region, layout.shifted(i * ring_bytes), iova=iova, event_idx=ev,
-                indirect=self.indirect, start_index=start_index)
+                indirect=self.indirect, in_order=self.in_order, start_index=start_index)
             self.queues.append(q)
             tpl = q.template(chain, slots=spq, typical_buffers=min(3, chain))
             self._tpls.append(tpl)
@@ -407,7 +419,9 @@ class BlkDevice:
         indirect: bool = True,
         event_idx: bool = True,
         poll: bool = False,
-        start_index: int = 0,
+        start_index: int | None = None,
+        ring: str = "auto",
+        in_order: bool | None = None,
         timeout: float = 5.0,
         iova_allocator: IovaAllocator | None = None,
         hugepages: bool = False,
@@ -422,7 +436,8 @@ class BlkDevice:
         try:
             return cls(transport, queue_size=queue_size, num_queues=num_queues,
                        max_io=max_io, max_segments=max_segments, indirect=indirect,
-                       event_idx=event_idx, poll=poll, start_index=start_index)
+                       event_idx=event_idx, poll=poll, start_index=start_index, ring=ring,
+                       in_order=in_order)
         except BaseException:
             transport.close()  # idempotent; the constructor closed it already if it ran
             raise
@@ -441,6 +456,8 @@ class BlkDevice:
         max_segments: int = 8,
         indirect: bool = True,
         event_idx: bool = True,
+        ring: str = "auto",
+        in_order: bool | None = None,
     ) -> Self:
         """Open a virtio-blk PCI function through VFIO (see ``docs/vfio.md``); ``bind``
         rebinds it to ``vfio-pci`` first."""
@@ -448,7 +465,8 @@ class BlkDevice:
                                           memory=memory, poll=poll, bind=bind)
         try:
             return cls(transport, poll=poll, queue_size=queue_size, max_io=max_io,
-                       max_segments=max_segments, indirect=indirect, event_idx=event_idx)
+                       max_segments=max_segments, indirect=indirect, event_idx=event_idx,
+                       ring=ring, in_order=in_order)
         except BaseException:
             transport.close()
             raise
@@ -1093,20 +1111,20 @@ class BlkDevice:
         :class:`~virtq.errors.RegionBusyError` is raised; release them and call
         ``close()`` again."""
         if not self._closed:
-            self._closed = True
+            self._closed = 1
             self._refused = ("BlkDevice is closed", None)
             err = QueueStateError("BlkDevice was closed with the request in flight")
             for req in self._in_flight():
                 req.error = err
             self._quarantine.clear()
             self._release_views()
-        if not self._transport_closed:
+        if self._closed == 1:
             self.transport.close()
-            self._transport_closed = True
+            self._closed = 2
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return bool(self._closed)
 
     def __enter__(self) -> Self:
         return self

@@ -42,11 +42,12 @@ from virtq.abi.net import (
     TX_QUEUE,
     VIRTIO_NET_F_MAC,
 )
+from virtq.devices._rings import ring_chosen, ring_wanted
 from virtq.devices.dma import byte_view
 from virtq.errors import ArgumentError, DeviceProtocolError, QueueStateError, VirtqTimeoutError
 from virtq.iova import IovaAllocator
 from virtq.layout import align_up
-from virtq.queue import SlotQueue, ring_layout
+from virtq.queue import make_slot_queue, ring_layout
 from virtq.transport.base import DmaArena, Transport
 from virtq.transport.errors import DeviceRefusedError, TransportError
 from virtq.transport.vhost_user import VhostUserTransport
@@ -74,6 +75,8 @@ class NetDevice:
     ``buffer_size`` is the size of every receive and transmit buffer, header included: the
     largest frame is ``buffer_size - 12`` bytes.  ``poll=True`` busy-polls the rings
     instead of sleeping on used-buffer notifications (lowest latency, one core spinning).
+    ``ring``: ``"split"``, ``"packed"`` or ``"auto"`` (packed when offered); ``in_order``:
+    VIRTIO_F_IN_ORDER (None: when offered and implemented for the format).
     """
 
     def __init__(
@@ -84,6 +87,8 @@ class NetDevice:
         buffer_size: int = 2048,
         event_idx: bool = True,
         poll: bool = False,
+        ring: str = "auto",
+        in_order: bool | None = None,
     ) -> None:
         self.transport = transport
         self.poll_mode = bool(poll or transport.polling)
@@ -101,7 +106,7 @@ class NetDevice:
             self.buffer_size = buffer_size
             #: The largest frame :meth:`send` accepts.
             self.max_frame = buffer_size - NET_HDR_SIZE
-            self._setup(queue_size, event_idx)
+            self._setup(queue_size, event_idx, ring, in_order)
         except BaseException:
             self._release_views()
             transport.close()
@@ -109,12 +114,15 @@ class NetDevice:
 
     # -- set-up ---------------------------------------------------------------------------------
 
-    def _setup(self, queue_size: int, event_idx: bool) -> None:
+    def _setup(self, queue_size: int, event_idx: bool, ring: str,
+               in_order: bool | None) -> None:
         t = self.transport
-        wanted = 1 << VIRTIO_NET_F_MAC
+        wanted = 1 << VIRTIO_NET_F_MAC | ring_wanted(ring, in_order)
         if event_idx:
             wanted |= 1 << VIRTIO_F_EVENT_IDX
         self.features = t.negotiate(wanted)
+        #: "split" or "packed", and whether VIRTIO_F_IN_ORDER is in use.
+        self.ring, self.in_order = ring_chosen(self.features, ring, in_order)
         self.mac = self._read_mac()
         for index, name in ((RX_QUEUE, "receiveq"), (TX_QUEUE, "transmitq")):
             if t.max_queue_size(index) == 0:
@@ -122,7 +130,7 @@ class NetDevice:
         if not isinstance(queue_size, int) or queue_size < 1:
             raise ArgumentError("queue_size", queue_size, "must be an int >= 1")
         size = min(queue_size, t.max_queue_size(RX_QUEUE), t.max_queue_size(TX_QUEUE))
-        layout = ring_layout(size)  # validates size (power of two, <= 32768)
+        layout = ring_layout(size, ring=self.ring)  # validates the size for the format
         ring_bytes = layout.nbytes  # page-aligned, so shifted() keeps every alignment
         bs = self.buffer_size
         rx_off = 2 * ring_bytes
@@ -130,18 +138,18 @@ class NetDevice:
         self.arena: DmaArena = t.alloc_dma(tx_off + size * bs)
         self._mem = self.arena.region.view()
         ev = bool(self.features >> VIRTIO_F_EVENT_IDX & 1)
-        # Both queues are fixed slots (SlotQueue): descriptor d <-> buffer d, written once,
-        # and slot d only ever at avail positions = d mod size, so the avail ring is written
-        # once too.  Receiving re-posts the buffers just read; transmitting rewrites only
-        # each slot's length.
+        # Both queues are fixed slots (SlotQueue, or its packed sibling): slot d <-> buffer d,
+        # made available in ring order and reused first in, first out.  Receiving re-posts
+        # the buffers just read; transmitting sets only each slot's length.
         addr = self.arena.addr
-        self.rxq = SlotQueue(self.arena.region, layout, iova=self.arena.iova, event_idx=ev,
-                             slots=[addr(rx_off + d * bs) for d in range(size)],
-                             slot_size=bs, writable=True)
-        self.txq = SlotQueue(self.arena.region, layout.shifted(ring_bytes),
-                             iova=self.arena.iova, event_idx=ev,
-                             slots=[addr(tx_off + d * bs) for d in range(size)],
-                             slot_size=bs, writable=False)
+        self.rxq = make_slot_queue(self.arena.region, layout, iova=self.arena.iova,
+                                   event_idx=ev, in_order=self.in_order,
+                                   slots=[addr(rx_off + d * bs) for d in range(size)],
+                                   slot_size=bs, writable=True)
+        self.txq = make_slot_queue(self.arena.region, layout.shifted(ring_bytes),
+                                   iova=self.arena.iova, event_idx=ev, in_order=self.in_order,
+                                   slots=[addr(tx_off + d * bs) for d in range(size)],
+                                   slot_size=bs, writable=False)
         self.queue_size = size
         # Where each slot's frame starts (just past its header), listed twice so that the
         # slots of one submission, first .. first + k - 1 mod size, are one slice.
@@ -186,6 +194,8 @@ class NetDevice:
         buffer_size: int = 2048,
         event_idx: bool = True,
         poll: bool = False,
+        ring: str = "auto",
+        in_order: bool | None = None,
         timeout: float = 5.0,
         iova_allocator: IovaAllocator | None = None,
         hugepages: bool = False,
@@ -198,7 +208,7 @@ class NetDevice:
                                                hugepages=hugepages)
         try:
             return cls(transport, queue_size=queue_size, buffer_size=buffer_size,
-                       event_idx=event_idx, poll=poll)
+                       event_idx=event_idx, poll=poll, ring=ring, in_order=in_order)
         except BaseException:
             transport.close()  # idempotent; covers a TypeError before __init__ ran
             raise

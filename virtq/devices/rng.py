@@ -15,6 +15,7 @@ from types import EllipsisType
 from typing import Any, Self
 
 from virtq.abi.rng import REQUEST_QUEUE, VIRTIO_ID_ENTROPY
+from virtq.devices._rings import ring_chosen, ring_wanted
 from virtq.errors import (
     ArgumentError,
     DeviceError,
@@ -49,7 +50,8 @@ class RngDevice:
 
     def __init__(self, transport: Transport, *, queue_size: int | None = None,
                  buffer_size: int = 4096, timeout: float | None = 5.0,
-                 poll: bool = False) -> None:
+                 poll: bool = False, ring: str = "auto",
+                 in_order: bool | None = None) -> None:
         self.transport = transport
         deadline_after(timeout)  # validates it
         self.timeout = timeout
@@ -57,13 +59,14 @@ class RngDevice:
         self._mem: memoryview | None = None
         self.queue: DriverQueue[tuple[int, int]] | None = None
         try:
-            self._setup(queue_size, buffer_size, poll)
+            self._setup(queue_size, buffer_size, poll, ring, in_order)
         except BaseException:
             self._release()
             transport.close()
             raise
 
-    def _setup(self, queue_size: int | None, buffer_size: int, poll: bool) -> None:
+    def _setup(self, queue_size: int | None, buffer_size: int, poll: bool, ring: str,
+               in_order: bool | None) -> None:
         t = self.transport
         device_type = t.device_type
         if device_type is not None and device_type != VIRTIO_ID_ENTROPY:
@@ -72,14 +75,17 @@ class RngDevice:
         if not isinstance(buffer_size, int) or not 0 < buffer_size < 1 << 32:
             raise ArgumentError("buffer_size", buffer_size, "must be an int in 1..2**32-1")
         # §5.4.3: no device-specific feature bits; the transport adds what it needs.
-        self.features = t.negotiate(0)
+        self.features = t.negotiate(ring_wanted(ring, in_order))
+        #: "split" or "packed", and whether VIRTIO_F_IN_ORDER is in use.
+        self.ring, self.in_order = ring_chosen(self.features, ring, in_order)
         maximum = t.max_queue_size(REQUEST_QUEUE)
         size = min(maximum, DEFAULT_MAX_QUEUE) if queue_size is None else queue_size
-        layout = ring_layout(size, buffer_size=buffer_size)
+        layout = ring_layout(size, buffer_size=buffer_size, ring=self.ring)
         self.arena = t.alloc_dma(layout.nbytes)
         self.layout = layout
         self.buffer_size = buffer_size
-        self.queue = make_queue(self.arena.region, layout, iova=self.arena.iova)
+        self.queue = make_queue(self.arena.region, layout, iova=self.arena.iova,
+                                in_order=self.in_order)
         # One buffer per request, so each slot keeps one descriptor for good.
         self._tpl: ChainTemplate[tuple[int, int]] = self.queue.template(1, slots=size)
         t.attach_queue(REQUEST_QUEUE, self.queue)
@@ -103,6 +109,8 @@ class RngDevice:
         queue_size: int | None = None,
         buffer_size: int = 4096,
         timeout: float | None = 5.0,
+        ring: str = "auto",
+        in_order: bool | None = None,
         **transport_options: Any,
     ) -> Self:
         """Open a virtio-rng PCI function through VFIO (see ``docs/vfio.md``);
@@ -112,7 +120,7 @@ class RngDevice:
             **transport_options)
         try:
             return cls(transport, queue_size=queue_size, buffer_size=buffer_size,
-                       timeout=timeout, poll=poll)
+                       timeout=timeout, poll=poll, ring=ring, in_order=in_order)
         except BaseException:
             transport.close()
             raise

@@ -74,6 +74,7 @@ class SlotQueue(_SplitCore[int]):
         slot_size: int,
         writable: bool,
         event_idx: bool = False,
+        in_order: bool = False,
         start_index: int = 0,
         strict_len: bool = True,
     ) -> None:
@@ -92,9 +93,11 @@ class SlotQueue(_SplitCore[int]):
         # used.ring as u32 pairs: [2i] id, [2i + 1] len (struct virtq_used_elem, §2.7.8)
         used = layout.used
         self._used_i = self._mem[used + 4 : used + 4 + 8 * n].cast("I")
-        self._slot_addrs = addrs
         self.slot_size = slot_size
         self.writable = bool(writable)
+        #: VIRTIO_F_IN_ORDER: slots already go to the device in ring order (§2.7.9); the
+        #: device may then retire a batch with one used element naming its last slot.
+        self.in_order = bool(in_order)
         # What the device may report writing into a slot (§2.7.8: used.len counts bytes
         # written into device-writable buffers; a device-readable slot has none).
         self._capacity = slot_size if writable else 0
@@ -102,14 +105,14 @@ class SlotQueue(_SplitCore[int]):
         # any first < size and count <= size; and count zero lengths.  (One attribute for
         # both: past 29 instance attributes CPython 3.11 stops sharing the keys of instance
         # dicts, and every attribute load gets slower.)
-        self._expect = (list(range(n)) * 2, [0] * n)
+        self._expect = (list(range(n)) * 2, [0] * n, addrs)
         self._rebuild()
 
     def _rebuild(self) -> None:
         """Write the fixed descriptors and avail entries (after the rings were zeroed)."""
         n = self.size
         flags = VIRTQ_DESC_F_WRITE if self.writable else 0
-        for d, addr in enumerate(self._slot_addrs):
+        for d, addr in enumerate(self._expect[2]):
             _PACK_DESC(self._desc_mem, d << 4, addr, self.slot_size, flags, 0)
         self._avail[2 : 2 + n] = array("H", range(n))  # avail.ring[d] = d, for good
         # Slots are reused first in, first out: positions front .. next_avail - 1 are taken
@@ -140,7 +143,12 @@ class SlotQueue(_SplitCore[int]):
     def _in_flight_heads(self) -> list[int]:
         return sorted(self.in_flight_tokens())
 
+    # An in-order batch a limited reap stopped inside: (used sequence of its last slot,
+    # the length its used element reported), or None.
+    _batch: tuple[int, int] | None = None
+
     def _forget(self) -> list[int]:
+        self._batch = None
         return self.in_flight_tokens()
 
     def _snapshot_extra(self) -> dict[str, Any]:
@@ -220,6 +228,8 @@ class SlotQueue(_SplitCore[int]):
         if used_idx == last_used & 0xFFFF:
             return [], []
         count = self._used_count(used_idx)
+        if self.in_order:
+            return self._reap_batches(last_used, count, limit)
         if limit is not None and count > limit:
             count = limit
         n = self.size
@@ -229,7 +239,7 @@ class SlotQueue(_SplitCore[int]):
             # A device-readable slot completes with len 0, so an in-order element, read as
             # one u64 (id | len << 32), equals its slot number: one list comparison checks
             # ids and lengths together.
-            ids2, zeros = self._expect
+            ids2, zeros, _ = self._expect
             elems = ring_run(self._used_q, first, count, n)
             if elems == ids2[first:end]:
                 self._front = self._used_seq = last_used + count
@@ -244,6 +254,49 @@ class SlotQueue(_SplitCore[int]):
             self._front = self._used_seq = last_used + count
             return slots, lens
         return self._reap_one_by_one(slots, lens)
+
+    def _reap_batches(self, last_used: int, count: int, limit: int | None
+                      ) -> tuple[list[int], list[int]]:
+        """VIRTIO_F_IN_ORDER (§2.7.9): ``count`` slots completed, in ring order, announced by
+        one used element per batch -- at the used position of the batch's first slot,
+        naming its last slot; the slots before it were used completely.  At most ``limit``
+        are handed out; a batch cut short is remembered in ``_batch``."""
+        n = self.size
+        mask = self._mask
+        used_q = self._used_q
+        cap = self._capacity
+        strict = self.strict_len
+        slots: list[int] = []
+        lens: list[int] = []
+        seq = last_used  # == self._front: in order, nothing completes early
+        end = last_used + count
+        stop = end if limit is None else min(end, last_used + limit)
+        batch = self._batch
+        while seq < stop:
+            if batch is None:
+                elem = used_q[seq & mask]
+                slot = elem & 0xFFFFFFFF
+                length = elem >> 32
+                last = seq + (slot - seq) % n if slot < n else end
+                if last >= end:
+                    self._fail_at(seq - last_used, "id", slot,
+                                  f"a slot at or after {seq & mask} whose batch fits the "
+                                  f"{end - seq} completions used.idx announces (in order)",
+                                  list(zip(slots, lens, strict=True)))
+                if length > cap and strict:
+                    self._fail_at(seq - last_used, "len", length, f"<= {cap}, the bytes "
+                                  f"slot {slot} can take", list(zip(slots, lens, strict=True)))
+            else:
+                last, length = batch
+            upto = min(last, stop - 1)
+            for k in range(seq, upto + 1):
+                slots.append(k & mask)
+                lens.append(length if k == last else cap)
+            seq = upto + 1
+            batch = (last, length) if upto < last else None
+        self._batch = batch
+        self._front = self._used_seq = seq
+        return slots, lens
 
     def _reap_one_by_one(self, slots: list[int], lens: list[int]) -> tuple[list[int], list[int]]:
         """Validate each element (out-of-order completion, or a bad one to name)."""

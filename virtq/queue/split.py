@@ -34,7 +34,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Generic, NoReturn, TypeVar
 
 from virtq.abi import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
-from virtq.errors import ArgumentError, LayoutError, QueueFullError
+from virtq.errors import ArgumentError, DeviceProtocolError, LayoutError, QueueFullError
 from virtq.layout import SplitLayout
 from virtq.layout.split import DESC_SIZE
 from virtq.memory import MemoryRegion
@@ -111,6 +111,8 @@ def _chain_entries(readable: Sequence[Buffer], writable: Sequence[Buffer], nr: i
 class SplitQueue(_SplitCore[T]):
     """A split virtqueue, driver side; tokens of type ``T`` come back with completions.
 
+    (:class:`InOrderSplitQueue` is the same queue with VIRTIO_F_IN_ORDER.)
+
     ``iova`` is the device-visible address of the region's byte 0 (so :attr:`desc_area` is
     ``iova + layout.desc``).  ``start_index`` seeds ``avail.idx``, ``used.idx`` and the
     shadow counters -- vhost-user's SET_VRING_BASE uses it, and so do tests that want the
@@ -120,6 +122,10 @@ class SplitQueue(_SplitCore[T]):
     ``used.len`` larger than the chain's writable capacity (for devices known to report it
     wrongly); the default rejects it (§2.7.8.2: the device MUST NOT report more).
     """
+
+    #: Templates may keep ring descriptors for good (an in-order ring uses descriptors in
+    #: ring order, so its templates cannot).
+    _persistent_templates = True
 
     def __init__(
         self,
@@ -418,8 +424,9 @@ class SplitQueue(_SplitCore[T]):
             self._refuse()
         if not isinstance(max_buffers, int) or max_buffers < 1:
             raise ArgumentError("max_buffers", max_buffers, "must be an int >= 1")
-        persistent = max_buffers == 1 or (self.indirect and max_buffers <= self._indirect_size)
-        if not persistent and max_buffers > self.size:
+        one_desc = max_buffers == 1 or (self.indirect and max_buffers <= self._indirect_size)
+        persistent = one_desc and self._persistent_templates
+        if not one_desc and max_buffers > self.size:
             raise ArgumentError("max_buffers", max_buffers,
                                 f"a direct chain cannot exceed the queue size {self.size}")
         free = len(self._free)
@@ -428,7 +435,7 @@ class SplitQueue(_SplitCore[T]):
             raise ArgumentError("typical_buffers", typical_buffers,
                                 f"must be an int in 1..max_buffers ({max_buffers})")
         if slots is None:
-            slots = free if persistent else free // (typical_buffers or max_buffers)
+            slots = free if one_desc else free // (typical_buffers or max_buffers)
         if not isinstance(slots, int) or slots < 1:
             raise ArgumentError("slots", slots, "must be an int >= 1")
         if persistent and slots > free:
@@ -821,4 +828,126 @@ class SplitTemplate(Generic[T]):
                 f"{len(self._free)} free")
 
 
-__all__ = ["Buffer", "SplitQueue", "SplitRingView", "SplitTemplate"]
+class InOrderSplitQueue(SplitQueue[T]):
+    """A split virtqueue with VIRTIO_F_IN_ORDER (VIRTIO 1.2 §2.7.9, §2.7.5.1).
+
+    The driver uses descriptors in ring order: a chain takes the next free descriptors of
+    the table, wrapping at its end, with ``next`` = x + 1 (0 after the last).  The device
+    completes chains in the order they were made available and may retire a whole batch
+    with one used element, at the used position of the batch's first chain, naming the
+    *last* chain's head, with ``used.idx`` advanced by the batch's size; the chains it
+    skipped were used completely (their length is their writable capacity).
+
+    Everything else is :class:`SplitQueue`'s.  The free list is kept as a stack whose top
+    is the next descriptor in ring order, and completed descriptors go to its bottom.
+    Templates cannot keep ring descriptors, so each submission writes its chain (an
+    indirect one writes one ring descriptor and the head's table).
+    """
+
+    _persistent_templates = False
+
+    def _add_chain(
+        self, readable: Sequence[Buffer], writable: Sequence[Buffer], token: T,
+        home: list[int], item: int,
+    ) -> tuple[int, _HeadState]:
+        count = len(readable) + len(writable)
+        if count == 0:
+            raise ArgumentError("buffers", count, "a chain needs at least one buffer")
+        if self.indirect and count > 1:
+            return super()._add_chain(readable, writable, token, home, item)
+        free = self._free
+        if count > len(free):
+            raise QueueFullError(count, len(free))
+        descs = free[-count:][::-1]  # ring order: the top of the stack is the next one
+        descs.append((descs[-1] + 1) % self.size)  # "next" of the last (§2.7.5.1: x + 1)
+        capacity = self._write_chain(self.layout.desc, descs, readable, writable)
+        del free[-count:]
+        del descs[-1]
+        if item < 0:
+            return descs[0], (token, capacity, tuple(descs[1:]), self._avail_seq, free,
+                              descs[0])
+        return descs[0], (token, capacity, tuple(descs), self._avail_seq, home, item)
+
+    # The batch being handed out when a limited reap (pop_used) stopped inside it: (avail
+    # sequence of its last chain, the length its used element reported).  The chains up to
+    # that one need no used element of their own; used.idx already counts them.
+    _batch: tuple[int, int] | None = None
+
+    def _forget(self) -> list[T]:
+        self._batch = None
+        return super()._forget()
+
+    def pop_used(self) -> tuple[T, int] | None:
+        """The next completed chain as ``(token, written_len)``, or None; a chain retired
+        by a batch without a used element of its own reports its writable capacity
+        (§2.7.9).  Raises as :meth:`SplitQueue.pop_used`."""
+        if self._state_v is not _READY:
+            self._refuse()
+        used_idx = self._used_h[1]
+        if used_idx == self._used_seq & 0xFFFF:
+            return None
+        return self._reap(self._used_count(used_idx), 1)[0]
+
+    def _reap(self, count: int, limit: int | None = None) -> list[tuple[T, int]]:
+        """In-order ingress: ``count`` chains completed (``used.idx`` advanced by that
+        much), announced by one used element per batch (§2.7.9); hands out at most
+        ``limit`` of them, remembering where it stopped inside a batch."""
+        used_seq = self._used_seq
+        end = used_seq + count
+        stop = end if limit is None else min(end, used_seq + limit)
+        states = self._state
+        n = self.size
+        mask = self._mask
+        free = self._free
+        pub_seq = self._pub_seq
+        # avail order of the chains in flight, from the driver's own shadow (one pass)
+        by_seq = {st[3]: head for head, st in enumerate(states) if st is not None}
+        out: list[tuple[T, int]] = []
+        used_q = self._used_q
+        seq = used_seq
+        batch = self._batch
+        while seq < stop:
+            if batch is None:
+                elem = used_q[seq & mask]
+                head = elem & 0xFFFFFFFF
+                length = elem >> 32
+                st = states[head] if head < n else None
+                if st is None or st[3] >= pub_seq or st[3] < seq:
+                    self._used_seq = seq
+                    self._fail(DeviceProtocolError(
+                        f"used.ring[{seq & mask}].id", head,
+                        f"the head of a published chain in flight at or after avail "
+                        f"position {seq & 0xFFFF:#x} (in order)"), out)
+                last = st[3]
+                if last >= end:
+                    self._used_seq = seq
+                    self._fail(DeviceProtocolError(
+                        "used.idx", end & 0xFFFF,
+                        f"room for the batch up to head {head} ({last - seq + 1} chains)"),
+                        out)
+                if length > st[1] and self.strict_len:
+                    self._used_seq = seq
+                    self._fail(DeviceProtocolError(
+                        f"used.ring[{seq & mask}].len", length,
+                        f"<= {st[1]}, the writable capacity of head {head}"), out)
+            else:
+                last, length = batch
+            upto = min(last, stop - 1)
+            for s in range(seq, upto + 1):
+                h = by_seq[s]
+                token, capacity, rest, _, home, item = states[h]  # type: ignore[misc]
+                out.append((token, length if s == last else capacity))
+                states[h] = None
+                # Freed descriptors come after every free one in ring order: the bottom.
+                descs = (item, *rest) if home is free else rest
+                if home is not free:
+                    home.append(item)
+                free[0:0] = descs[::-1]
+            seq = upto + 1
+            batch = (last, length) if upto < last else None
+        self._batch = batch
+        self._used_seq = seq
+        return out
+
+
+__all__ = ["Buffer", "InOrderSplitQueue", "SplitQueue", "SplitRingView", "SplitTemplate"]

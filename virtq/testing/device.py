@@ -83,6 +83,9 @@ class DeviceQueue:
         self.last_avail = used_idx if start_index is None else start_index
         self.used_idx = used_idx
         self._pending_used = 0
+        # Heads popped and not pushed, in pop order (dicts keep insertion order): what a
+        # VIRTIO_F_IN_ORDER batch retires (push_in_order).
+        self._popped: dict[int, None] = {}
 
     # -- memory access by device address --------------------------------------------
 
@@ -128,10 +131,14 @@ class DeviceQueue:
             )
         observe_barrier()  # ring entry and descriptors after the index that exposed them (§2.7.6)
         head = self._avail[2 + (self.last_avail & (self.size - 1))]
-        self.last_avail = wrap_add(self.last_avail, 1)
         if head >= self.size:
             raise DriverProtocolError(f"avail ring names head {head} >= size {self.size}")
-        return head, self._walk(head)
+        if head in self._popped:
+            raise DriverProtocolError(f"avail ring names head {head}, which is still in use")
+        segments = self._walk(head)
+        self.last_avail = wrap_add(self.last_avail, 1)
+        self._popped[head] = None
+        return head, segments
 
     def _walk(self, head: int) -> list[Segment]:
         """The chain from ``head``; a chain longer than the table it lives in loops.  The
@@ -176,10 +183,31 @@ class DeviceQueue:
     def push(self, head: int, written_len: int, *, publish: bool = True) -> bool:
         """Put ``(head, written_len)`` into the used ring; with ``publish`` also store
         ``used.idx``.  Returns whether the driver wants a used-buffer notification."""
+        self._popped.pop(head, None)
+        return self._put_used(head, written_len, 1, publish)
+
+    def push_in_order(self, last_head: int, written_len: int, *, publish: bool = True) -> bool:
+        """VIRTIO_F_IN_ORDER batched retirement (§2.7.9): every chain popped up to and
+        including ``last_head`` is used, announced by ONE used element naming ``last_head``
+        with ``written_len``, written at the batch's first used position, and ``used.idx``
+        advances by the batch's size (the earlier chains count as used completely).
+        Returns as :meth:`push`.  Raises :class:`DriverProtocolError` for a head that was
+        not popped."""
+        if last_head not in self._popped:
+            raise DriverProtocolError(f"head {last_head} was not popped or is already used")
+        batch = 0
+        for head in list(self._popped):
+            del self._popped[head]
+            batch += 1
+            if head == last_head:
+                break
+        return self._put_used(last_head, written_len, batch, publish)
+
+    def _put_used(self, head: int, written_len: int, chains: int, publish: bool) -> bool:
         slot = wrap_add(self.used_idx, self._pending_used) & (self.size - 1)
         self._used_w[1 + 2 * slot] = head
         self._used_w[2 + 2 * slot] = written_len
-        self._pending_used += 1
+        self._pending_used += chains
         if publish:
             return self.publish_used()
         return False

@@ -27,7 +27,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from virtq.abi import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1
+from virtq.abi import (
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_IN_ORDER,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_RING_PACKED,
+    VIRTIO_F_VERSION_1,
+)
 from virtq.errors import ArgumentError
 from virtq.memory import MemoryRegion
 from virtq.queue import VirtQueue
@@ -36,7 +42,8 @@ from virtq.types import Iova
 #: Feature bits 24..49 are about the transport and the rings, not the device (VIRTIO 1.2 §6).
 TRANSPORT_FEATURE_RANGE = ((1 << 50) - 1) & ~((1 << 24) - 1)
 #: Of those, the ones virtq's SplitQueue implements.
-QUEUE_FEATURES = 1 << VIRTIO_F_INDIRECT_DESC | 1 << VIRTIO_F_EVENT_IDX | 1 << VIRTIO_F_VERSION_1
+QUEUE_FEATURES = (1 << VIRTIO_F_INDIRECT_DESC | 1 << VIRTIO_F_EVENT_IDX | 1 << VIRTIO_F_VERSION_1
+                  | 1 << VIRTIO_F_RING_PACKED | 1 << VIRTIO_F_IN_ORDER)
 
 
 def usable_features(offered: int, transport_features: int = 0) -> int:
