@@ -28,6 +28,7 @@ from sphinx.pycode import ModuleAnalyzer
 from sphinx.util.docutils import SphinxDirective
 
 import virtq
+from virtq.cli._args import plain
 from virtq.errors import VirtqError
 from virtq.layout import SplitLayout
 from virtq.memory import AnonymousRegion
@@ -299,7 +300,7 @@ class ErrorTree(SphinxDirective):
                       if not b.__module__.startswith("virtq")]
             if others:
                 para += nodes.Text(f"; also {', '.join(others)}")
-            doc = (inspect.getdoc(cls) or "").split("\n\n")[0].replace("\n", " ")
+            doc = plain((inspect.getdoc(cls) or "").split("\n\n")[0].replace("\n", " "))
             if doc:
                 para += nodes.Text(f": {doc}")
             li += para
