@@ -1,8 +1,9 @@
-"""``virtq`` command line: ``demo``, ``inspect``, ``bench``.
+"""``virtq`` command line: ``demo``, ``inspect``, ``bench``, ``check``, ``fuzz``.
 
 Exit status, for every command: 0 success; 1 the command ran and found a problem (a
-mismatch, an inconsistent ring); 2 it could not run -- a bad argument (a one-line usage
-error, never a traceback) or a failure on the way (``virtq <command>: error: ...``).
+mismatch, an inconsistent ring, a failed MUST check); 2 it could not run -- a bad argument
+(a one-line usage error, never a traceback) or a failure on the way
+(``virtq <command>: error: ...``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from virtq.cli import _args
+from virtq.cli import check as cli_check
+from virtq.cli import fuzz as cli_fuzz
 from virtq.cli import inspect as cli_inspect
 from virtq.errors import ArgumentError, VirtqError, VirtqTimeoutError
 from virtq.layout import SplitLayout, wrap_add
@@ -252,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench, parser=bench)
     cli_inspect.register(sub)
+    cli_check.register(sub)
+    cli_fuzz.register(sub)
     return parser
 
 

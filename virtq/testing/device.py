@@ -63,8 +63,12 @@ class DeviceQueue:
         event_idx: bool = False,
         start_index: int | None = None,
         regions: Sequence[tuple[int, MemoryRegion]] | None = None,
+        indirect_head_only: bool = False,
     ) -> None:
         n = layout.queue_size
+        #: Follow VIRTQ_DESC_F_INDIRECT only in a head descriptor, as libvhost-user does
+        #: (a deviation from §2.7.5.3.2, for the embedded back-end's fault switch).
+        self.indirect_head_only = indirect_head_only
         self.size = n
         self.layout = layout
         self.event_idx = event_idx
@@ -116,6 +120,12 @@ class DeviceQueue:
         """Chains the driver has published and the device has not popped yet."""
         return distance(self.last_avail, self._avail[1])
 
+    def next_head(self) -> int | None:
+        """The head the next :meth:`pop` would take (unvalidated), or None."""
+        if self._avail[1] == self.last_avail:
+            return None
+        return int(self._avail[2 + (self.last_avail & (self.size - 1))])
+
     def pop(self) -> tuple[int, list[Segment]] | None:
         """The next available chain as ``(head, segments)``, indirect tables followed.  Returns
         None when nothing is pending.  Raises :class:`DriverProtocolError` when the driver's
@@ -133,8 +143,6 @@ class DeviceQueue:
         head = self._avail[2 + (self.last_avail & (self.size - 1))]
         if head >= self.size:
             raise DriverProtocolError(f"avail ring names head {head} >= size {self.size}")
-        if head in self._popped:
-            raise DriverProtocolError(f"avail ring names head {head}, which is still in use")
         segments = self._walk(head)
         self.last_avail = wrap_add(self.last_avail, 1)
         self._popped[head] = None
@@ -157,6 +165,8 @@ class DeviceQueue:
             if steps > limit:
                 raise DriverProtocolError(f"descriptor chain from head {head} loops")
             addr, length, flags, nxt = _DESC.unpack_from(table, index * DESC_SIZE)
+            if flags & VIRTQ_DESC_F_INDIRECT and self.indirect_head_only and segments:
+                flags &= ~VIRTQ_DESC_F_INDIRECT  # read the table as if it were data
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if indirect or flags & VIRTQ_DESC_F_NEXT or length % DESC_SIZE or not length:
                     raise DriverProtocolError(f"bad indirect descriptor at {index}")
@@ -177,6 +187,23 @@ class DeviceQueue:
             if nxt >= limit:
                 raise DriverProtocolError(f"next={nxt} out of range {limit}")
             index = nxt
+
+    def desc(self, index: int) -> tuple[int, int, int, int]:
+        """Descriptor ``index`` of the ring's table: (addr, len, flags, next)."""
+        addr, length, flags, nxt = _DESC.unpack_from(self._desc, (index % self.size) * DESC_SIZE)
+        return addr, length, flags, nxt
+
+    def write_desc_len(self, index: int, length: int) -> None:
+        """Overwrite descriptor ``index``'s len: something no device may do (§2.7.5.1);
+        for fault injection."""
+        struct.pack_into("<I", self._desc, (index % self.size) * DESC_SIZE + 8, length)
+
+    @property
+    def used_flags(self) -> int:
+        return int(self._used_h[0])
+
+    def set_used_flags(self, value: int) -> None:
+        self._used_h[0] = value & 0xFFFF
 
     # -- returning used chains --------------------------------------------------------
 

@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("socket")
     p.add_argument("--num-queues", type=int, default=1)
     p.add_argument("--read-only", action="store_true")
+    p.add_argument("--device", default="blk", choices=["blk", "net", "fs", "rng"],
+                   help="the device type (net loops frames back; fs serves hello.txt)")
     p.add_argument("--faults", default="", metavar="SPEC",
                    help="e.g. 'drop_after=3' or 'nack=SET_MEM_TABLE,out_of_order'")
     args = p.parse_args(argv)
@@ -31,14 +33,17 @@ def main(argv: list[str] | None = None) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     try:
         backend = VhostUserBlkBackend(args.image, args.socket, num_queues=args.num_queues,
-                                      read_only=args.read_only,
+                                      read_only=args.read_only, device=args.device,
                                       faults=Faults.parse(args.faults)).start()
     except (OSError, VirtqError) as exc:
         print(f"{p.prog}: {exc}", file=sys.stderr)
         return 1
     try:
         print("ready", backend.socket_path, flush=True)
-        signal.sigwait(stop_signals)
+        # Until a stop signal, or until the back-end stops serving by itself (the
+        # exit_on_disconnect fault: one front-end, then exit, as virtiofsd does).
+        while backend.serving and signal.sigtimedwait(stop_signals, 0.1) is None:
+            pass
     finally:
         backend.stop()
     return 0

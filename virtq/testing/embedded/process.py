@@ -27,6 +27,7 @@ class BackendProcess:
         read_only: bool = False,
         faults: Faults | Mapping[str, object] | None = None,
         timeout: float = 10.0,
+        device: str = "blk",
     ) -> None:
         self.image_path = Path(image_path)
         self.socket_path = Path(socket_path)
@@ -34,6 +35,7 @@ class BackendProcess:
         self.read_only = read_only
         self.faults = Faults.coerce(faults)
         self.timeout = timeout
+        self.device = device
         self.proc: subprocess.Popen[bytes] | None = None
         self._socket_ino = 0
 
@@ -44,6 +46,8 @@ class BackendProcess:
                str(self.socket_path), "--num-queues", str(self.num_queues)]
         if self.read_only:
             cmd.append("--read-only")
+        if self.device != "blk":
+            cmd += ["--device", self.device]
         if spec := self.faults.to_spec():
             cmd += ["--faults", spec]
         return cmd
