@@ -46,6 +46,7 @@ _STATUS = {VIRTIO_BLK_S_OK: "OK", VIRTIO_BLK_S_IOERR: "IOERR", VIRTIO_BLK_S_UNSU
 
 
 def status_name(status: int) -> str:
+    """A status byte by name (``OK``, ``IOERR``, ``UNSUPP``), else its number."""
     return _STATUS.get(status, str(status))
 
 
@@ -81,22 +82,31 @@ def _require_status(r: BlkDone, expected: int, what: str) -> None:
 
 
 def read(s: Session, sector: int, nbytes: int, **kw: object) -> bytes:
+    """Read ``nbytes`` at ``sector`` in one request (``segments``/``indirect`` as :func:`blk_io`
+    takes them) and return the data.  Raises :class:`~virtq.check.model.CheckFailed` unless the
+    status is OK."""
     r = blk_io(s, VIRTIO_BLK_T_IN, sector, read_len=nbytes, **kw)  # type: ignore[arg-type]
     _require_status(r, VIRTIO_BLK_S_OK, f"read of {nbytes} bytes at sector {sector}")
     return r.data
 
 
 def write(s: Session, sector: int, data: bytes) -> None:
+    """Write ``data`` at ``sector`` in one request.  Raises
+    :class:`~virtq.check.model.CheckFailed` unless the status is OK."""
     r = blk_io(s, VIRTIO_BLK_T_OUT, sector, out=data)
     _require_status(r, VIRTIO_BLK_S_OK, f"write of {len(data)} bytes at sector {sector}")
 
 
 def flush(s: Session) -> None:
+    """A FLUSH request when the device offers VIRTIO_BLK_F_FLUSH (else nothing).  Raises
+    :class:`~virtq.check.model.CheckFailed` unless its status is OK."""
     if s.has_feature(VIRTIO_BLK_F_FLUSH):
         _require_status(blk_io(s, VIRTIO_BLK_T_FLUSH, 0), VIRTIO_BLK_S_OK, "flush")
 
 
 def capacity(s: Session) -> int:
+    """The device's capacity in sectors, from its config space.  Raises
+    :class:`~virtq.check.model.CheckSkipped` when the back-end offers no config space."""
     if s.config is None:
         raise CheckSkipped("no configuration space (the CONFIG protocol feature is not "
                            "offered): the capacity is unknown")

@@ -24,7 +24,8 @@ def frame(n: int) -> bytes:
 def loopback(ctx: CheckContext, s: Session, data: bytes, rx_sizes: list[int]) -> list[Done]:
     """Post receive buffers, transmit ``data`` (after a zeroed header), and return the
     receive completions that follow, in used-ring order.  Skips the check when nothing
-    comes back."""
+    comes back.  Raises :class:`~virtq.check.model.CheckSkipped` then, and
+    :class:`~virtq.check.model.CheckFailed` for a used id that was never made available."""
     rx = [s.request(RX_QUEUE, [], [n]) for n in rx_sizes]
     s.submit(rx)
     tx = s.request(TX_QUEUE, [bytes(NET_HDR_SIZE) + data], [])
