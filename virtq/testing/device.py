@@ -200,9 +200,12 @@ class DeviceQueue:
 
     @property
     def used_flags(self) -> int:
+        """``used.flags`` as the device side last wrote it."""
         return int(self._used_h[0])
 
     def set_used_flags(self, value: int) -> None:
+        """Store ``value`` (mod 2**16) as ``used.flags`` (``VIRTQ_USED_F_NO_NOTIFY``: do not
+        kick)."""
         self._used_h[0] = value & 0xFFFF
 
     # -- returning used chains --------------------------------------------------------

@@ -78,7 +78,9 @@ def serve_in_order(dev: PackedDeviceQueue, count: int, *, timeout: float,
                    seed: int = 0) -> int:
     """Serve ``count`` buffers of a packed ring as an IN_ORDER device: random batches, one
     used descriptor each (:meth:`PackedDeviceQueue.push_in_order`); a batch ends at a
-    random point and after every buffer the echo did not fill completely."""
+    random point and after every buffer the echo did not fill completely.  Returns how many it
+    served.  Raises ``TimeoutError`` when the driver made fewer available within ``timeout``
+    seconds."""
     rng = random.Random(seed)
     deadline = time.monotonic() + timeout
     done = 0

@@ -95,6 +95,10 @@ CheckRunner = Callable[..., Report]
 
 @pytest.fixture
 def virtq_check() -> Iterator[CheckRunner]:
+    """A function that runs ``virtq check`` from a test: ``virtq_check(device, socket)`` or
+    ``virtq_check(device, backend_cmd=...)`` returns the :class:`~virtq.check.Report`; back-ends
+    it started are stopped afterwards.  The function raises :class:`~virtq.errors.ArgumentError`
+    unless exactly one of ``socket`` and ``backend_cmd`` is given."""
     started: list[CommandBackend] = []
 
     def run(device: str, socket: str | os.PathLike[str] | None = None, *,
@@ -120,5 +124,6 @@ def virtq_check() -> Iterator[CheckRunner]:
 
 @pytest.fixture
 def virtq_dpdk_vhost_blk(tmp_path: Path) -> Iterator[DpdkVhostBlk]:
+    """DPDK's vhost_blk example as a packed-only vhost-user-blk back-end (its 128 MiB RAM disk)."""
     with DpdkVhostBlk(tmp_path / "virtq-vhost-blk") as backend:
         yield backend

@@ -276,16 +276,19 @@ class DpdkVhostBlk:
 
     @property
     def socket_path(self) -> Path:
-        """``<workdir>/vhost.socket`` (valid once started)."""
+        """``<workdir>/vhost.socket`` (valid once started).  Raises :class:`BackendError` before
+        it is started."""
         if self.workdir is None:
             raise BackendError("DpdkVhostBlk is not started")
         return self.workdir / self.SOCKET_NAME
 
     @property
     def pid(self) -> int | None:
+        """The example's pid while it runs (None otherwise)."""
         return None if self.proc is None else self.proc.pid
 
     def command(self) -> list[str]:
+        """The example's command line (EAL options without hugepages or PCI)."""
         binary = self.binary if self.binary is not None else find_vhost_blk()
         return [str(binary), "--no-huge", "-m", str(self.memory_mb), "--no-pci",
                 "--no-shconf", "--no-telemetry", "-l", self.lcores]
