@@ -6,15 +6,15 @@ A :class:`Case` is one input: a ``level`` (``ring``: descriptors and ring indice
 and the ``params`` that fully determine it.  :func:`run_case` opens a fresh connection,
 applies the case and returns a :class:`Verdict`:
 
-``ok``        served as if valid (fine when it was valid enough)
-``ignored``   no completion, no complaint, still answering messages
-``rejected``  refused cleanly: an error status, a NACK, NEEDS_RESET, or a disconnect
-``crash``     the process died on a signal (which one is in the detail)
-``hang``      no answer to a simple message within the deadline, connection still open
-``wrote-outside``  bytes outside the buffers it was given changed (guard bytes, or a
-              device-readable buffer)
-``protocol``  it broke the ring protocol: a used id never made available or used twice,
-              an impossible ``used.len``, ``used.idx`` running ahead, a malformed reply
+* ``ok``: served as if valid (fine when it was valid enough)
+* ``ignored``: no completion, no complaint, still answering messages
+* ``rejected``: refused cleanly: an error status, a NACK, NEEDS_RESET, or a disconnect
+* ``crash``: the process died on a signal (which one is in the detail)
+* ``hang``: no answer to a simple message within the deadline, connection still open
+* ``wrote-outside``: bytes outside the buffers it was given changed (guard bytes, or a
+  device-readable buffer)
+* ``protocol``: it broke the ring protocol: a used id never made available or used twice,
+  an impossible ``used.len``, ``used.idx`` running ahead, a malformed reply
 
 The last four are *findings*.  :func:`fuzz` generates cases from a seed (the same seed
 replays the same sequence), restarts a back-end that crashed or hung, minimises each
