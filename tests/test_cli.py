@@ -46,7 +46,7 @@ def test_inspect_prints_the_seed_layout():
 # -- polish: help, --version, --trace, exit statuses ---------------------------------------------
 
 HELP = [[], ["demo"], ["inspect"], ["bench"], ["bench", "blk"], ["bench", "net"],
-        ["bench", "vfio"]]
+        ["bench", "vfio"], ["check"], ["fuzz"]]
 MARKUP = re.compile(r"``|:(class|func|meth|mod|data|attr|exc):`|`[^`\s]+`_?")
 
 

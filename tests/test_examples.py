@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 TESTED = {"first_queue.py", "disk_over_qsd.py", "nic_loopback.py", "rng_through_vfio.py",
-          "tiny_driver.py", "async_disk.py", "inspect_a_stalled_queue.py"}
+          "tiny_driver.py", "async_disk.py", "inspect_a_stalled_queue.py", "check_a_backend.py"}
 
 
 def run(name: str, *args: str, timeout: float = 180) -> str:
@@ -77,6 +77,16 @@ def test_inspect_a_stalled_queue(tmp_path):
     assert "in flight (5)" in out
     assert "after SIGCONT: 5 of 5 reads completed" in out
     assert "in flight (5)" in "".join(ET.parse(svg).getroot().itertext())
+
+
+def test_check_a_backend():
+    """virtq check against qemu-storage-daemon, from the command line and from Python (what
+    QSD passes and fails is tests/test_check_backends.py's business)."""
+    out = run("check_a_backend.py")
+    assert "virtq check --device blk" in out
+    assert "pass   MUST    ring.setup" in out
+    assert "virtq check exited " in out
+    assert "from Python: {'ring.setup': 'pass'" in out
 
 
 def test_rng_through_vfio_in_the_guest(tmp_path):
