@@ -105,7 +105,22 @@ _USED_BITS = (0, _PAIR)
 #: Shadow state of a buffer id in flight: (token, writable capacity, ring descriptors the
 #: chain occupies, the chain's number in avail order (unbounded), the free list that takes
 #: ``item`` back on completion, ``item``).
-_IdState = tuple[Any, int, int, int, list[int], int]
+_IdState = tuple[Any, int, int, int, list[int], int, int]
+
+
+def _used_len(length: int, capacity: int, head_len: int) -> int:
+    """The written length of a used descriptor *without* VIRTQ_DESC_F_WRITE.
+
+    By the spec its len is then reserved and nothing was written (§2.8.3, §2.8.4), but real
+    devices write data without setting WRITE: QEMU's virtio-pci devices (7.2) put the true
+    length there, DPDK's vhost_blk example (22.11) leaves the head descriptor's available
+    length in place.  A len within the chain's capacity that is not that left-over length
+    is taken as written (QEMU; what Linux and DPDK's drivers read regardless of the flag);
+    otherwise the length is unknown and the chain counts as used completely -- the
+    assumption §2.8.8 makes for the chains an in-order batch skips."""
+    if length <= capacity and length != head_len:
+        return length
+    return capacity
 
 
 def _wrap(seq: int, n: int) -> int:
@@ -624,11 +639,13 @@ class PackedQueue(_PackedCore[T]):
             self._write_table(table, entries)
             self._place([(self.iova + table, DESC_SIZE * n, _F_INDIRECT)], buffer_id)
             ndesc = 1
+            head_len = DESC_SIZE * n
         else:
             self._place(entries, buffer_id)
             ndesc = n
+            head_len = entries[0][1]
         free_ids.pop()
-        self._commit(buffer_id, token, capacity, ndesc, free_ids, buffer_id)
+        self._commit(buffer_id, token, capacity, ndesc, free_ids, buffer_id, head_len)
         return buffer_id
 
     def _write_table(self, offset: int, entries: list[tuple[int, int, int]]) -> None:
@@ -670,8 +687,11 @@ class PackedQueue(_PackedCore[T]):
         self._avail_dseq = seq + k
 
     def _commit(self, buffer_id: int, token: T, capacity: int, ndesc: int,
-                home: list[int], item: int) -> None:
-        self._state[buffer_id] = (token, capacity, ndesc, self._avail_cseq, home, item)
+                home: list[int], item: int, head_len: int) -> None:
+        # head_len: the length the chain's first ring descriptor was made available with,
+        # to tell a used length the device wrote from one it left in place (_used_len).
+        self._state[buffer_id] = (token, capacity, ndesc, self._avail_cseq, home, item,
+                                  head_len)
         self._avail_cseq += 1
         if self.in_order:
             self._order.append(buffer_id)
@@ -804,16 +824,12 @@ class PackedQueue(_PackedCore[T]):
             buffer_id = desc_h[pos * 8 + 6]
             length = desc_w[pos * 4 + 2]
             try:
-                token, capacity, ndesc, cseq, home, item = states[buffer_id]  # type: ignore[misc]
+                token, capacity, ndesc, cseq, home, item, head_len = states[buffer_id]  # type: ignore[misc]
             except (IndexError, TypeError):
                 self._fail_here(seq, out, "id", buffer_id,
                                 f"a buffer id in flight (queue size {n})")
-            if not flags & _F_WRITE and length > capacity:
-                # Without WRITE the len field is reserved (§2.8.3, §2.8.4).  QEMU's devices
-                # never set WRITE in a used descriptor and put the written length there
-                # anyway (Linux and DPDK read it regardless), so a plausible len is taken
-                # as the written length and anything else as "nothing written".
-                length = 0
+            if not flags & _F_WRITE:
+                length = _used_len(length, capacity, head_len)
             if cseq >= pub_cseq:
                 self._fail_here(seq, out, "id", buffer_id, "a buffer that has been published")
             if length > capacity and strict:
@@ -848,7 +864,7 @@ class PackedQueue(_PackedCore[T]):
             buffer_id = order.popleft()
             st = states[buffer_id]
             assert st is not None
-            token, capacity, ndesc, _, home, item = st
+            token, capacity, ndesc, _, home, item, _ = st
             is_last = buffer_id == last_id
             out.append((token, length if is_last else capacity))
             states[buffer_id] = None
@@ -1006,9 +1022,9 @@ class PackedTemplate(Generic[T]):
             self._bad_slot(slot)
         entries = self._shape(slot, readable, writable)
         buffer_id = self._ids[slot]
-        q._place(self._ring_entries(slot, entries), buffer_id)
-        q._commit(buffer_id, token, self._cap[slot], 1 if self.indirect else len(entries),
-                  self._free, slot)
+        ring = self._ring_entries(slot, entries)
+        q._place(ring, buffer_id)
+        q._commit(buffer_id, token, self._cap[slot], len(ring), self._free, slot, ring[0][1])
         self._held.discard(slot)
         self._batch = None
 
@@ -1046,9 +1062,10 @@ class PackedTemplate(Generic[T]):
                 else:
                     assert readables is not None and writables is not None
                     entries = self._shape(slot, readables[i], writables[i])
-                q._place(self._ring_entries(slot, entries), self._ids[slot])
-                q._commit(self._ids[slot], token, self._cap[slot],
-                          1 if self.indirect else len(entries), self._free, slot)
+                ring = self._ring_entries(slot, entries)
+                q._place(ring, self._ids[slot])
+                q._commit(self._ids[slot], token, self._cap[slot], len(ring), self._free, slot,
+                          ring[0][1])
         except BaseException:
             q._rollback(mark)  # the slots stay held; their ids stay theirs
             raise
@@ -1246,14 +1263,14 @@ class PackedSlotQueue(_PackedCore[int]):
                 observe_barrier()
             slot = desc_h[pos * 8 + 6]
             length = desc_w[pos * 4 + 2]
-            if not flags & _F_WRITE and length > cap:
-                length = 0  # reserved without WRITE, as in PackedQueue._reap (§2.8.4)
             front = self._front
             # Where that slot was made available: at or after the oldest in flight.
             at = front + (slot - front) % n if slot < n else pub
             if at >= pub or early[slot]:
                 self._fail_slot(seq, slots, lens, "id", slot,
                                 f"a published slot not yet completed (queue size {n})")
+            if not flags & _F_WRITE:
+                length = _used_len(length, cap, self._lens[slot])  # as PackedQueue._reap
             if length > cap and strict:
                 self._fail_slot(seq, slots, lens, "len", length,
                                 f"<= {cap}, the bytes slot {slot} can take")

@@ -91,6 +91,11 @@ class DeviceQueue:
         # VIRTIO_F_IN_ORDER batch retires (push_in_order).
         self._popped: dict[int, None] = {}
 
+    def add_region(self, iova: int, region: MemoryRegion) -> None:
+        """Make ``region`` reachable at device address ``iova`` too (memory the driver
+        shared after the queue was set up: a vhost-user memory table update, a DMA map)."""
+        self._spaces.append((iova, region.nbytes, region.view()))
+
     # -- memory access by device address --------------------------------------------
 
     def _translate(self, iova: int, length: int) -> memoryview:

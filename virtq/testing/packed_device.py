@@ -184,6 +184,13 @@ class PackedDeviceQueue:
         # Used descriptors written but not yet published: (position, wrap, id, len).
         self._pending: list[tuple[int, int, int, int]] = []
 
+    def add_region(self, iova: int, region: MemoryRegion) -> None:
+        """Make ``region`` reachable at device address ``iova`` too (memory the driver
+        shared after the queue was set up).  Raises :class:`QueueStateError` after
+        :meth:`close`."""
+        self._check_open()
+        self._spaces.append((iova, region.nbytes, self._take(region.view())))
+
     def _take(self, view: memoryview) -> memoryview:
         self._views.append(view)
         return view
