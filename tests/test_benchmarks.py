@@ -55,6 +55,15 @@ def table_rows(out: str, header: str) -> list[list[str]]:
     return rows
 
 
+def assert_png(path: Path, out: str) -> None:
+    """``--plot`` drew a picture of two panels (the table's rows as bars) into ``path``."""
+    assert f"plot: {path}" in out
+    data = path.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert width > 2 * height > 300  # two charts side by side
+
+
 def check_results(path: Path, bench: str, rows: int) -> dict[str, object]:
     data = read_results(path)
     assert data["bench"] == bench
@@ -90,8 +99,10 @@ def test_bench_blk_ref(tmp_path):
 
 def test_bench_blk(tmp_path):
     out = run("-m", "virtq", "bench", "blk", "--seconds", "0.2", "--depths", "1,8",
-              "--modes", "poll,eventfd,batch", "--json", tmp_path / "blk.json")
+              "--modes", "poll,eventfd,batch", "--json", tmp_path / "blk.json",
+              "--plot", tmp_path / "blk.png")
     assert "zero-copy" in out
+    assert_png(tmp_path / "blk.png", out)
     rows = table_rows(out, "| QD | mode | IOPS | p50 µs |")
     assert [(r[0], r[1]) for r in rows] == [(d, m) for d in ("1", "8")
                                             for m in ("poll", "eventfd", "batch")]
@@ -104,7 +115,8 @@ def test_bench_blk(tmp_path):
 
 def test_bench_net(tmp_path):
     out = run("-m", "virtq", "bench", "net", "--seconds", "0.2", "--warmup", "0.1",
-              "--rounds", "1", "--json", tmp_path / "net.json")
+              "--rounds", "1", "--json", tmp_path / "net.json", "--plot", tmp_path / "net.png")
+    assert_png(tmp_path / "net.png", out)
     rows = table_rows(out, "| dir | front-end driver | packets | Mpps |")
     assert [(r[0], r[1]) for r in rows] == [
         (d, who) for d in ("TX", "RX")

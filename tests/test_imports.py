@@ -25,6 +25,12 @@ ALLOWED = {
                              "virtq.iova", "virtq.queue", "virtq.transport", "virtq.devices"},
     "virtq.devices": LEAF | {"virtq.layout", "virtq.abi", "virtq._sys", "virtq.memory",
                              "virtq.iova", "virtq.queue", "virtq.transport"},
+    # The read-only live-ring view decodes rings from shared memory or a snapshot file: it
+    # needs the layouts and wire formats, nothing that owns a queue.
+    "virtq.ringview": LEAF | {"virtq.layout", "virtq.abi"},
+    # asyncio / trio over the devices' public waiter: just above the devices.
+    "virtq.aio": LEAF | {"virtq.layout", "virtq.abi", "virtq._sys", "virtq.memory",
+                         "virtq.iova", "virtq.queue", "virtq.transport", "virtq.devices"},
     # The back-end tester (virtq check / virtq fuzz) drives back-ends with the hostile
     # driver of virtq.testing, below the CLI.
     "virtq.check": LEAF | {"virtq.layout", "virtq.abi", "virtq._sys", "virtq.memory",
@@ -33,7 +39,7 @@ ALLOWED = {
     # The CLI (with the benchmarks behind ``virtq bench``) sits above every layer.
     "virtq.cli": LEAF | {"virtq.layout", "virtq.abi", "virtq._sys", "virtq.memory",
                          "virtq.iova", "virtq.queue", "virtq.transport", "virtq.devices",
-                         "virtq.testing", "virtq.check"},
+                         "virtq.testing", "virtq.check", "virtq.ringview", "virtq.aio"},
 }
 
 
@@ -82,8 +88,10 @@ def test_every_layer_is_checked():
 # Who may know what a descriptor looks like.  Devices and transports see a ring only through
 # the driver-queue interface (virtq.queue.interface); the queue alone writes descriptor
 # bytes.  virtq.abi defines them, virtq.testing holds device-side peers and hostile drivers
-# (which read or forge descriptors on purpose), virtq.check is the hostile driver's home.
-DESCRIPTOR_AWARE = {"virtq.queue", "virtq.abi", "virtq.testing", "virtq.check"}
+# (which read or forge descriptors on purpose), virtq.check is the hostile driver's home,
+# virtq.ringview reads them (read-only) to show a live ring.
+DESCRIPTOR_AWARE = {"virtq.queue", "virtq.abi", "virtq.testing", "virtq.check",
+                    "virtq.ringview"}
 DESCRIPTOR_NAMES = ("VIRTQ_DESC_F_", "VirtqDesc", "VirtqPackedDesc")
 # struct virtq_desc (le64 addr, le32 len, le16 flags, le16 next) and the packed ring's
 # (le64 addr, le32 len, le16 id, le16 flags) share this struct format.

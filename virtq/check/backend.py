@@ -41,9 +41,11 @@ class BackendExit:
 
     @property
     def signal(self) -> int | None:
+        """The signal the process died on, or None when it exited."""
         return -self.returncode if self.returncode < 0 else None
 
     def describe(self) -> str:
+        """``died on SIGSEGV`` or ``exited with status N``."""
         if self.signal is not None:
             try:
                 name = signal.Signals(self.signal).name
@@ -58,24 +60,35 @@ class Backend(Protocol):
     """What checks and the fuzzer need from a back-end."""
 
     @property
-    def socket_path(self) -> Path: ...
+    def socket_path(self) -> Path:
+        """Where the back-end listens (a Unix socket)."""
+        ...
 
     @property
-    def restartable(self) -> bool: ...
+    def restartable(self) -> bool:
+        """Whether :meth:`restart` can start a fresh process."""
+        ...
 
-    def describe(self) -> str: ...
+    def describe(self) -> str:
+        """What the back-end is, for the report (a socket path or a command line)."""
+        ...
 
     def ensure_running(self) -> None:
         """Make sure something listens on :attr:`socket_path` (restart it if it ended)."""
         ...
 
-    def restart(self) -> None: ...
+    def restart(self) -> None:
+        """A fresh back-end (or, when not restartable, the same one, checked to be there).
+        Raises :class:`BackendStartError` when it cannot be started or reached."""
+        ...
 
     def poll(self) -> BackendExit | None:
         """How the process ended, if it has (None: running, or not ours to know)."""
         ...
 
-    def stop(self) -> None: ...
+    def stop(self) -> None:
+        """Stop the process if it is the tool's (idempotent)."""
+        ...
 
 
 class SocketBackend:
@@ -88,12 +101,16 @@ class SocketBackend:
 
     @property
     def socket_path(self) -> Path:
+        """The socket given."""
         return self._path
 
     def describe(self) -> str:
+        """``socket <path>``."""
         return f"socket {self._path}"
 
     def ensure_running(self) -> None:
+        """Check something is there: the path exists and is a socket.  Raises
+        :class:`BackendStartError` otherwise."""
         try:
             mode = os.stat(self._path).st_mode
         except FileNotFoundError:
@@ -102,13 +119,16 @@ class SocketBackend:
             raise BackendStartError(f"{self._path} is not a socket")
 
     def restart(self) -> None:
+        """Not the tool's to restart: only :meth:`ensure_running`.  Raises
+        :class:`BackendStartError` when the socket is gone."""
         self.ensure_running()
 
     def poll(self) -> BackendExit | None:
+        """None: how another's process ended is not ours to know."""
         return None
 
     def stop(self) -> None:
-        pass
+        """Nothing: the back-end is not the tool's."""
 
     def __enter__(self) -> Self:
         return self
@@ -161,19 +181,26 @@ class CommandBackend:
 
     @property
     def socket_path(self) -> Path:
+        """The socket of the current start (a fresh path for every start)."""
         return self._path
 
     @property
     def pid(self) -> int | None:
+        """The process id while it runs (None otherwise)."""
         return None if self.proc is None else self.proc.pid
 
     def describe(self) -> str:
+        """The command line, as a shell would show it."""
         return shlex.join(self.argv)
 
     def command(self) -> list[str]:
+        """The command line with ``{socket}`` replaced by this start's socket path."""
         return [a.replace("{socket}", str(self._path)) for a in self.argv]
 
     def start(self) -> Self:
+        """Start the process and return once its socket exists.  Raises
+        :class:`BackendStartError` when it is running already, cannot be started, exits first
+        (with the end of its log) or does not listen within ``start_timeout`` seconds."""
         if self.proc is not None:
             raise BackendStartError("the back-end is already running")
         # A fresh socket path per start: a dead back-end's socket file is stale.
@@ -251,10 +278,12 @@ class CommandBackend:
         return self._reap(code)
 
     def ensure_running(self) -> None:
+        """Start the process again if it is not running.  Raises what :meth:`start` raises."""
         if self.proc is None or self.poll() is not None:
             self.start()
 
     def restart(self) -> None:
+        """:meth:`stop`, then :meth:`start`.  Raises what :meth:`start` raises."""
         self.stop()
         self.start()
 
@@ -280,6 +309,7 @@ class CommandBackend:
         self._release()
 
     def log_size(self) -> int:
+        """How many bytes the process has written to its log (0 before any)."""
         try:
             return self._log_path.stat().st_size
         except FileNotFoundError:
@@ -295,6 +325,7 @@ class CommandBackend:
             return ""
 
     def log_tail(self, nbytes: int = 2000) -> str:
+        """The last ``nbytes`` of what the process wrote (for error messages)."""
         try:
             data = self._log_path.read_bytes()
         except FileNotFoundError:
@@ -302,6 +333,7 @@ class CommandBackend:
         return data[-nbytes:].decode(errors="replace")
 
     def close(self) -> None:
+        """Stop the process and remove its private directory (idempotent)."""
         self.stop()
         self._tmp.cleanup()
 

@@ -49,6 +49,7 @@ class Req:
 
     @property
     def capacity(self) -> int:
+        """The bytes the device may write: the writable buffers' lengths added up."""
         return sum(b.length for b in self.writable)
 
 
@@ -82,12 +83,15 @@ class Session:
 
     @property
     def features(self) -> int:
+        """The features negotiated in this session."""
         return self.drv.neg.features
 
     def has_feature(self, bit: int) -> bool:
+        """Whether feature bit ``bit`` was negotiated."""
         return bool(self.features >> bit & 1)
 
     def ring(self, queue: int) -> RawRing:
+        """Queue ``queue``'s raw ring (the hostile driver's, which writes descriptors as told)."""
         return self.drv.ring(queue)
 
     def request(self, queue: int, readable: Sequence[bytes], writable: Sequence[int], *,
@@ -102,6 +106,7 @@ class Session:
         return Req(queue, head, rbufs, wbufs)
 
     def submit(self, reqs: Sequence[Req]) -> None:
+        """Publish the rings of ``reqs`` and kick their queues."""
         for q in sorted({r.queue for r in reqs}):
             self.ring(q).publish()
             self.drv.kick(q)
@@ -109,7 +114,10 @@ class Session:
     def wait(self, reqs: Sequence[Req], *, timeout: float | None = None,
              strict: bool = True) -> list[Done]:
         """Wait for every request in ``reqs`` to complete (they may complete in any order,
-        §2.7.14).  ``strict``: a used id that is not one of them fails the check."""
+        §2.7.14).  ``strict``: a used id that is not one of them fails the check.  Raises
+        :class:`~virtq.check.model.CheckFailed` (with the ring's indices as evidence) when fewer
+        complete within ``timeout`` seconds, or, with ``strict``, for a used id that is not one
+        of them."""
         timeout = self.ctx.options.timeout if timeout is None else timeout
         by_queue: dict[int, dict[int, Req]] = {}
         for r in reqs:
@@ -136,15 +144,19 @@ class Session:
         return done
 
     def run(self, reqs: Sequence[Req], **kw: Any) -> list[Done]:
+        """:meth:`submit`, then :meth:`wait` (its keywords).  Raises what :meth:`wait` raises."""
         self.submit(reqs)
         return self.wait(reqs, **kw)
 
     def ring_evidence(self, q: int) -> dict[str, Any]:
+        """Queue ``q``'s indices for a failure's evidence: ``avail.idx``, ``used.idx``,
+        ``used.flags``, the driver's last reap."""
         ring = self.ring(q)
         return {"avail.idx": ring.avail_idx, "used.idx": ring.used_idx,
                 "used.flags": ring.used_flags, "last_used": ring.last_used}
 
     def close(self) -> None:
+        """Close the session's driver (its connection, memory and rings)."""
         self.drv.close()
 
 
@@ -226,6 +238,7 @@ class CheckContext:
         return f" ({'; '.join(parts)})" if parts else ""
 
     def close(self) -> None:
+        """Close every session and driver the check opened."""
         for s in self.sessions:
             s.close()
         self.sessions.clear()

@@ -78,6 +78,8 @@ class Profile:
         """Anything the device needs before ordinary requests (FUSE_INIT)."""
 
     def probe_spec(self, s: Session) -> ProbeSpec:
+        """The request the profile uses to see that the device still works (the liveness probe).
+        Raises ``NotImplementedError`` here: each device's profile says."""
         raise NotImplementedError
 
 
@@ -102,6 +104,7 @@ class NetProfile(Profile):
 
 
 def next_unique(s: Session) -> int:
+    """The next FUSE ``unique`` of this session (even and non-zero, as the kernel's)."""
     unique = int(s.state.get("unique", 0)) + 2  # FUSE uniques are even, non-zero
     s.state["unique"] = unique
     return unique
@@ -109,7 +112,8 @@ def next_unique(s: Session) -> int:
 
 def fuse_call(s: Session, request: bytes, reply_size: int, unique: int) -> fuse.FuseReply:
     """One FUSE request on the request queue; fails the check unless the reply's header is
-    well-formed (``unique`` echoed, ``len`` == used.len)."""
+    well-formed (``unique`` echoed, ``len`` == used.len).  Raises
+    :class:`~virtq.check.model.CheckFailed` for a malformed reply header."""
     req = s.request(s.profile.probe_queue, [request], [fuse.OUT_HEADER.size, reply_size])
     (done,) = s.run([req])
     reply = fuse.parse_reply(done.written(done.used_len))

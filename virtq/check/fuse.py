@@ -57,15 +57,19 @@ def _request(opcode: int, unique: int, nodeid: int, body: bytes) -> bytes:
 
 
 def init_request(unique: int) -> bytes:
+    """A FUSE_INIT request (the kernel's protocol version) with ``unique``."""
     return _request(FUSE_INIT, unique, 0,
                     INIT_IN.pack(FUSE_KERNEL_VERSION, FUSE_KERNEL_MINOR_VERSION, 0, 0))
 
 
 def getattr_request(unique: int, nodeid: int = FUSE_ROOT_ID) -> bytes:
+    """A FUSE_GETATTR request for ``nodeid`` (default: the root) with ``unique``."""
     return _request(FUSE_GETATTR, unique, nodeid, GETATTR_IN.pack(0, 0, 0))
 
 
 def lookup_request(unique: int, name: str, parent: int = FUSE_ROOT_ID) -> bytes:
+    """A FUSE_LOOKUP request for ``name`` in directory ``parent`` (default: the root) with
+    ``unique``."""
     return _request(FUSE_LOOKUP, unique, parent, name.encode() + b"\0")
 
 

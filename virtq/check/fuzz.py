@@ -6,15 +6,15 @@ A :class:`Case` is one input: a ``level`` (``ring``: descriptors and ring indice
 and the ``params`` that fully determine it.  :func:`run_case` opens a fresh connection,
 applies the case and returns a :class:`Verdict`:
 
-``ok``        served as if valid (fine when it was valid enough)
-``ignored``   no completion, no complaint, still answering messages
-``rejected``  refused cleanly: an error status, a NACK, NEEDS_RESET, or a disconnect
-``crash``     the process died on a signal (which one is in the detail)
-``hang``      no answer to a simple message within the deadline, connection still open
-``wrote-outside``  bytes outside the buffers it was given changed (guard bytes, or a
-              device-readable buffer)
-``protocol``  it broke the ring protocol: a used id never made available or used twice,
-              an impossible ``used.len``, ``used.idx`` running ahead, a malformed reply
+* ``ok``: served as if valid (fine when it was valid enough)
+* ``ignored``: no completion, no complaint, still answering messages
+* ``rejected``: refused cleanly: an error status, a NACK, NEEDS_RESET, or a disconnect
+* ``crash``: the process died on a signal (which one is in the detail)
+* ``hang``: no answer to a simple message within the deadline, connection still open
+* ``wrote-outside``: bytes outside the buffers it was given changed (guard bytes, or a
+  device-readable buffer)
+* ``protocol``: it broke the ring protocol: a used id never made available or used twice,
+  an impossible ``used.len``, ``used.idx`` running ahead, a malformed reply
 
 The last four are *findings*.  :func:`fuzz` generates cases from a seed (the same seed
 replays the same sequence), restarts a back-end that crashed or hung, minimises each
@@ -85,10 +85,12 @@ class Case:
     params: dict[str, Any]
 
     def describe(self) -> str:
+        """One line: ``level/kind(param=value, ...)``."""
         args = ", ".join(f"{k}={_short(v)}" for k, v in self.params.items())
         return f"{self.level}/{self.kind}({args})"
 
     def to_dict(self) -> dict[str, Any]:
+        """The case as JSON-ready data (what a reproducer file holds)."""
         return asdict(self)
 
 
@@ -106,6 +108,8 @@ class Verdict:
 
     @property
     def finding(self) -> bool:
+        """Whether this class of outcome is a finding (a crash, a hang, ...), not an accepted or
+        refused case."""
         return self.cls in FINDINGS
 
 
@@ -719,6 +723,8 @@ class Finding:
     repeats: int = 1
 
     def to_dict(self) -> dict[str, Any]:
+        """The finding as JSON-ready data: its class, the minimised case, how it was found, its
+        prelude, whether it reproduced, the reproducer's path."""
         return {"class": self.verdict.cls, "detail": self.verdict.detail,
                 "case": self.case.to_dict(), "found_as": self.first.describe(),
                 "prelude": [c.describe() for c in self.prelude],
@@ -747,9 +753,11 @@ class FuzzReport:
 
     @property
     def exit_status(self) -> int:
+        """1 when a finding stands (:attr:`confirmed`), else 0."""
         return 1 if self.confirmed else 0
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data."""
         return {"device": self.device, "backend": self.backend, "seed": self.seed,
                 "cases": self.cases, "seconds": round(self.seconds, 1),
                 "restarts": self.restarts, "by_class": dict(self.by_class),
@@ -758,6 +766,7 @@ class FuzzReport:
                 "exit_status": self.exit_status}
 
     def to_json(self) -> str:
+        """The report as indented JSON text."""
         return json.dumps(self.to_dict(), indent=2)
 
 
@@ -835,7 +844,9 @@ def fuzz(device: str, backend: Backend, options: FuzzOptions, *,
     """Generate and run cases for ``options.seconds`` (or ``options.cases``); each finding is
     checked to reproduce on a fresh back-end, minimised (with the earlier cases it needs,
     if any) and, with ``options.out``, written there as a JSON reproducer.  A back-end that
-    crashed or hung is restarted (a :class:`CommandBackend`)."""
+    crashed or hung is restarted (a :class:`CommandBackend`).  Raises
+    :class:`~virtq.errors.ArgumentError` for an unknown device or levels, and
+    :class:`~virtq.check.BackendStartError` when the back-end cannot be started or reached."""
     if device not in PROFILES:
         raise ArgumentError("device", device, f"must be one of {', '.join(PROFILES)}")
     bad_levels = set(options.levels) - set(LEVELS)

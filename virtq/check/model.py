@@ -42,6 +42,8 @@ class Level(enum.StrEnum):
 
 
 class Outcome(enum.StrEnum):
+    """What running a check gave: ``pass``, ``fail`` (the back-end broke the rule), ``skip`` (it
+    does not apply) or ``error`` (the check could not run)."""
     PASS = "pass"
     FAIL = "fail"
     SKIP = "skip"
@@ -81,9 +83,12 @@ class Check:
 
     @property
     def group(self) -> str:
+        """The part of the id before the first dot (``blk``, ``vu``, ...)."""
         return self.id.split(".", 1)[0]
 
     def applies_to(self, device: str) -> bool:
+        """Whether the check runs for ``device`` (a check for no device in particular runs for
+        all)."""
         return not self.devices or device in self.devices
 
 
@@ -119,9 +124,11 @@ class CheckResult:
 
     @property
     def group(self) -> str:
+        """The part of the id before the first dot."""
         return self.id.split(".", 1)[0]
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-ready data (the evidence made JSON-able)."""
         d = asdict(self)
         d["level"] = str(self.level)
         d["outcome"] = str(self.outcome)
@@ -154,6 +161,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
     def by_id(self) -> dict[str, CheckResult]:
+        """The results by check id."""
         return {r.id: r for r in self.results}
 
     def outcomes(self) -> dict[str, str]:
@@ -161,6 +169,7 @@ class Report:
         return {r.id: str(r.outcome) for r in self.results}
 
     def failed(self, level: Level | None = None) -> list[str]:
+        """The ids of the checks that failed (of ``level`` only, when given)."""
         return [r.id for r in self.results if r.outcome is Outcome.FAIL
                 and (level is None or r.level is level)]
 
@@ -176,12 +185,15 @@ class Report:
         return 0
 
     def counts(self) -> dict[str, int]:
+        """How many checks had each outcome (every outcome present, 0 when none)."""
         out = {str(o): 0 for o in Outcome}
         for r in self.results:
             out[str(r.outcome)] += 1
         return out
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data: the back-end, its features, the exit status, every
+        result."""
         return {
             "device": self.device,
             "backend": self.backend,
@@ -196,4 +208,5 @@ class Report:
         }
 
     def to_json(self) -> str:
+        """The report as indented JSON text (``virtq check --json``)."""
         return json.dumps(self.to_dict(), indent=2)

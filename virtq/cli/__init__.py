@@ -1,10 +1,17 @@
-"""``virtq`` command line: ``demo``, ``inspect``, ``bench``, ``check``, ``fuzz``, ``fs``."""
+"""``virtq`` command line: ``demo``, ``inspect``, ``bench``, ``check``, ``fuzz``, ``fs``.
+
+Exit status, for every command: 0 success; 1 the command ran and found a problem (a
+mismatch, an inconsistent ring, a failed MUST check); 2 it could not run -- a bad argument
+(a one-line usage error, never a traceback) or a failure on the way
+(``virtq <command>: error: ...``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import importlib.metadata
+import logging
 import os
 import shutil
 import subprocess
@@ -19,7 +26,8 @@ from virtq.cli import _args
 from virtq.cli import check as cli_check
 from virtq.cli import fs as fs_cli
 from virtq.cli import fuzz as cli_fuzz
-from virtq.errors import ArgumentError
+from virtq.cli import inspect as cli_inspect
+from virtq.errors import ArgumentError, VirtqError, VirtqTimeoutError
 from virtq.layout import SplitLayout, wrap_add
 from virtq.memory import MemfdRegion
 from virtq.queue import SplitQueue
@@ -28,7 +36,9 @@ from virtq.types import Iova
 
 def demo_ring(args: argparse.Namespace) -> int:
     """A driver (this process) and a device (a child process) share one SplitQueue in a
-    memfd; the indices start just below 0xFFFF so the run crosses the u16 wrap."""
+    memfd; the indices start just below 0xFFFF so the run crosses the u16 wrap.  Returns 0,
+    or 1 when a reply is wrong or the device exits with an error.  Raises
+    :class:`~virtq.errors.VirtqTimeoutError` when the device stops answering."""
     n, count, start = args.queue_size, args.count, args.start_index
     layout = SplitLayout.compute(n, buffer_size=256, indirect_size=4)
     iova = Iova(0x4000_0000)
@@ -60,7 +70,7 @@ def demo_ring(args: argparse.Namespace) -> int:
         try:
             while checked < count:
                 if time.monotonic() > deadline:
-                    raise TimeoutError("the device process stopped answering")
+                    raise VirtqTimeoutError("the device process stopped answering")
                 while sent < count and free_slots and queue.num_free:
                     slot = free_slots.pop()
                     payload = f"request {sent:05d} to the device".encode()
@@ -78,7 +88,9 @@ def demo_ring(args: argparse.Namespace) -> int:
                     reply = bytes(region.view(layout.buffer(slot) + 128, written))
                     _, payload = pending.pop(i)
                     if reply != payload[::-1]:
-                        raise AssertionError(f"request {i}: bad reply {reply!r}")
+                        print(f"driver: request {i}: bad reply {reply!r}", file=sys.stderr)
+                        child.kill()
+                        return 1
                     checked += 1
                     free_slots.append(slot)
                 if wrapped_at is None and queue.last_used < start:
@@ -105,14 +117,16 @@ def _blk_backend(image: Path, sock: Path, which: str) -> tuple[str, AbstractCont
     try:
         backend = importlib.import_module("virtq.testing.embedded")
     except ImportError as exc:
-        raise SystemExit("qemu-storage-daemon is not installed (Debian: qemu-system-common) "
+        raise VirtqError("qemu-storage-daemon is not installed (Debian: qemu-system-common) "
                          "and this virtq has no embedded back-end") from exc
     return "virtq's embedded Python back-end", backend.VhostUserBlkBackend(image, sock)
 
 
 def demo_blk(args: argparse.Namespace) -> int:
     """vhost-user-blk end to end: a back-end process serves a disk image; virtq connects,
-    negotiates, sets up a ring in a memfd, writes blocks, reads them back, verifies."""
+    negotiates, sets up a ring in a memfd, writes blocks, reads them back, verifies.
+    Returns 0, or 1 when what is read back differs.  Raises what connecting raises
+    (:class:`~virtq.errors.VirtqError`; the command line prints it in one line)."""
     from virtq.devices import BlkDevice, BlkIOError  # noqa: PLC0415 - CLI only
     from virtq.testing.runners import make_image, sector_pattern  # noqa: PLC0415
 
@@ -133,7 +147,10 @@ def demo_blk(args: argparse.Namespace) -> int:
                     f", block size {dev.block_size}, device id {dev.get_id()!r}")
                 out(f"          ring: {q.size} entries in a {dev.arena.nbytes}-byte memfd, "
                     f"guest address {dev.arena.iova:#x}")
-                assert dev.read(0, 1024) == sector_pattern(0) + sector_pattern(1)
+                if dev.read(0, 1024) != sector_pattern(0) + sector_pattern(1):
+                    print("read:     sectors 0-1 do not hold the image's pattern",
+                          file=sys.stderr)
+                    return 1
                 out("read:     sectors 0-1 match the image's pattern")
                 payload = os.urandom(args.mib << 20)
                 t0 = time.perf_counter()
@@ -143,7 +160,8 @@ def demo_blk(args: argparse.Namespace) -> int:
                 back = dev.read(2048, len(payload))
                 t2 = time.perf_counter()
                 if back != payload:
-                    raise SystemExit("read-back mismatch")
+                    print("read:     read-back mismatch", file=sys.stderr)
+                    return 1
                 out(f"write:    {args.mib} MiB at sector 2048 + flush in {t1 - t0:.3f} s "
                     f"({args.mib / (t1 - t0):.0f} MiB/s)")
                 out(f"read:     {args.mib} MiB back in {t2 - t1:.3f} s "
@@ -164,25 +182,17 @@ def demo_blk(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    """``virtq bench NAME ...``: run benchmark ``NAME``'s own command line.  Raises
+    :class:`~virtq.errors.VirtqError` when the benchmark cannot be imported (and what the
+    benchmark raises)."""
     modules = {"blk": "virtq.cli.bench_blk", "net": "virtq.cli.bench_net",
                "vfio": "virtq.cli.bench_vfio", "fs": "virtq.cli.bench_fs"}
     try:
         module = importlib.import_module(modules[args.what])
     except ImportError as exc:
-        raise SystemExit(f"benchmark {args.what!r} is not available: {exc}") from exc
+        raise VirtqError(f"benchmark {args.what!r} is not available: {exc}") from exc
     result: int = module.main(args.rest)
     return result
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    """Show the layout the library would use for a queue size."""
-    lay = SplitLayout.compute(args.queue_size, buffer_size=args.buffer_size,
-                              legacy=args.legacy)
-    for field in ("queue_size", "desc", "avail", "used", "buffers", "nbytes"):
-        print(f"{field:>10}: {getattr(lay, field)}")
-    print(f"{'used_event':>10}: {lay.used_event}")
-    print(f"{'avail_event':>10}: {lay.avail_event}")
-    return 0
 
 
 def _version() -> str:
@@ -193,11 +203,38 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="virtq", description=__doc__)
+#: The loggers ``--trace`` turns on: every vhost-user message, both directions.
+TRACE_LOGGERS = ("virtq.transport.vhost_user",)
+
+
+def enable_trace(stream: Any = None) -> logging.Handler:
+    """Log every vhost-user message (``virtq.transport.vhost_user`` at DEBUG) to ``stream``
+    (default stderr); returns the handler (remove it to stop)."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter("%(relativeCreated)9.1f ms vhost-user %(message)s"))
+    for name in TRACE_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(handler)
+    return handler
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``virtq`` command's argument parser (every subcommand but the benchmarks' own
+    options, which ``virtq bench NAME --help`` shows)."""
+    parser = argparse.ArgumentParser(prog="virtq", description=_args.plain(__doc__ or ""),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"virtq {_version()}")
+    parser.add_argument("--trace", action="store_true",
+                        help="log every vhost-user message (request, flags, size, fds, "
+                             "payload) to stderr")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="show virtq driving a device")
+    demo = sub.add_parser("demo", help="show virtq driving a device",
+                          description="Show virtq driving a device: blk (default) runs a "
+                                      "vhost-user-blk back-end end to end; ring runs a "
+                                      "driver and a device in two processes over a memfd; "
+                                      "fs walks, reads and writes a directory through "
+                                      "virtiofsd (as root).")
     demo.add_argument("what", nargs="?", default="blk", choices=["blk", "ring", "fs"],
                       help="blk (default): a vhost-user-blk back-end end to end; "
                            "ring: driver and device in two processes over a memfd; "
@@ -215,24 +252,44 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(func=lambda a: {"blk": demo_blk, "ring": demo_ring,
                                       "fs": fs_cli.demo_fs}[a.what](a), parser=demo)
     bench = sub.add_parser("bench", help="benchmarks (blk, net, vfio, fs); --help after the "
-                                         "name")
+                                         "name",
+                           description="Run a benchmark against real back-ends and print "
+                                       "its table: virtq bench blk|net|vfio|fs [options]; "
+                                       "virtq bench NAME --help lists NAME's options.")
     bench.add_argument("what", choices=["blk", "net", "vfio", "fs"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench, parser=bench)
-    insp = sub.add_parser("inspect", help="print a split ring layout")
-    insp.add_argument("queue_size", type=_args.queue_size,
-                      help="a power of two, 1..32768 (VIRTIO 1.2 §2.7)")
-    insp.add_argument("--buffer-size", type=_args.nonnegative_int, default=0)
-    insp.add_argument("--legacy", action="store_true")
-    insp.set_defaults(func=cmd_inspect, parser=insp)
+    cli_inspect.register(sub)
     cli_check.register(sub)
     cli_fuzz.register(sub)
-    fs = fs_cli.add_parser(sub)
-    args = _args.parse(parser, argv, fs)
+    fs_cli.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``virtq`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit
+    status (see the module's docstring).  Bad arguments exit 2 through argparse
+    (``SystemExit``); a :class:`~virtq.errors.VirtqError` or ``OSError`` on the way is
+    printed as one line and returns 2."""
+    parser = build_parser()
+    args = _args.parse(parser, argv)
+    command = getattr(args, "parser", parser)
+    handler = enable_trace() if args.trace else None
     try:
         result: int = args.func(args)
+    except BrokenPipeError:
+        # The reader went away (``virtq inspect ... | head``): stop quietly, as cat does.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except ArgumentError as exc:
         # A rule the argument types above do not know (the library checks every value
         # again): still the caller's argument, so a usage error, not a traceback.
-        getattr(args, "parser", parser).error(str(exc))
+        command.error(str(exc))
+    except (VirtqError, OSError) as exc:
+        print(f"{command.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if handler is not None:
+            for name in TRACE_LOGGERS:
+                logging.getLogger(name).removeHandler(handler)
     return result

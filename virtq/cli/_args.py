@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from collections.abc import Callable
 
 from virtq.layout import MAX_SPLIT_QUEUE_SIZE, is_power_of_two
@@ -85,6 +86,34 @@ def directory(text: str) -> str:
     return text
 
 
+_ROLE = re.compile(r":(?:class|func|meth|mod|data|attr|exc|obj|ref|doc):`~?([^`<]*?)(?: <[^>]*>)?`")
+
+
+def plain(text: str) -> str:
+    """``text`` (a docstring) without reStructuredText markup, for ``--help``: roles
+    (``:class:`~a.B``` -> ``B``, the last part when the target starts with ``~``),
+    double and single backquotes, and ``::`` at the end of a line (-> ``:``)."""
+    def role(m: re.Match[str]) -> str:
+        name = m.group(1)
+        return name.rsplit(".", 1)[-1] if m.group(0).split("`", 1)[1].startswith("~") \
+            else name
+
+    text = _ROLE.sub(role, text)
+    text = text.replace("``", "")
+    text = re.sub(r"`([^`]+)`", r"\1", text)
+    return re.sub(r"::$", ":", text, flags=re.M)
+
+
+def _all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """``parser`` and every subcommand's parser under it, at any depth."""
+    found = [parser]
+    for action in parser._actions:  # argparse has no public accessor
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):  # aliases share a parser
+                found += _all_parsers(sub)
+    return found
+
+
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None,
           *subparsers: argparse.ArgumentParser) -> argparse.Namespace:
     """``parser.parse_args(argv)``, then a check argparse itself misses: Python 3.11's
@@ -92,9 +121,7 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None,
     the option's type or checking its choices, which would reach the command as [] (no
     type here returns an empty list)."""
     args = parser.parse_args(argv)
-    for p in (parser, *subparsers, getattr(args, "parser", None)):
-        if not isinstance(p, argparse.ArgumentParser):
-            continue
+    for p in (*_all_parsers(parser), *subparsers):
         for action in p._actions:  # argparse has no public accessor
             value = getattr(args, action.dest, None)
             if action.nargs is None and value == [] and value is not action.default:

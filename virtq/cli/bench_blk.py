@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from virtq.cli import _args
+from virtq.cli import _args, plot
 from virtq.cli.benchutil import (
     ProgressBar,
     Results,
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     print the table (``--json``: write the numbers too).  Returns 0; argparse exits on bad
     options; a back-end that cannot start raises
     :class:`~virtq.testing.runners.BackendError`."""
-    p = argparse.ArgumentParser(prog="virtq bench blk", description=__doc__)
+    p = argparse.ArgumentParser(prog="virtq bench blk", description=_args.plain(__doc__ or ""))
     # A depth needs a queue of 3 x depth entries (run_depth), at most 32768.
     p.add_argument("--depths", type=_args.int_list(_args.int_in(1, MAX_DEPTH)),
                    default=[1, 32, 128], help=f"queue depths 1..{MAX_DEPTH}, comma-separated")
@@ -203,7 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-dir", type=_args.directory, default=None,
                    help="where the 256 MiB image goes (default: the temp dir; avoid tmpfs)")
     p.add_argument("--json", help="also write the numbers to this file")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="also draw the table: IOPS, and CPU per request of virtq and QSD, by "
+                        "queue depth and mode (needs matplotlib: virtq[plot])")
     args = _args.parse(p, argv)
+    if args.plot:
+        plot.require()  # before minutes of measuring, not after
     depths = args.depths
     if args.batch is not None and args.batch > min(depths):
         p.error(f"--batch {args.batch}: more than the smallest depth ({min(depths)}) would "
@@ -251,7 +256,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"- {mode}: {MODES[mode]}")
     if args.json:
         results.write(args.json)
+    if args.plot:
+        draw(args.plot, title, rows, depths, modes)
+        print(f"plot: {args.plot}")
     return 0
+
+
+def draw(path: str, title: str, rows: list[tuple[int, str, dict[str, float]]],
+         depths: list[int], modes: list[str]) -> None:
+    """``--plot``: IOPS by queue depth (a bar per mode), and CPU-µs per request of virtq
+    next to QSD's in the same run.  Raises what :func:`virtq.cli.plot.bar_charts` raises."""
+    by = {(d, m): r for d, m, r in rows}
+    groups = [f"QD {d}" for d in depths]
+    iops = plot.Panel("IOPS", groups, {m: [by[d, m]["iops"] for d in depths] for m in modes})
+    cpu = plot.Panel("CPU-µs per request", groups, lower_is_better=True)
+    for m in modes:
+        cpu.series[f"virtq {m}"] = [by[d, m]["cpu_us"] for d in depths]
+        cpu.series[f"QSD ({m})"] = [by[d, m]["backend_cpu_us"] for d in depths]
+    plot.bar_charts(path, title, [iops, cpu])
 
 
 if __name__ == "__main__":

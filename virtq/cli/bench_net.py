@@ -26,13 +26,13 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
-from virtq.cli import _args
+from virtq.cli import _args, plot
 from virtq.cli.benchutil import Results, cpu_seconds, host_line, markdown_table
 from virtq.devices import NetDevice
 from virtq.testing.testpmd import TestPmd
@@ -226,7 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``virtq bench net [options]``: start testpmd, run the rounds, print the table
     (``--json``: write the numbers too).  Returns 0; argparse exits on bad options; a
     back-end that cannot start raises :class:`~virtq.testing.runners.BackendError`."""
-    ap = argparse.ArgumentParser(prog="virtq bench net", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="virtq bench net",
+                                 description=_args.plain(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--seconds", type=_args.seconds(), default=3.0,
                     help="measurement window per row")
     ap.add_argument("--warmup", type=_args.seconds(allow_zero=True), default=0.5,
@@ -243,7 +244,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="interleaved rounds per direction (rows sum them)")
     ap.add_argument("--skip-c", action="store_true", help="no DPDK virtio-user baseline")
     ap.add_argument("--json", help="also write the numbers to this file")
+    ap.add_argument("--plot", metavar="FILE.png",
+                    help="also draw the table: Mpps and CPU per packet of virtq next to "
+                         "DPDK's C driver (needs matplotlib: virtq[plot])")
     args = _args.parse(ap, list(argv) if argv is not None else None)
+    if args.plot:
+        plot.require()  # before the measuring, not after
     if args.batch > args.queue_size:
         ap.error(f"--batch {args.batch}: more than --queue-size {args.queue_size}")
     modes = {"poll": [True], "notify": [False], "both": [True, False]}[args.mode]
@@ -291,7 +297,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             out.add(row, "Mpps", r.pps / 1e6, "higher" if mine else None)
             out.add(row, "CPU µs/pkt", r.cpu_us_per_packet, "lower" if mine else None)
         out.write(args.json)
+    if args.plot:
+        draw(args.plot, title, results)
+        print(f"plot: {args.plot}")
     return 0
+
+
+def draw(path: str, title: str, results: list[Result]) -> None:
+    """``--plot``: Mpps and CPU-µs per packet by direction, a bar per front-end driver (the
+    C driver is the reference).  Raises what :func:`virtq.cli.plot.bar_charts` raises."""
+    directions = [d for d in ("TX", "RX") if any(r.direction == d for r in results)]
+    drivers = list(dict.fromkeys(r.driver for r in results))
+    by = {(r.direction, r.driver): r for r in results}
+
+    def series(value: Callable[[Result], float]) -> dict[str, list[float | None]]:
+        return {drv: [value(by[d, drv]) if (d, drv) in by else None for d in directions]
+                for drv in drivers}
+
+    plot.bar_charts(path, title, [
+        plot.Panel("Mpps", directions, series(lambda r: r.pps / 1e6)),
+        plot.Panel("CPU-µs per packet", directions, series(lambda r: r.cpu_us_per_packet),
+                   lower_is_better=True)])
 
 
 if __name__ == "__main__":

@@ -154,8 +154,8 @@ class Results:
                 "virtq": getattr(virtq, "__file__", None), "values": self.values}
 
     def write(self, path: str | os.PathLike[str]) -> None:
-        """Write :meth:`to_dict` as JSON to ``path``; :class:`~virtq.errors.VirtqOSError`
-        if it cannot."""
+        """Write :meth:`to_dict` as JSON to ``path``.  Raises
+        :class:`~virtq.errors.VirtqOSError` (with the errno) if it cannot."""
         try:
             Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
         except OSError as err:

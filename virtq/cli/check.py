@@ -33,6 +33,8 @@ _COLOURS = {Outcome.PASS: "32", Outcome.FAIL: "31;1", Outcome.SKIP: "2", Outcome
 
 
 def use_colour(choice: str, stream: IO[str]) -> bool:
+    """Whether to colour the report: ``always``, ``never``, or ``auto`` (a terminal, without
+    ``NO_COLOR``, not ``TERM=dumb``)."""
     if choice == "always":
         return True
     if choice == "never":
@@ -42,10 +44,13 @@ def use_colour(choice: str, stream: IO[str]) -> bool:
 
 
 def paint(text: str, code: str, colour: bool) -> str:
+    """``text`` in the ANSI colour ``code`` when ``colour``, else as it is."""
     return f"\033[{code}m{text}\033[0m" if colour else text
 
 
 def add_backend_arguments(p: argparse.ArgumentParser) -> None:
+    """The options ``virtq check`` and ``virtq fuzz`` share: the socket or ``--backend-cmd``,
+    ``--device``, ``--color``."""
     p.add_argument("socket", nargs="?", help="a back-end already listening on this socket")
     p.add_argument("--backend-cmd", metavar="CMD",
                    help="start the back-end with CMD ({socket} is replaced by a fresh path); "
@@ -56,6 +61,10 @@ def add_backend_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def backend_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Backend:
+    """The back-end the arguments name: a :class:`~virtq.check.CommandBackend` (started here) or
+    a :class:`~virtq.check.SocketBackend`.  Exits 2 through ``parser`` unless exactly one of them
+    is given or for a bad command; raises :class:`~virtq.check.BackendStartError` when the
+    command cannot start."""
     if bool(args.socket) == bool(args.backend_cmd):
         parser.error("give a SOCKET or --backend-cmd (one of them)")
     if args.backend_cmd:
@@ -67,6 +76,7 @@ def backend_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> B
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``check`` to the ``virtq`` command's subparsers ``sub``."""
     p = sub.add_parser(
         "check", help="conformance checks for a vhost-user back-end",
         description="Run virtq's conformance checks (VIRTIO 1.2, vhost-user.rst) against a "
@@ -90,6 +100,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def list_checks(device: str, out: IO[str]) -> None:
+    """Write every check of ``device`` to ``out``: id, level, title, and the clause it tests."""
     for chk in select_checks(device):
         out.write(f"{chk.id:28} {chk.level!s:6} {chk.title}\n{'':35}{chk.clause}\n")
 
@@ -101,6 +112,8 @@ def _wrap(text: str, width: int, first: str = "") -> list[str]:
 
 
 def format_result(r: CheckResult, colour: bool, *, width: int = 100) -> list[str]:
+    """One result as report lines: outcome, level, id, title, and for a failure the message and
+    evidence wrapped to ``width``."""
     mark = paint(f"{r.outcome!s:5}", _COLOURS[r.outcome], colour)
     lines = [f"  {mark}  {r.level!s:6}  {r.id:28} {r.title}"]
     if r.outcome in (Outcome.FAIL, Outcome.ERROR):
@@ -115,6 +128,8 @@ def format_result(r: CheckResult, colour: bool, *, width: int = 100) -> list[str
 
 
 def format_report(report: Report, colour: bool) -> str:
+    """The whole report as text: the back-end and its features, every result, the counts and the
+    exit status."""
     lines = [f"virtq check --device {report.device}: {report.backend}"]
     if report.offered_features is not None:
         proto = "" if report.protocol_features is None else \
@@ -139,6 +154,9 @@ def format_report(report: Report, colour: bool) -> str:
 
 
 def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``virtq check``: run the checks, print the report (``--json``: write it too) and return
+    the exit status (0 every MUST check passed, 1 one failed, 2 the tool could not run).  Bad
+    arguments exit 2 through ``parser``."""
     out = sys.stdout
     if args.list:
         list_checks(args.device, out)

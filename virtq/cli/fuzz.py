@@ -31,6 +31,7 @@ from virtq.errors import ArgumentError
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``fuzz`` to the ``virtq`` command's subparsers ``sub``."""
     p = sub.add_parser(
         "fuzz", help="a hostile driver against a vhost-user back-end",
         description="Send malformed descriptors, requests and vhost-user messages to a "
@@ -73,6 +74,8 @@ def _progress(out: IO[str], started: float) -> object:
 
 
 def format_summary(report: FuzzReport, colour: bool) -> str:
+    """The fuzz report as text: cases, rate, restarts, outcomes by class and kind, and each
+    finding with its reproducer."""
     lines = [f"virtq fuzz --device {report.device} --seed {report.seed}: {report.backend}",
              f"{report.cases} cases in {report.seconds:.1f} s "
              f"({report.cases / max(report.seconds, 1e-9):.1f}/s), "
@@ -101,6 +104,9 @@ def format_summary(report: FuzzReport, colour: bool) -> str:
 
 
 def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``virtq fuzz``: run (or ``--replay``) cases, print the summary (``--json``: write the
+    report) and return the exit status (0 nothing stands, 1 a finding stands, 2 the tool could
+    not run).  Bad arguments exit 2 through ``parser``."""
     out = sys.stdout
     levels = tuple(x.strip() for x in args.levels.split(",") if x.strip())
     if not levels or set(levels) - set(LEVELS):

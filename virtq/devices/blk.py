@@ -169,6 +169,7 @@ class BlkRequest:
 
     @property
     def done(self) -> bool:
+        """Whether the request completed: with a status from the device, or with an ``error``."""
         return self.status is not None or self.error is not None
 
     @property
@@ -370,14 +371,18 @@ class BlkDevice:
 
     @property
     def block_size(self) -> int:
+        """The device's logical block size in bytes (``blk_size``, §5.2.4; 512 unless it said
+        otherwise)."""
         return self.config.block_size
 
     @property
     def read_only(self) -> bool:
+        """Whether the device is read-only (VIRTIO_BLK_F_RO): writes are refused."""
         return self.config.read_only
 
     @property
     def flush_supported(self) -> bool:
+        """Whether the device offered VIRTIO_BLK_F_FLUSH (:meth:`flush` works)."""
         return self.config.flush_supported
 
     def _read_config(self) -> None:
@@ -810,7 +815,10 @@ class BlkDevice:
     def submit_write(self, sector: int, data: Any) -> BlkRequest:
         """Start writing ``data`` at ``sector``: bytes-like data (any item format; its
         length in bytes a multiple of 512, at most ``max_io``) is copied, a
-        :class:`DmaBuffer` or a list of them is written without a copy."""
+        :class:`DmaBuffer` or a list of them is written without a copy.  Raises
+        :class:`~virtq.errors.QueueStateError` for a read-only device (or closed, or failed),
+        :class:`ArgumentError` for bad data or a bad sector,
+        :class:`~virtq.errors.QueueFullError` when every slot is in flight."""
         if self.config.read_only:
             raise QueueStateError("the device is read-only (VIRTIO_BLK_F_RO)")
         if isinstance(data, DmaBuffer) or (isinstance(data, list | tuple) and data
@@ -1079,7 +1087,9 @@ class BlkDevice:
                 self.wait(oldest)
 
     def flush(self) -> None:
-        """Make previous writes durable (VIRTIO_BLK_T_FLUSH)."""
+        """Make previous writes durable (VIRTIO_BLK_T_FLUSH).  Raises
+        :class:`~virtq.errors.QueueStateError` when the device has no flush, and the request's
+        error."""
         if not self.config.flush_supported:
             raise QueueStateError("the device did not offer VIRTIO_BLK_F_FLUSH")
         self.submit_flush().wait()
@@ -1091,6 +1101,7 @@ class BlkDevice:
 
     @property
     def capacity_bytes(self) -> int:
+        """The capacity in bytes (``capacity`` sectors of 512 bytes)."""
         return self.config.capacity * SECTOR_SIZE
 
     # -- teardown and recovery -----------------------------------------------------------
@@ -1124,6 +1135,7 @@ class BlkDevice:
 
     @property
     def closed(self) -> bool:
+        """True after :meth:`close`."""
         return bool(self._closed)
 
     def __enter__(self) -> Self:

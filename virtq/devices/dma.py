@@ -66,7 +66,9 @@ class DmaBuffer:
         return self.arena.region.view(self.offset, self.length)
 
     def slice(self, offset: int, length: int) -> DmaBuffer:
-        """``length`` bytes at ``offset`` of this buffer, as a buffer of their own."""
+        """``length`` bytes at ``offset`` of this buffer, as a buffer of their own.  Raises
+        :class:`~virtq.errors.ArgumentError` for non-int values and
+        :class:`~virtq.errors.RegionBoundsError` for a range outside the buffer."""
         if offset.__class__ is not int or length.__class__ is not int:
             raise ArgumentError("offset/length", (offset, length), "must be ints")
         if offset < 0 or length <= 0 or offset + length > self.length:
@@ -78,7 +80,9 @@ class DmaBuffer:
         return bytes(self.arena.region.view(self.offset, self.length))
 
     def write(self, data: Any, offset: int = 0) -> None:
-        """Copy bytes-like ``data`` in at ``offset`` (any item format: bytes are bytes)."""
+        """Copy bytes-like ``data`` in at ``offset`` (any item format: bytes are bytes).  Raises
+        :class:`~virtq.errors.ArgumentError` for data without the buffer protocol and
+        :class:`~virtq.errors.RegionBoundsError` when it does not fit at ``offset``."""
         view = byte_view(data)
         if offset.__class__ is not int or offset < 0 or offset + len(view) > self.length:
             raise RegionBoundsError(offset, len(view), self.length)

@@ -340,7 +340,10 @@ class NetDevice:
 
     def recv_batch(self, max_frames: int = 256, timeout: float | None = 0) -> list[bytes]:
         """Up to ``max_frames`` received frames; waits at most ``timeout`` seconds for the
-        first one (default: do not wait); ``[]`` if none arrived."""
+        first one (default: do not wait); ``[]`` if none arrived.  Raises :class:`ArgumentError`
+        for a bad ``max_frames`` or ``timeout``, :class:`~virtq.errors.QueueStateError` once
+        closed, and a :class:`~virtq.errors.DeviceError` for a frame the device reported
+        impossibly."""
         if not isinstance(max_frames, int) or max_frames < 1:
             raise ArgumentError("max_frames", max_frames, "must be an int >= 1")
         ready = self._rx_ready
@@ -427,6 +430,7 @@ class NetDevice:
 
     @property
     def closed(self) -> bool:
+        """True after :meth:`close`."""
         return self._closed
 
     def _release_views(self) -> None:
@@ -463,7 +467,8 @@ class NetDevice:
 
 
 def build_frame(dst: bytes, src: bytes, ethertype: int, payload: bytes | Iterable[int]) -> bytes:
-    """An Ethernet II frame (no FCS): 6-byte destination and source, big-endian type."""
+    """An Ethernet II frame (no FCS): 6-byte destination and source, big-endian type.  Raises
+    :class:`ArgumentError` unless both MAC addresses are 6 bytes."""
     if len(dst) != 6 or len(src) != 6:
         raise ArgumentError("mac", (dst, src), "MAC addresses are 6 bytes")
     return bytes(dst) + bytes(src) + ethertype.to_bytes(2, "big") + bytes(payload)

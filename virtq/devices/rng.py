@@ -202,6 +202,7 @@ class RngDevice:
 
     @property
     def closed(self) -> bool:
+        """True after :meth:`close`."""
         return self._closed
 
     def close(self) -> None:

@@ -35,12 +35,21 @@ class IovaAllocator(Protocol):
     def alloc(
         self, size: int, *, align: int = DEFAULT_ALIGN, tag: int = 0,
         host_addr: HostAddr | None = None,
-    ) -> Iova: ...
+    ) -> Iova:
+        """Reserve ``size`` bytes at an IOVA aligned to ``align`` and return it.  Raises
+        :class:`~virtq.errors.ArgumentError` for a bad size, alignment or tag, and
+        :class:`~virtq.errors.IovaExhaustedError` when no aligned range of that size is free."""
+        ...
 
-    def free(self, iova: Iova) -> None: ...
+    def free(self, iova: Iova) -> None:
+        """Give back the range that :meth:`alloc` returned at ``iova``.  Raises
+        :class:`~virtq.errors.IovaError` when nothing is allocated there (a double free)."""
+        ...
 
 
 def check_request(size: int, align: int) -> None:
+    """Check an allocation request.  Raises :class:`~virtq.errors.ArgumentError` unless ``size``
+    is a positive int and ``align`` a power of two."""
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
         raise ArgumentError("size", size, "IOVA allocation size must be a positive int")
     if not isinstance(align, int) or not is_power_of_two(align):
@@ -62,6 +71,9 @@ class IdentityAllocator:
         self, size: int, *, align: int = DEFAULT_ALIGN, tag: int = 0,
         host_addr: HostAddr | None = None,
     ) -> Iova:
+        """Return ``host_addr`` itself as the IOVA.  Raises :class:`~virtq.errors.ArgumentError`
+        for a bad request, a missing or misaligned ``host_addr``, and
+        :class:`~virtq.errors.IovaError` when the range overlaps a live one."""
         check_request(size, align)
         if host_addr is None:
             raise ArgumentError("host_addr", None, "IdentityAllocator needs the host address")
@@ -77,6 +89,8 @@ class IdentityAllocator:
         return Iova(host_addr)
 
     def free(self, iova: Iova) -> None:
+        """Forget the range at ``iova``.  Raises :class:`~virtq.errors.IovaError` when it is not
+        allocated."""
         if self._live.pop(iova, None) is None:
             raise IovaError(f"IOVA {iova:#x} is not allocated")
 
@@ -100,6 +114,9 @@ class BumpAllocator:
         self, size: int, *, align: int = DEFAULT_ALIGN, tag: int = 0,
         host_addr: HostAddr | None = None,
     ) -> Iova:
+        """The next aligned ``size`` bytes after the last allocation.  Raises
+        :class:`~virtq.errors.ArgumentError` for a bad request and
+        :class:`~virtq.errors.IovaExhaustedError` past ``limit``."""
         check_request(size, align)
         start = align_up(self._next, align)
         if start + size > self.limit:
@@ -109,6 +126,8 @@ class BumpAllocator:
         return Iova(start)
 
     def free(self, iova: Iova) -> None:
+        """Forget the range at ``iova`` (the space comes back only when every range is freed).
+        Raises :class:`~virtq.errors.IovaError` when it is not allocated."""
         if self._live.pop(iova, None) is None:
             raise IovaError(f"IOVA {iova:#x} is not allocated")
         if not self._live:
@@ -150,12 +169,16 @@ class RangeAllocator:
         return cls((start, last + 1) for start, last in ranges)
 
     def largest_free(self) -> int:
+        """The size of the largest free span, in bytes (0 when everything is taken)."""
         return max((e - s for s, e in zip(self._starts, self._ends, strict=True)), default=0)
 
     def alloc(
         self, size: int, *, align: int = DEFAULT_ALIGN, tag: int = 0,
         host_addr: HostAddr | None = None,
     ) -> Iova:
+        """The first free span that holds ``size`` bytes at ``align``, lowest address first.
+        Raises :class:`~virtq.errors.ArgumentError` for a bad request and
+        :class:`~virtq.errors.IovaExhaustedError` when no span fits."""
         check_request(size, align)
         for i, (span_start, span_end) in enumerate(zip(self._starts, self._ends, strict=True)):
             start = align_up(span_start, align)
@@ -176,6 +199,8 @@ class RangeAllocator:
             self._ends.insert(i, start)
 
     def free(self, iova: Iova) -> None:
+        """Give back the range at ``iova``, merging it with free neighbours.  Raises
+        :class:`~virtq.errors.IovaError` when it is not allocated."""
         size = self._live.pop(iova, None)
         if size is None:
             raise IovaError(f"IOVA {iova:#x} is not allocated")
@@ -221,9 +246,14 @@ class TaggedAllocator:
         self, size: int, *, align: int = DEFAULT_ALIGN, tag: int = 0,
         host_addr: HostAddr | None = None,
     ) -> Iova:
+        """Reserve ``size`` bytes in ``tag``'s window (first fit).  Raises
+        :class:`~virtq.errors.ArgumentError` for a tag outside ``0..tags-1`` or a bad request,
+        and :class:`~virtq.errors.IovaExhaustedError` when the window is full."""
         return self._for_tag(tag).alloc(size, align=align)
 
     def free(self, iova: Iova) -> None:
+        """Give back the range at ``iova`` to its tag's window.  Raises
+        :class:`~virtq.errors.IovaError` when it is not allocated."""
         tag = (iova - self.base) // self.window
         if iova < self.base or tag not in self._windows:
             raise IovaError(f"IOVA {iova:#x} is not allocated")

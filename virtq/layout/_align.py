@@ -7,4 +7,5 @@ def align_up(value: int, align: int) -> int:
 
 
 def is_power_of_two(value: int) -> bool:
+    """Whether ``value`` is a power of two (1, 2, 4, ...); False for 0 and negatives."""
     return value > 0 and value & (value - 1) == 0

@@ -88,7 +88,8 @@ class PackedLayout:
 
     def shifted(self, offset: int) -> PackedLayout:
         """The same layout placed ``offset`` bytes into a larger region (a multiple of the
-        page size, so every alignment holds)."""
+        page size, so every alignment holds).  Raises :class:`~virtq.errors.LayoutError`
+        otherwise."""
         if offset < 0 or offset % self.page_size:
             raise LayoutError("offset", offset, f"must be a multiple of page_size "
                               f"{self.page_size}")
@@ -103,7 +104,8 @@ class PackedLayout:
         )
 
     def buffer(self, slot: int) -> Offset:
-        """Offset of slot ``slot``'s fixed buffer."""
+        """Offset of slot ``slot``'s fixed buffer.  Raises :class:`~virtq.errors.LayoutError`
+        when the layout has no buffer area or ``slot`` is out of range."""
         if self.buffers is None:
             raise LayoutError("buffer_size", 0, "this layout has no per-slot buffers")
         if not 0 <= slot < self.queue_size:
@@ -111,7 +113,9 @@ class PackedLayout:
         return Offset(self.buffers + slot * self.buffer_size)
 
     def indirect_table(self, buffer_id: int) -> Offset:
-        """Offset of the indirect descriptor table reserved for ``buffer_id``."""
+        """Offset of the indirect descriptor table reserved for ``buffer_id``.  Raises
+        :class:`~virtq.errors.LayoutError` when the layout reserves no indirect tables or
+        ``buffer_id`` is out of range."""
         if self.indirect is None:
             raise LayoutError("indirect_size", 0, "this layout reserves no indirect tables")
         if not 0 <= buffer_id < self.queue_size:

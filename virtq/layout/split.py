@@ -2,16 +2,16 @@
 
 One contiguous region holds, in order:
 
-=================  ===========  =====================  =====================================
-part               alignment    size (bytes)           notes
-=================  ===========  =====================  =====================================
-descriptor table   16           16 * N                 ``struct virtq_desc`` [N]
-available ring     2            6 + 2 * N              flags, idx, ring[N], used_event
-used ring          4            6 + 8 * N              flags, idx, ring[N], avail_event
-(legacy)           page_size    --                     used ring starts on a page boundary
-per-slot buffers   see below    buffer_size * N        optional; crosvm UserQueue's layout
-indirect tables    16           16 * indirect_size * N optional; one table per head
-=================  ===========  =====================  =====================================
+=================  ===========  =======================  ===================================
+part               alignment    size (bytes)             notes
+=================  ===========  =======================  ===================================
+descriptor table   16           16 * N                   ``struct virtq_desc`` [N]
+available ring     2            6 + 2 * N                flags, idx, ring[N], used_event
+used ring          4            6 + 8 * N                flags, idx, ring[N], avail_event
+(legacy)           page_size    --                       used ring starts on a page boundary
+per-slot buffers   see below    buffer_size * N          optional; crosvm UserQueue's layout
+indirect tables    16           16 * indirect_size * N   optional; one table per head
+=================  ===========  =======================  ===================================
 
 The event-index words (``used_event``, ``avail_event``) are already inside the ring sizes;
 nothing extra is needed for ``VIRTIO_F_EVENT_IDX`` (the seed's TODO saying otherwise was stale).
@@ -47,6 +47,8 @@ def used_nbytes(queue_size: int) -> int:
 
 
 def check_page_size(page_size: int) -> None:
+    """Raises :class:`~virtq.errors.LayoutError` unless ``page_size`` is a power of two >= 16
+    (the descriptor table's alignment)."""
     if not is_power_of_two(page_size) or page_size < DESC_ALIGN:
         raise LayoutError("page_size", page_size, "must be a power of two >= 16")
 
@@ -91,6 +93,9 @@ class SplitLayout:
         ``indirect_size``: entries of indirect descriptor table reserved per head (0 = none).
         ``legacy``: the pre-1.0 layout whose used ring starts on a ``page_size`` boundary
         (§2.7 "Legacy Interfaces: A Note on Virtqueue Layout").
+        Raises :class:`~virtq.errors.LayoutError` for a queue size that is not a power of two in
+        1..32768, a bad ``page_size``, a negative ``buffer_size`` or an ``indirect_size`` outside
+        0..32768.
         """
         if (
             not isinstance(queue_size, int)
@@ -138,7 +143,8 @@ class SplitLayout:
 
     def shifted(self, offset: int) -> SplitLayout:
         """The same layout placed ``offset`` bytes into a larger region (several queues
-        sharing one region).  ``offset`` must keep every part's alignment."""
+        sharing one region).  ``offset`` must keep every part's alignment.  Raises
+        :class:`~virtq.errors.LayoutError` otherwise."""
         if offset < 0 or offset % self.page_size:
             raise LayoutError("offset", offset, f"must be a multiple of page_size "
                               f"{self.page_size}")
@@ -165,7 +171,8 @@ class SplitLayout:
         return Offset(self.used + 4 + USED_ELEM_SIZE * self.queue_size)
 
     def buffer(self, slot: int) -> Offset:
-        """Offset of slot ``slot``'s fixed buffer."""
+        """Offset of slot ``slot``'s fixed buffer.  Raises :class:`~virtq.errors.LayoutError`
+        when the layout has no buffer area or ``slot`` is outside ``0..queue_size-1``."""
         if self.buffers is None:
             raise LayoutError("buffer_size", 0, "this layout has no per-slot buffers")
         if not 0 <= slot < self.queue_size:
@@ -173,7 +180,9 @@ class SplitLayout:
         return Offset(self.buffers + slot * self.buffer_size)
 
     def indirect_table(self, head: int) -> Offset:
-        """Offset of the indirect descriptor table reserved for ``head``."""
+        """Offset of the indirect descriptor table reserved for ``head``.  Raises
+        :class:`~virtq.errors.LayoutError` when the layout reserves no indirect tables or
+        ``head`` is outside ``0..queue_size-1``."""
         if self.indirect is None:
             raise LayoutError("indirect_size", 0, "this layout reserves no indirect tables")
         if not 0 <= head < self.queue_size:

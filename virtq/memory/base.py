@@ -57,7 +57,9 @@ class MemoryRegion(Protocol):
         ...
 
     @property
-    def closed(self) -> bool: ...
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        ...
 
     def view(self, offset: int = 0, length: int | None = None) -> memoryview:
         """A zero-copy, bounds-checked, writable view of ``[offset, offset + length)``."""
@@ -127,24 +129,31 @@ class MmapRegion:
 
     @property
     def nbytes(self) -> int:
+        """Length in bytes."""
         return self._nbytes
 
     @property
     def host_addr(self) -> HostAddr:
+        """Virtual address of byte 0 in this process.  Raises
+        :class:`~virtq.errors.RegionClosedError` after :meth:`close`."""
         self._check_open()
         return self._host_addr
 
     @property
     def fd(self) -> int | None:
+        """The fd another process can map, or None.  Raises
+        :class:`~virtq.errors.RegionClosedError` after :meth:`close`."""
         self._check_open()
         return self._fd
 
     @property
     def fd_offset(self) -> int:
+        """Offset of byte 0 inside :attr:`fd`."""
         return self._fd_offset
 
     @property
     def closed(self) -> bool:
+        """True after :meth:`close`."""
         return self._mmap is None
 
     def _check_open(self) -> mmap.mmap:

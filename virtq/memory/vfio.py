@@ -140,6 +140,7 @@ class VfioContainer:
 
     @property
     def closed(self) -> bool:
+        """True after :meth:`close`."""
         return self.fd < 0
 
     def _check_open(self) -> int:
@@ -151,7 +152,9 @@ class VfioContainer:
 
     def attach_group(self, group_fd: int) -> None:
         """Join an IOMMU group (its ``/dev/vfio/<n>`` fd) to this container; the first
-        group also selects the type1v2 IOMMU model."""
+        group also selects the type1v2 IOMMU model.  Raises
+        :class:`~virtq.errors.RegionClosedError` when the container is closed and a
+        :class:`~virtq.errors.VirtqOSError` with a hint when the kernel refuses."""
         fd = self._check_open()
         try:
             _vfio.group_set_container(group_fd, fd)
@@ -229,7 +232,12 @@ class VfioContainer:
     def map(self, iova: Iova, host_addr: HostAddr, nbytes: int, *, readable: bool = True,
             writable: bool = True) -> None:
         """Make ``nbytes`` at ``host_addr`` reachable by the devices at ``iova``
-        (``VFIO_IOMMU_MAP_DMA``; the kernel pins the pages)."""
+        (``VFIO_IOMMU_MAP_DMA``; the kernel pins the pages).  Raises
+        :class:`~virtq.errors.ArgumentError` for values out of range or not multiples of the
+        IOMMU page size, :class:`~virtq.errors.IovaError` for a span outside the IOMMU's ranges
+        or overlapping a mapping, and a :class:`~virtq.errors.VirtqOSError` with a hint when the
+        kernel refuses (ENOMEM: RLIMIT_MEMLOCK; ENOSPC: the mapping limit);
+        :class:`~virtq.errors.VirtqUsageError` before a group joined."""
         for name, value in (("iova", iova), ("host_addr", host_addr), ("nbytes", nbytes)):
             if not is_int(value) or not 0 <= value < 1 << 64:
                 raise ArgumentError(name, value, "must be an int in 0..2**64-1")
@@ -397,6 +405,7 @@ class VfioDmaRegion:
 
     @property
     def nbytes(self) -> int:
+        """Length in bytes."""
         return self.inner.nbytes
 
     def _check_open(self) -> MemoryRegion:
@@ -406,21 +415,30 @@ class VfioDmaRegion:
 
     @property
     def host_addr(self) -> HostAddr:
+        """Virtual address of byte 0 in this process.  Raises
+        :class:`~virtq.errors.RegionClosedError` after :meth:`close`."""
         return self._check_open().host_addr
 
     @property
     def fd(self) -> int | None:
+        """The wrapped region's fd, or None.  Raises :class:`~virtq.errors.RegionClosedError`
+        after :meth:`close`."""
         return self._check_open().fd
 
     @property
     def fd_offset(self) -> int:
+        """Offset of byte 0 inside :attr:`fd`."""
         return self.inner.fd_offset
 
     @property
     def closed(self) -> bool:
+        """True once unmapped (:meth:`close`)."""
         return not self._state.mapped
 
     def view(self, offset: int = 0, length: int | None = None) -> memoryview:
+        """A zero-copy view of ``[offset, offset + length)`` of the wrapped region.  Raises
+        :class:`~virtq.errors.RegionClosedError` after :meth:`close` and
+        :class:`~virtq.errors.RegionBoundsError` for a range outside the region."""
         return self._check_open().view(offset, length)
 
     def close(self) -> None:

@@ -558,6 +558,7 @@ class SplitRingView:
         self.used: Any = used_ring_type(n).from_buffer(self._views[2])
 
     def close(self) -> None:
+        """Drop the ctypes structures and release the views (call it before closing the region)."""
         del self.desc, self.avail, self.used
         for v in self._views:
             v.release()

@@ -43,7 +43,9 @@ def make_queue(region: MemoryRegion, layout: RingLayout, *, iova: Iova,
                start_index: int | None = None) -> DriverQueue[Any]:
     """The driver queue for ``layout`` (its format decides which) over ``region``, whose
     byte 0 the device sees at ``iova``.  ``start_index``: the format's start (split:
-    avail index; packed: ``position | wrap << 15``); None: the format's default."""
+    avail index; packed: ``position | wrap << 15``); None: the format's default.  Raises
+    :class:`~virtq.errors.ArgumentError` for another kind of layout, and what the queue's
+    constructor raises."""
     if isinstance(layout, PackedLayout):
         return PackedQueue(region, layout, iova=iova, event_idx=event_idx, indirect=indirect,
                            in_order=in_order,
@@ -60,7 +62,9 @@ def make_slot_queue(region: MemoryRegion, layout: RingLayout, *, iova: Iova,
                     event_idx: bool = False, in_order: bool = False,
                     start_index: int | None = None) -> SlotQueue | PackedSlotQueue:
     """A queue of fixed one-buffer slots (``SlotQueue`` or ``PackedSlotQueue``, by the
-    layout's format): the same ``submit``/``reap`` API either way."""
+    layout's format): the same ``submit``/``reap`` API either way.  Raises
+    :class:`~virtq.errors.ArgumentError` for another kind of layout, and what the queue's
+    constructor raises."""
     if isinstance(layout, PackedLayout):
         return PackedSlotQueue(region, layout, iova=iova, slots=slots, slot_size=slot_size,
                                writable=writable, event_idx=event_idx, in_order=in_order,

@@ -915,10 +915,12 @@ class PackedTemplate(Generic[T]):
 
     @property
     def num_free(self) -> int:
+        """Slots :meth:`acquire` can hand out now."""
         return len(self._free)
 
     def acquire(self) -> int:
-        """A free slot, held until submitted or released (:class:`QueueFullError`)."""
+        """A free slot, held until submitted or released.  Raises :class:`QueueFullError`
+        when every slot is held or in flight."""
         free = self._free
         if not free:
             raise QueueFullError(1, 0, "template slots")
@@ -928,7 +930,9 @@ class PackedTemplate(Generic[T]):
 
     def acquire_many(self, count: int) -> tuple[int, ...]:
         """``count`` free slots, all or none; submit this very tuple with
-        :meth:`submit_many` and they are not checked again."""
+        :meth:`submit_many` and they are not checked again.  Raises
+        :class:`~virtq.errors.ArgumentError` for a negative or non-int ``count`` and
+        :class:`QueueFullError` when fewer are free."""
         free = self._free
         if count.__class__ is not int or not 0 <= count <= len(free):
             if not isinstance(count, int) or count < 0:
@@ -1028,7 +1032,9 @@ class PackedTemplate(Generic[T]):
                     readables: Sequence[Sequence[Buffer]] | None,
                     writables: Sequence[Sequence[Buffer]] | None, tokens: Sequence[T]) -> None:
         """:meth:`submit` each, all or nothing; ``readables``/``writables`` None repeat
-        each slot's previous buffers."""
+        each slot's previous buffers.  Raises :class:`ArgumentError` (mismatched sequences, slots
+        not held, a slot never submitted when repeating, a bad buffer), :class:`QueueFullError`
+        (ring positions) and the queue's state errors; on error nothing is submitted."""
         q = self._q
         if q._state_v is not _READY:
             q._refuse()
@@ -1067,6 +1073,7 @@ class PackedTemplate(Generic[T]):
         self._batch = None
 
     def describe(self) -> str:
+        """One line for logs: the shape, the slots and how many are free."""
         kind = "indirect" if self.indirect else "direct"
         return (f"template max_buffers={self.max_buffers} slots={self.slots} ({kind}), "
                 f"{len(self._free)} free")
@@ -1148,6 +1155,7 @@ class PackedSlotQueue(_PackedCore[int]):
         return {"slot_size": self.slot_size, "writable": self.writable}
 
     def close(self) -> None:
+        """Release every view of the region (idempotent)."""
         if self._state_v is not _CLOSED:
             self._desc_q.release()
         super().close()
@@ -1158,7 +1166,8 @@ class PackedSlotQueue(_PackedCore[int]):
         """Make the next ``count`` slots available (after :meth:`publish`) and return the
         first; ``lengths`` (device-readable slots only) sets how many bytes of each the
         device reads, 1..``slot_size``.  All or nothing: :class:`QueueFullError`,
-        :class:`ArgumentError`."""
+        :class:`ArgumentError`.  Raises :class:`QueueFullError` when fewer slots are free,
+        :class:`ArgumentError` for a bad count or length, and the queue's state errors."""
         if self._state_v is not _READY:
             self._refuse()
         if (count.__class__ is not int or count < 0) and (

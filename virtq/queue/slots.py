@@ -163,7 +163,8 @@ class SlotQueue(_SplitCore[int]):
         write their buffers before.  ``lengths`` (device-readable slots only) sets how many
         bytes of each the device reads, 1..``slot_size``; without it each keeps the length
         it had (``slot_size`` to begin with).  All or nothing: :class:`QueueFullError`,
-        :class:`ArgumentError`."""
+        :class:`ArgumentError`.  Raises :class:`QueueFullError` when fewer slots are free,
+        :class:`ArgumentError` for a bad count or length, and the queue's state errors."""
         if self._state_v is not _READY:
             self._refuse()
         pos = self._avail_seq

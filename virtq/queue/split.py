@@ -587,7 +587,9 @@ class SplitTemplate(Generic[T]):
     def acquire_many(self, count: int) -> tuple[int, ...]:
         """``count`` free slots, all or none (:class:`QueueFullError`): the slots freed last,
         in the order they were freed.  Submitting them as they are (this very tuple) with
-        :meth:`submit_many` skips the per-slot checks."""
+        :meth:`submit_many` skips the per-slot checks.  Raises
+        :class:`~virtq.errors.ArgumentError` for a negative or non-int ``count`` and
+        :class:`QueueFullError` when fewer are free."""
         free = self._free
         if count.__class__ is not int or not 0 <= count <= len(free):
             if not isinstance(count, int) or count < 0:
@@ -671,7 +673,10 @@ class SplitTemplate(Generic[T]):
 
         ``readables`` and ``writables`` None submit every slot with the buffers it held the
         last time (the cheapest refill: nothing but the avail entries is written); a slot
-        that never held any is an :class:`ArgumentError`."""
+        that never held any is an :class:`ArgumentError`.  Raises
+        :class:`~virtq.errors.ArgumentError` (mismatched sequences, slots not held, a slot never
+        submitted when repeating, a bad buffer), :class:`QueueFullError` (direct descriptors) and
+        the queue's state errors."""
         q = self._q
         if q._state_v is not _READY:
             q._refuse()
@@ -822,6 +827,7 @@ class SplitTemplate(Generic[T]):
         self._cap[slot] = capacity
 
     def describe(self) -> str:
+        """One line for logs: the shape, the slots and how many are free."""
         kind = ("indirect" if self.indirect else "one descriptor") if self.persistent \
             else "direct"
         return (f"template max_buffers={self.max_buffers} slots={self.slots} ({kind}), "

@@ -53,6 +53,7 @@ class UsedBuffer:
         return len(self.data)
 
     def tobytes(self) -> bytes:
+        """A copy of the received bytes."""
         return self.data.tobytes()
 
     def release(self) -> bool:
@@ -166,6 +167,8 @@ class UserQueue:
         self.queue.add((), [(self._slot_iova(slot), self.buffer_size)], slot)
 
     def desc_table_addrs(self) -> DescTableAddrs:
+        """The device addresses of the descriptor table, available ring and used ring (the seed's
+        ``desc_table_addrs()``)."""
         q = self.queue
         return DescTableAddrs(q.desc_iova, q.avail_iova, q.used_iova)
 
@@ -216,7 +219,9 @@ class UserQueue:
         return self.queue.publish()
 
     def ack_used(self) -> int:
-        """Reclaim the buffers the device has consumed; returns how many."""
+        """Reclaim the buffers the device has consumed; returns how many.  Raises
+        :class:`~virtq.errors.QueueStateError` on a device-writable queue, and what the queue's
+        reap raises for an impossible completion."""
         if self.device_writable:
             raise QueueStateError("ack_used() is for device-readable queues")
         done = self.queue.drain_used()
@@ -227,7 +232,9 @@ class UserQueue:
     # -- device-writable (rx) ------------------------------------------------------------
 
     def read_data(self) -> UsedBuffer | None:
-        """The next filled buffer as a zero-copy :class:`UsedBuffer`, or None."""
+        """The next filled buffer as a zero-copy :class:`UsedBuffer`, or None.  Raises
+        :class:`~virtq.errors.QueueStateError` on a device-readable queue, and what the queue's
+        reap raises for an impossible completion."""
         if not self.device_writable:
             raise QueueStateError("read_data() is for device-writable queues; use write()")
         got = self.queue.pop_used()
@@ -267,6 +274,9 @@ class UserQueue:
                 self.region.close()
 
     def close(self) -> None:
+        """Close the queue and release its memory (idempotent).  Raises
+        :class:`~virtq.errors.QueueStateError` while received buffers are still lent out (release
+        them first)."""
         if self.region.closed:
             return
         if self._lent:

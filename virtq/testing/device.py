@@ -105,12 +105,18 @@ class DeviceQueue:
         raise DriverProtocolError(f"address range [{iova:#x}, +{length}) is not mapped")
 
     def read(self, iova: int, length: int) -> bytes:
+        """A copy of ``length`` bytes at device address ``iova``.  Raises
+        :class:`DriverProtocolError` when the range is not in any region the device can reach."""
         return bytes(self._translate(iova, length))
 
     def write(self, iova: int, data: bytes | memoryview) -> None:
+        """Write ``data`` at device address ``iova`` (what a device does to a writable buffer).
+        Raises :class:`DriverProtocolError` when the range is not mapped."""
         self._translate(iova, len(data))[:] = data
 
     def view(self, iova: int, length: int) -> memoryview:
+        """A zero-copy view of ``length`` bytes at device address ``iova``.  Raises
+        :class:`DriverProtocolError` when the range is not mapped."""
         return self._translate(iova, length)
 
     # -- consuming available chains -------------------------------------------------
@@ -126,7 +132,11 @@ class DeviceQueue:
         return int(self._avail[2 + (self.last_avail & (self.size - 1))])
 
     def pop(self) -> tuple[int, list[Segment]] | None:
-        """The next available chain as ``(head, segments)``, indirect tables followed."""
+        """The next available chain as ``(head, segments)``, indirect tables followed.  Returns
+        None when nothing is pending.  Raises :class:`DriverProtocolError` when the driver's
+        avail index, head or chain is impossible (an index more than the ring's size ahead, a
+        head out of range, a loop, a bad indirect descriptor, a readable buffer after a writable
+        one, an address outside the regions)."""
         avail_idx = self._avail[1]
         if avail_idx == self.last_avail:
             return None
@@ -195,9 +205,12 @@ class DeviceQueue:
 
     @property
     def used_flags(self) -> int:
+        """``used.flags`` as the device side last wrote it."""
         return int(self._used_h[0])
 
     def set_used_flags(self, value: int) -> None:
+        """Store ``value`` (mod 2**16) as ``used.flags`` (``VIRTQ_USED_F_NO_NOTIFY``: do not
+        kick)."""
         self._used_h[0] = value & 0xFFFF
 
     # -- returning used chains --------------------------------------------------------
@@ -235,6 +248,10 @@ class DeviceQueue:
         return False
 
     def publish_used(self) -> bool:
+        """Store ``used.idx`` past every element :meth:`push` wrote with ``publish=False`` (after
+        a barrier: elements before the index, §2.7.8).  Returns whether the driver wants a
+        used-buffer notification (``used_event`` with event idx, else
+        ``VIRTQ_AVAIL_F_NO_INTERRUPT``); False when nothing was pending."""
         if not self._pending_used:
             return False
         old = self.used_idx
@@ -251,12 +268,15 @@ class DeviceQueue:
     # -- notification suppression (device -> driver kicks) ------------------------------
 
     def disable_notifications(self) -> None:
+        """Ask the driver not to kick (§2.7.10): ``avail_event`` behind the last consumed index
+        with event idx, else ``VIRTQ_USED_F_NO_NOTIFY``."""
         if self.event_idx:
             self._used_h[2 + 4 * self.size] = wrap_add(self.last_avail, -1)
         else:
             self._used_h[0] = VIRTQ_USED_F_NO_NOTIFY
 
     def enable_notifications(self) -> None:
+        """Ask the driver to kick again for the next chain it publishes."""
         if self.event_idx:
             self.set_avail_event(self.last_avail)
         else:
@@ -267,6 +287,8 @@ class DeviceQueue:
         self._used_h[2 + 4 * self.size] = index & 0xFFFF
 
     def close(self) -> None:
+        """Release every view of the driver's memory (idempotent); the region itself stays the
+        driver's."""
         if self._mem is None:
             return
         for view in (self._avail, self._used_h, self._used_w, self._used_bytes, self._desc):

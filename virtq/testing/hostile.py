@@ -30,12 +30,16 @@ class HostileDevice:
 
     # -- chosen corruptions ---------------------------------------------------------------
     def set_used_idx(self, value: int) -> None:
+        """Store ``value`` (mod 2**16) as ``used.idx``."""
         self._used_h[1] = value & 0xFFFF
 
     def advance_used_idx(self, by: int) -> None:
+        """Move ``used.idx`` forward by ``by`` (wrapping), without writing elements."""
         self._used_h[1] = wrap_add(self._used_h[1], by)
 
     def write_elem(self, slot: int, head: int, length: int) -> None:
+        """Write ``used.ring[slot mod size]`` as ``(head, length)``, each truncated to 32 bits;
+        ``used.idx`` is left alone."""
         self._used_w[1 + 2 * (slot % self.size)] = head & 0xFFFFFFFF
         self._used_w[2 + 2 * (slot % self.size)] = length & 0xFFFFFFFF
 
@@ -46,9 +50,11 @@ class HostileDevice:
         self._used_h[1] = wrap_add(idx, 1)
 
     def set_flags(self, value: int) -> None:
+        """Store ``value`` (mod 2**16) as ``used.flags``."""
         self._used_h[0] = value & 0xFFFF
 
     def set_avail_event(self, value: int) -> None:
+        """Store ``value`` (mod 2**16) as ``used.avail_event``."""
         self._used_h[2 + 4 * self.size] = value & 0xFFFF
 
     # -- random corruption -------------------------------------------------------------
@@ -86,6 +92,7 @@ class HostileDevice:
         return "random used ring"
 
     def close(self) -> None:
+        """Release the views of the used ring (call it before closing the region)."""
         for v in (self._used_h, self._used_w, self._used):
             v.release()
 

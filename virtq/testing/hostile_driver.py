@@ -84,6 +84,7 @@ class Buf:
     poison: bytes = b""
 
     def desc(self) -> tuple[int, int]:
+        """``(gpa, length)``: the buffer as a descriptor's address and length."""
         return self.gpa, self.length
 
 
@@ -97,6 +98,7 @@ class GuardHit:
     found: bytes
 
     def describe(self) -> str:
+        """One line: where, the first byte that differs, and the bytes found."""
         diff = next((i for i, (a, b) in enumerate(zip(self.expected, self.found, strict=True))
                      if a != b), 0)
         return (f"{self.what} at {self.gpa:#x}: byte {diff} is {self.found[diff]:#04x}, "
@@ -128,22 +130,29 @@ class GuestMemory:
 
     @property
     def uva(self) -> int:
+        """The memfd's address in this process (vhost-user's ``userspace_addr``)."""
         return int(self.region.host_addr)
 
     def gpa(self, offset: int) -> int:
+        """The guest address of memory offset ``offset``."""
         return self.gpa_base + offset
 
     @property
     def gpa_end(self) -> int:
+        """The guest address just past the memory."""
         return self.gpa_base + self.nbytes
 
     def offset_of(self, gpa: int) -> int:
+        """The memory offset of guest address ``gpa``.  Raises
+        :class:`~virtq.errors.ArgumentError` for an address outside the memory."""
         off = gpa - self.gpa_base
         if not 0 <= off < self.nbytes:
             raise ArgumentError("gpa", gpa, "is not inside the guest memory")
         return off
 
     def mem_table(self) -> list[tuple[int, int, int, int, int]]:
+        """The one memory region as SET_MEM_TABLE describes it: ``(gpa, size, uva, mmap_offset,
+        fd)``."""
         fd = self.region.fd
         assert fd is not None  # a memfd has one
         return [(self.gpa_base, self.nbytes, self.uva, 0, fd)]
@@ -151,7 +160,8 @@ class GuestMemory:
     # -- allocation --------------------------------------------------------------------------
 
     def alloc_rings(self, nbytes: int) -> int:
-        """Page-aligned space for rings (before any buffer is allocated)."""
+        """Page-aligned space for rings (before any buffer is allocated).  Raises
+        :class:`~virtq.errors.VirtqError` once a buffer has been allocated."""
         if self._heap:
             raise VirtqError("rings must be allocated before buffers")
         off = self._rings_end
@@ -169,7 +179,9 @@ class GuestMemory:
     def buffer(self, length: int, *, writable: bool = False, data: bytes | None = None,
                guard: int = GUARD, align: int = 16) -> Buf:
         """A buffer with ``guard`` bytes of a random pattern on each side.  A readable one
-        holds ``data`` (random bytes by default), a writable one a random poison."""
+        holds ``data`` (random bytes by default), a writable one a random poison.  Raises
+        :class:`~virtq.errors.ArgumentError` when ``data`` is not ``length`` bytes and
+        :class:`~virtq.errors.VirtqError` when the memory is exhausted."""
         off = self._alloc(length + 2 * guard, align) + guard
         if guard:
             for g in (off - guard, off + length):
@@ -198,6 +210,7 @@ class GuestMemory:
         return off
 
     def reset_heap(self) -> None:
+        """Forget every buffer (their space is handed out again); the rings stay."""
         self._heap = 0
         self.guarded.clear()
         self.readable.clear()
@@ -205,16 +218,21 @@ class GuestMemory:
     # -- access ------------------------------------------------------------------------------
 
     def read(self, offset: int, length: int) -> bytes:
+        """A copy of ``length`` bytes at memory offset ``offset``."""
         return bytes(self._mem[offset : offset + length])
 
     def write(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at memory offset ``offset``."""
         self._mem[offset : offset + len(data)] = data
 
     def contents(self, buf: Buf, length: int | None = None) -> bytes:
+        """The bytes of ``buf`` now (its first ``length`` bytes when given)."""
         return self.read(buf.offset, buf.length if length is None else length)
 
     def write_desc_at(self, offset: int, index: int, addr: int, length: int, flags: int,
                       nxt: int) -> None:
+        """Write descriptor ``index`` of the table at memory offset ``offset``, any values
+        (truncated to the field widths)."""
         _DESC.pack_into(self._mem, offset + index * DESC_SIZE, addr & (1 << 64) - 1,
                         length & 0xFFFFFFFF, flags & 0xFFFF, nxt & 0xFFFF)
 
@@ -232,6 +250,7 @@ class GuestMemory:
         return hits
 
     def close(self) -> None:
+        """Release the view and close the memfd."""
         self._mem.release()
         self.region.close()
 
@@ -286,14 +305,17 @@ class RawRing:
 
     @property
     def desc_uva(self) -> int:
+        """The descriptor table's address in this process (SET_VRING_ADDR)."""
         return self._uva(self.layout.desc)
 
     @property
     def avail_uva(self) -> int:
+        """The available ring's address in this process."""
         return self._uva(self.layout.avail)
 
     @property
     def used_uva(self) -> int:
+        """The used ring's address in this process."""
         return self._uva(self.layout.used)
 
     # -- raw access -----------------------------------------------------------------------
@@ -305,10 +327,12 @@ class RawRing:
                                flags, nxt)
 
     def read_desc(self, i: int) -> tuple[int, int, int, int]:
+        """Descriptor ``i`` (modulo the size) as ``(addr, len, flags, next)``."""
         addr, length, flags, nxt = _DESC.unpack_from(self._desc, (i % self.size) * DESC_SIZE)
         return addr, length, flags, nxt
 
     def desc_table(self) -> bytes:
+        """A copy of the whole descriptor table."""
         return bytes(self._desc)
 
     def set_avail(self, position: int, head: int) -> None:
@@ -321,6 +345,7 @@ class RawRing:
 
     @property
     def avail_idx(self) -> int:
+        """``avail.idx`` as in memory (settable to any u16)."""
         return int(self._avail[1])
 
     @avail_idx.setter
@@ -329,6 +354,7 @@ class RawRing:
 
     @property
     def avail_flags(self) -> int:
+        """``avail.flags`` as in memory (settable to any u16)."""
         return int(self._avail[0])
 
     @avail_flags.setter
@@ -337,6 +363,7 @@ class RawRing:
 
     @property
     def used_event(self) -> int:
+        """``avail.used_event`` as in memory (settable to any u16)."""
         return int(self._avail[2 + self.size])
 
     @used_event.setter
@@ -345,17 +372,21 @@ class RawRing:
 
     @property
     def used_idx(self) -> int:
+        """``used.idx`` as the device wrote it."""
         return int(self._used_h[1])
 
     @property
     def used_flags(self) -> int:
+        """``used.flags`` as the device wrote it."""
         return int(self._used_h[0])
 
     @property
     def avail_event(self) -> int:
+        """``used.avail_event`` as the device wrote it."""
         return int(self._used_h[2 + 4 * self.size])
 
     def used_elem(self, position: int) -> tuple[int, int]:
+        """``used.ring[position % size]`` as ``(id, len)``, unvalidated."""
         slot = position % self.size
         return int(self._used_w[1 + 2 * slot]), int(self._used_w[2 + 2 * slot])
 
@@ -367,7 +398,9 @@ class RawRing:
         ``next_avail``; not visible until :meth:`publish`.  ``indirect``: the buffers go
         into an indirect table (§2.7.5.3); ``direct_prefix``: that many of the first
         buffers stay in the ring, chained to the indirect descriptor (the layout
-        §2.7.5.3.2 says a device MUST handle).  Returns the head."""
+        §2.7.5.3.2 says a device MUST handle).  Returns the head.  Raises
+        :class:`~virtq.errors.ArgumentError` for a chain without buffers and
+        :class:`~virtq.errors.VirtqError` when the ring has too few free descriptors."""
         bufs = [(b, False) for b in readable] + [(b, True) for b in writable]
         if not bufs:
             raise ArgumentError("chain", 0, "needs at least one buffer")
@@ -429,6 +462,7 @@ class RawRing:
         return out
 
     def close(self) -> None:
+        """Release the views of the ring."""
         for v in (self._desc, self._avail, self._used_h, self._used_w, self._used_raw):
             v.release()
 
@@ -442,6 +476,7 @@ class RawReply:
     payload: bytes
 
     def describe(self) -> str:
+        """One line: the request's name, flags, size and payload (in hex, cut)."""
         return (f"{P.request_name(self.code)} flags={self.flags:#x} size={len(self.payload)} "
                 f"payload={_hex(self.payload)}")
 
@@ -603,10 +638,12 @@ class HostileDriver:
         return neg
 
     def has(self, feature: P.ProtocolFeature) -> bool:
+        """Whether protocol feature ``feature`` was negotiated."""
         return bool(self.neg.protocol >> feature & 1)
 
     @property
     def event_idx(self) -> bool:
+        """Whether VIRTIO_F_EVENT_IDX was negotiated."""
         return bool(self.neg.features >> VIRTIO_F_EVENT_IDX & 1)
 
     def add_ring(self, index: int, size: int, *, start: int = 0) -> RawRing:
@@ -633,21 +670,26 @@ class HostileDriver:
             self.enable(index, True)
 
     def enable(self, index: int, on: bool) -> None:
+        """SET_VRING_ENABLE ``on`` for ring ``index`` (when PROTOCOL_FEATURES was negotiated; the
+        rings are enabled at once otherwise)."""
         if self.neg.features >> P.VHOST_USER_F_PROTOCOL_FEATURES & 1:
             self.frontend.set_vring_enable(index, on)
 
     def driver_ok(self) -> None:
+        """SET_STATUS with DRIVER_OK (with the STATUS protocol feature)."""
         if self.has(P.ProtocolFeature.STATUS):
             self.frontend.set_status(VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER
                                      | VIRTIO_CONFIG_S_FEATURES_OK
                                      | VIRTIO_CONFIG_S_DRIVER_OK)
 
     def ring(self, index: int) -> RawRing:
+        """Ring ``index`` (added with :meth:`add_ring`)."""
         return self.queues[index].ring
 
     # -- notifications --------------------------------------------------------------------
 
     def kick(self, index: int) -> None:
+        """Notify ring ``index``: write its kick eventfd."""
         os.eventfd_write(self.queues[index].kick, 1)
 
     def take_calls(self, index: int) -> int:
@@ -685,9 +727,11 @@ class HostileDriver:
 
     @property
     def closed(self) -> bool:
+        """Whether the connection is closed."""
         return self.frontend.closed
 
     def close(self) -> None:
+        """Close the connection, the rings, the eventfds and the memory (idempotent)."""
         if self.frontend.closed and not self.queues:
             return
         self.frontend.close()

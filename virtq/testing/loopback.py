@@ -52,30 +52,41 @@ class LoopbackTransport:
 
     @property
     def device_features(self) -> int:
+        """The features offered (after :meth:`negotiate`: the ones accepted)."""
         return self.features
 
     @property
     def device_type(self) -> int | None:
+        """The virtio device id given to the constructor (None by default, like vhost-user)."""
         return self._device_type
 
     @property
     def polling(self) -> bool:
+        """Always True: this transport sends no notifications, so waiters spin."""
         return True
 
     def negotiate(self, wanted: int) -> int:
+        """Keep the offered features that ``wanted`` names (VIRTIO_F_VERSION_1 always) and return
+        them."""
         self.features &= wanted | 1 << 32  # VIRTIO_F_VERSION_1 always
         return self.features
 
     def num_queues(self) -> int:
+        """How many queues the device has (``len(queue_sizes)``)."""
         return len(self.queue_sizes)
 
     def max_queue_size(self, index: int) -> int:
+        """Queue ``index``'s maximum size, 0 for a queue the device does not have."""
         return self.queue_sizes[index] if 0 <= index < len(self.queue_sizes) else 0
 
     def read_config(self, offset: int, size: int) -> bytes:
+        """``size`` bytes of the config space at ``offset`` (shorter past its end)."""
         return self.config[offset : offset + size]
 
     def alloc_dma(self, nbytes: int) -> DmaArena:
+        """A new memfd-backed arena of at least ``nbytes`` (rounded up to pages) at its own
+        device address; every device side is rebuilt so it can reach it.  Raises
+        :class:`~virtq.errors.QueueStateError` once closed."""
         if self.closed:
             raise QueueStateError("loopback transport is closed")
         region = MemfdRegion(-(-nbytes // 4096) * 4096)
@@ -104,32 +115,46 @@ class LoopbackTransport:
                            start_index=base, regions=regions)
 
     def attach_queue(self, index: int, queue: VirtQueue[Any]) -> None:
+        """Give queue ``index`` to the device: a :class:`~virtq.testing.DeviceQueue` over its
+        memory appears in :attr:`devices`.  Raises :class:`~virtq.errors.ArgumentError` when
+        ``index`` is attached already."""
         if index in self.queues:
             raise ArgumentError("index", index, "queue already attached")
         self.queues[index] = queue
         self.devices[index] = self._device(queue)
 
     def start(self) -> None:
+        """Mark the device started (DRIVER_OK); nothing else happens."""
         self.started = True
 
     def notify(self, index: int) -> None:
+        """Record ``index`` in :attr:`notified`.  Raises the error given to :meth:`fail`, or
+        :class:`~virtq.errors.QueueStateError` once closed."""
         self._check()
         self.notified.append(index)
 
     def notification_fds(self) -> list[int]:
+        """None: this transport polls (an empty list)."""
         return []
 
     def drain_notifications(self) -> bool:
+        """False: there is nothing to drain."""
         return False
 
     def wait(self, timeout: float | None) -> bool:
+        """Return False at once (nothing ever notifies).  Raises the error given to :meth:`fail`,
+        or :class:`~virtq.errors.QueueStateError` once closed."""
         self._check()
         return False
 
     def check_alive(self) -> None:
+        """Raises the error given to :meth:`fail`, or :class:`~virtq.errors.QueueStateError` once
+        closed."""
         self._check()
 
     def stop_queue(self, index: int) -> bool:
+        """Record ``index`` in :attr:`stopped`; True (the ring is stopped).  Raises like
+        :meth:`check_alive`."""
         self._check()
         self.stopped.add(index)
         return True
@@ -147,7 +172,9 @@ class LoopbackTransport:
 
     def reconnect(self, path: Any = None, *, timeout: float | None = None
                   ) -> dict[int, list[Any]]:
-        """A fresh device side on the same memory: every ring reset at its vring_base."""
+        """A fresh device side on the same memory: every ring reset at its vring_base.  Returns
+        the tokens each queue had in flight.  Raises :class:`~virtq.errors.QueueStateError` once
+        closed."""
         if self.closed:
             raise QueueStateError("loopback transport is closed")
         self._failure = None
@@ -160,6 +187,7 @@ class LoopbackTransport:
         return lost
 
     def close(self) -> None:
+        """Close every device side, queue and arena (idempotent)."""
         if self.closed:
             return
         self.closed = True

@@ -546,6 +546,7 @@ class PackedDeviceQueue:
 
     @property
     def closed(self) -> bool:
+        """True after :meth:`close`."""
         return self._closed
 
     def __enter__(self) -> PackedDeviceQueue:

@@ -50,7 +50,9 @@ def serve_chain(dev: _Device, segments: list[Segment]) -> int:
 
 
 def serve(dev: _Device, count: int, *, timeout: float, seed: int = 0) -> int:
-    """Serve ``count`` chains (polling), completing them in shuffled batches."""
+    """Serve ``count`` chains (polling), completing them in shuffled batches.  Returns how many
+    it served.  Raises ``TimeoutError`` when the driver published fewer within ``timeout``
+    seconds, and :class:`~virtq.testing.DriverProtocolError` for an impossible chain."""
     rng = random.Random(seed)
     deadline = time.monotonic() + timeout
     done = 0
@@ -76,7 +78,9 @@ def serve_in_order(dev: PackedDeviceQueue, count: int, *, timeout: float,
                    seed: int = 0) -> int:
     """Serve ``count`` buffers of a packed ring as an IN_ORDER device: random batches, one
     used descriptor each (:meth:`PackedDeviceQueue.push_in_order`); a batch ends at a
-    random point and after every buffer the echo did not fill completely."""
+    random point and after every buffer the echo did not fill completely.  Returns how many it
+    served.  Raises ``TimeoutError`` when the driver made fewer available within ``timeout``
+    seconds."""
     rng = random.Random(seed)
     deadline = time.monotonic() + timeout
     done = 0
@@ -103,6 +107,8 @@ def serve_in_order(dev: PackedDeviceQueue, count: int, *, timeout: float,
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line (``--help`` lists the options): attach the memfd, serve ``--count``
+    chains, exit 0 (1 if fewer were served)."""
     p = argparse.ArgumentParser(prog="python -m virtq.testing.peer", description=__doc__)
     p.add_argument("--fd", type=int, required=True, help="inherited memfd of the region")
     p.add_argument("--nbytes", type=int, required=True)

@@ -72,23 +72,29 @@ BLK_IMAGE_BYTES = 16 << 20
 
 @pytest.fixture
 def virtq_blk_image(tmp_path: Path) -> Path:
+    """A 16 MiB raw image whose sectors carry :func:`~virtq.testing.runners.sector_pattern`."""
     return make_image(tmp_path / "virtq-disk.img", BLK_IMAGE_BYTES)
 
 
 @pytest.fixture
 def virtq_qsd(virtq_blk_image: Path, tmp_path: Path) -> Iterator[QemuStorageDaemon]:
+    """qemu-storage-daemon exporting the image as vhost-user-blk, stopped afterwards.  Raises
+    :class:`~virtq.testing.runners.BackendError` when it cannot start."""
     with QemuStorageDaemon(virtq_blk_image, tmp_path / "virtq-qsd.sock") as daemon:
         yield daemon
 
 
 @pytest.fixture
 def virtq_embedded_blk(virtq_blk_image: Path, tmp_path: Path) -> Iterator[VhostUserBlkBackend]:
+    """The image served by virtq's pure-Python vhost-user-blk back-end."""
     with VhostUserBlkBackend(virtq_blk_image, tmp_path / "virtq-embedded.sock") as backend:
         yield backend
 
 
 @pytest.fixture(scope="module")
 def virtq_testpmd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestPmd]:
+    """A dpdk-testpmd vhost-user-net back-end for the module (``rxonly``).  Raises
+    :class:`~virtq.testing.runners.BackendError` when it cannot start."""
     sock = tmp_path_factory.mktemp("virtq-net") / "vhost-net.sock"
     with TestPmd.vhost(sock) as tp:
         yield tp
@@ -117,6 +123,10 @@ CheckRunner = Callable[..., Report]
 
 @pytest.fixture
 def virtq_check() -> Iterator[CheckRunner]:
+    """A function that runs ``virtq check`` from a test: ``virtq_check(device, socket)`` or
+    ``virtq_check(device, backend_cmd=...)`` returns the :class:`~virtq.check.Report`; back-ends
+    it started are stopped afterwards.  The function raises :class:`~virtq.errors.ArgumentError`
+    unless exactly one of ``socket`` and ``backend_cmd`` is given."""
     started: list[CommandBackend] = []
 
     def run(device: str, socket: str | os.PathLike[str] | None = None, *,
@@ -142,5 +152,6 @@ def virtq_check() -> Iterator[CheckRunner]:
 
 @pytest.fixture
 def virtq_dpdk_vhost_blk(tmp_path: Path) -> Iterator[DpdkVhostBlk]:
+    """DPDK's vhost_blk example as a packed-only vhost-user-blk back-end (its 128 MiB RAM disk)."""
     with DpdkVhostBlk(tmp_path / "virtq-vhost-blk") as backend:
         yield backend

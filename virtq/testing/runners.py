@@ -34,6 +34,8 @@ class BackendError(VirtqError):
 
 
 def require_binary(name: str, package: str) -> str:
+    """The path of executable ``name`` on ``PATH``.  Raises :class:`BackendError` naming the
+    Debian ``package`` to install when it is missing."""
     path = shutil.which(name)
     if path is None:
         raise BackendError(
@@ -110,6 +112,9 @@ class QemuStorageDaemon:
         self._stderr = self.socket_path.with_suffix(".stderr")
 
     def command(self) -> list[str]:
+        """The daemon's command line (``--blockdev`` file + raw, ``--export
+        type=vhost-user-blk``, ``--pidfile``).  Raises :class:`BackendError` when
+        ``qemu-storage-daemon`` is not installed."""
         binary = require_binary("qemu-storage-daemon", "qemu-system-common")
         cache = ",cache.direct=on" if self.direct else ""
         return [
@@ -125,6 +130,9 @@ class QemuStorageDaemon:
         ]
 
     def start(self) -> Self:
+        """Start the daemon and return once its export listens (the pidfile is written).  Raises
+        :class:`BackendError` when the binary is missing, the daemon exits (with its stderr in
+        the message) or is not ready within ``timeout`` seconds."""
         for stale in (self.socket_path, self.pidfile):
             stale.unlink(missing_ok=True)
         with open(self._stderr, "wb") as err:
@@ -144,9 +152,11 @@ class QemuStorageDaemon:
 
     @property
     def pid(self) -> int | None:
+        """The daemon's pid while it runs (None before :meth:`start` and after :meth:`stop`)."""
         return None if self.proc is None else self.proc.pid
 
     def stderr(self) -> str:
+        """What the daemon wrote to stderr so far (empty once stopped)."""
         try:
             return self._stderr.read_text(errors="replace")
         except FileNotFoundError:
@@ -158,6 +168,8 @@ class QemuStorageDaemon:
             kill_process(self.proc, 10)
 
     def stop(self) -> None:
+        """SIGTERM the daemon (SIGKILL after 5 s) and remove its socket, pidfile and log
+        (idempotent)."""
         if self.proc is None:
             return
         stop_process(self.proc, 5)
@@ -268,16 +280,19 @@ class DpdkVhostBlk:
 
     @property
     def socket_path(self) -> Path:
-        """``<workdir>/vhost.socket`` (valid once started)."""
+        """``<workdir>/vhost.socket`` (valid once started).  Raises :class:`BackendError` before
+        it is started."""
         if self.workdir is None:
             raise BackendError("DpdkVhostBlk is not started")
         return self.workdir / self.SOCKET_NAME
 
     @property
     def pid(self) -> int | None:
+        """The example's pid while it runs (None otherwise)."""
         return None if self.proc is None else self.proc.pid
 
     def command(self) -> list[str]:
+        """The example's command line (EAL options without hugepages or PCI)."""
         binary = self.binary if self.binary is not None else find_vhost_blk()
         return [str(binary), "--no-huge", "-m", str(self.memory_mb), "--no-pci",
                 "--no-shconf", "--no-telemetry", "-l", self.lcores]

@@ -163,9 +163,14 @@ class TestPmd:
 
     @property
     def pid(self) -> int | None:
+        """testpmd's pid while it runs (None otherwise)."""
         return None if self.proc is None else self.proc.pid
 
     def start(self) -> Self:
+        """Start testpmd on a pseudo-terminal and return once it shows its prompt (and, as a
+        vhost back-end, once its socket exists).  Raises
+        :class:`~virtq.testing.runners.BackendError` when it is running already, exits, or is not
+        ready within ``timeout`` seconds (the message ends with its output)."""
         if self.proc is not None:
             raise BackendError("testpmd is already running")
         if self.role == "vhost":
@@ -247,7 +252,9 @@ class TestPmd:
         return bytes(self._log[-nbytes:]).decode(errors="replace").replace("\r\n", "\n")
 
     def cmd(self, line: str, timeout: float = 10.0) -> str:
-        """Send one command; return its output (up to the next prompt)."""
+        """Send one command; return its output (up to the next prompt).  Raises
+        :class:`~virtq.testing.runners.BackendError` when testpmd is not running, exits, or shows
+        no prompt within ``timeout`` seconds."""
         if self._master is None:
             raise BackendError("testpmd is not running")
         os.write(self._master, line.encode() + b"\n")
@@ -258,16 +265,19 @@ class TestPmd:
     # -- commands -------------------------------------------------------------------------
 
     def start_forwarding(self) -> None:
+        """``start``: forward packets in the current mode.  Raises like :meth:`cmd`."""
         self.cmd("start")
         self.forwarding = True
 
     def stop_forwarding(self) -> None:
+        """``stop``: stop forwarding (testpmd prints its counters).  Raises like :meth:`cmd`."""
         self.cmd("stop")
         self.forwarding = False
 
     def set_forward_mode(self, mode: str) -> None:
         """Change the forwarding mode (stops forwarding first; call :meth:`start_forwarding`
-        again)."""
+        again).  Raises :class:`~virtq.testing.runners.BackendError` for an unknown mode or when
+        testpmd refuses it."""
         if mode not in _FORWARD_MODES:
             raise BackendError(f"unknown testpmd forward mode {mode!r}")
         self.stop_forwarding()
@@ -276,6 +286,8 @@ class TestPmd:
             raise BackendError(f"set fwd {mode} failed: {out.strip()}")
 
     def port_stats(self, port: int = 0) -> PortStats:
+        """Port ``port``'s packet and byte counters (``show port stats``).  Raises
+        :class:`~virtq.testing.runners.BackendError` when the output lacks one."""
         out = self.cmd(f"show port stats {port}")
         found = {m.group(1).decode(): int(m.group(2)) for m in _STAT_RE.finditer(out.encode())}
         missing = [f for f in _STAT_FIELDS if f not in found]
@@ -295,6 +307,8 @@ class TestPmd:
             self.start_forwarding()
 
     def link_up(self, port: int = 0) -> bool:
+        """Whether port ``port``'s link is up (``show port info``).  Raises
+        :class:`~virtq.testing.runners.BackendError` when the output says nothing about it."""
         out = self.cmd(f"show port info {port}")
         m = re.search(r"Link status: (\w+)", out)
         if m is None:
@@ -303,7 +317,8 @@ class TestPmd:
 
     def wait_link(self, up: bool = True, timeout: float = 10.0, port: int = 0) -> None:
         """Until port ``port``'s link is ``up`` (a front-end connected and set DRIVER_OK) or
-        down (it went away)."""
+        down (it went away).  Raises :class:`~virtq.testing.runners.BackendError` after
+        ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         while self.link_up(port) != up:
             if time.monotonic() > deadline:

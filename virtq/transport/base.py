@@ -55,7 +55,8 @@ def usable_features(offered: int, transport_features: int = 0) -> int:
 
 def arena_of(arenas: Iterable[DmaArena], queue: VirtQueue[Any]) -> DmaArena:
     """The arena ``queue`` lives in; its ``iova`` must be the queue's (descriptors and ring
-    addresses are computed from it)."""
+    addresses are computed from it).  Raises :class:`~virtq.errors.ArgumentError` when the
+    queue's memory is not one of ``arenas`` or its ``iova`` differs from the arena's."""
     for arena in arenas:
         if arena.region is queue.region:
             if queue.iova != arena.iova:
@@ -79,6 +80,7 @@ class DmaArena:
 
     @property
     def nbytes(self) -> int:
+        """The region's length in bytes."""
         return self.region.nbytes
 
     def addr(self, offset: int) -> Iova:

@@ -40,6 +40,8 @@ class BackendProcess:
         self._socket_ino = 0
 
     def command(self) -> list[str]:
+        """The child's command line: ``python -m virtq.testing.embedded IMAGE SOCKET`` with the
+        options given."""
         cmd = [sys.executable, "-m", "virtq.testing.embedded", str(self.image_path),
                str(self.socket_path), "--num-queues", str(self.num_queues)]
         if self.read_only:
@@ -51,6 +53,9 @@ class BackendProcess:
         return cmd
 
     def start(self) -> Self:
+        """Start the child and return once it says it listens.  Raises
+        :class:`~virtq.testing.runners.BackendError` when it does not within ``timeout`` seconds
+        (its stderr says why)."""
         self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE)
         assert self.proc.stdout is not None
@@ -67,6 +72,7 @@ class BackendProcess:
 
     @property
     def pid(self) -> int | None:
+        """The child's pid while it runs (None otherwise)."""
         return None if self.proc is None else self.proc.pid
 
     def kill(self) -> None:

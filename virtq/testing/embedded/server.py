@@ -110,52 +110,52 @@ class Faults:
     """What the back-end does wrong, on purpose.  Requests are named like
     :class:`~virtq.transport.vhost_user.protocol.Request` members (``"GET_CONFIG"``).
 
-    ``drop_after``: close the connection once this many requests (per connection) have been
-      popped from the rings, before completing any of the current batch.
-    ``nack``: answer that request with a non-zero REPLY_ACK status, without acting on it.
+    * ``drop_after``: close the connection once this many requests (per connection) have
+      been popped from the rings, before completing any of the current batch.
+    * ``nack``: answer that request with a non-zero REPLY_ACK status, without acting on it.
       GET_CONFIG is answered with an empty payload (its way of failing); other requests
       that have a reply of their own cannot be NACKed: the connection is closed instead.
-    ``garbage_reply``: answer that request with a malformed reply: ``garbage_kind`` "code"
-      (a request code that does not exist), "flags" (the REPLY flag missing) or "size"
-      (a 3-byte payload, which no reply has).
-    ``never_answer``: read that request and stay silent (a hung back-end).
-    ``out_of_order``: complete each batch of popped requests in reverse order.
-    ``corrupt_used``: complete each batch's first request with a head id no driver owns.
+    * ``garbage_reply``: answer that request with a malformed reply: ``garbage_kind``
+      "code" (a request code that does not exist), "flags" (the REPLY flag missing) or
+      "size" (a 3-byte payload, which no reply has).
+    * ``never_answer``: read that request and stay silent (a hung back-end).
+    * ``out_of_order``: complete each batch of popped requests in reverse order.
+    * ``corrupt_used``: complete each batch's first request with a head id no driver owns.
 
     Conformance faults -- each breaks one rule ``virtq check`` checks (the test suite
     asserts which checks fail for each):
 
-    ``write_past_buffer``: write a byte just past the status byte (VIRTIO 1.2 §2.7.5).
-    ``write_readable``: scribble on the request header, a device-readable buffer (§2.7.5.1).
-    ``write_desc_table``: rewrite the head descriptor's ``len`` after use (§2.7.5.1).
-    ``bad_used_len``: report 512 bytes more than the chain can hold (§2.7.8.2).
-    ``unwritten_len``: a read in several data buffers leaves the last one unwritten but
+    * ``write_past_buffer``: write a byte just past the status byte (VIRTIO 1.2 §2.7.5).
+    * ``write_readable``: scribble on the request header, a device-readable buffer (§2.7.5.1).
+    * ``write_desc_table``: rewrite the head descriptor's ``len`` after use (§2.7.5.1).
+    * ``bad_used_len``: report 512 bytes more than the chain can hold (§2.7.8.2).
+    * ``unwritten_len``: a read in several data buffers leaves the last one unwritten but
       counts it in used.len (§2.7.8.2).
-    ``duplicate_used``: in a batch of 8 or more, complete the first head twice (§2.7.8).
-    ``used_flags_garbage``: set bit 15 of used.flags (§2.7.10.2).
-    ``no_notify`` / ``spurious_notify``: never / always signal the call eventfd (§2.7.7.2).
-    ``vring_base_off_by_one``: GET_VRING_BASE answers one more than it processed.
-    ``wrap_bug``: stop serving a ring once its avail index wrapped to 0.
-    ``indirect_head_only``: follow VIRTQ_DESC_F_INDIRECT only in a head descriptor
+    * ``duplicate_used``: in a batch of 8 or more, complete the first head twice (§2.7.8).
+    * ``used_flags_garbage``: set bit 15 of used.flags (§2.7.10.2).
+    * ``no_notify`` / ``spurious_notify``: never / always signal the call eventfd (§2.7.7.2).
+    * ``vring_base_off_by_one``: GET_VRING_BASE answers one more than it processed.
+    * ``wrap_bug``: stop serving a ring once its avail index wrapped to 0.
+    * ``indirect_head_only``: follow VIRTQ_DESC_F_INDIRECT only in a head descriptor
       (§2.7.5.3.2 requires it after direct ones too), as libvhost-user does.
-    ``header_split_refused``: answer IOERR unless the request header is in one
+    * ``header_split_refused``: answer IOERR unless the request header is in one
       descriptor (§2.7.4.1).
-    ``process_disabled``: serve rings that SET_VRING_ENABLE disabled (vhost-user.rst,
+    * ``process_disabled``: serve rings that SET_VRING_ENABLE disabled (vhost-user.rst,
       "Ring states").
-    ``accept_unoffered``: accept unoffered feature bits and keep FEATURES_OK (§2.2.2).
-    ``no_version_1``: do not offer VIRTIO_F_VERSION_1 (§6.2).
-    ``wrong_capacity``: report 8 sectors more than the image has (§5.2.4).
-    ``stale_data``: serve reads from a snapshot of the image taken when the front-end
+    * ``accept_unoffered``: accept unoffered feature bits and keep FEATURES_OK (§2.2.2).
+    * ``no_version_1``: do not offer VIRTIO_F_VERSION_1 (§6.2).
+    * ``wrong_capacity``: report 8 sectors more than the image has (§5.2.4).
+    * ``stale_data``: serve reads from a snapshot of the image taken when the front-end
       connected (a later write is not seen).
-    ``lost_write``: keep writes in a per-connection cache that FLUSH does not write out;
+    * ``lost_write``: keep writes in a per-connection cache that FLUSH does not write out;
       reads see it, the image and the next connection do not (§5.2.6.2).
-    ``long_id``: GET_ID writes 24 bytes into the driver's 20-byte buffer.
-    ``no_ioerr``: reads past the capacity succeed (zeroes) instead of IOERR (§5.2.6).
-    ``unsupp_as_ok``: unknown request types succeed instead of UNSUPP (§5.2.6).
-    ``exit_on_disconnect``: serve one front-end, then stop listening (a process exits).
-    ``crash_on_indirect``: abort (SIGABRT) on an indirect head descriptor.  Kills the
+    * ``long_id``: GET_ID writes 24 bytes into the driver's 20-byte buffer.
+    * ``no_ioerr``: reads past the capacity succeed (zeroes) instead of IOERR (§5.2.6).
+    * ``unsupp_as_ok``: unknown request types succeed instead of UNSUPP (§5.2.6).
+    * ``exit_on_disconnect``: serve one front-end, then stop listening (a process exits).
+    * ``crash_on_indirect``: abort (SIGABRT) on an indirect head descriptor.  Kills the
       whole process: use it with :class:`BackendProcess` only.
-    ``spin_on_loop``: hang forever on a descriptor chain that loops (instead of hanging
+    * ``spin_on_loop``: hang forever on a descriptor chain that loops (instead of hanging
       up).  Use it with :class:`BackendProcess` only.
 
     For the other device types (``device=``): ``rng_no_bytes`` (used.len 0, §5.4.6.2);
@@ -222,6 +222,9 @@ class Faults:
 
     @classmethod
     def coerce(cls, value: Faults | Mapping[str, object] | None) -> Faults:
+        """``value`` as :class:`Faults`: None is no fault, a mapping gives the fields by name.
+        Raises :class:`~virtq.errors.ArgumentError` for a bad value (``TypeError`` for a name
+        that is no field)."""
         if value is None:
             return cls()
         if isinstance(value, Faults):
@@ -230,7 +233,8 @@ class Faults:
 
     @classmethod
     def parse(cls, spec: str) -> Faults:
-        """The command-line form: ``"drop_after=3,out_of_order"`` (bare names are True)."""
+        """The command-line form: ``"drop_after=3,out_of_order"`` (bare names are True).  Raises
+        :class:`~virtq.errors.ArgumentError` for an unknown fault or a bad value."""
         kwargs: dict[str, object] = {}
         known = {f.name for f in fields(cls)}
         for item in filter(None, (s.strip() for s in spec.split(","))):
@@ -1072,7 +1076,7 @@ class VhostUserBlkBackend:
             raise ArgumentError("mem_slots", mem_slots, "must be None or a count >= 1")
         if device not in devices.DEVICE_TYPES:
             raise ArgumentError("device", device, f"must be one of {devices.DEVICE_TYPES}")
-        #: "blk" (the default), or "net", "fs", "rng" (see :mod:`.devices`)
+        #: "blk" (the default), or "net", "fs", "rng" (see :mod:`virtq.testing.embedded.devices`)
         self.device = device
         if device != "blk":
             num_queues = devices.QUEUES[device]
@@ -1102,6 +1106,8 @@ class VhostUserBlkBackend:
 
     @property
     def faults(self) -> Faults:
+        """The faults injected now; assign a :class:`Faults` (or a mapping) to change them while
+        the back-end runs."""
         return self._faults
 
     @faults.setter

@@ -81,9 +81,12 @@ class VirtioCap:
 
     @property
     def name(self) -> str:
+        """The capability's type by name (``common``, ``notify``, ``isr``, ``device``, ``pci``),
+        else ``type<N>``."""
         return CAP_NAMES.get(self.cfg_type, f"type{self.cfg_type}")
 
     def describe(self) -> str:
+        """One line for logs: position, type, BAR, offset and length."""
         return (f"cap@{self.position:#04x} virtio {self.name:<7} bar={self.bar} "
                 f"offset={self.offset:#07x} length={self.length:#x}")
 
@@ -129,9 +132,12 @@ class VirtioPciCaps:
         return _TRANSITIONAL_TYPES.get(self.device, self.subsystem_device)
 
     def windows(self) -> list[VirtioCap]:
+        """The virtio windows the transport maps, in the order common, notify, ISR, device config
+        (the optional ones when present)."""
         return [c for c in (self.common, self.notify, self.isr, self.device_cfg) if c]
 
     def describe(self) -> str:
+        """A multi-line summary: ids, every virtio capability, the notify multiplier, MSI-X."""
         lines = [f"{self.vendor:04x}:{self.device:04x} rev {self.revision} "
                  f"(virtio type {self.virtio_device_type})"]
         lines += [c.describe() for c in self.virtio_caps]

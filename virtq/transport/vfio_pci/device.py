@@ -30,7 +30,7 @@ from typing import Any, Protocol, Self
 
 from virtq._sys import libc
 from virtq._sys import vfio as _vfio
-from virtq.errors import RegionClosedError
+from virtq.errors import ArgumentError, RegionClosedError, VirtqOSError
 from virtq.transport.vfio_pci.errors import VfioPciError
 
 _CTYPES: dict[int, type[ctypes.c_uint8] | type[ctypes.c_uint16] | type[ctypes.c_uint32]] = {
@@ -42,9 +42,14 @@ _PACK = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I")}
 class RegisterSpace(Protocol):
     """Single-width register access: ``width`` is 1, 2 or 4 bytes."""
 
-    def read(self, offset: int, width: int) -> int: ...
+    def read(self, offset: int, width: int) -> int:
+        """The ``width``-byte register at ``offset``, read with one access of that width."""
+        ...
 
-    def write(self, offset: int, width: int, value: int) -> None: ...
+    def write(self, offset: int, width: int, value: int) -> None:
+        """Store ``value`` into the ``width``-byte register at ``offset`` with one access of that
+        width."""
+        ...
 
 
 class Window:
@@ -56,9 +61,11 @@ class Window:
         self.length = length
 
     def read(self, offset: int, width: int) -> int:
+        """The register at ``offset`` inside the window (see :meth:`RegisterSpace.read`)."""
         return self.space.read(self.base + offset, width)
 
     def write(self, offset: int, width: int, value: int) -> None:
+        """Store the register at ``offset`` inside the window (see :meth:`RegisterSpace.write`)."""
         self.space.write(self.base + offset, width, value)
 
 
@@ -95,13 +102,18 @@ class MmapBar:
         if self._mmap is None:
             raise RegionClosedError(f"BAR {self.index} is unmapped")
         if offset < 0 or offset + width > self.size:
-            raise ValueError(f"register {offset:#x}+{width} is outside BAR {self.index}")
+            raise ArgumentError("offset", offset, f"register of {width} bytes is outside BAR "
+                                f"{self.index} ({self.size:#x} bytes)")
         return self.base + offset
 
     def read(self, offset: int, width: int) -> int:
+        """One load of ``width`` (1, 2 or 4) bytes at ``offset``.  Raises
+        :class:`~virtq.errors.RegionClosedError` after :meth:`close` and
+        :class:`~virtq.errors.ArgumentError` for a register outside the BAR."""
         return int(_CTYPES[width].from_address(self._addr(offset, width)).value)
 
     def write(self, offset: int, width: int, value: int) -> None:
+        """One store of ``width`` bytes at ``offset``.  Raises like :meth:`read`."""
         _CTYPES[width].from_address(self._addr(offset, width)).value = value
 
     def register16(self, offset: int) -> ctypes.c_uint16:
@@ -110,6 +122,7 @@ class MmapBar:
         return ctypes.c_uint16.from_address(self._addr(offset, 2))
 
     def close(self) -> None:
+        """Unmap the BAR (idempotent); registers from :meth:`register16` are invalid afterwards."""
         if self._mmap is not None:
             self._finalizer.detach()
             self._mmap.close()
@@ -128,20 +141,26 @@ class PioBar:
         self._offset = region.offset
 
     def read(self, offset: int, width: int) -> int:
+        """``pread`` of exactly ``width`` bytes at ``offset`` (vfio-pci makes it one access).
+        Raises :class:`~virtq.errors.RegionClosedError` after :meth:`close`,
+        :class:`~virtq.errors.VirtqOSError` (EIO) for a short read and ``OSError`` when the
+        kernel refuses."""
         if self._fd < 0:
             raise RegionClosedError(f"BAR {self.index} is closed")
         data = os.pread(self._fd, width, self._offset + offset)
         if len(data) != width:
-            raise OSError(errno.EIO, f"short read of BAR {self.index} at {offset:#x}")
+            raise VirtqOSError(errno.EIO, f"short read of BAR {self.index} at {offset:#x}")
         return int(_PACK[width].unpack(data)[0])
 
     def write(self, offset: int, width: int, value: int) -> None:
+        """``pwrite`` of exactly ``width`` bytes at ``offset``.  Raises like :meth:`read`."""
         if self._fd < 0:
             raise RegionClosedError(f"BAR {self.index} is closed")
         if os.pwrite(self._fd, _PACK[width].pack(value), self._offset + offset) != width:
-            raise OSError(errno.EIO, f"short write of BAR {self.index} at {offset:#x}")
+            raise VirtqOSError(errno.EIO, f"short write of BAR {self.index} at {offset:#x}")
 
     def close(self) -> None:
+        """Forget the device fd (which the :class:`VfioDevice` owns and closes)."""
         self._fd = -1
 
 
@@ -184,13 +203,20 @@ class VfioGroup:
         return f"<VfioGroup {self.path} fd={self.fd}>"
 
     def status(self) -> int:
+        """``VFIO_GROUP_GET_STATUS`` flags.  Raises ``VfioOSError`` (a
+        :class:`~virtq.errors.VirtqOSError`) when the ioctl fails."""
         return _vfio.group_get_status(self.fd)
 
     @property
     def viable(self) -> bool:
+        """Whether every device of the group is bound to vfio-pci (or no driver), so the group
+        can be used.  Raises like :meth:`status`."""
         return bool(self.status() & _vfio.VFIO_GROUP_FLAGS_VIABLE)
 
     def device_fd(self, address: str) -> int:
+        """A new fd for device ``address`` of this group (``VFIO_GROUP_GET_DEVICE_FD``).  Raises
+        a :class:`~virtq.errors.VirtqOSError` with a hint when the device is not bound to
+        vfio-pci, the group has no container, or the device is open already (EBUSY)."""
         try:
             return _vfio.group_get_device_fd(self.fd, address)
         except _vfio.VfioOSError as exc:
@@ -202,6 +228,7 @@ class VfioGroup:
 
     @property
     def closed(self) -> bool:
+        """True after :meth:`close`."""
         return self.fd < 0
 
     def close(self) -> None:
@@ -245,9 +272,13 @@ class VfioDevice:
 
     @property
     def can_reset(self) -> bool:
+        """Whether VFIO can reset the function (``VFIO_DEVICE_FLAGS_RESET``)."""
         return bool(self.flags & _vfio.VFIO_DEVICE_FLAGS_RESET)
 
     def region(self, index: int) -> _vfio.RegionDesc:
+        """Region ``index``'s description (offset in the device fd, size, mmap-ability), cached.
+        Raises :class:`~virtq.errors.RegionClosedError` after :meth:`close` and a
+        :class:`~virtq.errors.VirtqOSError` when the ioctl fails."""
         desc = self._regions.get(index)
         if desc is None:
             desc = self._regions[index] = _vfio.device_get_region_info(self._fd(), index)
@@ -261,10 +292,15 @@ class VfioDevice:
     # -- config space (always pread/pwrite: VFIO virtualises parts of it) -----------------
 
     def config_read(self, offset: int, width: int) -> int:
+        """The ``width``-byte config space register at ``offset`` (``pread``).  Raises
+        :class:`~virtq.errors.RegionClosedError` after :meth:`close`, ``OSError`` when the kernel
+        refuses."""
         data = os.pread(self._fd(), width, self.config_region.offset + offset)
         return int(_PACK[width].unpack(data)[0])
 
     def config_write(self, offset: int, width: int, value: int) -> None:
+        """Store ``value`` into the config space register at ``offset`` (``pwrite``).  Raises
+        like :meth:`config_read`."""
         os.pwrite(self._fd(), _PACK[width].pack(value), self.config_region.offset + offset)
 
     def config_snapshot(self, nbytes: int = 256) -> bytes:
@@ -276,7 +312,10 @@ class VfioDevice:
 
     def map_bar(self, index: int, mode: str = "auto") -> Bar:
         """Access BAR ``index`` by ``mode``: ``"mmap"``, ``"pio"`` or ``"auto"`` (mmap when
-        VFIO allows mapping the whole region, else pread/pwrite)."""
+        VFIO allows mapping the whole region, else pread/pwrite).  Raises
+        :class:`~virtq.transport.vfio_pci.VfioPciError` for a BAR the function does not
+        implement, or ``mode='mmap'`` for a BAR VFIO will not map whole;
+        :class:`~virtq.errors.VirtqOSError` when the mapping fails."""
         desc = self.region(index)
         if not desc.size:
             raise VfioPciError(f"BAR {index} of {self.address} is not implemented",
@@ -293,9 +332,15 @@ class VfioDevice:
     # -- interrupts --------------------------------------------------------------------------
 
     def irq_count(self, index: int) -> int:
+        """How many interrupts of kind ``index`` (``VFIO_PCI_MSIX_IRQ_INDEX``: MSI-X vectors) the
+        function has.  Raises :class:`~virtq.errors.RegionClosedError` after :meth:`close`,
+        :class:`~virtq.errors.VirtqOSError` when the ioctl fails."""
         return int(_vfio.device_get_irq_info(self._fd(), index).count)
 
     def set_msix(self, eventfds: list[int]) -> None:
+        """Wire MSI-X vector ``i`` to ``eventfds[i]`` (``VFIO_DEVICE_SET_IRQS``).  Raises
+        :class:`~virtq.errors.RegionClosedError` after :meth:`close`, a
+        :class:`~virtq.errors.VirtqOSError` with a hint when the kernel refuses."""
         try:
             _vfio.device_set_irq_eventfds(self._fd(), _vfio.VFIO_PCI_MSIX_IRQ_INDEX, eventfds)
         except _vfio.VfioOSError as exc:
@@ -304,13 +349,18 @@ class VfioDevice:
                                    "to eventfds", "or open with poll=True") from None
 
     def disable_msix(self) -> None:
+        """Unwire every MSI-X vector.  Raises :class:`~virtq.errors.RegionClosedError` after
+        :meth:`close`, :class:`~virtq.errors.VirtqOSError` when the ioctl fails."""
         _vfio.device_disable_irqs(self._fd(), _vfio.VFIO_PCI_MSIX_IRQ_INDEX)
 
     @property
     def closed(self) -> bool:
+        """True after :meth:`close`."""
         return self.fd < 0
 
     def close(self) -> None:
+        """Close the device fd (idempotent); BARs mapped from it stay valid until closed
+        themselves."""
         if self.fd >= 0:
             self._finalizer.detach()
             fd, self.fd = self.fd, -1

@@ -25,7 +25,8 @@ _ADDRESS = re.compile(
 
 def normalize_address(address: str) -> str:
     """``"7.0"``-style shorthands are not guessed; ``"00:07.0"`` becomes ``"0000:00:07.0"``
-    (the domain defaults to 0), case is folded -- the form sysfs and VFIO use."""
+    (the domain defaults to 0), case is folded -- the form sysfs and VFIO use.  Raises
+    :class:`~virtq.errors.ArgumentError` for anything else."""
     m = _ADDRESS.match(address.strip()) if isinstance(address, str) else None
     if m is None:
         raise ArgumentError("pci_address", address,
@@ -46,6 +47,8 @@ class PciSysfs:
         self.drivers = self.root / "bus" / "pci" / "drivers"
 
     def device_dir(self, address: str) -> Path:
+        """The function's sysfs folder.  Raises :class:`NoSuchDeviceError` when there is no such
+        function."""
         path = self.devices / address
         if not path.exists():
             raise NoSuchDeviceError(
@@ -54,24 +57,29 @@ class PciSysfs:
         return path
 
     def ids(self, address: str) -> tuple[int, int]:
-        """``(vendor, device)``."""
+        """``(vendor, device)``.  Raises :class:`NoSuchDeviceError` for an unknown function."""
         d = self.device_dir(address)
         return (int((d / "vendor").read_text(), 16), int((d / "device").read_text(), 16))
 
     def driver(self, address: str) -> str | None:
-        """Name of the bound driver, or None."""
+        """Name of the bound driver, or None.  Raises :class:`NoSuchDeviceError` for an unknown
+        function."""
         link = self.device_dir(address) / "driver"
         if not os.path.lexists(link):
             return None
         return os.path.basename(os.readlink(link))
 
     def iommu_group(self, address: str) -> int | None:
+        """The number of the function's IOMMU group, or None when it has none (no IOMMU).  Raises
+        :class:`NoSuchDeviceError` for an unknown function."""
         link = self.device_dir(address) / "iommu_group"
         if not os.path.lexists(link):
             return None
         return int(os.path.basename(os.readlink(link)))
 
     def group_members(self, group: int) -> list[str]:
+        """The addresses of every function in IOMMU group ``group``, sorted (empty for an unknown
+        group)."""
         path = self.root / "kernel" / "iommu_groups" / str(group) / "devices"
         try:
             return sorted(os.listdir(path))
@@ -101,7 +109,10 @@ class PciSysfs:
 
     def bind(self, address: str, driver: str = VFIO_PCI_DRIVER) -> None:
         """Hand ``address`` to ``driver``: ``driver_override``, unbind the current driver,
-        ``drivers_probe`` -- then check it took.  A no-op if already bound to it."""
+        ``drivers_probe`` -- then check it took.  A no-op if already bound to it.  Raises
+        :class:`NoSuchDeviceError` for an unknown function, :class:`VfioPciError` when ``driver``
+        is not loaded, a :class:`~virtq.errors.VirtqOSError` when a sysfs write fails (not root),
+        and :class:`DeviceBoundError` when the function ended up bound elsewhere."""
         current = self.driver(address)
         if current == driver:
             return

@@ -225,6 +225,12 @@ class VfioPciTransport:
         polling the used ring; otherwise one MSI-X vector per queue signals an eventfd.
         ``bind``: rebind the function to ``vfio-pci`` through ``driver_override`` if it is
         bound elsewhere (needs root).  ``bar_access``: ``"auto"``, ``"mmap"`` or ``"pio"``.
+        Raises :class:`~virtq.errors.ArgumentError` for a bad address or ``bar_access``;
+        :class:`~virtq.transport.vfio_pci.NoSuchDeviceError`,
+        :class:`~virtq.transport.vfio_pci.DeviceBoundError` and other
+        :class:`~virtq.transport.vfio_pci.VfioPciError` for a function that cannot be claimed or
+        is not virtio; a :class:`~virtq.errors.VirtqOSError` with a hint when VFIO refuses
+        (permissions, RLIMIT_MEMLOCK, the group); everything opened so far is closed again.
         """
         if bar_access not in ("auto", "mmap", "pio"):
             raise ArgumentError("bar_access", bar_access, "must be 'auto', 'mmap' or 'pio'")
@@ -362,6 +368,8 @@ class VfioPciTransport:
         return len(self._res.eventfds)
 
     def describe(self) -> str:
+        """A multi-line summary: the capabilities, the IOMMU's page sizes and ranges, how each
+        BAR is accessed, interrupts, features."""
         info = self.container.info
         ranges = ", ".join(f"{s:#x}-{e:#x}" for s, e in info.iova_ranges)
         bars = ", ".join(f"BAR{i} by {bar.mode}" for i, bar in sorted(self._res.bars.items()))
@@ -386,7 +394,11 @@ class VfioPciTransport:
 
     def negotiate(self, wanted: int) -> int:
         """Accept ``device_features & wanted`` plus VERSION_1 and ACCESS_PLATFORM; set
-        FEATURES_OK and verify it by read-back."""
+        FEATURES_OK and verify it by read-back.  Raises
+        :class:`~virtq.transport.errors.DeviceRefusedError` when the device lacks
+        VIRTIO_F_VERSION_1 or VIRTIO_F_ACCESS_PLATFORM,
+        :class:`~virtq.transport.vfio_pci.FeaturesRefusedError` when it refuses the set,
+        :class:`~virtq.errors.QueueStateError` once closed."""
         self._check_open()
         offered = self.offered_features
         if not offered >> VIRTIO_F_VERSION_1 & 1:
@@ -410,17 +422,28 @@ class VfioPciTransport:
         self.accepted_features = features
 
     def num_queues(self) -> int:
+        """How many virtqueues the function has."""
         return self._num_queues
 
     def max_queue_size(self, index: int) -> int:
+        """Queue ``index``'s maximum size (0: no such queue).  Raises
+        :class:`~virtq.errors.QueueStateError` once closed."""
         self._check_open()
         return self.function.queue_max(index)
 
     def read_config(self, offset: int, size: int) -> bytes:
+        """``size`` bytes of device configuration at ``offset``, read consistently
+        (``config_generation``).  Raises :class:`~virtq.errors.QueueStateError` once closed,
+        :class:`~virtq.errors.ArgumentError` for a range outside it,
+        :class:`~virtq.transport.errors.DeviceRefusedError` when there is none or it keeps
+        changing."""
         self._check_open()
         return self.function.read_config(offset, size)
 
     def write_config(self, offset: int, data: bytes) -> None:
+        """Write ``data`` into the device configuration at ``offset``.  Raises
+        :class:`~virtq.errors.QueueStateError` once closed and
+        :class:`~virtq.errors.ArgumentError` for a range outside it."""
         self._check_open()
         self.function.write_config(offset, data)
 
@@ -441,7 +464,9 @@ class VfioPciTransport:
         return arena
 
     def free_dma(self, arena: DmaArena) -> None:
-        """Unmap and release one arena before :meth:`close` (no queue may use it)."""
+        """Unmap and release one arena before :meth:`close` (no queue may use it).  Raises
+        :class:`~virtq.errors.ArgumentError` while an attached queue lives in it (and
+        ``ValueError`` for an arena this transport did not allocate)."""
         if any(a.arena is arena for a in self._res.queues.values()):
             raise ArgumentError("arena", arena, "a queue attached to the device lives in it")
         self._res.arenas.remove(arena)
@@ -451,7 +476,10 @@ class VfioPciTransport:
 
     def attach_queue(self, index: int, queue: VirtQueue[Any]) -> None:
         """§4.1.5.1.3: size, ring IOVAs, MSI-X vector (read back), notify offset, then
-        ``queue_enable``."""
+        ``queue_enable``.  Raises :class:`~virtq.errors.QueueStateError` when closed or started,
+        :class:`~virtq.errors.ArgumentError` for a queue attached already, memory not from
+        :meth:`alloc_dma` or a ring at IOVA 0, and the device's refusals
+        (:class:`~virtq.transport.vfio_pci.QueueSizeError`, ...)."""
         self._check_open()
         if self._started:
             raise QueueStateError("queues must be attached before start() (DRIVER_OK)")
@@ -515,6 +543,9 @@ class VfioPciTransport:
     # -- Transport: notifications ----------------------------------------------------------
 
     def notify(self, index: int) -> None:
+        """Kick queue ``index``: one store to its doorbell in the notify window (after
+        ``doorbell_barrier()``).  Raises :class:`~virtq.errors.ArgumentError` for a queue not
+        attached and :class:`~virtq.errors.QueueStateError` once closed."""
         try:
             kick = self._kick[index]
         except KeyError:
@@ -568,6 +599,7 @@ class VfioPciTransport:
 
     @property
     def closed(self) -> bool:
+        """True after :meth:`close`."""
         return self._closed
 
     def close(self) -> None:

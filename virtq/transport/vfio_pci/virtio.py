@@ -53,6 +53,7 @@ _GENERATION_RETRIES = 16
 
 
 def status_names(status: int) -> str:
+    """``device_status`` bits by name, ``|``-joined (``ACKNOWLEDGE|DRIVER``; ``0`` for none)."""
     names = [name for bit, name in ((1, "ACKNOWLEDGE"), (2, "DRIVER"), (4, "DRIVER_OK"),
                                     (8, "FEATURES_OK"), (0x40, "DEVICE_NEEDS_RESET"),
                                     (0x80, "FAILED")) if status & bit]
@@ -66,12 +67,16 @@ class CommonCfg:
         self.window = window
 
     def read(self, name: str) -> int:
+        """Common configuration register ``name`` (a key of ``COMMON_CFG``), read at its width
+        (64-bit ones as two 32-bit halves, low first).  Raises ``KeyError`` for an unknown name."""
         offset, width = COMMON_CFG[name]
         if width == 8:
             return self.window.read(offset, 4) | self.window.read(offset + 4, 4) << 32
         return self.window.read(offset, width)
 
     def write(self, name: str, value: int) -> None:
+        """Store ``value`` into register ``name`` at its width (64-bit ones as two halves, low
+        first).  Raises ``KeyError`` for an unknown name."""
         offset, width = COMMON_CFG[name]
         if width == 8:
             self.window.write(offset, 4, value & 0xFFFF_FFFF)
@@ -95,6 +100,7 @@ class VirtioPciFunction:
 
     @property
     def status(self) -> int:
+        """``device_status`` as the device reads it now."""
         return self.cfg.read("device_status")
 
     def add_status(self, bits: int) -> int:
@@ -110,7 +116,8 @@ class VirtioPciFunction:
 
     def reset(self, timeout: float = 1.0) -> float:
         """Write 0 and wait until status reads 0 (§2.1.2, §4.1.4.3.2); returns the seconds
-        it took.  Queue vectors and sizes go back to their defaults."""
+        it took.  Queue vectors and sizes go back to their defaults.  Raises
+        :class:`DeviceResetTimeoutError` when status is not 0 after ``timeout`` seconds."""
         self._queue_max.clear()
         t0 = time.monotonic()
         self.cfg.write("device_status", 0)
@@ -128,6 +135,7 @@ class VirtioPciFunction:
     # -- features ------------------------------------------------------------------------
 
     def device_features(self) -> int:
+        """The 64 feature bits the device offers (both ``device_feature_select`` halves)."""
         features = 0
         for select in (0, 1):
             self.cfg.write("device_feature_select", select)
@@ -135,6 +143,8 @@ class VirtioPciFunction:
         return features
 
     def write_driver_features(self, features: int) -> None:
+        """Write the 64 feature bits the driver accepts (both halves); nothing is checked until
+        FEATURES_OK (:meth:`accept_features`)."""
         for select in (0, 1):
             self.cfg.write("driver_feature_select", select)
             self.cfg.write("driver_feature", features >> (32 * select) & 0xFFFF_FFFF)
@@ -155,6 +165,7 @@ class VirtioPciFunction:
     # -- queues --------------------------------------------------------------------------
 
     def num_queues(self) -> int:
+        """How many virtqueues the function has (``num_queues``)."""
         return self.cfg.read("num_queues")
 
     def queue_max(self, index: int) -> int:
@@ -171,7 +182,11 @@ class VirtioPciFunction:
                         vector: int = VIRTIO_MSI_NO_VECTOR) -> int:
         """§4.1.5.1.3 steps 1-6 for queue ``index``: size, the three ring addresses and the
         MSI-X vector (verified by read-back).  Returns ``queue_notify_off``.  The queue is
-        not enabled yet: :meth:`enable_queue`."""
+        not enabled yet: :meth:`enable_queue`.  Raises :class:`QueueSizeError` for a queue the
+        device does not have, a size above its maximum or one it does not keep;
+        :class:`DeviceRefusedError` when the queue is enabled already;
+        :class:`~virtq.errors.ArgumentError` for a bad vector and :class:`VectorRefusedError`
+        when the device refuses it."""
         maximum = self.queue_max(index)
         if maximum == 0:
             raise QueueSizeError(f"{self.name} has no queue {index} "
@@ -204,6 +219,9 @@ class VirtioPciFunction:
         self.cfg.write("queue_enable", 1)
 
     def set_config_vector(self, vector: int) -> None:
+        """Route configuration-change interrupts to MSI-X ``vector`` (``VIRTIO_MSI_NO_VECTOR``:
+        none), verified by read-back.  Raises :class:`~virtq.errors.ArgumentError` for a vector
+        outside 0..0x7ff/0xffff and :class:`VectorRefusedError` when the device refuses it."""
         self._set_vector("config_msix_vector", vector, "configuration changes")
 
     def _set_vector(self, register: str, vector: int, what: str) -> None:
@@ -220,7 +238,9 @@ class VirtioPciFunction:
     # -- running -------------------------------------------------------------------------
 
     def driver_ok(self) -> None:
-        """Set DRIVER_OK (§3.1.1 step 8) and check the device did not flag an error."""
+        """Set DRIVER_OK (§3.1.1 step 8) and check the device did not flag an error.  Raises
+        :class:`DeviceRefusedError` when it did (FAILED or DEVICE_NEEDS_RESET set, or DRIVER_OK
+        not kept)."""
         status = self.add_status(VIRTIO_CONFIG_S_DRIVER_OK)
         if status & (VIRTIO_CONFIG_S_FAILED | VIRTIO_CONFIG_S_NEEDS_RESET) or not (
             status & VIRTIO_CONFIG_S_DRIVER_OK
@@ -233,7 +253,9 @@ class VirtioPciFunction:
     def read_config(self, offset: int, size: int) -> bytes:
         """``size`` bytes of device configuration, each piece read at its natural width,
         repeated until ``config_generation`` is the same before and after (§4.1.4.3.1,
-        §2.5.1): a multi-register field must not be torn by a concurrent change."""
+        §2.5.1): a multi-register field must not be torn by a concurrent change.  Raises
+        :class:`DeviceRefusedError` when the function has no device configuration or it never
+        stops changing, :class:`~virtq.errors.ArgumentError` for a range outside it."""
         if self.device_cfg is None:
             raise DeviceRefusedError(f"{self.name} has no device configuration structure")
         if offset < 0 or size < 0 or offset + size > self.device_cfg_len:
@@ -254,6 +276,9 @@ class VirtioPciFunction:
         raise DeviceRefusedError(f"{self.name} configuration kept changing while being read")
 
     def write_config(self, offset: int, data: bytes) -> None:
+        """Write ``data`` into the device configuration at ``offset``, each piece at its natural
+        width.  Raises :class:`~virtq.errors.ArgumentError` for a range outside the device
+        configuration (or when there is none)."""
         if self.device_cfg is None or offset < 0 or offset + len(data) > self.device_cfg_len:
             raise ArgumentError("offset", offset, "outside the device configuration")
         pos = 0

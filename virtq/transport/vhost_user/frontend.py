@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import logging
 import math
 import os
 import socket
@@ -33,6 +34,11 @@ from virtq.transport.vhost_user.errors import (
     VhostUserTimeoutError,
 )
 
+#: Every message sent and received, at DEBUG (``virtq --trace`` turns it on).
+log = logging.getLogger(__name__)
+#: Bytes of a payload a trace line shows (the rest is counted).
+TRACE_PAYLOAD = 64
+
 DEFAULT_TIMEOUT = 5.0
 #: Longest timeout accepted (seconds): what poll(2)'s int milliseconds can express.
 #: ``None`` waits forever.
@@ -49,6 +55,13 @@ def _finalize(sock: socket.socket, path: str) -> None:
     warnings.warn(f"vhost-user connection to {path} was not closed", ResourceWarning,
                   stacklevel=2)
     sock.close()
+
+
+def _trace_bytes(data: bytes) -> str:
+    """A payload for a trace line: hex, cut at :data:`TRACE_PAYLOAD` bytes."""
+    if len(data) <= TRACE_PAYLOAD:
+        return data.hex() or "-"
+    return f"{data[:TRACE_PAYLOAD].hex()}... (+{len(data) - TRACE_PAYLOAD} bytes)"
 
 
 # -- argument checks (each raises ArgumentError naming the argument) ---------------------
@@ -104,8 +117,8 @@ def _mem_region(name: str, region: object) -> MemRegion:
 
 def check_timeout(timeout: object) -> float | None:
     """``timeout`` if it is ``None`` (wait forever) or a number of seconds in
-    ``(0, MAX_TIMEOUT]``; :class:`~virtq.errors.ArgumentError` otherwise (0 would make the
-    socket non-blocking, a negative or NaN value is refused by the socket module)."""
+    ``(0, MAX_TIMEOUT]``; raises :class:`~virtq.errors.ArgumentError` otherwise (0 would make
+    the socket non-blocking, a negative or NaN value is refused by the socket module)."""
     if timeout is None:
         return None
     if (not isinstance(timeout, int | float) or isinstance(timeout, bool)
@@ -196,6 +209,9 @@ class VhostUserFrontend:
               flags: int = P.VERSION) -> None:
         name = request.name
         self._check_alive(name)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("-> %s flags=%#x size=%d fds=%s payload=%s", name, flags, len(payload),
+                      list(fds), _trace_bytes(payload))
         data = P.pack_header(request, flags, len(payload)) + payload
         try:
             # Header, payload and fds in one sendmsg: the back-end reads them as one message.
@@ -251,7 +267,11 @@ class VhostUserFrontend:
         if size > P.MAX_PAYLOAD:
             raise self._fail(VhostUserProtocolError(
                 f"{name}: reply payload of {size} bytes is implausible", request=name, got=size))
-        return self._recv_exact(size, name) if size else b""
+        payload = self._recv_exact(size, name) if size else b""
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("<- %s flags=%#x size=%d payload=%s", name, flags, size,
+                      _trace_bytes(payload))
+        return payload
 
     def request(self, request: P.Request, payload: bytes = b"", fds: Sequence[int] = ()) -> bytes:
         """Send one request; return its reply payload (b"" when it has none).
@@ -388,7 +408,9 @@ class VhostUserFrontend:
                      [fd])
 
     def set_vring_num(self, index: int, num: int) -> None:
-        """SET_VRING_NUM: ring ``index`` (0..255) has ``num`` (1..32768) entries."""
+        """SET_VRING_NUM: ring ``index`` (0..255) has ``num`` (1..32768) entries.  Raises
+        :class:`~virtq.errors.ArgumentError` for a bad index or size, and what :meth:`request`
+        raises."""
         num = _uint("num", num, 16, low=1)
         if num > P.MAX_VRING_NUM:
             raise ArgumentError("num", num, f"must be in 1..{P.MAX_VRING_NUM} (VIRTIO 1.2 §2.7)")
@@ -436,7 +458,9 @@ class VhostUserFrontend:
         self.request(P.Request.SET_VRING_CALL, P.U64.pack(index), [fd])
 
     def set_vring_enable(self, index: int, enable: bool) -> None:
-        """SET_VRING_ENABLE: enable (True) or disable (False) ring ``index``."""
+        """SET_VRING_ENABLE: enable (True) or disable (False) ring ``index``.  Raises
+        :class:`~virtq.errors.ArgumentError` for a bad index or a non-bool ``enable``, and what
+        :meth:`request` raises."""
         if not isinstance(enable, bool):
             raise ArgumentError("enable", enable, "must be True or False")
         self.request(P.Request.SET_VRING_ENABLE, P.VRING_STATE.pack(_ring(index), int(enable)))
@@ -489,6 +513,7 @@ class VhostUserFrontend:
 
     @property
     def closed(self) -> bool:
+        """True after :meth:`close` (the socket is closed)."""
         return self.sock.fileno() < 0
 
     def close(self) -> None:

@@ -127,6 +127,8 @@ HAS_REPLY = frozenset({
 
 
 def request_name(code: int) -> str:
+    """The name of request ``code`` (``GET_FEATURES``), or ``request <code>`` for a code this
+    module does not know."""
     try:
         return Request(code).name
     except ValueError:
@@ -134,4 +136,6 @@ def request_name(code: int) -> str:
 
 
 def pack_header(request: int, flags: int, size: int) -> bytes:
+    """The 12-byte message header (vhost-user.rst "Message Specification"): request code, flags,
+    payload size.  Raises ``struct.error`` for a value that does not fit its u32 field."""
     return HEADER.pack(request, flags, size)

@@ -114,6 +114,13 @@ class VhostUserTransport:
         iova_allocator: IovaAllocator | None = None,
         hugepages: bool = False,
     ) -> Self:
+        """Connect to the back-end listening on the Unix socket ``path`` and do the handshake
+        (SET_OWNER, features, protocol features, queue count).  ``timeout`` bounds every reply;
+        ``iova_allocator`` places memory in the back-end's guest address space (default:
+        identity, the owner's own addresses); ``hugepages`` backs the memfds with hugepages.
+        Raises :class:`~virtq.transport.vhost_user.VhostUserConnectError` when nobody listens,
+        another :class:`~virtq.transport.vhost_user.VhostUserError` when the handshake fails (the
+        socket is closed then), :class:`~virtq.errors.ArgumentError` for a bad path or timeout."""
         frontend = VhostUserFrontend.connect(path, timeout=timeout)
         try:
             return cls(frontend, iova_allocator=iova_allocator, hugepages=hugepages)
@@ -163,6 +170,11 @@ class VhostUserTransport:
         return usable_features(offered)
 
     def negotiate(self, wanted: int) -> int:
+        """Accept ``device_features & wanted`` plus VIRTIO_F_VERSION_1 (SET_FEATURES; FEATURES_OK
+        with the STATUS protocol feature) and return them.  Raises
+        :class:`~virtq.transport.errors.DeviceRefusedError` when the back-end does not offer
+        VIRTIO_F_VERSION_1, and the front-end's
+        :class:`~virtq.transport.vhost_user.VhostUserError`."""
         if not self.device_features >> VIRTIO_F_VERSION_1 & 1:
             raise DeviceRefusedError(
                 f"back-end at {self.path} does not offer VIRTIO_F_VERSION_1 "
@@ -176,13 +188,19 @@ class VhostUserTransport:
         return accepted
 
     def num_queues(self) -> int:
+        """How many queues the back-end has (GET_QUEUE_NUM with the MQ protocol feature, else 1)."""
         return self._queue_num
 
     def max_queue_size(self, index: int) -> int:
         # vhost-user has no per-queue maximum; the virtio spec's split ring limit applies.
+        """32768 for a queue the back-end has (vhost-user has no per-queue maximum), 0 otherwise."""
         return 32768 if 0 <= index < self._queue_num else 0
 
     def read_config(self, offset: int, size: int) -> bytes:
+        """``size`` bytes of the device's config space at ``offset`` (GET_CONFIG).  Raises
+        :class:`~virtq.transport.errors.DeviceRefusedError` when the back-end does not offer the
+        CONFIG protocol feature, and what :meth:`VhostUserFrontend.get_config
+        <virtq.transport.vhost_user.VhostUserFrontend.get_config>` raises."""
         if not self._has(P.ProtocolFeature.CONFIG):
             raise DeviceRefusedError(f"back-end at {self.path} does not offer GET_CONFIG")
         return self.frontend.get_config(offset, size)
@@ -286,7 +304,11 @@ class VhostUserTransport:
 
     def attach_queue(self, index: int, queue: VirtQueue[Any]) -> None:
         """Hand queue ``index`` to the back-end: SET_VRING_NUM/BASE/ADDR/KICK/CALL (and
-        SET_VRING_ENABLE once started)."""
+        SET_VRING_ENABLE once started).  Raises :class:`~virtq.errors.QueueStateError` when
+        closed, :class:`~virtq.transport.vhost_user.VhostUserDisconnectedError` when
+        disconnected, :class:`~virtq.errors.ArgumentError` for a queue the back-end does not
+        have, one attached already or memory not from :meth:`alloc_dma`, and the back-end's
+        refusals."""
         self._check_usable()
         if not isinstance(index, int) or not 0 <= index < self._queue_num:
             raise ArgumentError("index", index, f"the back-end has {self._queue_num} queue(s)")
@@ -327,6 +349,9 @@ class VhostUserTransport:
         ring.enabled = True
 
     def start(self) -> None:
+        """Enable every attached ring (SET_VRING_ENABLE) and set DRIVER_OK (with the STATUS
+        protocol feature).  Raises the front-end's
+        :class:`~virtq.transport.vhost_user.VhostUserError`."""
         for index, ring in self._rings.items():
             self._enable(index, ring)
         self._started = True
@@ -358,7 +383,8 @@ class VhostUserTransport:
 
     def notify(self, index: int) -> None:
         """Kick ring ``index`` (an eventfd write: a system call, so the avail.idx store
-        before it is visible to the back-end first)."""
+        before it is visible to the back-end first).  Raises :class:`~virtq.errors.ArgumentError`
+        for a queue not attached, :class:`~virtq.errors.QueueStateError` once closed."""
         try:
             os.eventfd_write(self._rings[index].kick, 1)
         except KeyError:
