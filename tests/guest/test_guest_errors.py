@@ -11,8 +11,10 @@ import pytest
 from tests.guest.conftest import guest_kernel_module
 from virtq._sys import vfio as _vfio
 from virtq.devices.rng import RngDevice
+from virtq.errors import ArgumentError
 from virtq.iova import BumpAllocator
 from virtq.memory import AnonymousRegion, IovaRangeError
+from virtq.transport import DmaArena
 from virtq.transport.vfio_pci import (
     DeviceBoundError,
     FeaturesRefusedError,
@@ -23,6 +25,7 @@ from virtq.transport.vfio_pci import (
     VfioPciTransport,
     VfioPermissionError,
 )
+from virtq.types import Iova
 
 NR_FINIT_MODULE = 313  # x86-64
 
@@ -133,3 +136,21 @@ def test_second_open_of_the_same_group_is_busy(rng_address):
             VfioPciTransport.open(rng_address, poll=True)
         assert info.value.errno == errno.EBUSY
         assert "already open" in str(info.value)
+
+
+
+def test_free_dma_refuses_an_arena_it_did_not_allocate(rng_address):
+    """free_dma() of an arena it did not allocate, of its own arena twice, or of the arena a
+    queue lives in: an ArgumentError each time, never a raw ValueError."""
+    with RngDevice.open_vfio(rng_address, poll=True) as rng:
+        t = rng.transport
+        extra = t.alloc_dma(4096)
+        t.free_dma(extra)
+        with pytest.raises(ArgumentError, match="not allocated"):
+            t.free_dma(extra)  # twice
+        with AnonymousRegion(4096) as region, \
+                pytest.raises(ArgumentError, match="not allocated"):
+            t.free_dma(DmaArena(region, Iova(0x1000)))  # someone else's
+        with pytest.raises(ArgumentError, match="queue"):
+            t.free_dma(rng.arena)  # the request queue lives in it
+        assert len(rng.read(16)) == 16  # the device is still fine

@@ -465,8 +465,10 @@ class VfioPciTransport:
 
     def free_dma(self, arena: DmaArena) -> None:
         """Unmap and release one arena before :meth:`close` (no queue may use it).  Raises
-        :class:`~virtq.errors.ArgumentError` while an attached queue lives in it (and
-        ``ValueError`` for an arena this transport did not allocate)."""
+        :class:`~virtq.errors.ArgumentError` while an attached queue lives in it, or for an
+        arena this transport did not allocate (or freed already)."""
+        if not any(a is arena for a in self._res.arenas):
+            raise ArgumentError("arena", arena, "not allocated by this transport (or freed)")
         if any(a.arena is arena for a in self._res.queues.values()):
             raise ArgumentError("arena", arena, "a queue attached to the device lives in it")
         self._res.arenas.remove(arena)
