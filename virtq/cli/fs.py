@@ -127,7 +127,9 @@ def _fill(root: Path) -> None:
 def demo_fs(args: argparse.Namespace) -> int:
     """virtio-fs end to end: QEMU's virtiofsd shares a temporary directory; virtq negotiates
     FUSE, walks the tree, reads and writes files, shows an error and what the daemon
-    counted."""
+    counted.  Returns 0, or 1 when virtiofsd does not exit cleanly after the session.
+    Raises ``SystemExit`` with a one-line message when this process is not root or
+    virtiofsd cannot start, and what the device raises on the way."""
     from virtq.abi.fs import FuseOpcode  # noqa: PLC0415 - CLI only
     from virtq.testing.runners import BackendError, Virtiofsd  # noqa: PLC0415
 

@@ -1203,7 +1203,11 @@ class FsDevice:
         """Start a FUSE_WRITE of ``data`` at ``offset``: bytes-like data (at most
         :attr:`max_write` bytes) is copied into a pool buffer, a :class:`DmaBuffer` or a
         list of them goes to the daemon without a copy.  The result is the number of bytes
-        the daemon wrote."""
+        the daemon wrote.  Raises :class:`ArgumentError` (a bad ``offset``, more than
+        :attr:`max_write` bytes, data that is not bytes-like; more than
+        :attr:`max_segments` DmaBuffers, or ones not from this device or quarantined by a
+        broken queue), :class:`~virtq.errors.QueueFullError`,
+        :class:`~virtq.errors.QueueStateError`."""
         _check_int("offset", offset, 0, (1 << 63) - 1)
         if isinstance(data, DmaBuffer) or (isinstance(data, list | tuple) and data
                                            and isinstance(data[0], DmaBuffer)):
@@ -1245,8 +1249,12 @@ class FsDevice:
     def fuse_readdir(self, nodeid: int, fh: int, offset: int = 0, *, plus: bool = False,
                      size: int | None = None, path: str | None = None) -> list[FsDirEntry]:
         """One FUSE_READDIR (``plus``: FUSE_READDIRPLUS, only when negotiated) from the
-        cookie ``offset``; an empty list at the end.  Each READDIRPLUS ``entry`` is one
-        lookup for this client to give back with :meth:`forget`."""
+        cookie ``offset``, of at most ``size`` bytes (default: 64 KiB or :attr:`max_read`,
+        the smaller); an empty list at the end.  Each READDIRPLUS ``entry`` is one lookup
+        for this client to give back with :meth:`forget`.  Raises
+        :class:`~virtq.errors.QueueStateError` for ``plus`` when the daemon did not
+        negotiate FUSE_DO_READDIRPLUS (:attr:`readdirplus`), :class:`ArgumentError` for a
+        ``size`` outside 1..max_read, and the request's errors."""
         if plus and not self.readdirplus:
             raise QueueStateError("the daemon did not negotiate FUSE_DO_READDIRPLUS")
         size = min(self.max_read, _READDIR_SIZE) if size is None else size
@@ -1284,7 +1292,12 @@ class FsDevice:
 
     def fuse_symlink(self, parent: int, name: str | bytes, target: str | bytes, *,
                      path: str | None = None) -> FsEntry:
-        """FUSE_SYMLINK ``name`` -> ``target`` (stored as given).  One lookup counted."""
+        """FUSE_SYMLINK ``name`` -> ``target`` (stored as given): the new node, with one
+        lookup counted.  Raises ``FileNotFoundError`` for an empty ``target`` and an
+        :class:`~virtq.devices.errors.FsOSError` with ENAMETOOLONG for one of PATH_MAX
+        bytes or more (as symlink(2) does, without asking the daemon),
+        :class:`ArgumentError` for a ``name`` that is not one path component or a
+        ``target`` with NUL, and the request's errors."""
         raw = _name_bytes(name)
         tgt = _path_bytes(target)
         if not tgt:
@@ -1484,12 +1497,20 @@ class FsDevice:
         return True
 
     def is_dir(self, path: Any) -> bool:
+        """Whether ``path`` names a directory (following symlinks), as
+        :meth:`pathlib.Path.is_dir`: False when it does not exist or a component is not a
+        directory; other errors of :meth:`stat` (``PermissionError``, the device's) are
+        raised."""
         try:
             return stat.S_ISDIR(self.stat(path).st_mode)
         except (FileNotFoundError, NotADirectoryError):
             return False
 
     def is_file(self, path: Any) -> bool:
+        """Whether ``path`` names a regular file (following symlinks), as
+        :meth:`pathlib.Path.is_file`: False when it does not exist or a component is not a
+        directory; other errors of :meth:`stat` (``PermissionError``, the device's) are
+        raised."""
         try:
             return stat.S_ISREG(self.stat(path).st_mode)
         except (FileNotFoundError, NotADirectoryError):
@@ -1536,7 +1557,10 @@ class FsDevice:
         """The entries of a directory, ``.`` and ``..`` left out, with their type
         (``is_dir``, ``is_symlink``) and inode number; READDIRPLUS entries also carry
         their attributes (``entry.attr``).  Their lookups are given back: an
-        ``entry.nodeid`` is not held for you (:meth:`fuse_lookup` one to use it)."""
+        ``entry.nodeid`` is not held for you (:meth:`fuse_lookup` one to use it).  Raises
+        ``NotADirectoryError`` when ``path`` is not a directory, ``FileNotFoundError`` and
+        the other :class:`~virtq.devices.errors.FsOSError` errors for one that cannot be
+        resolved, and the device's errors."""
         held = self._held()
         try:
             nodeid, attr, shown = self._resolve(path, held)
@@ -1550,7 +1574,9 @@ class FsDevice:
 
     def listdir(self, path: Any = ".") -> list[str]:
         """The names in a directory, as :func:`os.listdir` (daemon order, without ``.``
-        and ``..``)."""
+        and ``..``).  Raises ``NotADirectoryError`` when ``path`` is not a directory,
+        ``FileNotFoundError`` and the other :class:`~virtq.devices.errors.FsOSError` errors
+        for one that cannot be resolved, and the device's errors."""
         held = self._held()
         try:
             nodeid, attr, shown = self._resolve(path, held)
@@ -1567,10 +1593,17 @@ class FsDevice:
         """:func:`os.walk` through the daemon: ``(dirpath, dirnames, filenames)`` for
         every directory under ``top``; a symlink to a directory is in ``dirnames`` but
         only walked into with ``followlinks``.  With ``topdown`` the caller may prune
-        ``dirnames`` in place.  Errors listing a directory go to ``onerror`` (default:
-        ignored), as with os.walk.  Directories are walked by node id (READDIRPLUS gives
+        ``dirnames`` in place.  Directories are walked by node id (READDIRPLUS gives
         them with the listing; else one LOOKUP each), holding the lookups of the
-        directories above until their subtree is done."""
+        directories above until their subtree is done.
+
+        As with os.walk, an ``OSError`` resolving ``top`` (``NotADirectoryError`` when it
+        is not a directory, ``FileNotFoundError``, ...) or listing a directory is not
+        raised but passed to ``onerror`` (default: ignored; it may raise it); so is a
+        :class:`~virtq.errors.VirtqTimeoutError`, which is a ``TimeoutError``.  The
+        device's errors that are not an ``OSError``
+        (:class:`~virtq.errors.DeviceProtocolError`, :class:`~virtq.errors.QueueBrokenError`,
+        :class:`~virtq.errors.QueueStateError`, ...) are raised."""
         held = self._held()
         try:
             try:
@@ -1700,7 +1733,10 @@ class FsDevice:
 
     def write_bytes(self, path: Any, data: Any) -> int:
         """Create or truncate the file and write bytes-like ``data``: WRITEs of
-        :attr:`max_write` bytes, all in flight together.  Returns the bytes written."""
+        :attr:`max_write` bytes, all in flight together.  Returns the bytes written.
+        Raises an :class:`~virtq.devices.errors.FsOSError` with EIO when the daemon writes
+        nothing (it would never finish), :class:`ArgumentError` for ``data`` that is not
+        bytes-like, and the errors of :meth:`open` and of the WRITEs."""
         view = byte_view(data)
         with self.open(path, "wb") as f:
             done = 0
@@ -1783,7 +1819,10 @@ class FsDevice:
             self._done(held)
 
     def readlink(self, path: Any) -> str:
-        """The target of the symlink ``path``."""
+        """The target of the symlink ``path`` (a final symlink is not followed).  Raises
+        an :class:`~virtq.devices.errors.FsOSError` with EINVAL when ``path`` is not a
+        symlink (as :func:`os.readlink`), the errors resolving ``path`` and of the
+        request."""
         held = self._held()
         try:
             nodeid, attr, shown = self._resolve(path, held, follow=False)
@@ -1825,7 +1864,9 @@ class FsDevice:
     def utime(self, path: Any, times: tuple[float, float] | None = None, *,
               ns: tuple[int, int] | None = None) -> None:
         """Set access and modification times, as :func:`os.utime` (seconds in ``times``
-        or nanoseconds in ``ns``; neither: now)."""
+        or nanoseconds in ``ns``; neither: now) with SETATTR.  Raises
+        :class:`ArgumentError` when both are given or a time is negative or out of range,
+        and the errors resolving ``path`` and of the request."""
         if times is not None and ns is not None:
             raise ArgumentError("times", times, "not both times and ns")
         if ns is None:
@@ -1895,6 +1936,7 @@ class FsDevice:
 
     @property
     def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
         return self._closed
 
     def __enter__(self) -> Self:

@@ -63,12 +63,16 @@ class FsFile(io.RawIOBase):
             raise fs_error(errno.EBADF, path=self.name)
 
     def readable(self) -> bool:
+        """Whether the file was opened for reading (``r`` or ``+``)."""
         return self.flags & os.O_ACCMODE in (os.O_RDONLY, os.O_RDWR)
 
     def writable(self) -> bool:
+        """Whether the file was opened for writing (``w``, ``a``, ``x`` or ``+``)."""
         return self.flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
 
     def seekable(self) -> bool:
+        """Whether the daemon lets the position move: False when it opened the file with
+        FOPEN_NONSEEKABLE."""
         return not self.open_flags & FOPEN_NONSEEKABLE
 
     def _size(self) -> int:
@@ -78,7 +82,11 @@ class FsFile(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         """Read up to ``len(buffer)`` bytes at the position into ``buffer`` (READs of
-        ``max_read``, all in flight); 0 at the end of the file."""
+        ``max_read``, all in flight); returns the bytes read, 0 at the end of the file.
+        Raises :class:`~virtq.errors.ArgumentError` for a ``buffer`` that is not a
+        writable bytes-like object (or a closed file), an
+        :class:`~virtq.devices.errors.FsOSError` with EBADF for a file not open for
+        reading, and the READs' errors."""
         self._check("r")
         view = byte_view(buffer, "buffer")
         if view.readonly:
@@ -148,7 +156,10 @@ class FsFile(io.RawIOBase):
 
     def truncate(self, size: int | None = None) -> int:
         """Cut or extend the file to ``size`` (default: the position) with SETATTR on the
-        open file; the position does not move."""
+        open file; the position does not move.  Returns the new size.  Raises
+        :class:`~virtq.errors.ArgumentError` for a ``size`` that is not an int >= 0 (or a
+        closed file), an :class:`~virtq.devices.errors.FsOSError` with EBADF for a file not
+        open for writing, and the request's errors."""
         self._check("w")
         size = self._pos if size is None else size
         if not isinstance(size, int) or size < 0:
@@ -165,6 +176,12 @@ class FsFile(io.RawIOBase):
     # -- position -------------------------------------------------------------------------
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        """Move the position to ``offset`` from the start (``os.SEEK_SET``), the position
+        (``os.SEEK_CUR``) or the end of the file (``os.SEEK_END``, which asks the daemon
+        for the size: GETATTR); returns the new position.  Raises
+        :class:`~virtq.errors.ArgumentError` for an ``offset`` that is not an int, another
+        ``whence``, a position that would be negative, or a closed file; and GETATTR's
+        errors."""
         self._check()
         if not isinstance(offset, int):
             raise ArgumentError("offset", offset, "must be an int")
@@ -183,6 +200,9 @@ class FsFile(io.RawIOBase):
         return pos
 
     def tell(self) -> int:
+        """The position.  Raises :class:`~virtq.errors.ArgumentError` for a closed file and
+        an :class:`~virtq.devices.errors.FsOSError` with ESTALE after the device
+        reconnected."""
         self._check()
         return self._pos
 

@@ -59,14 +59,17 @@ class FsAttr:
 
     @property
     def is_dir(self) -> bool:
+        """The node is a directory."""
         return stat.S_ISDIR(self.mode)
 
     @property
     def is_file(self) -> bool:
+        """The node is a regular file."""
         return stat.S_ISREG(self.mode)
 
     @property
     def is_symlink(self) -> bool:
+        """The node is a symlink."""
         return stat.S_ISLNK(self.mode)
 
     def to_stat_result(self) -> os.stat_result:
@@ -111,6 +114,7 @@ class FsDirEntry:
 
     @property
     def is_symlink(self) -> bool:
+        """The entry is a symlink (DT_LNK)."""
         return self.type == DT_LNK
 
 
@@ -146,7 +150,10 @@ def _check_attr_fields(mode: int, size: int, what: str) -> None:
 
 
 def parse_attr(buf: bytes | memoryview, offset: int, what: str) -> FsAttr:
-    """``struct fuse_attr`` at ``offset`` of ``buf`` (the caller checked the length)."""
+    """``struct fuse_attr`` at ``offset`` of ``buf`` (the caller checked the length), as
+    an :class:`FsAttr` (``what`` names it in errors).  Raises
+    :class:`~virtq.errors.DeviceProtocolError` for a mode that is no valid file type, a
+    size above 2**63-1, or a nanoseconds field of 10**9 or more."""
     (ino, size, blocks, atime, mtime, ctime, atimensec, mtimensec, ctimensec, mode, nlink,
      uid, gid, rdev, blksize, _flags) = FUSE_ATTR.unpack_from(buf, offset)
     _check_attr_fields(mode, size, what)
@@ -171,7 +178,9 @@ def parse_entry(buf: bytes | memoryview, offset: int, what: str, *,
     ``nodeid`` of 0 is a negative entry: None (the name does not exist; nothing to
     forget).  For MKDIR/SYMLINK/LINK/CREATE ``created`` is the file type that was asked
     for: the node must be new (not 0, not the root) and of that type, as the kernel's
-    create_new_entry() insists."""
+    create_new_entry() insists.  Returns the :class:`FsEntry` (the caller checked the
+    length).  Raises :class:`~virtq.errors.DeviceProtocolError` for a created node that
+    is 0, the root or of another type, and for invalid attributes (:func:`parse_attr`)."""
     nodeid, generation = FUSE_ENTRY_OUT.unpack_from(buf, offset)[:2]
     if created is None and nodeid == 0:
         return None
@@ -219,7 +228,12 @@ def parse_dirents(buf: bytes | memoryview, *, plus: bool,
 
     Every nodeid the reply made the daemon count is appended to ``looked_up`` as it is
     read -- also those of the records before (and of) a record that fails, so that the
-    caller can forget them however the parse ends."""
+    caller can forget them however the parse ends.
+
+    Returns the entries in reply order.  Raises :class:`~virtq.errors.DeviceProtocolError`
+    for a truncated record, a ``namelen`` outside 1..FUSE_NAME_MAX, a ``type`` above 15, a
+    name with '/' or NUL, a READDIRPLUS entry naming the root, and an invalid entry
+    (:func:`parse_entry`)."""
     out: list[FsDirEntry] = []
     if looked_up is None:
         looked_up = []

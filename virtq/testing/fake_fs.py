@@ -164,12 +164,15 @@ class FakeFsDaemon:
         return FsDevice(self.transport, **options)
 
     def start(self) -> None:
+        """Start the serving thread (once; :meth:`connect` calls it)."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._serve, name="fake-virtiofsd",
                                             daemon=True)
             self._thread.start()
 
     def stop(self) -> None:
+        """Stop the serving thread and wait for it (up to 10 s); closing the transport
+        (and so the device) calls it.  It is for good: the daemon does not serve again."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
@@ -241,12 +244,18 @@ class FakeFsDaemon:
             raise OSError(errno.ESTALE, "no such node") from None
 
     def attr(self, nodeid: int) -> bytes:
+        """The packed ``struct fuse_attr`` this daemon reports for ``nodeid`` (a tamper
+        function can build replies with it).  Raises :class:`OSError` (ESTALE) for a node
+        it does not have: the error reply it sends for one."""
         node = self._node(nodeid)
         size = len(node.data) if stat.S_ISREG(node.mode) else len(node.target)
         return FUSE_ATTR.pack(nodeid, size, (size + 511) // 512, 1, 2, 3, 0, 0, 0, node.mode,
                               1, 0, 0, 0, 4096, 0)
 
     def entry(self, nodeid: int) -> bytes:
+        """The packed ``struct fuse_entry_out`` for ``nodeid``, counting one lookup of it
+        in :attr:`lookups` (as the reply that carries it does).  Raises :class:`OSError`
+        (ESTALE) for a node it does not have."""
         self.lookups[nodeid] += 1
         return FUSE_ENTRY_OUT.pack(nodeid, 0, 0, 0, 0, 0, *FUSE_ATTR.unpack(self.attr(nodeid)))
 

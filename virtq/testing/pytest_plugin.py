@@ -102,6 +102,7 @@ def virtq_testpmd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestPmd]
 
 @pytest.fixture
 def virtq_fs_dir(tmp_path: Path) -> Path:
+    """An empty directory under ``tmp_path`` to share with :func:`virtq_virtiofsd`."""
     share = tmp_path / "virtq-share"
     share.mkdir()
     return share
@@ -109,6 +110,10 @@ def virtq_fs_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def virtq_virtiofsd(virtq_fs_dir: Path) -> Iterator[Virtiofsd]:
+    """A started :class:`~virtq.testing.runners.Virtiofsd` sharing ``virtq_fs_dir`` with
+    ``-o cache=none``, stopped afterwards (``.connect()`` starts a new daemon for each
+    session).  Raises :class:`~virtq.testing.runners.BackendError` when it cannot start
+    (not root, ``qemu-system-common`` missing)."""
     # A Unix socket path holds at most 107 bytes; pytest's tmp_path can be longer.
     sockdir = tempfile.mkdtemp(prefix="virtq-fs-")
     try:

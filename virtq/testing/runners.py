@@ -425,6 +425,9 @@ class Virtiofsd:
         self.logs: list[str] = []
 
     def command(self) -> list[str]:
+        """The daemon's command line (``--socket-path``, ``-o source=``, ``sandbox=``,
+        ``cache=``, the ``extra`` arguments, ``-d`` with ``debug``).  Raises
+        :class:`BackendError` when :data:`VIRTIOFSD` is not installed."""
         if not os.path.exists(VIRTIOFSD):
             raise BackendError(f"{VIRTIOFSD} not found; install the Debian package "
                                "qemu-system-common (scripts/install-system-deps.sh does)")
@@ -436,11 +439,14 @@ class Virtiofsd:
 
     @property
     def running(self) -> bool:
+        """Whether a daemon process was started and has not exited."""
         return self.proc is not None and self.proc.poll() is None
 
     def start(self) -> Self:
         """Start a daemon (the previous one must have exited: :meth:`stop` or a client
-        that disconnected) and wait until it listens."""
+        that disconnected) and return once it listens.  Raises :class:`BackendError` when
+        this process is not root, a daemon still runs, the binary is missing, the daemon
+        exits (with its log in the message) or is not ready within ``timeout`` seconds."""
         if os.geteuid() != 0:
             raise BackendError("virtiofsd must run as root (it changes credentials and "
                                "chroots into the shared directory)")
@@ -488,6 +494,7 @@ class Virtiofsd:
 
     @property
     def pid(self) -> int | None:
+        """The current daemon's pid (None before :meth:`start` and once it was reaped)."""
         return None if self.proc is None else self.proc.pid
 
     def log(self) -> str:
@@ -519,6 +526,8 @@ class Virtiofsd:
             self._reap()
 
     def stop(self) -> None:
+        """SIGTERM the daemon (SIGKILL after 5 s), keep its log in :attr:`logs`, and
+        remove its socket and log file (idempotent)."""
         if self.proc is not None:
             stop_process(self.proc, 5)
             self._reap()
