@@ -12,26 +12,30 @@ from __future__ import annotations
 import errno
 import stat
 import struct
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from virtq.abi.fs import (
+    FOPEN_NONSEEKABLE,
     FUSE_ATTR,
     FUSE_DIRENT,
     FUSE_ENTRY_OUT,
+    FUSE_OPEN_OUT,
     FUSE_OUT_HEADER,
     FUSE_ROOT_ID,
     FuseOpcode,
 )
-from virtq.devices import FsOSError
+from virtq.devices import FsOSError, fswire
 from virtq.errors import (
     ArgumentError,
     DeviceError,
     DeviceProtocolError,
     QueueBrokenError,
     QueueStateError,
+    VirtqTimeoutError,
 )
 from virtq.queue import QueueState
 from virtq.testing.fake_fs import FakeFsDaemon
@@ -366,3 +370,68 @@ def test_ring_formats(packed, in_order, indirect, no_leaks):
     assert not daemon.errors
     assert not +daemon.lookups and all(v >= 0 for v in daemon.lookups.values())
     assert {qi for qi, _ in daemon.requests} == {0, 1, 2}
+
+
+def test_wire_parsers_refuse_short_buffers_with_protocol_errors() -> None:
+    """The public fswire parsers never leak struct.error (whatever the caller checked)."""
+    for call in (lambda: fswire.parse_attr(b"\0" * 10, 0, "attr"),
+                 lambda: fswire.parse_attr(b"\0" * 200, 150, "attr"),
+                 lambda: fswire.parse_entry(b"\0" * 64, 0, "entry"),
+                 lambda: fswire.entry_nodeid(b"\0" * 3),
+                 lambda: fswire.parse_init(b"\0" * 8),
+                 lambda: fswire.parse_statfs(b"")):
+        with pytest.raises(DeviceProtocolError, match="length"):
+            call()
+
+
+def test_utime_and_seek_refuse_bad_arguments_in_the_error_tree(no_leaks):
+    daemon = FakeFsDaemon()
+    with daemon.connect(timeout=10) as fs:
+        for times in [(float("nan"), 0), (float("inf"), 0), (1.0,), (1, 2, 3), "12",
+                      (True, 1), (1, None)]:
+            with pytest.raises(ArgumentError):
+                fs.utime("file", times)  # type: ignore[arg-type]
+        for ns in [(1,), (1.5, 2), (1, "2"), 5]:
+            with pytest.raises(ArgumentError):
+                fs.utime("file", ns=ns)  # type: ignore[arg-type]
+        with fs.open("file", "rb") as f:
+            for offset, whence in [(-1, 0), (1 << 63, 0), (1.5, 0), (True, 0), (0, 7)]:
+                with pytest.raises(ArgumentError):
+                    f.seek(offset, whence)  # type: ignore[arg-type]
+            assert f.read() == b"hello world"
+
+        def nonseekable(reply):
+            fh, _flags, pad = FUSE_OPEN_OUT.unpack_from(reply, OUT)
+            FUSE_OPEN_OUT.pack_into(reply, OUT, fh, FOPEN_NONSEEKABLE, pad)
+            return bytes(reply), len(reply)
+
+        daemon.tamper = on(OP.OPEN, nonseekable)
+        with fs.open("file", "rb") as f:
+            assert not f.seekable()
+            with pytest.raises(FsOSError) as info:
+                f.seek(3)
+            assert info.value.errno == errno.ESPIPE  # as lseek() on a pipe
+            assert f.read() == b"hello world"
+        daemon.tamper = None
+
+
+def test_walk_raises_a_daemon_that_stops_answering(no_leaks):
+    """os.walk's onerror is for errors the file system answered; a daemon that does not
+    answer in time must not make directories silently disappear from the walk."""
+    daemon = FakeFsDaemon()
+    with daemon.connect(timeout=0.5) as fs:
+        real = daemon._handle
+
+        def slow(op, nodeid, args):
+            if op in (OP.READDIR, OP.READDIRPLUS):
+                time.sleep(1.5)
+            return real(op, nodeid, args)
+
+        daemon._handle = slow  # type: ignore[method-assign]
+        errors: list[OSError] = []
+        with pytest.raises(VirtqTimeoutError):
+            list(fs.walk(".", onerror=errors.append))
+        assert errors == []
+        daemon._handle = real  # type: ignore[method-assign]
+        time.sleep(1.5)  # let the slow answer arrive before closing
+    assert not daemon.errors

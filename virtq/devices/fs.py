@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import math
 import os
 import posixpath
 import stat
@@ -1597,20 +1598,21 @@ class FsDevice:
         them with the listing; else one LOOKUP each), holding the lookups of the
         directories above until their subtree is done.
 
-        As with os.walk, an ``OSError`` resolving ``top`` (``NotADirectoryError`` when it
-        is not a directory, ``FileNotFoundError``, ...) or listing a directory is not
-        raised but passed to ``onerror`` (default: ignored; it may raise it); so is a
-        :class:`~virtq.errors.VirtqTimeoutError`, which is a ``TimeoutError``.  The
-        device's errors that are not an ``OSError``
-        (:class:`~virtq.errors.DeviceProtocolError`, :class:`~virtq.errors.QueueBrokenError`,
-        :class:`~virtq.errors.QueueStateError`, ...) are raised."""
+        As with os.walk, an error the file system answered resolving ``top``
+        (``NotADirectoryError`` when it is not a directory, ``FileNotFoundError``, ...: an
+        :class:`~virtq.devices.errors.FsOSError`) or listing a directory is not raised but
+        passed to ``onerror`` (default: ignored; it may raise it).  Everything else is
+        raised: a daemon that stops answering (:class:`~virtq.errors.VirtqTimeoutError`,
+        although it is a ``TimeoutError``, must not make directories silently vanish from
+        the walk), the transport's errors, :class:`~virtq.errors.DeviceProtocolError`,
+        :class:`~virtq.errors.QueueBrokenError`, :class:`~virtq.errors.QueueStateError`."""
         held = self._held()
         try:
             try:
                 nodeid, attr, shown = self._resolve(top, held)
                 if not attr.is_dir:
                     raise fs_error(errno.ENOTDIR, path=shown)
-            except OSError as err:
+            except FsOSError as err:
                 if onerror is not None:
                     onerror(err)
                 return
@@ -1624,7 +1626,7 @@ class FsDevice:
                   ) -> Iterator[tuple[str, list[str], list[str]]]:
         try:
             entries = self._read_dir(nodeid, self.readdirplus, dirpath)
-        except OSError as err:
+        except FsOSError as err:
             if onerror is not None:
                 onerror(err)
             return
@@ -1643,7 +1645,7 @@ class FsDevice:
                     try:
                         is_dir = stat.S_ISDIR(self.stat(posixpath.join(dirpath, e.name)
                                                         ).st_mode)
-                    except OSError:
+                    except FsOSError:
                         is_dir = False
                 (dirs if is_dir else files).append(e.name)
             if topdown:
@@ -1662,7 +1664,7 @@ class FsDevice:
                         child, attr, _ = self._resolve(sub, held)
                     if not attr.is_dir:
                         continue
-                except OSError as err:
+                except FsOSError as err:
                     if onerror is not None:
                         onerror(err)
                     continue
@@ -1874,7 +1876,15 @@ class FsDevice:
                 now = time.time_ns()
                 ns = (now, now)
             else:
+                if not (isinstance(times, tuple) and len(times) == 2 and all(
+                        isinstance(t, int | float) and not isinstance(t, bool)
+                        and math.isfinite(t) for t in times)):
+                    raise ArgumentError("times", times, "must be (atime, mtime): two finite "
+                                        "numbers of seconds")
                 ns = (int(times[0] * 1e9), int(times[1] * 1e9))
+        elif not (isinstance(ns, tuple) and len(ns) == 2 and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in ns)):
+            raise ArgumentError("ns", ns, "must be (atime_ns, mtime_ns): two ints")
         self._setattr_path(path, atime_ns=ns[0], mtime_ns=ns[1])
 
     def statvfs(self, path: Any = ".") -> os.statvfs_result:

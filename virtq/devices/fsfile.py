@@ -180,11 +180,15 @@ class FsFile(io.RawIOBase):
         (``os.SEEK_CUR``) or the end of the file (``os.SEEK_END``, which asks the daemon
         for the size: GETATTR); returns the new position.  Raises
         :class:`~virtq.errors.ArgumentError` for an ``offset`` that is not an int, another
-        ``whence``, a position that would be negative, or a closed file; and GETATTR's
-        errors."""
+        ``whence``, a position that would be negative or beyond a 64-bit file offset, or
+        a closed file; an :class:`~virtq.devices.errors.FsOSError` with ESPIPE when the
+        daemon opened the file non-seekable (FOPEN_NONSEEKABLE, like ``lseek`` on a pipe);
+        and GETATTR's errors."""
         self._check()
-        if not isinstance(offset, int):
+        if not isinstance(offset, int) or isinstance(offset, bool):
             raise ArgumentError("offset", offset, "must be an int")
+        if not self.seekable():
+            raise fs_error(errno.ESPIPE, path=self.name)
         if whence == os.SEEK_SET:
             pos = offset
         elif whence == os.SEEK_CUR:
@@ -193,8 +197,9 @@ class FsFile(io.RawIOBase):
             pos = self._size() + offset
         else:
             raise ArgumentError("whence", whence, "SEEK_SET, SEEK_CUR or SEEK_END")
-        if pos < 0:
-            raise ArgumentError("offset", offset, "the position would be negative")
+        if not 0 <= pos < 1 << 63:
+            raise ArgumentError("offset", offset, "the position would be negative or "
+                                "beyond a 64-bit file offset")
         self._size_hint = None
         self._pos = pos
         return pos

@@ -28,6 +28,14 @@ from virtq.abi.fs import (
 from virtq.errors import DeviceProtocolError
 
 _S64_MAX = (1 << 63) - 1
+
+
+def _need(buf: bytes | memoryview, offset: int, size: int, what: str) -> None:
+    """A reply that ends before the structure at ``offset`` is the daemon's error, not a
+    ``struct.error``."""
+    if not 0 <= offset <= len(buf) - size:
+        raise DeviceProtocolError(f"{what} length", len(buf) - offset,
+                                  f">= {size} bytes of the structure")
 #: The file types a fuse_attr.mode may name (the kernel's fuse_valid_type()).
 _VALID_TYPES = frozenset({stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR,
                           stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK})
@@ -152,8 +160,10 @@ def _check_attr_fields(mode: int, size: int, what: str) -> None:
 def parse_attr(buf: bytes | memoryview, offset: int, what: str) -> FsAttr:
     """``struct fuse_attr`` at ``offset`` of ``buf`` (the caller checked the length), as
     an :class:`FsAttr` (``what`` names it in errors).  Raises
-    :class:`~virtq.errors.DeviceProtocolError` for a mode that is no valid file type, a
-    size above 2**63-1, or a nanoseconds field of 10**9 or more."""
+    :class:`~virtq.errors.DeviceProtocolError` for a buffer too short for it, a mode that
+    is no valid file type, a size above 2**63-1, or a nanoseconds field of 10**9 or
+    more."""
+    _need(buf, offset, FUSE_ATTR.size, what)
     (ino, size, blocks, atime, mtime, ctime, atimensec, mtimensec, ctimensec, mode, nlink,
      uid, gid, rdev, blksize, _flags) = FUSE_ATTR.unpack_from(buf, offset)
     _check_attr_fields(mode, size, what)
@@ -167,7 +177,9 @@ def parse_attr(buf: bytes | memoryview, offset: int, what: str) -> FsAttr:
 
 def entry_nodeid(buf: bytes | memoryview, offset: int = 0) -> int:
     """The ``nodeid`` of a ``fuse_entry_out`` whose rest may be invalid: a reply that
-    failed validation still made the daemon count a lookup, which must be forgotten."""
+    failed validation still made the daemon count a lookup, which must be forgotten.
+    Raises :class:`~virtq.errors.DeviceProtocolError` for a buffer too short for it."""
+    _need(buf, offset, FUSE_ENTRY_OUT.size, "entry")
     nodeid: int = FUSE_ENTRY_OUT.unpack_from(buf, offset)[0]
     return nodeid
 
@@ -179,8 +191,10 @@ def parse_entry(buf: bytes | memoryview, offset: int, what: str, *,
     forget).  For MKDIR/SYMLINK/LINK/CREATE ``created`` is the file type that was asked
     for: the node must be new (not 0, not the root) and of that type, as the kernel's
     create_new_entry() insists.  Returns the :class:`FsEntry` (the caller checked the
-    length).  Raises :class:`~virtq.errors.DeviceProtocolError` for a created node that
-    is 0, the root or of another type, and for invalid attributes (:func:`parse_attr`)."""
+    length).  Raises :class:`~virtq.errors.DeviceProtocolError` for a buffer too short
+    for it, a created node that is 0, the root or of another type, and for invalid
+    attributes (:func:`parse_attr`)."""
+    _need(buf, offset, FUSE_ENTRY_OUT.size, what)
     nodeid, generation = FUSE_ENTRY_OUT.unpack_from(buf, offset)[:2]
     if created is None and nodeid == 0:
         return None
@@ -195,7 +209,9 @@ def parse_entry(buf: bytes | memoryview, offset: int, what: str, *,
 
 
 def parse_init(buf: bytes | memoryview) -> tuple[int, int, int, int, int, int, int, int, int]:
-    """``struct fuse_init_out``'s fields (the caller checked the length)."""
+    """``struct fuse_init_out``'s fields.  Raises
+    :class:`~virtq.errors.DeviceProtocolError` for a buffer too short for it."""
+    _need(buf, 0, FUSE_INIT_OUT.size, "init_out")
     (major, minor, max_readahead, flags, max_background, congestion, max_write, time_gran,
      max_pages, _map_alignment) = FUSE_INIT_OUT.unpack_from(buf, 0)
     return (major, minor, max_readahead, flags, max_background, congestion, max_write,
@@ -203,7 +219,9 @@ def parse_init(buf: bytes | memoryview) -> tuple[int, int, int, int, int, int, i
 
 
 def parse_statfs(buf: bytes | memoryview) -> os.statvfs_result:
-    """``struct fuse_statfs_out`` as :func:`os.statvfs` returns it."""
+    """``struct fuse_statfs_out`` as :func:`os.statvfs` returns it.  Raises
+    :class:`~virtq.errors.DeviceProtocolError` for a buffer too short for it."""
+    _need(buf, 0, FUSE_STATFS_OUT.size, "statfs_out")
     blocks, bfree, bavail, files, ffree, bsize, namelen, frsize, _pad = \
         FUSE_STATFS_OUT.unpack_from(buf, 0)
     return os.statvfs_result((bsize, frsize, blocks, bfree, bavail, files, ffree, ffree, 0,
