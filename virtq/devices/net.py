@@ -113,6 +113,9 @@ _CTRL_ACK = 64
 _CTRL_MAX_DATA = _CTRL_ACK - _CTRL_DATA
 
 _SlotQueue = SlotQueue | PackedSlotQueue
+#: num_buffers = 1 (le16, as the rings' native-order views read it) for every slot of the
+#: largest ring: what a run of one-buffer frames looks like.
+_ONE_EACH = (1).to_bytes(2, "little") * 32768
 
 
 class NetTimeoutError(VirtqTimeoutError):
@@ -161,6 +164,7 @@ class _Pair:
     __slots__ = (
         "index",
         "nbufs",
+        "runs",
         "rx_buffers",
         "rx_bytes",
         "rx_index",
@@ -184,6 +188,7 @@ class _Pair:
     rx_starts: list[int]
     tx_starts: list[int]
     nbufs: memoryview
+    runs: list[int]
     rx_waiter: Waiter
     tx_waiter: Waiter
 
@@ -506,6 +511,8 @@ class NetDevice:
             # strided view: nbufs[slot] (read only for buffers that start a frame).
             p.nbufs = mem[rx_off : rx_off + size * bs].cast("H")[NUM_BUFFERS_OFFSET // 2 ::
                                                                   bs // 2]
+            # Slots in ring order from any start, as one slice (to recognise a run).
+            p.runs = list(range(size)) * 2
             # The transmit header is always zero and the device never writes
             # device-readable buffers (§2.7.4), so each slot's header is written once, here.
             mem[tx_off : tx_off + size * tbs] = bytes(size * tbs)
@@ -921,15 +928,20 @@ class NetDevice:
 
     @staticmethod
     def _one_buffer_each(p: _Pair, slots: list[int]) -> bool:
-        """Whether every completed buffer holds a whole frame (num_buffers 1), looked at
-        with one C-level read when the slots are a run (the usual case)."""
+        """Whether every completed buffer holds a whole frame (num_buffers 1): for slots in
+        ring order (the usual case) one C-level read of the run's headers."""
         count = len(slots)
-        low = min(slots)
-        if max(slots) - low == count - 1:  # distinct slots: exactly low .. low + count - 1
-            run: list[int] = p.nbufs[low : low + count].tolist()
-            return run.count(1) == count
-        nbufs = p.nbufs
-        return all(nbufs[s] == 1 for s in slots)
+        first = slots[0]
+        if slots == p.runs[first : first + count]:
+            nbufs = p.nbufs
+            end = first + count
+            size = len(nbufs)
+            if end <= size:
+                return nbufs[first:end].tobytes() == _ONE_EACH[: 2 * count]
+            return (nbufs[first:].tobytes() == _ONE_EACH[: 2 * (size - first)]
+                    and nbufs[: end - size].tobytes() == _ONE_EACH[: 2 * (end - size)])
+        nb = p.nbufs
+        return all(nb[s] == 1 for s in slots)
 
     def _merge(self, p: _Pair, slots: list[int], lens: list[int]) -> list[bytes]:
         """Frames from used buffers of which some hold part of a frame (MRG_RXBUF,
