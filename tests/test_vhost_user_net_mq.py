@@ -29,6 +29,7 @@ from virtq.errors import ArgumentError
 from virtq.testing.pytest_plugin import TESTPMD_MQ_QUEUES
 from virtq.testing.testpmd import TestPmd
 from virtq.transport.vhost_user import VhostUserTransport
+from virtq.transport.vhost_user.protocol import ProtocolFeature
 
 from .test_vhost_user_net import RINGS, check_ring, frame
 
@@ -138,10 +139,17 @@ def test_queue_pairs_switch_with_set_vring_enable(virtq_testpmd_mq: TestPmd) -> 
         real(index, enable)
 
     transport.frontend.set_vring_enable = record  # type: ignore[method-assign]
+    # What net_vhost tells a front-end: PROTOCOL_F_MQ and GET_QUEUE_NUM, which is DPDK's
+    # VHOST_MAX_QUEUE_PAIRS (128) whatever queues= says; no CONFIG, so no
+    # max_virtqueue_pairs -- the front-end decides how many pairs, as QEMU's queues= does.
+    assert transport.protocol_features >> ProtocolFeature.MQ & 1
+    assert not transport.protocol_features >> ProtocolFeature.CONFIG & 1
+    assert transport.num_queues() == 128
     with looped(tp, transport, queue_pairs=PAIRS, queue_size=128) as dev:
         # start() enabled every ring (the first pair too: PROTOCOL_FEATURES negotiated,
         # vhost-user.rst "Ring states"); VQ_PAIRS_SET(4) then had nothing to change.
         assert sent == [(i, True) for i in range(2 * PAIRS)]
+        assert dev.max_queue_pairs == PAIRS  # what the front-end chose
         sent.clear()
         dev.set_queue_pairs(2)
         assert sent == [(4, False), (5, False), (6, False), (7, False)]
