@@ -229,12 +229,16 @@ class _ControlQueue:
         self.seq = 0
 
     def command(self, cls: int, cmd: int, data: bytes, timeout: float | None) -> None:
-        """Send one command and wait for its ack.  Raises :class:`NetControlError` for an
+        """Send one command and wait for its ack.  Raises :class:`ArgumentError` for data
+        longer than the command buffer holds, :class:`NetControlError` for an
         ack other than VIRTIO_NET_OK, :class:`~virtq.errors.DeviceProtocolError` for a used
         length other than the one ack byte (the controlq is then broken),
         :class:`~virtq.errors.VirtqTimeoutError` when no answer comes in time (the controlq
         is broken too: the device may still read the command buffer), and what the
         transport raises."""
+        if len(data) > _CTRL_MAX_DATA:
+            raise ArgumentError("data", f"<{len(data)} bytes>",
+                                f"a command's data is at most {_CTRL_MAX_DATA} bytes here")
         q = self.queue
         mem, buf, addr = self.mem, self.buf, self.addr
         mem[buf : buf + 2] = bytes((cls, cmd))
