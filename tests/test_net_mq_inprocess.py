@@ -3,7 +3,8 @@ the test plays step by step (LoopbackTransport, one DeviceQueue per queue): what
 sees on the controlq, what the driver does with its answers, and every way a device can get
 num_buffers wrong.  The same paths run against dpdk-testpmd in test_vhost_user_net_mq.py.
 
-The in-process peer is a split ring (DeviceQueue); packed rings are driven against testpmd.
+Every test runs over both ring formats (the loopback's device side is a DeviceQueue or a
+PackedDeviceQueue).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from virtq.abi import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1
+from virtq.abi import VIRTIO_F_EVENT_IDX, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1
 from virtq.abi.net import (
     NET_HDR_SIZE,
     VIRTIO_NET_CTRL_MQ,
@@ -37,7 +38,7 @@ from virtq.errors import (
     VirtqError,
     VirtqTimeoutError,
 )
-from virtq.testing import DeviceQueue
+from virtq.testing import DeviceQueue, PackedDeviceQueue
 from virtq.testing.loopback import LoopbackTransport
 from virtq.transport import DeviceRefusedError, TransportError
 
@@ -48,6 +49,10 @@ SIZE = 16
 BASE = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_EVENT_IDX | 1 << VIRTIO_NET_F_MAC
 MQ = 1 << VIRTIO_NET_F_MQ | 1 << VIRTIO_NET_F_CTRL_VQ
 MRG = 1 << VIRTIO_NET_F_MRG_RXBUF
+
+#: Every test runs over both ring formats.
+pytestmark = pytest.mark.parametrize("fmt", ["split", "packed"])
+Device = DeviceQueue | PackedDeviceQueue
 
 #: (ack byte, used.len) the controlq answers, or None: no answer at all.
 Answer = Callable[[int, int, bytes], tuple[int, int] | None]
@@ -68,8 +73,10 @@ class NetLoopback(LoopbackTransport):
     a device does when kicked, without a thread.  ``commands`` records (class, command,
     data, descriptor lengths) of each command in order."""
 
-    def __init__(self, *, max_pairs: int = 1, features: int = BASE,
+    def __init__(self, fmt: str, *, max_pairs: int = 1, features: int = BASE,
                  answer: Answer | None = None, raw_config: bytes | None = None) -> None:
+        if fmt == "packed":
+            features |= 1 << VIRTIO_F_RING_PACKED
         super().__init__(features=features, queue_sizes=[SIZE] * (2 * max_pairs + 1),
                          config=config(max_pairs) if raw_config is None else raw_config)
         self.ctrl = 2 * max_pairs
@@ -110,7 +117,7 @@ def leak_check() -> Iterator[None]:
     assert named_resource_counts() == before
 
 
-def take_tx(d: DeviceQueue) -> list[bytes]:
+def take_tx(d: Device) -> list[bytes]:
     """Every published transmit chain's frame (header stripped), completed."""
     out = []
     while (chain := d.pop()) is not None:
@@ -127,7 +134,7 @@ def header(num_buffers: int) -> bytes:
     return bytes(NET_HDR_SIZE - 2) + num_buffers.to_bytes(2, "little")
 
 
-def deliver(d: DeviceQueue, frames: list[bytes], *, order: list[int] | None = None,
+def deliver(d: Device, frames: list[bytes], *, order: list[int] | None = None,
             rng: random.Random | None = None) -> int:
     """Receive ``frames`` as a MRG_RXBUF device would: each into as many available buffers
     as it needs (header first, every buffer but the last filled), num_buffers set, each
@@ -171,8 +178,9 @@ def deliver(d: DeviceQueue, frames: list[bytes], *, order: list[int] | None = No
 # -- queue pairs and the controlq ---------------------------------------------------------
 
 
-def test_pairs_are_set_up_and_enabled_through_the_controlq(leak_check: None) -> None:
-    t = NetLoopback(max_pairs=4, features=BASE | MQ)
+def test_pairs_are_set_up_and_enabled_through_the_controlq(fmt: str,
+                                                           leak_check: None) -> None:
+    t = NetLoopback(fmt, max_pairs=4, features=BASE | MQ)
     with NetDevice(t, queue_size=SIZE, queue_pairs=3) as dev:
         assert dev.control == "controlq" and dev.max_queue_pairs == 4
         assert (dev.queue_pairs, dev.active_pairs) == (3, 3)
@@ -201,9 +209,9 @@ def test_pairs_are_set_up_and_enabled_through_the_controlq(leak_check: None) -> 
             dev.recv(timeout=0, pair=-1)
 
 
-def test_set_queue_pairs_at_run_time(leak_check: None) -> None:
+def test_set_queue_pairs_at_run_time(fmt: str, leak_check: None) -> None:
     answers = {3: VIRTIO_NET_ERR}
-    t = NetLoopback(max_pairs=4, features=BASE | MQ,
+    t = NetLoopback(fmt, max_pairs=4, features=BASE | MQ,
                     answer=lambda c, m, data: (answers.get(data[0], VIRTIO_NET_OK), 1))
     with NetDevice(t, queue_size=SIZE, queue_pairs=4) as dev:
         dev.set_queue_pairs(2)
@@ -236,10 +244,10 @@ def test_set_queue_pairs_at_run_time(leak_check: None) -> None:
     (lambda c, m, d: None, VirtqTimeoutError, "no answer"),
 ], ids=["err", "odd-ack", "used-len-0", "used-len-2", "silent"])
 def test_a_bad_controlq_answer_fails_construction(
-        answer: Answer, error: type[VirtqError], match: str, leak_check: None,
+        fmt: str, answer: Answer, error: type[VirtqError], match: str, leak_check: None,
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(net_module, "CONTROL_TIMEOUT", 0.05)
-    t = NetLoopback(max_pairs=2, features=BASE | MQ, answer=answer)
+    t = NetLoopback(fmt, max_pairs=2, features=BASE | MQ, answer=answer)
     with pytest.raises(error, match=match):
         NetDevice(t, queue_size=SIZE, queue_pairs=2)
     assert t.closed  # everything released (leak_check)
@@ -254,17 +262,17 @@ def test_a_bad_controlq_answer_fails_construction(
     (BASE | MQ, MAC, 2, DeviceRefusedError, "cannot read max_virtqueue_pairs"),
     (BASE | MQ, None, 0, ArgumentError, "queue_pairs"),
 ], ids=["no-mq", "no-ctrl-vq", "too-many", "max-0", "max-over", "no-config", "zero"])
-def test_what_the_device_lacks_is_refused(features: int, raw: bytes | None, pairs: int,
-                                         error: type[VirtqError], match: str,
+def test_what_the_device_lacks_is_refused(fmt: str, features: int, raw: bytes | None,
+                                         pairs: int, error: type[VirtqError], match: str,
                                          leak_check: None) -> None:
-    t = NetLoopback(max_pairs=2, features=features, raw_config=raw)
+    t = NetLoopback(fmt, max_pairs=2, features=features, raw_config=raw)
     with pytest.raises(error, match=match):
         NetDevice(t, queue_size=SIZE, queue_pairs=pairs)
     assert t.closed
 
 
-def test_one_pair_negotiates_neither_mq_nor_ctrl_vq(leak_check: None) -> None:
-    t = NetLoopback(max_pairs=2, features=BASE | MQ | MRG)
+def test_one_pair_negotiates_neither_mq_nor_ctrl_vq(fmt: str, leak_check: None) -> None:
+    t = NetLoopback(fmt, max_pairs=2, features=BASE | MQ | MRG)
     with NetDevice(t, queue_size=SIZE) as dev:
         assert not dev.features & MQ and dev.control is None and t.commands == []
         assert sorted(t.queues) == [0, 1]
@@ -276,16 +284,17 @@ def test_one_pair_negotiates_neither_mq_nor_ctrl_vq(leak_check: None) -> None:
 # -- MRG_RXBUF ----------------------------------------------------------------------------
 
 
-def mrg_device(buffer_size: int = 256, pairs: int = 1) -> tuple[NetDevice, NetLoopback]:
+def mrg_device(fmt: str, buffer_size: int = 256,
+               pairs: int = 1) -> tuple[NetDevice, NetLoopback]:
     features = BASE | MRG | (MQ if pairs > 1 else 0)
-    t = NetLoopback(max_pairs=max(pairs, 1), features=features)
+    t = NetLoopback(fmt, max_pairs=max(pairs, 1), features=features)
     dev = NetDevice(t, queue_size=SIZE, buffer_size=buffer_size, queue_pairs=pairs)
-    assert dev.mrg_rxbuf
+    assert dev.mrg_rxbuf and dev.ring == fmt
     return dev, t
 
 
-def test_frames_over_several_buffers_are_reassembled(leak_check: None) -> None:
-    dev, t = mrg_device(buffer_size=256)
+def test_frames_over_several_buffers_are_reassembled(fmt: str, leak_check: None) -> None:
+    dev, t = mrg_device(fmt, buffer_size=256)
     d = t.devices[0]
     with dev:
         assert dev.max_frame == 1514  # max(buffer_size - 12, 1514): transmit stays Ethernet
@@ -313,13 +322,14 @@ def test_frames_over_several_buffers_are_reassembled(leak_check: None) -> None:
 @given(sizes=st.lists(st.integers(14, 1514), min_size=1, max_size=12),
        buffer_size=st.sampled_from([12, 14, 64, 100, 256, 1526, 2048]),
        seed=st.integers(0, 2**32 - 1), rounds=st.integers(1, 3))
-def test_any_spread_of_frames_over_buffers_is_byte_exact(sizes: list[int], buffer_size: int,
-                                                         seed: int, rounds: int) -> None:
+def test_any_spread_of_frames_over_buffers_is_byte_exact(fmt: str, sizes: list[int],
+                                                         buffer_size: int, seed: int,
+                                                         rounds: int) -> None:
     """Frames spread over buffers however a device likes -- any buffer to any frame, frames
     completed in any order, across the ring's end -- come out byte-exact, each once."""
     rng = random.Random(seed)
     before = named_resource_counts()
-    dev, t = mrg_device(buffer_size=buffer_size)
+    dev, t = mrg_device(fmt, buffer_size=buffer_size)
     d = t.devices[0]
     with dev:
         serial = 0
@@ -355,7 +365,7 @@ BAD_FRAMES = {
 }
 
 
-def push_bad(d: DeviceQueue, kind: str, bs: int) -> None:
+def push_bad(d: Device, kind: str, bs: int) -> None:
     a, b = d.pop(), d.pop()
     assert a is not None and b is not None
     if kind == "no-header":
@@ -371,9 +381,9 @@ def push_bad(d: DeviceQueue, kind: str, bs: int) -> None:
 
 
 @pytest.mark.parametrize("kind", list(BAD_FRAMES))
-def test_bad_num_buffers_breaks_only_that_receiveq(kind: str, leak_check: None) -> None:
+def test_bad_num_buffers_breaks_only_that_receiveq(fmt: str, kind: str, leak_check: None) -> None:
     field, value = BAD_FRAMES[kind]
-    dev, t = mrg_device(buffer_size=128, pairs=2)  # 127: one byte short of a full buffer
+    dev, t = mrg_device(fmt, buffer_size=128, pairs=2)  # 127: one byte short of a full buffer
     with dev:
         good = [frame(1, 300), frame(2, 60)]
         deliver(t.devices[0], good)
@@ -396,10 +406,10 @@ def test_bad_num_buffers_breaks_only_that_receiveq(kind: str, leak_check: None) 
         assert take_tx(t.devices[1]) == [frame(4)]
 
 
-def test_without_mrg_rxbuf_num_buffers_is_not_looked_at(leak_check: None) -> None:
+def test_without_mrg_rxbuf_num_buffers_is_not_looked_at(fmt: str, leak_check: None) -> None:
     """DPDK leaves num_buffers as the buffer had it when MRG_RXBUF is off (it writes the
     field only for mergeable buffers): garbage there is not an error then."""
-    t = NetLoopback(features=BASE | MRG)
+    t = NetLoopback(fmt, features=BASE | MRG)
     with NetDevice(t, queue_size=SIZE, mrg_rxbuf=False) as dev:
         assert not dev.mrg_rxbuf and not dev.features & MRG and dev.buffer_size == 2048
         d = t.devices[0]
@@ -407,16 +417,17 @@ def test_without_mrg_rxbuf_num_buffers_is_not_looked_at(leak_check: None) -> Non
         d.write(segs[0].iova, header(0) + frame(1))
         d.push(head, NET_HDR_SIZE + 60)
         assert dev.recv(timeout=0) == frame(1)
-    t = NetLoopback(features=BASE)
+    t = NetLoopback(fmt, features=BASE)
     with pytest.raises(DeviceRefusedError, match="MRG_RXBUF"):
         NetDevice(t, queue_size=SIZE, mrg_rxbuf=True)
-    t = NetLoopback(features=BASE)
+    t = NetLoopback(fmt, features=BASE)
     with pytest.raises(ArgumentError, match="1526"):  # small buffers need MRG_RXBUF
         NetDevice(t, queue_size=SIZE, buffer_size=512)
 
 
-def test_frames_larger_than_a_receive_buffer_go_out_in_one_buffer(leak_check: None) -> None:
-    t = NetLoopback(features=BASE | MRG)
+def test_frames_larger_than_a_receive_buffer_go_out_in_one_buffer(
+        fmt: str, leak_check: None) -> None:
+    t = NetLoopback(fmt, features=BASE | MRG)
     with NetDevice(t, queue_size=SIZE, max_frame=9000) as dev:
         assert (dev.buffer_size, dev.max_frame) == (2048, 9000)
         big = [frame(i, n) for i, n in enumerate((9000, 2037, 14, 4096))]
