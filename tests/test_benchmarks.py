@@ -125,6 +125,20 @@ def test_bench_net(tmp_path):
     check_results(tmp_path / "net.json", "net", 6)
 
 
+def test_bench_net_pairs(tmp_path):
+    """``--pairs 1,2``: each count against a back-end serving as many, next to the C
+    virtio-user with as many; every row moved packets (a smoke run, no timing claims)."""
+    out = run("-m", "virtq", "bench", "net", "--seconds", "0.2", "--warmup", "0.1",
+              "--rounds", "1", "--mode", "notify", "--pairs", "1,2",
+              "--json", tmp_path / "net.json")
+    rows = table_rows(out, "| dir | front-end driver | packets | Mpps |")
+    assert [(r[0], r[1]) for r in rows] == [
+        (d, who + suffix) for suffix in ("", ", 2 pairs") for d in ("TX", "RX")
+        for who in ("DPDK virtio-user (C)", "virtq (notify)")]
+    assert all(int(r[2]) > 0 for r in rows)
+    check_results(tmp_path / "net.json", "net", 8)
+
+
 def test_bench_vfio(tmp_path):
     out = run("-m", "virtq", "bench", "vfio", "--iters", "5", "--out", tmp_path / "vm",
               timeout=330)

@@ -44,6 +44,8 @@ BAD = [
     ["bench", "net", "--batch", "512", "--queue-size", "256"],
     ["bench", "net", "--seconds", "-2"], ["bench", "net", "--warmup", "-1"],
     ["bench", "net", "--rounds", "0"], ["bench", "net", "--mode", "spin"],
+    ["bench", "net", "--pairs", "0"], ["bench", "net", "--pairs", "1,,2"],
+    ["bench", "net", "--pairs", "9"],
     ["bench", "vfio", "--iters", "0"], ["bench", "vfio", "--iters", "-3"],
     ["bench", "fs", "--size-mib", "0"], ["bench", "fs", "--size-mib", "x"],
     ["bench", "fs", "--request-sizes", "100"], ["bench", "fs", "--request-sizes", "4096,"],

@@ -1,11 +1,11 @@
 """The VFIO tests that need real devices: boot the vfio-guest VM and run tests/guest there.
 
-Three boots: the main one (intel-iommu, modern virtio-rng/blk with iommu_platform=on) runs
-every guest test but the others'; the second boots without an IOMMU (``iommu=off``) for the
-"no IOMMU group" error; the third gives the devices ``packed=on`` so they offer
-VIRTIO_F_RING_PACKED and QEMU's device side reads our packed rings.  A failure shows the
-guest's pytest output; the whole run folder (console.log, guest.log, disk.img) stays in
-pytest's tmp_path.
+Three boots: the main one (intel-iommu, modern virtio-rng/blk with iommu_platform=on, and the
+three virtio-net functions of net_devices()) runs every guest test but the others'; the
+second boots without an IOMMU (``iommu=off``) for the "no IOMMU group" error; the third
+gives the devices (the virtio-net ones too) ``packed=on`` so they offer VIRTIO_F_RING_PACKED
+and QEMU's device side reads our packed rings.  A failure shows the guest's pytest output;
+the whole run folder (console.log, guest.log, disk.img) stays in pytest's tmp_path.
 """
 
 from __future__ import annotations
@@ -35,15 +35,31 @@ def _system_deps() -> None:
         f"no vfio-guest harness at {HARNESS} (set VFIO_GUEST_HARNESS)")
 
 
+def net_devices(devopt: str = "") -> str:
+    """The virtio-net functions tests/guest/test_guest_net.py drives (QEMU's device model):
+    one with 2 queue pairs and a controlq over a multi-queue tap nobody reads, and two
+    joined by a QEMU hub; told apart by MAC.  ``devopt``: more properties for each."""
+    extra = f",{devopt}" if devopt else ""
+    return " ".join([
+        "-netdev tap,id=vqmq,queues=2,script=no,downscript=no,vhost=off",
+        "-device virtio-net-pci,netdev=vqmq,mq=on,vectors=6,mac=52:54:00:00:00:a1,"
+        f"disable-legacy=on,iommu_platform=on,romfile={extra}",
+        *(f"-netdev hubport,id=vq{n},hubid=7 -device virtio-net-pci,netdev=vq{n},"
+          f"mac=52:54:00:00:00:{m},disable-legacy=on,iommu_platform=on,romfile={extra}"
+          for n, m in (("a", "a2"), ("b", "a3"))),
+    ])
+
+
 def run_in_guest(out: Path, command: str, *, append: str | None = None,
-                 devopt: str | None = None) -> tuple[int, str]:
+                 devopt: str | None = None, qemu_extra: str = "") -> tuple[int, str]:
     args = [str(WRAPPER), "--out", str(out), "--timeout", "240"]
     if append:
         args += ["--append", append]
     if devopt:
         args += ["--devopt", devopt]
+    env = dict(os.environ, QEMU_EXTRA=qemu_extra)  # more devices (the harness's run.sh)
     proc = subprocess.run([*args, "--", command], capture_output=True, text=True,
-                          timeout=330, check=False)
+                          timeout=330, check=False, env=env)
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -58,7 +74,7 @@ def _check(rc: int, output: str, minimum: int) -> None:
 
 def test_vfio_guest_suite(tmp_path):
     rc, output = run_in_guest(tmp_path, GUEST_PYTEST.format(
-        marker="not noiommu_boot and not packed_boot"))
+        marker="not noiommu_boot and not packed_boot"), qemu_extra=net_devices())
     _check(rc, output, minimum=30)
 
 
@@ -70,5 +86,5 @@ def test_vfio_guest_without_an_iommu(tmp_path):
 
 def test_vfio_guest_packed_rings(tmp_path):
     rc, output = run_in_guest(tmp_path, GUEST_PYTEST.format(marker="packed_boot"),
-                              devopt="packed=on")
+                              devopt="packed=on", qemu_extra=net_devices("packed=on"))
     _check(rc, output, minimum=6)

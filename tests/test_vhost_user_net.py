@@ -258,7 +258,14 @@ def test_bad_usage(backend: TestPmd) -> None:
 def test_bad_construction_releases_everything(backend: TestPmd, tmp_path: Path) -> None:
     backend.set_forward_mode("rxonly")
     with pytest.raises(ArgumentError, match="1526"):
-        NetDevice.connect_vhost_user(backend.socket_path, buffer_size=MIN_RX_BUFFER - 1)
+        NetDevice.connect_vhost_user(backend.socket_path, buffer_size=MIN_RX_BUFFER - 2,
+                                     mrg_rxbuf=False)
+    backend.wait_link(False)
+    with pytest.raises(ArgumentError, match="even"):  # num_buffers is an aligned le16
+        NetDevice.connect_vhost_user(backend.socket_path, buffer_size=1025)
+    backend.wait_link(False)
+    with pytest.raises(ArgumentError, match="max_frame"):
+        NetDevice.connect_vhost_user(backend.socket_path, max_frame=65551)
     backend.wait_link(False)
     with pytest.raises(LayoutError):
         NetDevice.connect_vhost_user(backend.socket_path, queue_size=100, ring="split")

@@ -32,3 +32,39 @@ MIN_FRAME = 14
 #: §5.1.6.3.1: without MRG_RXBUF (and without GUEST_TSO*/UFO) receive buffers SHOULD hold
 #: at least 1526 bytes: the header plus a 1514-byte frame.
 MIN_RX_BUFFER = NET_HDR_SIZE + 1514
+
+#: struct virtio_net_config (§5.1.4): mac u8[6] at 0, status le16 at 6, max_virtqueue_pairs
+#: le16 at 8 (with VIRTIO_NET_F_MQ or RSS), mtu le16 at 10 (with VIRTIO_NET_F_MTU).
+CONFIG_MAC = 0
+CONFIG_MAX_VIRTQUEUE_PAIRS = 8
+#: §5.1.4.1: a device offering MQ sets max_virtqueue_pairs to 1..0x8000; the same bounds
+#: hold for VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET (§5.1.6.5.6, VQ_PAIRS_MIN / VQ_PAIRS_MAX).
+VQ_PAIRS_MIN = 1
+VQ_PAIRS_MAX = 0x8000
+#: Offset of num_buffers (le16) in the 12-byte header (§5.1.6).
+NUM_BUFFERS_OFFSET = 10
+
+# Control virtqueue (§5.1.6.5): struct virtio_net_ctrl { u8 class; u8 command;
+# u8 command-specific-data[]; u8 ack; } -- class and command device-readable, the ack
+# device-writable.
+VIRTIO_NET_OK = 0
+VIRTIO_NET_ERR = 1
+#: Class VIRTIO_NET_CTRL_MQ and its command VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET (automatic
+#: receive steering, §5.1.6.5.6), whose data is ``le16 virtqueue_pairs``.
+VIRTIO_NET_CTRL_MQ = 4
+VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET = 0
+
+
+def receiveq(pair: int) -> int:
+    """Queue index of receiveq``pair + 1`` (§5.1.2: receiveqN is 2(N-1))."""
+    return 2 * pair
+
+
+def transmitq(pair: int) -> int:
+    """Queue index of transmitq``pair + 1`` (§5.1.2: transmitqN is 2(N-1)+1)."""
+    return 2 * pair + 1
+
+
+def controlq(max_virtqueue_pairs: int) -> int:
+    """Queue index of the controlq: 2N, N = max_virtqueue_pairs (1 without MQ, §5.1.2)."""
+    return 2 * max_virtqueue_pairs

@@ -1,7 +1,7 @@
 """Packets per second of virtq's NetDevice against dpdk-testpmd, next to DPDK's own C
 virtio-user driver doing the same work against the same kind of back-end, in one run.
 
-    python -m virtq.cli.bench_net [--seconds 3] [--frame-size 64] [--batch 32]
+    python -m virtq.cli.bench_net [--seconds 3] [--frame-size 64] [--batch 32] [--pairs 1,2]
 
 * **TX**: the back-end (testpmd ``net_vhost0``) runs ``rxonly`` and counts; the front-end
   transmits as fast as it can -- virtq's :meth:`NetDevice.send_batch`, or a second testpmd
@@ -9,6 +9,12 @@ virtio-user driver doing the same work against the same kind of back-end, in one
 * **RX**: the back-end runs ``txonly`` and floods the front-end's receiveq; the rate is what
   the front-end received (virtq's :meth:`NetDevice.recv_batch`, or the C front-end's
   ``rxonly`` counter).
+
+``--pairs 1,2`` measures each count of queue pairs (VIRTIO_NET_F_MQ) in turn, against a
+back-end serving exactly that many (``net_vhost0,queues=N``, ``--rxq=N --txq=N``, one
+forwarding lcore for all of them): virtq transmits on its pairs in turn and receives with
+:meth:`NetDevice.recv_any` (one sleep on every receiveq); the C driver is a virtio-user with
+``queues=N``.
 
 Placement on a 2-CPU machine: the back-end's forwarding lcore is CPU 1; the front-end's
 data path runs on CPU 0 (this process is pinned there; the C front-end's forwarding lcore
@@ -26,7 +32,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +57,7 @@ class Result:
     packets: int
     seconds: float
     cpu_seconds: float
+    pairs: int = 1
 
     @property
     def pps(self) -> float:
@@ -86,23 +93,27 @@ def _frames(size: int, count: int) -> list[bytes]:
 # -- virtq ------------------------------------------------------------------------------------
 
 
-def virtq_tx(backend: TestPmd, sock: Path, args: argparse.Namespace, poll: bool) -> Result:
-    """virtq transmits batches for ``args.seconds``; the rate is what ``backend`` counted.
-    Raises ``RuntimeError`` if the back-end counted another number of frames than were
-    sent, and what NetDevice and TestPmd raise."""
+def virtq_tx(backend: TestPmd, sock: Path, args: argparse.Namespace, poll: bool,
+             pairs: int = 1) -> Result:
+    """virtq transmits batches for ``args.seconds`` (on ``pairs`` queue pairs in turn); the
+    rate is what ``backend`` counted.  Raises ``RuntimeError`` if the back-end counted
+    another number of frames than were sent, and what NetDevice and TestPmd raise."""
     backend.set_forward_mode("rxonly")
     backend.start_forwarding()
     frames = _frames(args.frame_size, args.batch)
     me = psutil.Process()
-    with NetDevice.connect_vhost_user(sock, queue_size=args.queue_size, poll=poll) as dev:
+    with NetDevice.connect_vhost_user(sock, queue_size=args.queue_size, poll=poll,
+                                      queue_pairs=pairs) as dev:
         backend.wait_link(True)
         send = dev.send_batch
+        each = range(pairs)
         # Every warm-up frame is counted before the counters are zeroed (counting from
         # what the back-end had counted before: the C driver's run used it too).
         warm = backend.port_stats().rx_packets
         warm_end = time.monotonic() + args.warmup
         while time.monotonic() < warm_end:
-            warm += send(frames, timeout=5)
+            for k in each:
+                warm += send(frames, pair=k, timeout=5)
         backend.wait_rx_packets(warm, timeout=5)
         backend.clear_stats()
         sent = 0
@@ -110,7 +121,8 @@ def virtq_tx(backend: TestPmd, sock: Path, args: argparse.Namespace, poll: bool)
         end = t0 + args.seconds
         while True:
             for _ in range(64):
-                sent += send(frames, timeout=5)
+                for k in each:
+                    sent += send(frames, pair=k, timeout=5)
             if time.perf_counter() >= end:
                 break
         t1, c1 = time.perf_counter(), cpu_seconds(me)
@@ -120,18 +132,21 @@ def virtq_tx(backend: TestPmd, sock: Path, args: argparse.Namespace, poll: bool)
     if stats.rx_packets != sent:
         raise RuntimeError(f"virtq sent {sent} frames, testpmd counted {stats.rx_packets}")
     mode = "poll" if poll else "notify"
-    return Result("TX", f"virtq ({mode})", stats.rx_packets, t1 - t0, c1 - c0)
+    return Result("TX", f"virtq ({mode})", stats.rx_packets, t1 - t0, c1 - c0, pairs)
 
 
-def virtq_rx(backend: TestPmd, sock: Path, args: argparse.Namespace, poll: bool) -> Result:
-    """``backend`` floods virtq's receiveq for ``args.seconds``; the rate is what virtq
-    received.  Raises what NetDevice and TestPmd raise."""
+def virtq_rx(backend: TestPmd, sock: Path, args: argparse.Namespace, poll: bool,
+             pairs: int = 1) -> Result:
+    """``backend`` floods virtq's receiveqs (``pairs`` of them) for ``args.seconds``; the
+    rate is what virtq received.  Raises what NetDevice and TestPmd raise."""
     backend.set_forward_mode("txonly")
     me = psutil.Process()
-    with NetDevice.connect_vhost_user(sock, queue_size=args.queue_size, poll=poll) as dev:
+    with NetDevice.connect_vhost_user(sock, queue_size=args.queue_size, poll=poll,
+                                      queue_pairs=pairs) as dev:
         backend.wait_link(True)
         backend.start_forwarding()
-        recv = dev.recv_batch
+        # Several pairs: one call takes what every receiveq has (and sleeps on all).
+        recv: Callable[[int, float], Sized] = dev.recv_batch if pairs == 1 else dev.recv_any
         wait = 0 if poll else 0.1
         warm_end = time.monotonic() + args.warmup
         while time.monotonic() < warm_end:
@@ -148,7 +163,7 @@ def virtq_rx(backend: TestPmd, sock: Path, args: argparse.Namespace, poll: bool)
         backend.stop_forwarding()
     backend.wait_link(False)
     mode = "poll" if poll else "notify"
-    return Result("RX", f"virtq ({mode})", got, t1 - t0, c1 - c0)
+    return Result("RX", f"virtq ({mode})", got, t1 - t0, c1 - c0, pairs)
 
 
 # -- DPDK's C virtio-user ---------------------------------------------------------------------
@@ -168,25 +183,26 @@ def _c_window(counter: TestPmd, cpu_of: TestPmd, rx: bool, seconds: float) -> tu
     return packets, t1 - t0, c1 - c0
 
 
-def c_tx(backend: TestPmd, sock: Path, args: argparse.Namespace) -> Result:
+def c_tx(backend: TestPmd, sock: Path, args: argparse.Namespace, pairs: int = 1) -> Result:
     """:func:`virtq_tx` with DPDK's C virtio-user (a second testpmd, ``txonly``)."""
     backend.set_forward_mode("rxonly")
     backend.start_forwarding()
     with TestPmd.virtio_user(sock, forward_mode="txonly", queue_size=args.queue_size,
-                             txpkts=args.frame_size) as fe:
+                             txpkts=args.frame_size, queues=pairs) as fe:
         backend.wait_link(True)
         fe.start_forwarding()
         time.sleep(args.warmup)
         packets, secs, cpu = _c_window(backend, fe, rx=True, seconds=args.seconds)
         fe.stop_forwarding()
     backend.wait_link(False)
-    return Result("TX", "DPDK virtio-user (C)", packets, secs, cpu)
+    return Result("TX", "DPDK virtio-user (C)", packets, secs, cpu, pairs)
 
 
-def c_rx(backend: TestPmd, sock: Path, args: argparse.Namespace) -> Result:
+def c_rx(backend: TestPmd, sock: Path, args: argparse.Namespace, pairs: int = 1) -> Result:
     """:func:`virtq_rx` with DPDK's C virtio-user (a second testpmd, ``rxonly``)."""
     backend.set_forward_mode("txonly")
-    with TestPmd.virtio_user(sock, forward_mode="rxonly", queue_size=args.queue_size) as fe:
+    with TestPmd.virtio_user(sock, forward_mode="rxonly", queue_size=args.queue_size,
+                             queues=pairs) as fe:
         backend.wait_link(True)
         fe.start_forwarding()
         backend.start_forwarding()
@@ -195,7 +211,7 @@ def c_rx(backend: TestPmd, sock: Path, args: argparse.Namespace) -> Result:
         backend.stop_forwarding()
         fe.stop_forwarding()
     backend.wait_link(False)
-    return Result("RX", "DPDK virtio-user (C)", packets, secs, cpu)
+    return Result("RX", "DPDK virtio-user (C)", packets, secs, cpu, pairs)
 
 
 # -- report ----------------------------------------------------------------------------------
@@ -203,11 +219,11 @@ def c_rx(backend: TestPmd, sock: Path, args: argparse.Namespace) -> Result:
 
 def table(results: Sequence[Result]) -> str:
     """The Markdown table of ``results``, each row next to the C driver's in its
-    direction."""
-    c = {r.direction: r for r in results if "(C)" in r.driver}
+    direction with as many queue pairs."""
+    c = {(r.direction, r.pairs): r for r in results if "(C)" in r.driver}
     rows = []
     for r in results:
-        base = c.get(r.direction)
+        base = c.get((r.direction, r.pairs))
         if base is None or r is base:
             ratio = cpu_ratio = "1.0" if base else "-"
             verdict = "-"
@@ -215,11 +231,39 @@ def table(results: Sequence[Result]) -> str:
             x = base.pps / r.pps if r.pps else float("inf")
             ratio, verdict = f"{x:.1f}", "yes" if x <= TARGET_RATIO else "no"
             cpu_ratio = f"{r.cpu_us_per_packet / base.cpu_us_per_packet:.1f}"
-        rows.append([r.direction, r.driver, r.packets, f"{r.pps / 1e6:.3f}", ratio,
+        who = r.driver if r.pairs == 1 else f"{r.driver}, {r.pairs} pairs"
+        rows.append([r.direction, who, r.packets, f"{r.pps / 1e6:.3f}", ratio,
                      f"{r.cpu_us_per_packet:.3f}", cpu_ratio, verdict])
     return markdown_table(
         ["dir", "front-end driver", "packets", "Mpps", "C rate / this", "CPU µs/pkt",
          "this CPU / C CPU", f"rate within {TARGET_RATIO:g}x of C"], rows, "llrrrrrl")
+
+
+def _rounds(backend: TestPmd, sock: Path, args: argparse.Namespace, modes: list[bool],
+            pairs: int, totals: dict[tuple[str, str, int], Result]) -> None:
+    """Both directions' interleaved rounds on ``backend``, with ``pairs`` queue pairs, added
+    into ``totals``."""
+    for direction in ("TX", "RX"):
+        for rnd in range(args.rounds):
+            measured = []
+            if not args.skip_c:
+                measured.append((c_tx if direction == "TX" else c_rx)(
+                    backend, sock, args, pairs))
+            with _pinned(0):
+                for poll in modes:
+                    run = virtq_tx if direction == "TX" else virtq_rx
+                    measured.append(run(backend, sock, args, poll, pairs))
+            for r in measured:
+                print(f"# {direction} {pairs} pair(s) round {rnd + 1}: {r.driver}: "
+                      f"{r.pps / 1e6:.3f} Mpps", file=sys.stderr)
+                key = (r.direction, r.driver, r.pairs)
+                if key in totals:
+                    t = totals[key]
+                    t.packets += r.packets
+                    t.seconds += r.seconds
+                    t.cpu_seconds += r.cpu_seconds
+                else:
+                    totals[key] = r
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -243,6 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rounds", type=_args.positive_int, default=2,
                     help="interleaved rounds per direction (rows sum them)")
     ap.add_argument("--skip-c", action="store_true", help="no DPDK virtio-user baseline")
+    ap.add_argument("--pairs", type=_args.int_list(_args.int_in(1, 8)), default=[1],
+                    help="queue pair counts to measure, comma-separated (1..8; default 1)")
     ap.add_argument("--json", help="also write the numbers to this file")
     ap.add_argument("--plot", metavar="FILE.png",
                     help="also draw the table: Mpps and CPU per packet of virtq next to "
@@ -262,37 +308,19 @@ def main(argv: Sequence[str] | None = None) -> int:
           "front-end data path on CPU 0")
     # Rounds interleave the drivers, so a noisy neighbour on the machine hits them alike;
     # each row sums its rounds (packets, seconds and CPU time).
-    totals: dict[tuple[str, str], Result] = {}
+    totals: dict[tuple[str, str, int], Result] = {}
     with tempfile.TemporaryDirectory(prefix="virtq-bench-net-") as tmp:
         sock = Path(tmp) / "vhost-net.sock"
-        with TestPmd.vhost(sock, txpkts=args.frame_size) as backend:
-            for direction in ("TX", "RX"):
-                for rnd in range(args.rounds):
-                    measured = []
-                    if not args.skip_c:
-                        measured.append((c_tx if direction == "TX" else c_rx)(
-                            backend, sock, args))
-                    with _pinned(0):
-                        for poll in modes:
-                            run = virtq_tx if direction == "TX" else virtq_rx
-                            measured.append(run(backend, sock, args, poll))
-                    for r in measured:
-                        print(f"# {direction} round {rnd + 1}: {r.driver}: "
-                              f"{r.pps / 1e6:.3f} Mpps", file=sys.stderr)
-                        key = (r.direction, r.driver)
-                        if key in totals:
-                            t = totals[key]
-                            t.packets += r.packets
-                            t.seconds += r.seconds
-                            t.cpu_seconds += r.cpu_seconds
-                        else:
-                            totals[key] = r
+        for pairs in args.pairs:
+            # A back-end serving exactly this many pairs: each count is measured alike.
+            with TestPmd.vhost(sock, txpkts=args.frame_size, queues=pairs) as backend:
+                _rounds(backend, sock, args, modes, pairs, totals)
     results = list(totals.values())
     print(table(results))
     if args.json:
         out = Results("net", title)
         for r in results:
-            row = f"{r.direction} {r.driver}"
+            row = f"{r.direction} {r.driver}" + (f" {r.pairs} pairs" if r.pairs > 1 else "")
             mine = "(C)" not in r.driver  # the C driver's rows are a control, not judged
             out.add(row, "Mpps", r.pps / 1e6, "higher" if mine else None)
             out.add(row, "CPU µs/pkt", r.cpu_us_per_packet, "lower" if mine else None)

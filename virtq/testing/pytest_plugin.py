@@ -41,6 +41,9 @@ Fixtures (each stops its process, by pid, and removes its socket afterwards):
     ``{socket}``) to have it started, restarted as the checks need and stopped by pid;
     ``only=["ring.*"]`` selects checks; other keywords are
     :class:`~virtq.check.CheckOptions` fields (``image=``, ``timeout=``, ...).
+``virtq_testpmd_mq``
+    a ``virtq_testpmd`` with :data:`TESTPMD_MQ_QUEUES` queue pairs (``queues=4``, ``--rxq/--txq``),
+    for multi-queue front-ends: in ``io`` mode each pair is its own loopback.
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ from virtq.testing.runners import DpdkVhostBlk, QemuStorageDaemon, Virtiofsd, ma
 from virtq.testing.testpmd import TestPmd
 
 BLK_IMAGE_BYTES = 16 << 20
+#: Queue pairs of ``virtq_testpmd_mq``.
+TESTPMD_MQ_QUEUES = 4
 
 
 @pytest.fixture
@@ -160,3 +165,10 @@ def virtq_dpdk_vhost_blk(tmp_path: Path) -> Iterator[DpdkVhostBlk]:
     """DPDK's vhost_blk example as a packed-only vhost-user-blk back-end (its 128 MiB RAM disk)."""
     with DpdkVhostBlk(tmp_path / "virtq-vhost-blk") as backend:
         yield backend
+
+
+@pytest.fixture(scope="module")
+def virtq_testpmd_mq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestPmd]:
+    sock = tmp_path_factory.mktemp("virtq-net-mq") / "vhost-net.sock"
+    with TestPmd.vhost(sock, queues=TESTPMD_MQ_QUEUES) as tp:
+        yield tp

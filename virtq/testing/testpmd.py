@@ -43,6 +43,9 @@ _STAT_FIELDS = ("RX-packets", "RX-missed", "RX-bytes", "RX-errors", "RX-nombuf",
                 "TX-packets", "TX-errors", "TX-bytes")
 _STAT_RE = re.compile(rb"(RX-packets|RX-missed|RX-bytes|RX-errors|RX-nombuf|TX-packets|"
                       rb"TX-errors|TX-bytes):\s+(\d+)")
+_FWD_STREAM_RE = re.compile(
+    r"Forward Stats for RX Port=\s*\d+/Queue=\s*(\d+) -> TX Port=\s*\d+/Queue=\s*(\d+)"
+    r"\s*-+\s*RX-packets:\s*(\d+)\s+TX-packets:\s*(\d+)\s+TX-dropped:\s*(\d+)")
 _LOG_LIMIT = 64 * 1024  # bytes of output kept for error messages
 
 
@@ -113,6 +116,12 @@ class TestPmd:
         return ["--", "-i", f"--total-num-mbufs={mbufs}", f"--forward-mode={forward_mode}",
                 *extra]
 
+    @staticmethod
+    def _queues(queues: int) -> list[str]:
+        if not isinstance(queues, int) or isinstance(queues, bool) or not 1 <= queues <= 128:
+            raise BackendError(f"queues={queues!r}: net_vhost serves 1..128 queue pairs")
+        return [f"--rxq={queues}", f"--txq={queues}"] if queues > 1 else []
+
     @classmethod
     def vhost(
         cls,
@@ -124,15 +133,24 @@ class TestPmd:
         memory_mb: int = 128,
         mbufs: int = 16384,
         txpkts: int | None = None,
+        queues: int = 1,
+        mbuf_size: int | None = None,
         timeout: float = 30.0,
     ) -> Self:
-        """A vhost-user-net back-end listening on ``socket_path`` (one queue pair)."""
+        """A vhost-user-net back-end listening on ``socket_path``, serving ``queues`` queue
+        pairs (``net_vhost0,queues=N`` and ``--rxq=N --txq=N``: with ``io`` forwarding
+        stream k is rx queue k -> tx queue k, so what a front-end sends on its transmitq k
+        comes back on its receiveq k).  ``mbuf_size``: bytes of data room per mbuf
+        (``--mbuf-size``); a frame longer than that is a chain of mbufs in testpmd."""
         binary = require_binary("dpdk-testpmd", "dpdk-dev")
         extra = [f"--txpkts={txpkts}"] if txpkts else []
+        extra += cls._queues(queues)
+        if mbuf_size is not None:
+            extra.append(f"--mbuf-size={mbuf_size}")
         args = [binary, *cls._eal(main_lcore, lcores, memory_mb),
                 # The per-connection vhost messages would flood the pty.
                 "--log-level=lib.vhost.config:warning",
-                "--vdev", f"net_vhost0,iface={socket_path},queues=1,client=0",
+                "--vdev", f"net_vhost0,iface={socket_path},queues={queues},client=0",
                 *cls._app(forward_mode, mbufs, extra)]
         return cls(args, socket_path=socket_path, role="vhost", timeout=timeout)
 
@@ -148,13 +166,17 @@ class TestPmd:
         mbufs: int = 16384,
         queue_size: int = 256,
         txpkts: int | None = None,
+        queues: int = 1,
         timeout: float = 30.0,
     ) -> Self:
-        """DPDK's C virtio-user front-end connecting to a back-end at ``socket_path``."""
+        """DPDK's C virtio-user front-end connecting to a back-end at ``socket_path``, with
+        ``queues`` queue pairs (it plays the controlq itself: VQ_PAIRS_SET becomes
+        SET_VRING_ENABLE, as virtq does)."""
         binary = require_binary("dpdk-testpmd", "dpdk-dev")
         extra = [f"--txpkts={txpkts}"] if txpkts else []
+        extra += cls._queues(queues)
         args = [binary, *cls._eal(main_lcore, lcores, memory_mb),
-                "--vdev", f"net_virtio_user0,path={socket_path},queues=1,"
+                "--vdev", f"net_virtio_user0,path={socket_path},queues={queues},"
                 f"queue_size={queue_size}",
                 *cls._app(forward_mode, mbufs, extra)]
         return cls(args, socket_path=socket_path, role="virtio-user", timeout=timeout)
@@ -294,6 +316,17 @@ class TestPmd:
         if missing:
             raise BackendError(f"show port stats {port}: no {', '.join(missing)} in {out!r}")
         return PortStats(*(found[f] for f in _STAT_FIELDS))
+
+    def fwd_stats(self) -> dict[int, tuple[int, int, int]]:
+        """Per forwarding stream since forwarding started, keyed by its rx queue:
+        ``(rx_packets, tx_packets, tx_dropped)`` (``show fwd stats all``; testpmd prints a
+        stream only when it has more streams than ports and the stream moved something, so
+        a queue missing here moved nothing)."""
+        out = self.cmd("show fwd stats all")
+        found: dict[int, tuple[int, int, int]] = {}
+        for m in _FWD_STREAM_RE.finditer(out):
+            found[int(m.group(1))] = (int(m.group(3)), int(m.group(4)), int(m.group(5)))
+        return found
 
     def clear_stats(self) -> None:
         """Zero every port's counters.  Forwarding is paused meanwhile: the vhost PMD's

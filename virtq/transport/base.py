@@ -193,3 +193,16 @@ class Reconnectable(Protocol):
         ``vring_base``; returns, per queue, the tokens that were in flight (in submission
         order), which the device has lost."""
         ...
+
+
+@runtime_checkable
+class QueueEnabling(Protocol):
+    """A transport whose front-end switches single rings on and off while the device runs
+    (vhost-user: SET_VRING_ENABLE, vhost-user.rst "Multiple queue support").  Over such a
+    transport the front-end -- this process -- owns the device model: a virtio-net
+    controlq is not handed to the back-end but played by the front-end, which enables and
+    disables queue pairs itself (what QEMU and DPDK's virtio-user do)."""
+
+    def enable_queue(self, index: int, enable: bool) -> None:
+        """Enable (True) or disable (False) attached ring ``index``."""
+        ...

@@ -61,6 +61,9 @@ class _Ring:
     kick: int
     call: int
     enabled: bool = False
+    #: False once the front-end switched the ring off (enable_queue): start() and a
+    #: reconnect leave it disabled.
+    wanted: bool = True
 
 
 def _finalize(fds: list[int], notifier: NotificationSet, what: str) -> None:
@@ -339,7 +342,7 @@ class VhostUserTransport:
                           avail=uva + q.driver_area)
         fe.set_vring_kick(index, ring.kick)
         fe.set_vring_call(index, ring.call)
-        if self._started:
+        if self._started and ring.wanted:
             self._enable(index, ring)
 
     def _enable(self, index: int, ring: _Ring) -> None:
@@ -353,10 +356,39 @@ class VhostUserTransport:
         protocol feature).  Raises the front-end's
         :class:`~virtq.transport.vhost_user.VhostUserError`."""
         for index, ring in self._rings.items():
-            self._enable(index, ring)
+            if ring.wanted:
+                self._enable(index, ring)
         self._started = True
         self._set_status(VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER
                          | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK)
+
+    def enable_queue(self, index: int, enable: bool) -> None:
+        """Switch attached ring ``index`` on or off with SET_VRING_ENABLE: the front-end's
+        way to choose which of a multiple queue device's rings the back-end serves
+        (vhost-user.rst, "Multiple queue support": "The front-end enables queues by
+        sending message VHOST_USER_SET_VRING_ENABLE").  A disabled ring stays set up; the
+        back-end must not supply new receive packets on it ("Ring states").  Before
+        :meth:`start` only the wish is recorded (start() enables the rings still wanted).
+
+        Raises :class:`~virtq.errors.ArgumentError` for a ring not attached,
+        :class:`DeviceRefusedError` when disabling without VHOST_USER_F_PROTOCOL_FEATURES
+        (such a back-end has every ring enabled for good), and the back-end's
+        :class:`VhostUserError` when it refuses."""
+        self._check_usable()
+        if not isinstance(enable, bool):
+            raise ArgumentError("enable", enable, "must be True or False")
+        ring = self._rings.get(index) if isinstance(index, int) else None
+        if ring is None:
+            raise ArgumentError("index", index, "no such queue attached")
+        protocol = bool(self.offered_features >> P.VHOST_USER_F_PROTOCOL_FEATURES & 1)
+        if not enable and not protocol:
+            raise DeviceRefusedError(
+                f"back-end at {self.path} has no VHOST_USER_F_PROTOCOL_FEATURES: its rings "
+                "start enabled and cannot be disabled (vhost-user.rst, \"Ring states\")")
+        if self._started and protocol:
+            self.frontend.set_vring_enable(index, enable)
+        ring.wanted = enable
+        ring.enabled = enable and self._started
 
     def get_vring_base(self, index: int) -> int:
         """Stop ring ``index`` and return the next avail index the back-end would process."""
