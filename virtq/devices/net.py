@@ -653,18 +653,22 @@ class NetDevice:
 
     @property
     def tx_packets(self) -> int:
+        """Frames sent, summed over every queue pair (per pair: :meth:`pair_stats`)."""
         return sum(p.tx_packets for p in self._pairs)
 
     @property
     def tx_bytes(self) -> int:
+        """Frame bytes sent (without the virtio_net_hdr), summed over every queue pair (per pair: :meth:`pair_stats`)."""
         return sum(p.tx_bytes for p in self._pairs)
 
     @property
     def rx_packets(self) -> int:
+        """Frames received, summed over every queue pair (per pair: :meth:`pair_stats`)."""
         return sum(p.rx_packets for p in self._pairs)
 
     @property
     def rx_bytes(self) -> int:
+        """Frame bytes received (without the virtio_net_hdr), summed over every queue pair (per pair: :meth:`pair_stats`)."""
         return sum(p.rx_bytes for p in self._pairs)
 
     # -- transmit -------------------------------------------------------------------------

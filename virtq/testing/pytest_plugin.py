@@ -169,6 +169,10 @@ def virtq_dpdk_vhost_blk(tmp_path: Path) -> Iterator[DpdkVhostBlk]:
 
 @pytest.fixture(scope="module")
 def virtq_testpmd_mq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestPmd]:
+    """A module-scoped dpdk-testpmd ``net_vhost`` back-end serving several queue pairs
+    (``queues=TESTPMD_MQ_QUEUES``, with as many rx/tx queues): the multi-queue twin of
+    ``virtq_testpmd``.  Raises what :meth:`TestPmd.vhost` raises when testpmd cannot start
+    (the Debian package to install, when it is missing)."""
     sock = tmp_path_factory.mktemp("virtq-net-mq") / "vhost-net.sock"
     with TestPmd.vhost(sock, queues=TESTPMD_MQ_QUEUES) as tp:
         yield tp
