@@ -57,6 +57,7 @@ BENCHES = {
 HARNESS = (
     "virtq.cli.benchutil",
     "virtq.cli._args",
+    "virtq.cli.plot",
     "virtq.testing.runners",
     "virtq.testing.testpmd",
     "virtq.cli.bench_blk",
