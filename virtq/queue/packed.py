@@ -629,6 +629,38 @@ class PackedQueue(_PackedCore[T]):
         if not free_ids:
             raise QueueFullError(1, 0, "buffer ids")
         buffer_id = free_ids[-1]
+        if n == 1:
+            # Fast path: one buffer of plain ints in range is one descriptor, written here
+            # as _place and _commit would (anything else takes the checked path below).
+            try:
+                iova, length = readable[0] if nr else writable[0]
+                ok = (iova.__class__ is int and length.__class__ is int
+                      and 0 <= iova < _U64_LIMIT and 0 < length < _U32_LIMIT)
+            except (TypeError, ValueError, IndexError, KeyError):
+                ok = False
+            if ok:
+                seq = self._avail_dseq
+                size = self.size
+                room = size - (seq - self._used_dseq)
+                if room < 1:
+                    raise QueueFullError(1, room, "ring positions")
+                pos = seq % size
+                bits = _AVAIL_BITS[1 ^ (seq // size) & 1]
+                if not nr:
+                    bits |= _F_WRITE
+                if self._pending is None:
+                    _PACK_DESC_NOFLAGS(self._desc_mem, pos << 4, iova, length, buffer_id)
+                    self._pending = (pos * 8 + 7, bits)  # stored by publish()
+                else:
+                    _PACK_DESC(self._desc_mem, pos << 4, iova, length, buffer_id, bits)
+                self._avail_dseq = seq + 1
+                free_ids.pop()
+                self._state[buffer_id] = (token, 0 if nr else length, 1, self._avail_cseq,
+                                          free_ids, buffer_id, length)
+                self._avail_cseq += 1
+                if self.in_order:
+                    self._order.append(buffer_id)
+                return buffer_id
         entries, capacity = _chain_entries(readable, writable, nr, n)
         if self.indirect and n > 1:
             if n > self.layout.indirect_size:
@@ -669,7 +701,7 @@ class PackedQueue(_PackedCore[T]):
             raise QueueFullError(k, n - (seq - self._used_dseq), "ring positions")
         desc = self._desc_mem
         pos = seq % n
-        lap_bits = _AVAIL_BITS[_wrap(seq, n)]
+        lap_bits = _AVAIL_BITS[1 ^ (seq // n) & 1]  # _wrap(seq, n), inlined
         first_flags = -1
         for i, (addr, length, flags) in enumerate(entries):
             f = flags | lap_bits
@@ -801,6 +833,7 @@ class PackedQueue(_PackedCore[T]):
         pub = self._pub_dseq
         pub_cseq = self._pub_cseq
         strict = self.strict_len
+        in_order = self.in_order
         seq = self._used_dseq
         if self._batch is not None:
             last_id, length = self._batch
@@ -809,7 +842,7 @@ class PackedQueue(_PackedCore[T]):
             pos = seq % n
             flags = desc_h[pos * 8 + 7]
             pair = flags & _PAIR
-            expected = _USED_BITS[_wrap(seq, n)]
+            expected = _USED_BITS[1 ^ (seq // n) & 1]  # _wrap(seq, n), inlined
             if pair != expected:
                 if pair == _PAIR ^ expected:
                     # AVAIL == USED, of the other lap: a used descriptor with the wrong
@@ -835,13 +868,13 @@ class PackedQueue(_PackedCore[T]):
             if length > capacity and strict:
                 self._fail_here(seq, out, "len", length,
                                 f"<= {capacity}, the writable capacity of buffer {buffer_id}")
-            if self.in_order and self._order[0] != buffer_id:
+            if in_order and self._order[0] != buffer_id:
                 seq, limit = self._retire_batch(seq, buffer_id, length, out, limit)
                 continue
             out.append((token, length))
             states[buffer_id] = None
             home.append(item)
-            if self.in_order:
+            if in_order:
                 self._order.popleft()
             seq += ndesc
             self._used_cseq += 1
