@@ -1,16 +1,31 @@
-"""Per-chain cost of virtq's SplitQueue next to a fair plain-stdlib ring (naive_ring.py).
+"""Per-chain cost of virtq's driver queues next to fair plain-stdlib rings, for both ring
+formats, in one table from one run.
 
-    python benchmarks/bench_ring.py [--seconds 0.5] [--rounds 3] [--json results.json]
+    python benchmarks/bench_ring.py [--seconds 0.5] [--rounds 3] [--ring split,packed]
+                                    [--in-order off,on] [--batched-api add_many]
+                                    [--json results.json]
 
-Every configuration runs add x batch + publish, a minimal in-process echo device completes
-the chains, then the driver reaps.  "driver" counts only the driver's work (add + publish +
-reap, timer overhead subtracted); "round trip" also counts the device.  The naive ring does
-the same driver work with precompiled structs, one ``pack_into`` per descriptor, the same
-batching (one publish per batch) and, in the event-idx rows, the same kick decision; it
-never uses indirect descriptors and checks nothing the device wrote.  Each row compares
-``add()`` with ``add()`` or ``add_many()`` with ``add_many()``.  virtq and naive run in
-this process, interleaved, keeping the best of the rounds, so the ratio is meaningful on a
-noisy machine; absolute numbers are not.
+Rows: ring format (split, VIRTIO 1.2 §2.7; packed, §2.8) x VIRTIO_F_IN_ORDER off/on x
+1- and 3-descriptor chains x one chain per publish (``add()``) or 32 (``add_many()``) x
+event idx off/on, and for 3-descriptor chains indirect descriptors off/on.  virtq's queue
+comes from ``virtq.queue.make_queue``: SplitQueue, InOrderSplitQueue, or PackedQueue with
+or without in-order.
+
+Every configuration runs add x batch + publish, a minimal in-process echo device
+(echo_device.py, the same one for virtq and naive) completes the chains, then the driver
+reaps.  "driver" counts only the driver's work (add + publish + reap, timer overhead
+subtracted); "round trip" also counts the device.  The naive rings (naive_ring.py for
+split, naive_packed_ring.py for packed, each with its in-order variant) do the same driver
+work with precompiled structs, one ``pack_into`` per descriptor, the same batching (one
+publish per batch) and, in the event-idx rows, the same kick decision; they never use
+indirect descriptors (an "indirect on" row's naive side writes three ring descriptors) and
+check nothing the device wrote.  virtq and naive run in this process, interleaved,
+keeping the best of the rounds, so the ratio is meaningful on a noisy machine; absolute
+numbers are not.
+
+Against an older virtq (``benchmarks/compare.py``) the rows that virtq cannot build (no
+packed ring, no in-order split ring) are left out, and each is named on a ``# skipped``
+line.
 """
 
 from __future__ import annotations
@@ -18,54 +33,76 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 # naive_ring beside this file, and virtq from this checkout when it is not installed.
 # Appended, not inserted: PYTHONPATH (benchmarks/compare.py) and an install come first.
 sys.path.append(str(Path(__file__).resolve().parent))
 sys.path.append(str(Path(__file__).resolve().parent.parent))
 
-from naive_ring import NaiveRing
+from echo_device import PackedEcho, SplitEcho, SplitInOrderEcho
+from naive_packed_ring import NaivePackedRing
+from naive_ring import NaiveInOrderRing, NaiveRing
 
 from virtq.cli.benchutil import Results, host_line, markdown_table
+from virtq.errors import VirtqError
 from virtq.layout import SplitLayout
 from virtq.memory import MemfdRegion
 from virtq.queue import SplitQueue
 
+try:  # the format-independent factory (older virtq: split rings only, built directly)
+    from virtq.queue.factory import make_queue, ring_layout
+except ImportError:
+    make_queue = ring_layout = None  # type: ignore[assignment]
+
 N = 256
 BASE = 0x10_0000_0000
+RINGS = ("split", "packed")
+ON = {False: "off", True: "on"}
 
 
-class EchoDevice:
-    """The least work a device can do: move every available head to the used ring."""
+def layout_for(ring: str, indirect: bool) -> Any:
+    """The layout of an N-entry ``ring`` with 64-byte buffers (and 4-entry indirect
+    tables)."""
+    indirect_size = 4 if indirect else 0
+    if ring_layout is None:
+        if ring != "split":
+            raise VirtqError(f"this virtq has no {ring} ring")
+        return SplitLayout.compute(N, buffer_size=64, indirect_size=indirect_size)
+    return ring_layout(N, buffer_size=64, indirect_size=indirect_size, ring=ring)
 
-    def __init__(self, region: MemfdRegion, layout: SplitLayout) -> None:
-        n = layout.queue_size
-        mem = region.view(0, layout.nbytes)
-        self.avail = mem[layout.avail : layout.avail + 6 + 2 * n].cast("H")
-        self.used_h = mem[layout.used : layout.used + 6 + 8 * n].cast("H")
-        self.used_w = mem[layout.used : layout.used + 4 + 8 * n].cast("I")
-        self.mask = n - 1
-        self.last_avail = self.avail[1]
-        self._mem = mem
 
-    def complete_all(self) -> None:
-        avail, used_w, mask = self.avail, self.used_w, self.mask
-        idx = self.used_h[1]
-        end = avail[1]
-        la = self.last_avail
-        while la != end:
-            slot = idx & mask
-            used_w[1 + 2 * slot] = avail[2 + (la & mask)]
-            used_w[2 + 2 * slot] = 0
-            la = (la + 1) & 0xFFFF
-            idx = (idx + 1) & 0xFFFF
-        self.last_avail = la
-        self.used_h[1] = idx
+def virtq_queue(region: MemfdRegion, layout: Any, ring: str, in_order: bool, event_idx: bool,
+                indirect: bool) -> Any:
+    """virtq's driver queue for the row, through the factory when virtq has one."""
+    if make_queue is None:
+        if in_order:
+            raise VirtqError("this virtq has no in-order split ring")
+        return SplitQueue(region, layout, iova=BASE, event_idx=event_idx, indirect=indirect)
+    # in_order only when asked: a factory older than VIRTIO_F_IN_ORDER has no such argument.
+    extra = {"in_order": True} if in_order else {}
+    return make_queue(region, layout, iova=BASE, event_idx=event_idx, indirect=indirect,
+                      **extra)
 
-    def close(self) -> None:
-        for v in (self.avail, self.used_h, self.used_w, self._mem):
-            v.release()
+
+def unsupported(ring: str, in_order: bool) -> str | None:
+    """Why the virtq under test cannot build this ring (None: it can)."""
+    for indirect in (False, True):
+        try:
+            layout = layout_for(ring, indirect)
+            region = MemfdRegion(layout.nbytes)
+        except (VirtqError, TypeError) as e:
+            return str(e)
+        try:
+            q = virtq_queue(region, layout, ring, in_order, True, indirect)
+            q.close()
+        except (VirtqError, TypeError) as e:
+            return str(e)
+        finally:
+            region.close()
+    return None
 
 
 def timer_overhead() -> float:
@@ -79,57 +116,98 @@ def timer_overhead() -> float:
     return (pc() - t) / 100_000 / 2
 
 
-def run(kind: str, api: str, chain: int, batch: int, event_idx: bool, indirect: bool,
-        seconds: float, overhead: float) -> tuple[float, float]:
-    """(driver ns, round-trip ns) per chain.  ``kind``: "virtq" or "naive"; ``api``: "add"
-    (one call per chain) or "add_many" (one per batch).  The naive ring never uses
-    indirect descriptors."""
-    layout = SplitLayout.compute(N, buffer_size=64, indirect_size=4 if indirect else 0)
+def build(kind: str, ring: str, in_order: bool, event_idx: bool, indirect: bool
+          ) -> tuple[Any, Any, Any, Callable[[], None]]:
+    """(queue, device, layout, cleanup) for one run.  ``kind``: "virtq" or "naive" (the
+    naive rings never use indirect descriptors)."""
+    layout = layout_for(ring, indirect)
     region = MemfdRegion(layout.nbytes)
-    dev = EchoDevice(region, layout)
     mem = None
-    q: SplitQueue | NaiveRing
+    dev: Any
+    q: Any
+    if ring == "packed":
+        dev = PackedEcho(region, layout, event_idx=event_idx, in_order=in_order)
+    elif in_order:
+        dev = SplitInOrderEcho(region, layout, event_idx=event_idx)
+    else:
+        dev = SplitEcho(region, layout, event_idx=event_idx)
     if kind == "virtq":
-        q = SplitQueue(region, layout, iova=BASE, event_idx=event_idx, indirect=indirect)
+        q = virtq_queue(region, layout, ring, in_order, event_idx, indirect)
     else:
         mem = region.view(0, layout.nbytes)
-        q = NaiveRing(mem, N, layout.desc, layout.avail, layout.used, event_idx=event_idx)
-    buf = BASE + layout.buffers
-    readable = [(buf, 16)] if chain == 1 else [(buf, 16), (buf + 16, 16)]
-    writable = [] if chain == 1 else [(buf + 32, 16)]
-    add, publish, drain = q.add, q.publish, q.drain_used
-    many = [(readable, writable, i) for i in range(batch)]
-    add_many = q.add_many if api == "add_many" else None
-    pc = time.perf_counter_ns
-    ops = 0
-    driver_ns = 0.0
-    total_ns = 0.0
-    deadline = time.monotonic() + seconds
-    rng = range(batch)
-    while time.monotonic() < deadline:
-        for _ in range(50):
-            t0 = pc()
-            if add_many is not None:
-                add_many(many)
-            else:
-                for i in rng:
-                    add(readable, writable, i)
-            publish()
-            t1 = pc()
-            dev.complete_all()
-            t2 = pc()
-            drain()
-            t3 = pc()
-            driver_ns += (t1 - t0) + (t3 - t2) - 2 * overhead
-            total_ns += t3 - t0 - overhead
-            ops += batch
-    dev.close()
-    if isinstance(q, SplitQueue):
-        q.close()
-    if mem is not None:
-        mem.release()
-    region.close()
+        if ring == "packed":
+            q = NaivePackedRing(mem, N, layout.desc, layout.device_event, event_idx=event_idx,
+                                in_order=in_order)
+        else:
+            cls = NaiveInOrderRing if in_order else NaiveRing
+            q = cls(mem, N, layout.desc, layout.avail, layout.used, event_idx=event_idx)
+
+    def cleanup() -> None:
+        dev.close()
+        if kind == "virtq":
+            q.close()
+        if mem is not None:
+            mem.release()
+        region.close()
+
+    return q, dev, layout, cleanup
+
+
+def run(kind: str, ring: str, in_order: bool, api: str, chain: int, batch: int,
+        event_idx: bool, indirect: bool, seconds: float, overhead: float
+        ) -> tuple[float, float]:
+    """(driver ns, round-trip ns) per chain.  ``api``: "add" (one call per chain) or
+    "add_many" (one per batch)."""
+    q, dev, layout, cleanup = build(kind, ring, in_order, event_idx, indirect)
+    try:
+        buf = BASE + layout.buffers
+        readable = [(buf, 16)] if chain == 1 else [(buf, 16), (buf + 16, 16)]
+        writable = [] if chain == 1 else [(buf + 32, 16)]
+        add, publish, drain, complete = q.add, q.publish, q.drain_used, dev.complete_all
+        many = [(readable, writable, i) for i in range(batch)]
+        add_many = q.add_many if api == "add_many" else None
+        pc = time.perf_counter_ns
+        ops = 0
+        driver_ns = 0.0
+        total_ns = 0.0
+        deadline = time.monotonic() + seconds
+        rng = range(batch)
+        while time.monotonic() < deadline:
+            for _ in range(50):
+                t0 = pc()
+                if add_many is not None:
+                    add_many(many)
+                else:
+                    for i in rng:
+                        add(readable, writable, i)
+                publish()
+                t1 = pc()
+                complete()
+                t2 = pc()
+                got = drain()
+                t3 = pc()
+                driver_ns += (t1 - t0) + (t3 - t2) - 2 * overhead
+                total_ns += t3 - t0 - overhead
+                ops += batch
+                # Every chain came back, last one last (outside the timed part: a broken
+                # ring must not print numbers).
+                if len(got) != batch or got[-1][0] != batch - 1:
+                    raise RuntimeError(f"{kind} {ring}: reaped {len(got)} chains of {batch}")
+    finally:
+        cleanup()
     return driver_ns / ops, total_ns / ops
+
+
+def csv_choice(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """An argparse type: a comma-separated, non-empty subset of ``allowed``."""
+    def parse(text: str) -> list[str]:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [x for x in items if x not in allowed]
+        if not items or bad:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: a comma-separated list of {', '.join(allowed)}")
+        return list(dict.fromkeys(items))
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,13 +216,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=0.5,
                    help="per configuration, API and ring, over all rounds")
     p.add_argument("--rounds", type=int, default=3, help="alternate virtq/naive this often")
+    p.add_argument("--ring", type=csv_choice(RINGS), default=list(RINGS),
+                   help="ring formats, comma-separated [split,packed]")
+    p.add_argument("--in-order", type=csv_choice(("off", "on")), default=["off", "on"],
+                   help="VIRTIO_F_IN_ORDER off, on or both [off,on]")
+    p.add_argument("--batched-api", choices=("add_many", "add", "both"), default="add_many",
+                   help="how the batched rows add their 32 chains: one add_many() call, "
+                   "32 add() calls, or a row for each [add_many]")
     p.add_argument("--json", help="also write the numbers to this file")
     args = p.parse_args(argv)
     if args.rounds < 1 or args.seconds <= 0:
         p.error("--rounds must be >= 1 and --seconds > 0")
     overhead = timer_overhead()
+    batched = ["add", "add_many"] if args.batched_api == "both" else [args.batched_api]
+    kinds = [(ring, io == "on") for ring in args.ring for io in args.in_order]
+    skipped = {k: why for k in kinds if (why := unsupported(*k)) is not None}
+    if len(skipped) == len(kinds):
+        p.error("the virtq under test can build none of the rings asked for: " + "; ".join(
+            f"{ring}, in-order {ON[io]}: {why}" for (ring, io), why in skipped.items()))
     configs = [
-        (chain, batch, ev, ind)
+        (ring, io, chain, batch, ev, ind)
+        for ring, io in kinds if (ring, io) not in skipped
         for chain in (1, 3)
         for batch in (1, 32)
         for ev in (False, True)
@@ -155,28 +247,30 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {title}")
     print("# driver ns/chain = add + publish + reap; round trip adds the echo device; "
           "best of the rounds")
+    for (ring, io), why in skipped.items():
+        print(f"# skipped: {ring}, in-order {ON[io]}: {why}")
     results = Results("ring", title)
     rows = []
-    for chain, batch, ev, ind in configs:
-        for api in ("add", "add_many") if batch > 1 else ("add",):
+    for ring, io, chain, batch, ev, ind in configs:
+        for api in batched if batch > 1 else ["add"]:
             best = {kind: (float("inf"), float("inf")) for kind in ("virtq", "naive")}
             for rnd in range(args.rounds):  # interleaved; keep the best (least disturbed)
                 for kind in ("virtq", "naive") if rnd % 2 == 0 else ("naive", "virtq"):
-                    d, t = run(kind, api, chain, batch, ev, ind and kind == "virtq",
+                    d, t = run(kind, ring, io, api, chain, batch, ev, ind and kind == "virtq",
                                args.seconds / args.rounds, overhead)
                     best[kind] = (min(best[kind][0], d), min(best[kind][1], t))
             (vd, vt), (nd, nt) = best["virtq"], best["naive"]
-            on = {False: "off", True: "on"}
-            rows.append([chain, batch, on[ev], on[ind], f"{api}()", f"{vd:.0f}", f"{nd:.0f}",
-                         f"{nd / vd:.2f}x", f"{vt:.0f}", f"{nt:.0f}"])
-            label = (f"chain {chain}, batch {batch}, event_idx {on[ev]}, indirect {on[ind]}, "
-                     f"{api}()")
+            rows.append([ring, ON[io], chain, batch, ON[ev], ON[ind], f"{api}()", f"{vd:.0f}",
+                         f"{nd:.0f}", f"{nd / vd:.2f}x", f"{vt:.0f}", f"{nt:.0f}"])
+            label = (f"{ring}, in-order {ON[io]}, chain {chain}, batch {batch}, "
+                     f"event_idx {ON[ev]}, indirect {ON[ind]}, {api}()")
             results.add(label, "virtq ns/chain", vd, "lower")
             # The same code whatever virtq is: what compare.py shows as the noise floor.
             results.add(label, "naive ns/chain (control)", nd, None)
     print(markdown_table(
-        ["chain", "batch", "event_idx", "indirect", "API", "virtq ns", "naive ns",
-         "naive / virtq", "virtq round trip", "naive round trip"], rows, "rrlllrrrrr"))
+        ["ring", "in-order", "chain", "batch", "event_idx", "indirect", "API", "virtq ns",
+         "naive ns", "naive / virtq", "virtq round trip", "naive round trip"], rows,
+        "llrrlllrrrrr"))
     if args.json:
         results.write(args.json)
     return 0

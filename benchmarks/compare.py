@@ -287,6 +287,13 @@ def main(argv: list[str] | None = None) -> int:
           f"({new0['modules']['from_tree']} modules from that tree)")
     print(f"# {new0['title']}")
     print(table(runs, args.threshold))
+    old_rows = {v["row"] for v in old0["values"]}
+    missing = sorted({v["row"] for v in new0["values"]} - old_rows)
+    if missing:
+        # e.g. bench_ring's packed rows against a virtq without a packed ring: the benchmark
+        # leaves out what the old tree cannot build and says so in its log (--keep).
+        print(f"# old '-': {len(missing)} row(s) the old revision did not produce "
+              "(something it lacks; --keep keeps its log)")
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"bench": bench, "args": bench_args, "old": old_desc, "new": f"{head}{dirty}",
