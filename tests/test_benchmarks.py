@@ -152,16 +152,39 @@ def test_bench_blk(tmp_path):
     assert [r[:2] for r in table_rows(out, "| QD | mode | IOPS |")] == [["8", "batch"]]
 
 
+NET_HEADER = "| dir | ring | front-end driver | packets | Mpps |"
+
+
 def test_bench_net(tmp_path):
     out = run("-m", "virtq", "bench", "net", "--seconds", "0.2", "--warmup", "0.1",
               "--rounds", "1", "--json", tmp_path / "net.json", "--plot", tmp_path / "net.png")
     assert_png(tmp_path / "net.png", out)
-    rows = table_rows(out, "| dir | front-end driver | packets | Mpps |")
-    assert [(r[0], r[1]) for r in rows] == [
-        (d, who) for d in ("TX", "RX")
+    rows = table_rows(out, NET_HEADER)
+    # The default: split, not in order, for both front-ends.
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        (d, "split", who) for d in ("TX", "RX")
         for who in ("DPDK virtio-user (C)", "virtq (poll)", "virtq (notify)")]
-    assert all(int(r[2]) > 0 for r in rows)
+    assert all(int(r[3]) > 0 for r in rows), out
     check_results(tmp_path / "net.json", "net", 6)
+
+
+@pytest.mark.parametrize(("ring", "in_order"), [("packed", "on"), ("packed", "off"),
+                                                ("split", "on")])
+def test_bench_net_rings(tmp_path, ring, in_order):
+    """virtq and DPDK's virtio-user on the same packed and/or in-order ring (virtq checks
+    that it negotiated the ring it was asked for)."""
+    out = run("-m", "virtq", "bench", "net", "--ring", ring, "--in-order", in_order,
+              "--seconds", "0.2", "--warmup", "0.1", "--rounds", "1",
+              "--json", tmp_path / "net.json")
+    label = ring + (" in-order" if in_order == "on" else "")
+    assert f"{label} ring" in out.splitlines()[0]
+    rows = table_rows(out, NET_HEADER)
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        (d, label, who) for d in ("TX", "RX")
+        for who in ("DPDK virtio-user (C)", "virtq (poll)", "virtq (notify)")]
+    assert all(int(r[3]) > 0 for r in rows), out
+    data = check_results(tmp_path / "net.json", "net", 6)
+    assert all(v["row"].startswith((f"TX {label} ", f"RX {label} ")) for v in data["values"])
 
 
 def test_bench_net_pairs(tmp_path):
@@ -170,11 +193,11 @@ def test_bench_net_pairs(tmp_path):
     out = run("-m", "virtq", "bench", "net", "--seconds", "0.2", "--warmup", "0.1",
               "--rounds", "1", "--mode", "notify", "--pairs", "1,2",
               "--json", tmp_path / "net.json")
-    rows = table_rows(out, "| dir | front-end driver | packets | Mpps |")
-    assert [(r[0], r[1]) for r in rows] == [
+    rows = table_rows(out, NET_HEADER)
+    assert [(r[0], r[2]) for r in rows] == [
         (d, who + suffix) for suffix in ("", ", 2 pairs") for d in ("TX", "RX")
         for who in ("DPDK virtio-user (C)", "virtq (notify)")]
-    assert all(int(r[2]) > 0 for r in rows)
+    assert all(int(r[3]) > 0 for r in rows), out
     check_results(tmp_path / "net.json", "net", 8)
 
 

@@ -2,6 +2,7 @@
 virtio-user driver doing the same work against the same kind of back-end, in one run.
 
     python -m virtq.cli.bench_net [--seconds 3] [--frame-size 64] [--batch 32] [--pairs 1,2]
+                                  [--ring split|packed] [--in-order off|on]
 
 * **TX**: the back-end (testpmd ``net_vhost0``) runs ``rxonly`` and counts; the front-end
   transmits as fast as it can -- virtq's :meth:`NetDevice.send_batch`, or a second testpmd
@@ -16,6 +17,12 @@ forwarding lcore for all of them): virtq transmits on its pairs in turn and rece
 :meth:`NetDevice.recv_any` (one sleep on every receiveq); the C driver is a virtio-user with
 ``queues=N``.
 
+Both front-ends run the same ring (``--ring``, ``--in-order``): virtq's NetDevice is built
+with ``ring=`` and ``in_order=`` (and checked to have negotiated them), DPDK's with the
+``packed_vq=`` and ``in_order=`` devargs of ``net_virtio_user`` (which would otherwise ask
+for VIRTIO_F_IN_ORDER whatever virtq does).  Both take VIRTIO_NET_F_MRG_RXBUF when the
+back-end offers it.
+
 Placement on a 2-CPU machine: the back-end's forwarding lcore is CPU 1; the front-end's
 data path runs on CPU 0 (this process is pinned there; the C front-end's forwarding lcore
 is 0 too).  "CPU µs/pkt" is the front-end's user+system CPU time over the window divided by
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import os
 import sys
 import tempfile
@@ -35,6 +43,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -58,6 +67,7 @@ class Result:
     seconds: float
     cpu_seconds: float
     pairs: int = 1
+    ring: str = "split"  # the ring format, and "in-order" when VIRTIO_F_IN_ORDER is on
 
     @property
     def pps(self) -> float:
@@ -90,6 +100,31 @@ def _frames(size: int, count: int) -> list[bytes]:
     return [head + i.to_bytes(4, "little") + bytes(body - 4) for i in range(count)]
 
 
+def _ring(args: argparse.Namespace) -> str:
+    """The ring column of a row: the format, and "in-order" when it is on."""
+    return str(args.ring) + (" in-order" if args.in_order == "on" else "")
+
+
+def _connect(sock: Path, args: argparse.Namespace, poll: bool, pairs: int) -> NetDevice:
+    """virtq's NetDevice on the ring the run asks for.  Raises ``RuntimeError`` when it
+    negotiated another one, and what NetDevice raises."""
+    in_order = args.in_order == "on"
+    rings: dict[str, Any] = {"ring": args.ring, "in_order": in_order}
+    if "ring" not in inspect.signature(NetDevice.connect_vhost_user).parameters:
+        # An older virtq (benchmarks/compare.py): split rings only, never in order.
+        if (args.ring, in_order) != ("split", False):
+            raise RuntimeError("this virtq's NetDevice has split rings only")
+        rings = {}
+    dev = NetDevice.connect_vhost_user(sock, queue_size=args.queue_size, poll=poll,
+                                       queue_pairs=pairs, **rings)
+    got = (getattr(dev, "ring", "split"), getattr(dev, "in_order", False))
+    if got != (args.ring, in_order):
+        dev.close()
+        raise RuntimeError(f"virtq negotiated {got[0]} in_order={got[1]}, not "
+                           f"{args.ring} in_order={in_order}")
+    return dev
+
+
 # -- virtq ------------------------------------------------------------------------------------
 
 
@@ -102,8 +137,7 @@ def virtq_tx(backend: TestPmd, sock: Path, args: argparse.Namespace, poll: bool,
     backend.start_forwarding()
     frames = _frames(args.frame_size, args.batch)
     me = psutil.Process()
-    with NetDevice.connect_vhost_user(sock, queue_size=args.queue_size, poll=poll,
-                                      queue_pairs=pairs) as dev:
+    with _connect(sock, args, poll, pairs) as dev:
         backend.wait_link(True)
         send = dev.send_batch
         each = range(pairs)
@@ -132,7 +166,8 @@ def virtq_tx(backend: TestPmd, sock: Path, args: argparse.Namespace, poll: bool,
     if stats.rx_packets != sent:
         raise RuntimeError(f"virtq sent {sent} frames, testpmd counted {stats.rx_packets}")
     mode = "poll" if poll else "notify"
-    return Result("TX", f"virtq ({mode})", stats.rx_packets, t1 - t0, c1 - c0, pairs)
+    return Result("TX", f"virtq ({mode})", stats.rx_packets, t1 - t0, c1 - c0, pairs,
+                  _ring(args))
 
 
 def virtq_rx(backend: TestPmd, sock: Path, args: argparse.Namespace, poll: bool,
@@ -141,8 +176,7 @@ def virtq_rx(backend: TestPmd, sock: Path, args: argparse.Namespace, poll: bool,
     rate is what virtq received.  Raises what NetDevice and TestPmd raise."""
     backend.set_forward_mode("txonly")
     me = psutil.Process()
-    with NetDevice.connect_vhost_user(sock, queue_size=args.queue_size, poll=poll,
-                                      queue_pairs=pairs) as dev:
+    with _connect(sock, args, poll, pairs) as dev:
         backend.wait_link(True)
         backend.start_forwarding()
         # Several pairs: one call takes what every receiveq has (and sleeps on all).
@@ -163,7 +197,7 @@ def virtq_rx(backend: TestPmd, sock: Path, args: argparse.Namespace, poll: bool,
         backend.stop_forwarding()
     backend.wait_link(False)
     mode = "poll" if poll else "notify"
-    return Result("RX", f"virtq ({mode})", got, t1 - t0, c1 - c0, pairs)
+    return Result("RX", f"virtq ({mode})", got, t1 - t0, c1 - c0, pairs, _ring(args))
 
 
 # -- DPDK's C virtio-user ---------------------------------------------------------------------
@@ -188,21 +222,24 @@ def c_tx(backend: TestPmd, sock: Path, args: argparse.Namespace, pairs: int = 1)
     backend.set_forward_mode("rxonly")
     backend.start_forwarding()
     with TestPmd.virtio_user(sock, forward_mode="txonly", queue_size=args.queue_size,
-                             txpkts=args.frame_size, queues=pairs) as fe:
+                             txpkts=args.frame_size, queues=pairs,
+                             packed_vq=args.ring == "packed",
+                             in_order=args.in_order == "on") as fe:
         backend.wait_link(True)
         fe.start_forwarding()
         time.sleep(args.warmup)
         packets, secs, cpu = _c_window(backend, fe, rx=True, seconds=args.seconds)
         fe.stop_forwarding()
     backend.wait_link(False)
-    return Result("TX", "DPDK virtio-user (C)", packets, secs, cpu, pairs)
+    return Result("TX", "DPDK virtio-user (C)", packets, secs, cpu, pairs, _ring(args))
 
 
 def c_rx(backend: TestPmd, sock: Path, args: argparse.Namespace, pairs: int = 1) -> Result:
     """:func:`virtq_rx` with DPDK's C virtio-user (a second testpmd, ``rxonly``)."""
     backend.set_forward_mode("txonly")
     with TestPmd.virtio_user(sock, forward_mode="rxonly", queue_size=args.queue_size,
-                             queues=pairs) as fe:
+                             queues=pairs, packed_vq=args.ring == "packed",
+                             in_order=args.in_order == "on") as fe:
         backend.wait_link(True)
         fe.start_forwarding()
         backend.start_forwarding()
@@ -211,7 +248,7 @@ def c_rx(backend: TestPmd, sock: Path, args: argparse.Namespace, pairs: int = 1)
         backend.stop_forwarding()
         fe.stop_forwarding()
     backend.wait_link(False)
-    return Result("RX", "DPDK virtio-user (C)", packets, secs, cpu, pairs)
+    return Result("RX", "DPDK virtio-user (C)", packets, secs, cpu, pairs, _ring(args))
 
 
 # -- report ----------------------------------------------------------------------------------
@@ -232,11 +269,11 @@ def table(results: Sequence[Result]) -> str:
             ratio, verdict = f"{x:.1f}", "yes" if x <= TARGET_RATIO else "no"
             cpu_ratio = f"{r.cpu_us_per_packet / base.cpu_us_per_packet:.1f}"
         who = r.driver if r.pairs == 1 else f"{r.driver}, {r.pairs} pairs"
-        rows.append([r.direction, who, r.packets, f"{r.pps / 1e6:.3f}", ratio,
+        rows.append([r.direction, r.ring, who, r.packets, f"{r.pps / 1e6:.3f}", ratio,
                      f"{r.cpu_us_per_packet:.3f}", cpu_ratio, verdict])
     return markdown_table(
-        ["dir", "front-end driver", "packets", "Mpps", "C rate / this", "CPU µs/pkt",
-         "this CPU / C CPU", f"rate within {TARGET_RATIO:g}x of C"], rows, "llrrrrrl")
+        ["dir", "ring", "front-end driver", "packets", "Mpps", "C rate / this", "CPU µs/pkt",
+         "this CPU / C CPU", f"rate within {TARGET_RATIO:g}x of C"], rows, "lllrrrrrl")
 
 
 def _rounds(backend: TestPmd, sock: Path, args: argparse.Namespace, modes: list[bool],
@@ -289,6 +326,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--skip-c", action="store_true", help="no DPDK virtio-user baseline")
     ap.add_argument("--pairs", type=_args.int_list(_args.int_in(1, 8)), default=[1],
                     help="queue pair counts to measure, comma-separated (1..8; default 1)")
+    ap.add_argument("--ring", choices=("split", "packed"), default="split",
+                    help="ring format of both front-ends (VIRTIO 1.2 §2.7 / §2.8)")
+    ap.add_argument("--in-order", choices=("off", "on"), default="off",
+                    help="VIRTIO_F_IN_ORDER for both front-ends")
     ap.add_argument("--json", help="also write the numbers to this file")
     ap.add_argument("--plot", metavar="FILE.png",
                     help="also draw the table: Mpps and CPU per packet of virtq next to "
@@ -301,8 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     modes = {"poll": [True], "notify": [False], "both": [True, False]}[args.mode]
 
     title = (f"bench net: {host_line()}, {args.frame_size}-byte frames, queue size "
-             f"{args.queue_size}, virtq batch {args.batch}, {args.rounds} x "
-             f"{args.seconds:g} s per row")
+             f"{args.queue_size}, {_ring(args)} ring, virtq batch {args.batch}, "
+             f"{args.rounds} x {args.seconds:g} s per row")
     print(f"# {title}")
     print("# back-end: dpdk-testpmd net_vhost0 (--no-huge), forwarding lcore on CPU 1; "
           "front-end data path on CPU 0")
@@ -320,7 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         out = Results("net", title)
         for r in results:
-            row = f"{r.direction} {r.driver}" + (f" {r.pairs} pairs" if r.pairs > 1 else "")
+            row = (f"{r.direction} {r.ring} {r.driver}"
+                   + (f" {r.pairs} pairs" if r.pairs > 1 else ""))
             mine = "(C)" not in r.driver  # the C driver's rows are a control, not judged
             out.add(row, "Mpps", r.pps / 1e6, "higher" if mine else None)
             out.add(row, "CPU µs/pkt", r.cpu_us_per_packet, "lower" if mine else None)

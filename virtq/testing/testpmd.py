@@ -168,16 +168,27 @@ class TestPmd:
         txpkts: int | None = None,
         queues: int = 1,
         timeout: float = 30.0,
+        packed_vq: bool = False,
+        in_order: bool | None = None,
+        mrg_rxbuf: bool | None = None,
     ) -> Self:
         """DPDK's C virtio-user front-end connecting to a back-end at ``socket_path``, with
         ``queues`` queue pairs (it plays the controlq itself: VQ_PAIRS_SET becomes
-        SET_VRING_ENABLE, as virtq does)."""
+        SET_VRING_ENABLE, as virtq does).  ``packed_vq``: ask for VIRTIO_F_RING_PACKED;
+        ``in_order`` / ``mrg_rxbuf``: ask for VIRTIO_F_IN_ORDER / VIRTIO_NET_F_MRG_RXBUF or
+        not (None: the driver's default, which asks for both).  The driver takes each only
+        when the back-end offers it."""
         binary = require_binary("dpdk-testpmd", "dpdk-dev")
         extra = [f"--txpkts={txpkts}"] if txpkts else []
         extra += cls._queues(queues)
+        # virtio_user's devargs (drivers/net/virtio/virtio_user_ethdev.c).
+        ring_args = f",packed_vq={int(packed_vq)}"
+        for name, value in (("in_order", in_order), ("mrg_rxbuf", mrg_rxbuf)):
+            if value is not None:
+                ring_args += f",{name}={int(value)}"
         args = [binary, *cls._eal(main_lcore, lcores, memory_mb),
                 "--vdev", f"net_virtio_user0,path={socket_path},queues={queues},"
-                f"queue_size={queue_size}",
+                f"queue_size={queue_size}" + ring_args,
                 *cls._app(forward_mode, mbufs, extra)]
         return cls(args, socket_path=socket_path, role="virtio-user", timeout=timeout)
 
