@@ -14,7 +14,9 @@ or without in-order.
 Every configuration runs add x batch + publish, a minimal in-process echo device
 (echo_device.py, the same one for virtq and naive) completes the chains, then the driver
 reaps.  "driver" counts only the driver's work (add + publish + reap, timer overhead
-subtracted); "round trip" also counts the device.  The naive rings (naive_ring.py for
+subtracted); "round trip" also counts the device.  Each is the median over the batches of
+a run, per chain: a batch that another process preempted (a shared machine) moves a mean,
+not the median.  The naive rings (naive_ring.py for
 split, naive_packed_ring.py for packed, each with its in-order variant) do the same driver
 work with precompiled structs, one ``pack_into`` per descriptor, the same batching (one
 publish per batch) and, in the event-idx rows, the same kick decision; they never use
@@ -31,6 +33,7 @@ line.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -167,9 +170,9 @@ def run(kind: str, ring: str, in_order: bool, api: str, chain: int, batch: int,
         many = [(readable, writable, i) for i in range(batch)]
         add_many = q.add_many if api == "add_many" else None
         pc = time.perf_counter_ns
-        ops = 0
-        driver_ns = 0.0
-        total_ns = 0.0
+        # Per batch (publish): the driver's ns and the round trip's, for their medians.
+        driver: list[int] = []
+        total: list[int] = []
         deadline = time.monotonic() + seconds
         rng = range(batch)
         while time.monotonic() < deadline:
@@ -186,16 +189,16 @@ def run(kind: str, ring: str, in_order: bool, api: str, chain: int, batch: int,
                 t2 = pc()
                 got = drain()
                 t3 = pc()
-                driver_ns += (t1 - t0) + (t3 - t2) - 2 * overhead
-                total_ns += t3 - t0 - overhead
-                ops += batch
+                driver.append((t1 - t0) + (t3 - t2))
+                total.append(t3 - t0)
                 # Every chain came back, last one last (outside the timed part: a broken
                 # ring must not print numbers).
                 if len(got) != batch or got[-1][0] != batch - 1:
                     raise RuntimeError(f"{kind} {ring}: reaped {len(got)} chains of {batch}")
     finally:
         cleanup()
-    return driver_ns / ops, total_ns / ops
+    return ((statistics.median(driver) - 2 * overhead) / batch,
+            (statistics.median(total) - overhead) / batch)
 
 
 def csv_choice(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
@@ -246,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.rounds} round(s) per ring, API and configuration")
     print(f"# {title}")
     print("# driver ns/chain = add + publish + reap; round trip adds the echo device; "
-          "best of the rounds")
+          "median batch of each run, best of the rounds")
     for (ring, io), why in skipped.items():
         print(f"# skipped: {ring}, in-order {ON[io]}: {why}")
     results = Results("ring", title)
