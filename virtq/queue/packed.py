@@ -334,7 +334,7 @@ class _PackedCore(Generic[T]):
             return False
         n = self.size
         flags = self._desc_h[(seq % n) * 8 + 7]
-        return flags & _PAIR == _USED_BITS[_wrap(seq, n)]
+        return flags & _PAIR == _USED_BITS[1 ^ (seq // n) & 1]  # _wrap(seq, n), inlined
 
     def _fail_here(self, seq: int, out: list[tuple[T, int]], part: str, value: int,
                    expected: str) -> NoReturn:
@@ -1286,7 +1286,7 @@ class PackedSlotQueue(_PackedCore[int]):
             pos = seq % n
             flags = desc_h[pos * 8 + 7]
             pair = flags & _PAIR
-            expected = _USED_BITS[_wrap(seq, n)]
+            expected = _USED_BITS[1 ^ (seq // n) & 1]  # _wrap(seq, n), inlined
             if pair != expected:
                 if pair == _PAIR ^ expected:
                     self._fail_slot(seq, slots, lens, "flags", flags,
