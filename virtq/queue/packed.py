@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import struct
 import weakref
+from array import array
 from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any, Generic, NoReturn, TypeVar
@@ -1121,7 +1122,9 @@ class PackedSlotQueue(_PackedCore[int]):
     always sits at position ``d`` and is its own buffer id.  A submission writes each
     slot's descriptor in full (address, length from the driver's own shadow, id, flags:
     the device writes id, len and flags of used descriptors over them, and nothing of it
-    is read back); the first slot's flags wait for :meth:`publish`.  A device that
+    is read back), a strided store per field and lap; the first slot's flags wait for
+    :meth:`publish`.  A reap takes the slots a device used one by one in order a run at
+    a time (one list comparison), and anything else one descriptor at a time.  A device that
     completes out of order is handled as by ``SlotQueue``: reuse waits for the oldest
     slot.  With VIRTIO_F_IN_ORDER one used descriptor may retire a batch (§2.8.8).
     """
@@ -1152,7 +1155,6 @@ class PackedSlotQueue(_PackedCore[int]):
                                     f"for {slot_size} bytes")
         super().__init__(region, layout, iova=iova, event_idx=event_idx, in_order=in_order,
                          start_index=start_index, strict_len=strict_len)
-        self._slot_addrs = addrs
         self.slot_size = slot_size
         self.writable = bool(writable)
         # What the device may report writing into a slot (a device-readable one: none).
@@ -1160,7 +1162,19 @@ class PackedSlotQueue(_PackedCore[int]):
         self._desc_q = self._desc_mem.cast("Q")  # [2p] addr, [2p + 1] len | id << 32 | flags << 48
         # Each slot's length, as the driver last set it (the ring's len is the device's
         # after a completion).
-        self._lens = [slot_size] * n
+        self._lens = array("I", [slot_size]) * n
+        # Per position p (= slot = buffer id), for strided stores and one-comparison checks
+        # of whole runs: the slot addresses; by wrap counter, the u32 holding id and flags
+        # (descriptor bytes 12..15) of an available descriptor, and of a used one as an
+        # in-order device writes it (WRITE set when it wrote into a writable slot,
+        # §2.8.3).  One attribute for all (the 29-attribute budget).
+        wflag = _F_WRITE if writable else 0
+        self._runs = (
+            array("Q", addrs),
+            tuple(array("I", [p | (_AVAIL_BITS[w] | wflag) << 16 for p in range(n)])
+                  for w in (0, 1)),
+            tuple([p | (_USED_BITS[w] | wflag) << 16 for p in range(n)] for w in (0, 1)),
+        )
         self._reset_ring(self._check_start(start_index, n))
 
     def _forget(self) -> None:
@@ -1213,31 +1227,34 @@ class PackedSlotQueue(_PackedCore[int]):
             raise QueueFullError(count, free, "slots")
         if not count:
             return seq % n
-        lens = self._lens
         if lengths is not None:
             self._set_lengths(seq, count, lengths)
-        desc_q = self._desc_q
-        addrs = self._slot_addrs
-        wflag = _F_WRITE if self.writable else 0
         first = seq % n
-        pos = first
-        bits = _AVAIL_BITS[_wrap(seq, n)] | wflag
-        for k in range(count):
-            if k and pos == 0:
-                bits = _AVAIL_BITS[_wrap(seq + k, n)] | wflag
-            desc_q[2 * pos] = addrs[pos]
-            if k or self._pending is not None:
-                desc_q[2 * pos + 1] = lens[pos] | pos << 32 | bits << 48
-            else:
-                # the batch's first descriptor: len and id now, flags in publish()
-                self._desc_w[4 * pos + 2] = lens[pos]
-                self._desc_h[8 * pos + 6] = pos
-                self._pending = (8 * pos + 7, bits)
-            pos += 1
-            if pos == n:
-                pos = 0
+        wrap = 1 ^ (seq // n) & 1  # _wrap(seq, n), inlined
+        start = first
+        if self._pending is None:
+            # The batch's first descriptor: address, len and id now, flags in publish().
+            self._desc_q[2 * first] = self._runs[0][first]
+            self._desc_w[4 * first + 2] = self._lens[first]
+            self._desc_h[8 * first + 6] = first
+            self._pending = (8 * first + 7, self._runs[1][wrap][first] >> 16)
+            start += 1
+        # The others in full, a run per lap: invisible behind the first until publish().
+        end = first + count
+        self._write_run(start, min(end, n), wrap)
+        if end > n:
+            self._write_run(0, end - n, wrap ^ 1)
         self._avail_dseq = seq + count
         return first
+
+    def _write_run(self, a: int, b: int, wrap: int) -> None:
+        """Descriptors a .. b - 1, available in the lap of wrap counter ``wrap``: address,
+        len, then id and flags, each one strided store over the run (§2.8.13)."""
+        if a < b:
+            addrs, avail, _ = self._runs
+            self._desc_q[2 * a : 2 * b : 2] = addrs[a:b]
+            self._desc_w[4 * a + 2 : 4 * b + 2 : 4] = self._lens[a:b]
+            self._desc_w[4 * a + 3 : 4 * b + 3 : 4] = avail[wrap][a:b]
 
     def _set_lengths(self, seq: int, count: int, lengths: Sequence[int]) -> None:
         if self.writable:
@@ -1250,13 +1267,19 @@ class PackedSlotQueue(_PackedCore[int]):
         if len(values) != count:
             raise ArgumentError("lengths", len(values), f"one per slot ({count})")
         size = self.slot_size
-        if not all(isinstance(x, int) and 0 < x <= size for x in values):
+        try:  # min, max and the u32 conversion: C loops
+            ok = min(values) > 0 and max(values) <= size
+            packed = array("I", values)
+        except (TypeError, OverflowError):
+            ok = False
+        if not ok:
             bad = next(x for x in values if not isinstance(x, int) or not 0 < x <= size)
             raise ArgumentError("lengths", bad, f"must be ints in 1..{size}")
         n = self.size
-        lens = self._lens
-        for k, x in enumerate(values):
-            lens[(seq + k) % n] = x
+        first = seq % n
+        k = min(count, n - first)
+        self._lens[first : first + k] = packed[:k]
+        self._lens[: count - k] = packed[k:]
 
     # -- reaping --------------------------------------------------------------------------
 
@@ -1282,6 +1305,11 @@ class PackedSlotQueue(_PackedCore[int]):
         pub = self._pub_dseq
         if self._batch is not None:
             seq = self._retire_slots(seq, *self._batch, slots, lens, limit)
+        elif seq != pub and not self._early_count:
+            # The common case first, a run at a time: used in order, one descriptor each.
+            seq += self._used_run(seq, pub - seq if limit is None else min(pub - seq, limit),
+                                  slots, lens)
+            self._front = seq
         while seq != pub and (limit is None or len(slots) < limit) and self._batch is None:
             pos = seq % n
             flags = desc_h[pos * 8 + 7]
@@ -1342,6 +1370,60 @@ class PackedSlotQueue(_PackedCore[int]):
         self._front = stop
         self._batch = (at, length) if stop <= at else None
         return seq + stop - front
+
+    def _used_run(self, seq: int, count: int, slots: list[int], lens: list[int]) -> int:
+        """How many of the ``count`` descriptors from count ``seq`` on (published, in
+        flight, nothing completed early) the device used one by one in order -- slot p's
+        used descriptor at position p with id p, AVAIL = USED = the lap's wrap counter,
+        WRITE exactly for a writable slot, len within it -- appended to ``slots`` and
+        ``lens``.  Each run of positions is checked with one list comparison of the u32s
+        holding id and flags (an aligned load: the flags the device stores last come with
+        the id it stored before them, §2.8.22), and lens are read after the barrier.  The
+        caller's loop takes whatever else comes next: a descriptor not yet used, an
+        in-order batch, an early completion, or an impossible one it names."""
+        n = self.size
+        desc_w = self._desc_w
+        used = self._runs[2]
+        a = seq % n
+        wrap = 1 ^ (seq // n) & 1  # _wrap(seq, n), inlined
+        if desc_w[4 * a + 3] != used[wrap][a]:
+            return 0  # not used yet, or not this way (an in-order batch): one load
+        done = 0
+        while done < count:
+            b = min(n, a + count - done)
+            want = used[wrap][a:b]
+            got = desc_w[4 * a + 3 : 4 * b + 3 : 4].tolist()
+            k = b - a
+            if got != want:
+                # The longest equal prefix, each probe one C-level comparison.
+                lo, hi = 0, k
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    if got[:mid] == want[:mid]:
+                        lo = mid
+                    else:
+                        hi = mid
+                k = lo
+            if not k:
+                break
+            if OBSERVE_BARRIER_NEEDED:
+                observe_barrier()
+            if self.writable:
+                got_lens = desc_w[4 * a + 2 : 4 * (a + k) + 2 : 4].tolist()
+                if self.strict_len and max(got_lens) > self._capacity:
+                    # Up to the first impossible len: the caller's loop names it.
+                    k = next(i for i, x in enumerate(got_lens) if x > self._capacity)
+                    got_lens = got_lens[:k]
+                lens += got_lens
+            else:
+                lens += [0] * k
+            slots += range(a, a + k)
+            done += k
+            if a + k < b:
+                break
+            a = 0
+            wrap ^= 1
+        return done
 
     def _fail_slot(self, seq: int, slots: list[int], lens: list[int], part: str, value: int,
                    expected: str) -> NoReturn:
