@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("socket")
     p.add_argument("--num-queues", type=int, default=1)
     p.add_argument("--read-only", action="store_true")
+    p.add_argument("--inflight", action="store_true",
+                   help="offer INFLIGHT_SHMFD and resume requests from the inflight buffer")
     p.add_argument("--faults", default="", metavar="SPEC",
                    help="e.g. 'drop_after=3' or 'nack=SET_MEM_TABLE,out_of_order'")
     args = p.parse_args(argv)
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     try:
         backend = VhostUserBlkBackend(args.image, args.socket, num_queues=args.num_queues,
-                                      read_only=args.read_only,
+                                      read_only=args.read_only, inflight=args.inflight,
                                       faults=Faults.parse(args.faults)).start()
     except (OSError, VirtqError) as exc:
         print(f"{p.prog}: {exc}", file=sys.stderr)
