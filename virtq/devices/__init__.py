@@ -5,6 +5,7 @@ from virtq.devices.dma import DmaBuffer
 from virtq.devices.errors import BlkIOError, BlkUnsupportedError
 from virtq.devices.net import NetDevice, NetTimeoutError
 from virtq.devices.rng import RngDevice, RngTimeoutError
+from virtq.transport.reconnect import ReconnectError, ReconnectPolicy
 
 __all__ = [
     "BlkDevice",
@@ -14,6 +15,8 @@ __all__ = [
     "DmaBuffer",
     "NetDevice",
     "NetTimeoutError",
+    "ReconnectError",
+    "ReconnectPolicy",
     "RngDevice",
     "RngTimeoutError",
 ]
