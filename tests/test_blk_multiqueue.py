@@ -122,3 +122,27 @@ def test_a_device_error_on_one_queue_loses_no_other_completion(
         with pytest.raises(QueueStateError, match="queue 1 is broken") as info:
             dev.submit_read(0, 512, queue=1)
         assert isinstance(info.value.__cause__, Exception)
+
+
+@pytest.mark.parametrize("queue", [0, 3])
+def test_batch_refill_on_one_queue(qsd4: QemuStorageDaemon, queue: int,
+                                   no_leaks: None) -> None:
+    """submit_read_many(queue=q) takes the batch path on that queue: the device's slots
+    of queue q (not queue 0's) carry the headers and buffers, refills repeat them."""
+    with BlkDevice.connect_vhost_user(qsd4.socket_path, num_queues=4) as dev:
+        arena = dev.alloc_buffer(16 * 4096)
+        bufs = [arena.slice(i * 4096, 4096) for i in range(16)]
+        for rnd in range(5):
+            sectors = [(rnd * 16 + i) * 8 for i in range(16)]
+            reqs = dev.submit_read_many(sectors, into=bufs, queue=queue)
+            copied = dev.submit_read_many(sectors[:4], 4096, queue=queue)
+            dev.wait([*reqs, *copied], timeout=30)
+            assert {r.queue for r in [*reqs, *copied]} == {queue}
+            for r, buf in zip(reqs, bufs, strict=True):
+                assert r.error is None
+                with buf.view() as v:
+                    assert bytes(v) == expected(r.sector, 4096)
+            for r in copied:
+                assert r.wait() == expected(r.sector, 4096)
+        assert [q["submitted"] for q in dev.stats()][queue] == 100
+        del bufs, arena

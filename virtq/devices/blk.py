@@ -231,8 +231,8 @@ class _Ledger:
     """What a BlkDevice keeps beside its per-request state, in one attribute (see
     tests/test_attribute_budget.py): per-queue counts and the reconnect policy's state."""
 
-    __slots__ = ("completed", "failed", "held", "last", "outage", "policy", "reconnects",
-                 "resubmitted", "since", "writes")
+    __slots__ = ("completed", "failed", "first_after", "held", "last", "outage", "policy",
+                 "reconnects", "resubmitted", "since", "writes")
 
     def __init__(self, policy: ReconnectPolicy | None, num_queues: int) -> None:
         self.policy = policy
@@ -252,6 +252,8 @@ class _Ledger:
         self.last: dict[str, float | int] = {}
         #: The last reconnect: when its outage began, and the completions counted then.
         self.since: tuple[float, int] | None = None
+        #: Set by a reconnect until the first completion after it: its outage's start.
+        self.first_after: float | None = None
 
 
 class BlkDevice:
@@ -820,15 +822,22 @@ class BlkDevice:
             self._refuse()
         if not count:
             return []
-        if not self._single_queue:
-            return self._submit_each(sectors, nbytes, into, queue)
-        tpl = self._tpls[0]
+        if self._single_queue:
+            qi = 0
+        elif queue is None:
+            return self._submit_each(sectors, nbytes, into, None)
+        else:
+            qi = queue
+        tpl = self._tpls[qi]
         try:
             slots = tpl.acquire_many(count)
         except QueueFullError:
-            if self.queues[0].state is not _READY:
-                self._take_slot()  # raises why
+            if self.queues[qi].state is not _READY:
+                self._slot_on(qi)  # raises why
             raise
+        # The template's slots are the queue's; the device's per-slot state is indexed by
+        # the global slot number.
+        gs = slots if not qi else tuple(qi * self.slots_per_queue + s for s in slots)
         mem = self._mem
         assert mem is not None
         pack_header = _PACK_HEADER_STATUS
@@ -846,7 +855,7 @@ class BlkDevice:
         try:
             if into is None:
                 key = nbytes << 2 | 1
-                for slot, sector in zip(slots, sectors, strict=True):
+                for slot, sector in zip(gs, sectors, strict=True):
                     pack_header(mem, slot_meta[slot], VIRTIO_BLK_T_IN, 0, sector,
                                 _STATUS_POISON)
                     if shape_key[slot] != key:
@@ -856,7 +865,7 @@ class BlkDevice:
             else:
                 slot_buf = self._slot_buf
                 zc_key = _ZC_ONE | 1
-                for slot, sector, buf in zip(slots, sectors, into, strict=True):
+                for slot, sector, buf in zip(gs, sectors, into, strict=True):
                     pack_header(mem, slot_meta[slot], VIRTIO_BLK_T_IN, 0, sector,
                                 _STATUS_POISON)
                     bufs = (buf,)
@@ -870,8 +879,8 @@ class BlkDevice:
                 except ArgumentError:
                     same = False  # a slot the queue has forgotten (reset): say it again
             if not same:
-                tpl.submit_many(slots, list(map(self._shape_r.__getitem__, slots)),
-                                list(map(self._shape_w.__getitem__, slots)), reqs)
+                tpl.submit_many(slots, list(map(self._shape_r.__getitem__, gs)),
+                                list(map(self._shape_w.__getitem__, gs)), reqs)
         except struct.error:
             tpl.release_many(slots)
             for sector in sectors:
@@ -915,23 +924,17 @@ class BlkDevice:
         return length
 
     def _submit_each(self, sectors: Sequence[int], nbytes: int,
-                     into: Sequence[DmaBuffer] | None, queue: int | None
-                     ) -> list[BlkRequest]:
-        """The batch call over several queues (or on the one ``queue``): check everything,
-        then submit one by one (nothing can fail half-way)."""
+                     into: Sequence[DmaBuffer] | None, queue: None) -> list[BlkRequest]:
+        """The batch call spread over several queues: check everything, then submit one
+        by one, round-robin (nothing can fail half-way).  (A batch for one queue takes
+        the batch path of :meth:`submit_read_many`.)"""
         for sector in sectors:
             _check_sector(sector)
         count = len(sectors)
-        if queue is None:
-            free = sum(t.num_free for t, q in zip(self._tpls, self.queues, strict=True)
-                       if q.state is _READY)
-        else:
-            if self.queues[queue].state is not _READY:
-                self._slot_on(queue)  # raises why
-            free = self._tpls[queue].num_free
+        free = sum(t.num_free for t, q in zip(self._tpls, self.queues, strict=True)
+                   if q.state is _READY)
         if count > free:
-            raise QueueFullError(count, free, "request slots" if queue is None
-                                 else f"request slots of queue {queue}")
+            raise QueueFullError(count, free, "request slots")
         if into is None:
             return [self._submit(VIRTIO_BLK_T_IN, sector, nbytes, None, None, True, queue)
                     for sector in sectors]
@@ -1011,8 +1014,10 @@ class BlkDevice:
         ``waiting`` (True while the device waits for its back-end), and for the last
         reconnect ``outage_s`` (seconds from noticing the back-end was gone to connected
         again), ``attempts`` (connections tried), ``resubmitted`` (requests the driver
-        resubmitted) and ``resumed`` (requests left in the kept rings for the back-end to
-        carry out from its inflight region)."""
+        resubmitted), ``resumed`` (requests left in the kept rings for the back-end to
+        carry out from its inflight region), ``first_completion_s`` (from noticing to the
+        first completion after the reconnect, once there was one), and the
+        ``time.monotonic()`` values ``back_at`` (connected again) and ``first_at``."""
         rec = self._rec
         return {"reconnects": rec.reconnects, "waiting": rec.outage is not None, **rec.last}
 
@@ -1078,7 +1083,8 @@ class BlkDevice:
 
     def _reap(self, done: list[BlkRequest]) -> None:
         """Complete what the device used (see :meth:`_complete`), queue by queue."""
-        counts = self._rec.completed
+        rec = self._rec
+        counts = rec.completed
         for qi, q in enumerate(self.queues):
             if q.state is not _READY:
                 continue
@@ -1093,6 +1099,16 @@ class BlkDevice:
             if got:
                 self._complete(got, done)
                 counts[qi] += len(got)
+                if rec.first_after is not None:
+                    self._first_completion()
+
+    def _first_completion(self) -> None:
+        rec = self._rec
+        assert rec.first_after is not None
+        now = time.monotonic()
+        rec.last["first_at"] = now
+        rec.last["first_completion_s"] = now - rec.first_after
+        rec.first_after = None
 
     def _complete(self, got: list[tuple[BlkRequest, int]], done: list[BlkRequest]) -> None:
         """Status byte, data out of the bounce buffer: inlined over the batch because it
@@ -1236,7 +1252,9 @@ class BlkDevice:
                       for req in q.in_flight_tokens() if not req.done)
         resubmitted = self._resubmit(lost)
         rec.last = {"outage_s": outage.elapsed, "attempts": outage.attempts,
-                    "resubmitted": resubmitted, "resumed": resumed}
+                    "resubmitted": resubmitted, "resumed": resumed,
+                    "back_at": time.monotonic()}
+        rec.first_after = outage.started
         self._release_flushes()
         if self.poll_mode:
             self._waiter.disarm()
