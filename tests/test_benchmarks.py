@@ -102,6 +102,29 @@ def test_bench_blk(tmp_path):
     assert [r[:2] for r in table_rows(out, "| QD | mode | IOPS |")] == [["8", "batch"]]
 
 
+def test_bench_blk_queues(tmp_path):
+    out = run("-m", "virtq", "bench", "blk", "--seconds", "0.2", "--depths", "8",
+              "--modes", "eventfd,batch", "--queues", "1,2,4", "--json",
+              tmp_path / "blkq.json")
+    rows = table_rows(out, "| queues | QD | mode | IOPS |")
+    assert [(r[0], r[1], r[2]) for r in rows] == [(q, "8", m) for m in ("eventfd", "batch")
+                                                  for q in ("1", "2", "4")]
+    assert "num-queues=4" in out
+    check_results(tmp_path / "blkq.json", "blk-queues", 6)
+
+
+def test_bench_reconnect(tmp_path):
+    out = run("-m", "virtq", "bench", "reconnect", "--kills", "1", "--per-kill", "200",
+              "--json", tmp_path / "reconnect.json")
+    rows = table_rows(out, "| back-end | kill | in flight |")
+    assert [(r[0], r[1]) for r in rows] == [("qsd", "1"), ("embedded", "1")]
+    qsd, embedded = rows
+    assert int(qsd[7]) == 0  # QSD: the rings were reset, the driver resubmitted
+    assert int(embedded[6]) == 0  # INFLIGHT_SHMFD: the rings were kept
+    assert out.count("each completed once, 0 failed; the image matches the model") == 2
+    check_results(tmp_path / "reconnect.json", "reconnect", 2)
+
+
 def test_bench_net(tmp_path):
     out = run("-m", "virtq", "bench", "net", "--seconds", "0.2", "--warmup", "0.1",
               "--rounds", "1", "--json", tmp_path / "net.json")

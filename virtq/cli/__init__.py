@@ -162,7 +162,7 @@ def demo_blk(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     modules = {"blk": "virtq.cli.bench_blk", "net": "virtq.cli.bench_net",
-               "vfio": "virtq.cli.bench_vfio"}
+               "vfio": "virtq.cli.bench_vfio", "reconnect": "virtq.cli.bench_reconnect"}
     try:
         module = importlib.import_module(modules[args.what])
     except ImportError as exc:
@@ -210,8 +210,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="ring: first index, 0..0xffff (near 0xFFFF to show the wrap)")
     demo.set_defaults(func=lambda a: demo_blk(a) if a.what == "blk" else demo_ring(a),
                       parser=demo)
-    bench = sub.add_parser("bench", help="benchmarks (blk, net, vfio); --help after the name")
-    bench.add_argument("what", choices=["blk", "net", "vfio"])
+    bench = sub.add_parser("bench", help="benchmarks (blk, net, vfio, reconnect); --help "
+                           "after the name")
+    bench.add_argument("what", choices=["blk", "net", "vfio", "reconnect"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench, parser=bench)
     insp = sub.add_parser("inspect", help="print a split ring layout")

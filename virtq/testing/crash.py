@@ -146,6 +146,20 @@ class StampedWorkload:
                 self.stats.writes += 1
                 self.model[block] = seq
 
+    def step(self) -> None:
+        """One round: refill, then take what completes within a second."""
+        self.refill()
+        self.complete(self.dev.poll(timeout=1.0))
+
+    def drain(self, timeout: float = 120.0) -> None:
+        """Wait for every request in flight.  Raises :class:`WorkloadError`."""
+        deadline = time.monotonic() + timeout
+        while self.pending:
+            if time.monotonic() > deadline:
+                raise WorkloadError(f"{len(self.pending)} request(s) still in flight after "
+                                    f"{timeout} s")
+            self.complete(self.dev.poll(timeout=1.0))
+
     def run(self, completions: int, *,
             at: dict[int, Callable[[], None]] | None = None,
             timeout: float = 120.0) -> RunStats:
@@ -168,11 +182,7 @@ class StampedWorkload:
                     self.dev.kick()
                     events.pop(k)()
             self.complete(self.dev.poll(timeout=1.0))
-        while self.pending:
-            if time.monotonic() > deadline:
-                raise WorkloadError(f"{len(self.pending)} request(s) still in flight after "
-                                    f"{timeout} s")
-            self.complete(self.dev.poll(timeout=1.0))
+        self.drain(max(0.0, deadline - time.monotonic()))
         return self.stats
 
     def verify(self, image: str | Path) -> int:
