@@ -16,7 +16,6 @@ an error and that the image equals the model of every acknowledged write.
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import threading
@@ -283,7 +282,7 @@ def test_deadline_fails_every_kept_request_with_reconnect_error(
         with BlkDevice.connect_vhost_user(
                 sock, num_queues=2, reconnect=ReconnectPolicy(timeout=0.5, interval=0.05)
         ) as dev:
-            os.kill(qsd.pid or 0, signal.SIGSTOP)  # hold them in flight
+            freeze(qsd.pid)  # hold them in flight
             reqs = [dev.submit_read(i * 8, 4096) for i in range(16)]
             reqs.append(dev.submit_flush())
             reqs.append(dev.submit_write(900, b"x" * 4096))
@@ -321,7 +320,7 @@ def test_a_backend_with_fewer_features_fails_the_requests_at_once(
     try:
         with BlkDevice.connect_vhost_user(sock, num_queues=2, reconnect=QUICK) as dev:
             assert dev.read(0, 512) == sector_pattern(0)
-            os.kill(backend.pid or 0, signal.SIGSTOP)
+            freeze(backend.pid)
             reqs = [dev.submit_read(i * 8, 4096) for i in range(4)]
             dev.kick()
             backend.kill()
@@ -367,7 +366,7 @@ def test_outage_seen_by_an_event_loop_style_poll(image: Path, tmp_path: Path) ->
     qsd = QemuStorageDaemon(image, sock).start()
     try:
         with BlkDevice.connect_vhost_user(sock, reconnect=QUICK) as dev:
-            os.kill(qsd.pid or 0, signal.SIGSTOP)
+            freeze(qsd.pid)
             reqs = [dev.submit_read(i * 8, 4096) for i in range(8)]
             dev.kick()
             qsd.kill()
@@ -386,3 +385,55 @@ def test_outage_seen_by_an_event_loop_style_poll(image: Path, tmp_path: Path) ->
     finally:
         qsd.stop()
 
+
+
+@pytest.mark.parametrize("then", ["comes back", "never comes back"])
+def test_an_attempt_that_fails_half_way_loses_nothing(image: Path, tmp_path: Path,
+                                                      no_leaks: None, then: str) -> None:
+    """The first back-end dies; the second refuses SET_VRING_ADDR -- after the rings were
+    reset for it, so the kept requests are in no ring any more.  They still count as in
+    flight, and they are resubmitted by the next successful reconnect (or fail at the
+    deadline), each once."""
+    sock = tmp_path / "h.sock"
+    policy = ReconnectPolicy(timeout=30.0 if then == "comes back" else 2.0, interval=0.01)
+    with VhostUserBlkBackend(image, sock, faults=Faults(drop_after=1)) as backend, \
+            BlkDevice.connect_vhost_user(sock, reconnect=policy) as dev:
+        reqs = [dev.submit_read(i * 8, 4096) for i in range(6)]
+        dev.kick()
+        _wait_for(lambda: _dead(dev))
+        backend.faults = Faults(nack="SET_VRING_ADDR")
+        assert dev.poll(timeout=0) == []  # notices, tries once: refused half-way
+        assert dev.reconnect_stats()["waiting"]
+        assert all(q.num_in_flight == 0 for q in dev.queues)  # the rings were reset
+        assert dev.in_flight == 6
+        assert [q["in_flight"] for q in dev.stats()] == [6]
+        if then == "comes back":
+            backend.faults = Faults()
+        done: list[Any] = []
+        deadline = time.monotonic() + 30
+        while len(done) < 6 and time.monotonic() < deadline:
+            done += dev.poll(timeout=1.0)
+        assert sorted(map(id, done)) == sorted(map(id, reqs))
+        if then == "comes back":
+            assert all(r.wait() == expected(r.sector, 4096) for r in reqs)
+            assert dev.reconnect_stats()["resubmitted"] == 6
+        else:
+            assert all(isinstance(r.error, ReconnectError) for r in reqs)
+            assert dev.in_flight == 0
+
+
+def freeze(pid: int | None) -> None:
+    """SIGSTOP ``pid`` and wait until it is stopped: from then on it takes nothing more
+    from the rings (kill(2) returns before the signal is acted on)."""
+    assert pid is not None
+    proc = psutil.Process(pid)
+    proc.send_signal(signal.SIGSTOP)
+    _wait_for(lambda: proc.status() == psutil.STATUS_STOPPED)
+
+
+def _dead(dev: BlkDevice) -> bool:
+    try:
+        dev.transport.check_alive()
+    except VhostUserDisconnectedError:
+        return True
+    return False

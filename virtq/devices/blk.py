@@ -231,13 +231,16 @@ class _Ledger:
     """What a BlkDevice keeps beside its per-request state, in one attribute (see
     tests/test_attribute_budget.py): per-queue counts and the reconnect policy's state."""
 
-    __slots__ = ("completed", "failed", "first_after", "held", "last", "outage", "policy",
-                 "reconnects", "resubmitted", "since", "writes")
+    __slots__ = ("completed", "failed", "first_after", "held", "kept", "last", "outage",
+                 "policy", "reconnects", "resubmitted", "since", "writes")
 
     def __init__(self, policy: ReconnectPolicy | None, num_queues: int) -> None:
         self.policy = policy
         #: The back-end is gone and the requests are kept (policy only).
         self.outage: Outage | None = None
+        #: During an outage, every request kept (an ordered set): a connection attempt
+        #: that fails half-way may have taken some out of the rings already.
+        self.kept: dict[BlkRequest, None] = {}
         #: Per queue: completions reaped from the ring (whatever their status), requests
         #: failed without one (broken queue, transport, reconnect deadline, close), and
         #: requests the driver resubmitted after a reconnect.
@@ -983,12 +986,15 @@ class BlkDevice:
         the device waits for its back-end to come back)."""
         if self._refused is not None:
             return 0
+        rec = self._rec
+        if rec.outage is not None:
+            return len(self._kept())
         if self._single_queue:
             q = self.queues[0]
             n = q.num_in_flight if q.state is _READY else 0
         else:
             n = sum(q.num_in_flight for q in self.queues if q.state is _READY)
-        held = self._rec.held
+        held = rec.held
         return n + len(held) if held else n
 
     def stats(self) -> list[dict[str, Any]]:
@@ -997,11 +1003,12 @@ class BlkDevice:
         the transport, the reconnect deadline, close), ``in_flight`` (submitted = the
         three together); ``resubmitted`` by the driver after reconnects; ``free_slots``."""
         rec = self._rec
+        live_by_queue = [0] * len(self.queues)
+        for req in self._kept() if rec.outage is not None else self._in_flight():
+            live_by_queue[req.queue] += 1
         out = []
         for i, (q, t) in enumerate(zip(self.queues, self._tpls, strict=True)):
-            live = 0 if q.state is QueueState.CLOSED else sum(
-                1 for req in q.in_flight_tokens() if not req.done)
-            live += sum(1 for req in rec.held if req.queue == i and not req.done)
+            live = live_by_queue[i]
             out.append({"queue": i, "state": q.state.value,
                         "submitted": rec.completed[i] + rec.failed[i] + live,
                         "completed": rec.completed[i], "failed": rec.failed[i],
@@ -1227,7 +1234,7 @@ class BlkDevice:
         # A ring can only be resumed in place if nothing in it was given up on.
         resume = all(q.state is _READY for q in self.queues)
         try:
-            lost = outage.attempt(t, deadline, resume=resume)
+            lost = outage.attempt(t, deadline, resume=resume, before=self._kept)
         except ReconnectError as err:
             rec.outage = None
             self._give_up(outage, err, done)
@@ -1244,6 +1251,7 @@ class BlkDevice:
         a kick before it looks at a ring)."""
         rec = self._rec
         rec.reconnects += 1
+        rec.kept = {}
         rec.since = (outage.started, sum(rec.completed))
         self._quarantine.clear()
         # What is still in the rings now was kept for the back-end (reset rings gave
@@ -1349,7 +1357,7 @@ class BlkDevice:
         :class:`ReconnectError` (``__cause__``: the error that ended the connection) and
         new ones are refused until :meth:`reconnect`."""
         rec = self._rec
-        for req in self._in_flight():
+        for req in self._kept():
             name = _KIND_NAMES.get(req.kind, str(req.kind))
             error = ReconnectError(
                 f"{name} of {req.nbytes} bytes at sector {req.sector} not completed: {err}",
@@ -1360,8 +1368,18 @@ class BlkDevice:
             rec.failed[req.queue] += 1
         rec.held.clear()
         rec.writes = []
+        rec.kept = {}
         self._refused = (f"the back-end did not come back: {err}; reconnect() before "
                          "submitting more", err)
+
+    def _kept(self) -> list[BlkRequest]:
+        """During an outage: every request kept and not done -- also those a failed
+        connection attempt took out of the rings (reset) already, which only the next
+        successful one gives back."""
+        kept = self._rec.kept
+        for req in self._in_flight():
+            kept[req] = None
+        return [req for req in kept if not req.done]
 
     def _in_flight(self) -> list[BlkRequest]:
         """The requests submitted and not done (the queues keep them as tokens; held
@@ -1480,11 +1498,12 @@ class BlkDevice:
             self._closed = 1
             self._refused = ("BlkDevice is closed", None)
             err = QueueStateError("BlkDevice was closed with the request in flight")
-            for req in self._in_flight():
+            for req in self._kept() if self._rec.outage is not None else self._in_flight():
                 req.error = err
                 self._rec.failed[req.queue] += 1
             self._rec.held.clear()
             self._rec.outage = None
+            self._rec.kept = {}
             self._quarantine.clear()
             self._release_views()
         if self._closed == 1:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,12 +116,14 @@ class Outage:
         """Seconds since the outage began."""
         return time.monotonic() - self.started
 
-    def attempt(self, transport: Reconnectable, until: float | None, *,
-                resume: bool) -> dict[int, list[Any]] | None:
+    def attempt(self, transport: Reconnectable, until: float | None, *, resume: bool,
+                before: Callable[[], object] | None = None) -> dict[int, list[Any]] | None:
         """Try to reconnect ``transport``, once per ``policy.interval``, until it works,
         ``until`` (a ``time.monotonic()`` deadline of the caller; None: none) or the
-        outage's own deadline.  Returns what :meth:`Reconnectable.reconnect` returns (per
-        queue, the tokens the device lost), or None when ``until`` came first.
+        outage's own deadline; ``before()`` is called before each try (a try that fails
+        half-way may have taken tokens out of the rings: the caller notes them first).
+        Returns what :meth:`Reconnectable.reconnect` returns (per queue, the tokens the
+        device lost), or None when ``until`` came first.
 
         Raises :class:`ReconnectError` when the outage's deadline passed or the new
         back-end refused the device (both end the outage: the caller fails its requests),
@@ -134,6 +137,8 @@ class Outage:
             if now - self.last_try >= interval:
                 self.last_try = now
                 self.attempts += 1
+                if before is not None:
+                    before()
                 try:
                     return transport.reconnect(resume=resume)
                 except Exception as exc:
