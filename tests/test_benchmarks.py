@@ -1,6 +1,8 @@
 """Every benchmark runs, for a second or two, against the real back-ends it needs, so none
 rots: ``benchmarks/bench_ring.py``, ``benchmarks/bench_blk_ref.py`` (qemu-storage-daemon),
-``virtq bench blk`` (qemu-storage-daemon), ``virtq bench net`` (two dpdk-testpmd),
+``virtq bench blk`` (qemu-storage-daemon; also ``--queues``), ``virtq bench reconnect``
+(qemu-storage-daemon and the embedded back-end, killed and started again),
+``virtq bench net`` (two dpdk-testpmd),
 ``virtq bench vfio`` (the vfio-guest VM, about 10 s) and ``benchmarks/compare.py`` (a
 ``git worktree`` of ``HEAD~1``).
 

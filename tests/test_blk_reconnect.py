@@ -437,3 +437,26 @@ def _dead(dev: BlkDevice) -> bool:
     except VhostUserDisconnectedError:
         return True
     return False
+
+
+@pytest.mark.parametrize("poll", [False, True], ids=["eventfd", "poll"])
+def test_killed_with_32_in_flight_all_complete_after_the_restart(image: Path, tmp_path: Path,
+                                                                 poll: bool) -> None:
+    """test_vhost_user_blk's kill test, with a policy: the requests are kept, not failed,
+    whether the device sleeps on eventfds or spins on the used rings."""
+    sock = tmp_path / "k.sock"
+    qsd = QemuStorageDaemon(image, sock).start()
+    try:
+        with BlkDevice.connect_vhost_user(sock, poll=poll, reconnect=QUICK) as dev:
+            freeze(qsd.pid)
+            reqs = [dev.submit_read(i * 8, 4096) for i in range(32)]
+            dev.kick()
+            restarter = Restarter(qsd)
+            restarter()
+            dev.wait(reqs, timeout=30)
+            restarter.join()
+            for r in reqs:
+                assert r.wait() == expected(r.sector, 4096)
+            assert dev.reconnect_stats()["resubmitted"] == 32
+    finally:
+        qsd.stop()
