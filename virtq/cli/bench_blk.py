@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="virtq bench blk", description=__doc__)
     # A depth needs a queue of 3 x depth entries (run_depth), at most 32768.
     p.add_argument("--depths", type=_args.int_list(_args.int_in(1, MAX_DEPTH)),
-                   default=[1, 32, 128], help=f"queue depths 1..{MAX_DEPTH}, comma-separated")
+                   default=None, help=f"queue depths 1..{MAX_DEPTH}, comma-separated "
+                   "(default: 1,32,128; with --queues 32,128)")
     p.add_argument("--seconds", type=_args.seconds(), default=3.0, help="per depth and mode")
     p.add_argument("--modes", default=",".join(MODES),
                    help="; ".join(f"{k}: {v}" for k, v in MODES.items()))
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                         "queues as the largest")
     p.add_argument("--json", help="also write the numbers to this file")
     args = _args.parse(p, argv)
-    depths = args.depths
+    depths = args.depths or ([32, 128] if args.queues else [1, 32, 128])
     if args.batch is not None and args.batch > min(depths):
         p.error(f"--batch {args.batch}: more than the smallest depth ({min(depths)}) would "
                 "wait for completions that can never come")
