@@ -15,6 +15,11 @@
 #                          Recommends only, so named here) and
 #   qemu-aarch64-static   (qemu-user-static)    run virtq's aarch64 barrier
 #                                               stubs under user emulation
+#   vhost-blk example     (dpdk-doc: its source; libdpdk-dev, pkg-config,
+#                          make, gcc: its build)  DPDK's packed-ring-only
+#                                               vhost-user-blk back-end, built
+#                                               by scripts/build-dpdk-vhost-blk.sh
+#                                               into .cache/ when missing
 #
 # Idempotent and non-interactive: when everything is present it does nothing
 # but a few `command -v` / file checks.  As root it also makes sure a few
@@ -49,6 +54,10 @@ REQS=(
     "gcc-aarch64-linux-gnu|cmd:aarch64-linux-gnu-gcc"
     "libc6-dev-arm64-cross|file:/usr/aarch64-linux-gnu/lib/libc.a"
     "qemu-user-static|cmd:qemu-aarch64-static"
+    "dpdk-doc|file:/usr/share/dpdk/examples/vhost_blk/Makefile"
+    "libdpdk-dev|glob:/usr/lib/*/pkgconfig/libdpdk.pc"
+    "pkg-config|cmd:pkg-config"
+    "make|cmd:make"
 )
 
 present() {
@@ -95,6 +104,10 @@ if [ "${#MISSING[@]}" -gt 0 ]; then
     fi
     log "installed"
 fi
+
+# ---------------------------------------------------------------- DPDK vhost_blk
+# Built from source (Debian ships it only as an example); needs no root.
+"$(dirname "$0")/build-dpdk-vhost-blk.sh"
 
 # ---------------------------------------------------------------- hugepages
 # Optional: the vhost-user backends and DPDK --no-huge work without them, but

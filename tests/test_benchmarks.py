@@ -148,9 +148,16 @@ def test_bench_vfio(tmp_path):
         assert len(lines[0][len(label) :].split()) == 9  # virtq, reference, ratio x 3
 
 
+def _worktree_paths() -> set[str]:
+    """The paths of this repository's worktrees (not their HEADs: other worktrees of the
+    same repository may commit while the test runs)."""
+    out = subprocess.run(["git", "-C", str(ROOT), "worktree", "list", "--porcelain"],
+                         capture_output=True, text=True, check=True).stdout
+    return {line.split(" ", 1)[1] for line in out.splitlines() if line.startswith("worktree ")}
+
+
 def test_compare_ring_with_the_previous_commit(tmp_path):
-    before = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True,
-                            text=True, check=True).stdout
+    before = _worktree_paths()
     out = run(BENCHMARKS / "compare.py", "--rev", "HEAD~1", "--rounds", "2",
               "--json", tmp_path / "cmp.json", "--", "ring", "--seconds", "0.02",
               "--rounds", "1")
@@ -168,9 +175,7 @@ def test_compare_ring_with_the_previous_commit(tmp_path):
     assert all(float(r[2].replace(",", "")) > 0 and float(r[4]) > 0 for r in rows)
     data = json.loads((tmp_path / "cmp.json").read_text())
     assert len(data["runs"]) == 2
-    after = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True,
-                           text=True, check=True).stdout
-    assert after == before
+    assert _worktree_paths() == before, "compare.py left a worktree registered"
 
 
 def test_compare_child_refuses_a_virtq_from_another_tree(tmp_path):

@@ -94,7 +94,9 @@ class Restarter:
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 proc.send_signal(signal.SIGSTOP)
-                while proc.status() != psutil.STATUS_STOPPED:
+                while (status := proc.status()) != psutil.STATUS_STOPPED:
+                    if status == psutil.STATUS_ZOMBIE:
+                        raise AssertionError("the back-end died on its own")
                     time.sleep(0.0001)
                 self.held = self.holding()
                 if self.held:
@@ -135,11 +137,13 @@ def crash_run(dev: BlkDevice, image: Path, restarter: Restarter, seed: int,
     kill_at = rng.randrange(150, completions - 300)
     restarter.jitter = lambda: rng.uniform(0.0, 0.003)
     work = StampedWorkload(dev, blocks=BLOCKS, depth=128, seed=seed)
-    work.run(completions, at={kill_at: restarter})
-    while not restarter.killed.is_set():  # a freezing restarter kills when it can
-        work.run(50)
-    work.run(200)  # those in flight at the kill can only complete after a reconnect
-    restarter.join()
+    try:
+        work.run(completions, at={kill_at: restarter})
+        while not restarter.killed.is_set():  # a freezing restarter kills when it can
+            work.run(50)
+        work.run(200)  # those in flight at the kill can only complete after a reconnect
+    finally:
+        restarter.join()  # a failed restart is the first thing to report
     assert restarter.kills == 1
     # Every request completed exactly once and without an error (run() checks each
     # completion), every read matched the model when it completed, and the image holds

@@ -1,13 +1,14 @@
 """BlkDevice's reconnect policy step by step, against in-process devices the test serves by
 hand: which requests are resubmitted, on which queue, in which order; flushes held until
 the writes resubmitted with them completed; exactly-once delivery; the same with packed
-rings (no packed vhost-user-blk back-end runs in the default suite: DPDK's vhost_blk is
-built on another branch), split rings, several queues.
+rings, split rings, several queues.  (The one packed vhost-user-blk back-end here, DPDK's
+vhost_blk example, keeps its disk in RAM -- a restart empties it -- and serves a ring only
+from position 0 with wrap counter 0, so packed reconnects are exercised here.)
 
 The device side is a loopback transport whose ``fail()`` plays the back-end dying and
-whose ``reconnect()`` plays a new one coming up (every ring reset: the driver resubmits).
-For packed rings it uses the small device-side peer below (written from VIRTIO 1.2 §2.8,
-sharing nothing with virtq.queue.packed).
+whose ``reconnect()`` plays a new one coming up (every ring reset: the driver resubmits);
+it serves packed rings with virtq.testing.packed_device (sharing nothing with
+virtq.queue.packed).
 """
 
 from __future__ import annotations
@@ -36,90 +37,17 @@ from virtq.abi.blk import (
 )
 from virtq.devices import BlkDevice, BlkRequest, ReconnectError, ReconnectPolicy
 from virtq.errors import ArgumentError, QueueStateError
-from virtq.layout import PackedLayout
-from virtq.memory import MemoryRegion
-from virtq.queue import VirtQueue
 from virtq.testing.device import Segment
 from virtq.testing.loopback import LoopbackTransport
 from virtq.transport.reconnect import Outage
 from virtq.transport.vhost_user import VhostUserDisconnectedError
 
 CAPACITY = 1 << 12  # sectors
-_DESC = struct.Struct("<QIHH")  # pvirtq_desc: addr, len, id, flags (§2.8.13)
-F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
-F_AVAIL, F_USED = 1 << 7, 1 << 15
-
-
-class PackedPeer:
-    """The device's half of a packed ring (§2.8), just enough for these tests: takes
-    available chains in ring order (indirect tables followed) and writes one used
-    descriptor per chain, advancing by the chain's descriptor count (§2.8.6)."""
-
-    def __init__(self, region: MemoryRegion, layout: PackedLayout, *, iova: int,
-                 start: int, regions: list[tuple[int, MemoryRegion]]) -> None:
-        self.size = layout.queue_size
-        self._ring = region.view(layout.desc, 16 * self.size)
-        self._spaces = [(iova, region), *regions]
-        pos, wrap = start & 0x7FFF, start >> 15 & 1
-        self.avail_pos, self.avail_wrap = pos, wrap
-        self.used_pos, self.used_wrap = pos, wrap
-        self.last_avail = start  # what LoopbackTransport carries over
-
-    def _view(self, addr: int, length: int) -> memoryview:
-        for base, region in self._spaces:
-            if base <= addr and addr + length <= base + region.nbytes:
-                return region.view(addr - base, length)
-        raise AssertionError(f"[{addr:#x}, +{length}) is not mapped")
-
-    def read(self, addr: int, length: int) -> bytes:
-        with self._view(addr, length) as v:
-            return bytes(v)
-
-    def write(self, addr: int, data: bytes) -> None:
-        with self._view(addr, len(data)) as v:
-            v[:] = data
-
-    def pop(self) -> tuple[int, int, list[Segment]] | None:
-        """(buffer id, ring descriptors used, segments) of the next available chain."""
-        _, _, _, flags = _DESC.unpack_from(self._ring, 16 * self.avail_pos)
-        avail, used = bool(flags & F_AVAIL), bool(flags & F_USED)
-        if avail != bool(self.avail_wrap) or used == bool(self.avail_wrap):
-            return None
-        segments: list[Segment] = []
-        count = 0
-        while True:
-            addr, length, buf_id, flags = _DESC.unpack_from(self._ring, 16 * self.avail_pos)
-            count += 1
-            self.avail_pos += 1
-            if self.avail_pos == self.size:
-                self.avail_pos, self.avail_wrap = 0, self.avail_wrap ^ 1
-            if flags & F_INDIRECT:
-                table = self.read(addr, length)
-                for i in range(length // 16):
-                    a, n, _, f = _DESC.unpack_from(table, 16 * i)
-                    segments.append(Segment(a, n, bool(f & F_WRITE)))
-            else:
-                segments.append(Segment(addr, length, bool(flags & F_WRITE)))
-            if not flags & F_NEXT:
-                return buf_id, count, segments
-
-    def push(self, buf_id: int, count: int, written: int) -> None:
-        bits = F_AVAIL | F_USED if self.used_wrap else 0
-        if written:
-            bits |= F_WRITE  # §2.8.7: len is only valid with VIRTQ_DESC_F_WRITE
-        _DESC.pack_into(self._ring, 16 * self.used_pos, 0, written, buf_id, bits)
-        self.used_pos += count
-        if self.used_pos >= self.size:
-            self.used_pos -= self.size
-            self.used_wrap ^= 1
-
-    def close(self) -> None:
-        self._ring.release()
 
 
 class BlkLoopback(LoopbackTransport):
     """A virtio-blk device of CAPACITY sectors with ``queues`` queues; ``packed`` offers
-    VIRTIO_F_RING_PACKED and serves the rings with :class:`PackedPeer`.  The test plays
+    VIRTIO_F_RING_PACKED (the loopback serves packed rings itself).  The test plays
     the device with :meth:`serve`; the disk is :attr:`disk`."""
 
     def __init__(self, *, queues: int = 1, packed: bool = False) -> None:
@@ -134,32 +62,17 @@ class BlkLoopback(LoopbackTransport):
         #: (queue, kind, sector) of every request served, in order.
         self.log: list[tuple[int, int, int]] = []
 
-    def _device(self, queue: VirtQueue[Any], start: int | None) -> Any:
-        if not self.packed:
-            return super()._device(queue, start)
-        regions = [(a.iova, a.region) for a in self.arenas if a.region is not queue.region]
-        return PackedPeer(queue.region, queue.layout,  # type: ignore[attr-defined]
-                          iova=queue.iova, start=(start or 0) & 0xFFFF, regions=regions)
-
-    def pop_all(self, index: int) -> list[tuple[int, int, list[Segment]]]:
+    def pop_all(self, index: int) -> list[tuple[int, list[Segment]]]:
         dev = self.devices[index]
         out = []
-        while True:
-            if self.packed:
-                chain = dev.pop()
-                if chain is None:
-                    return out
-                out.append(chain)
-            else:
-                got = dev.pop()
-                if got is None:
-                    return out
-                out.append((got[0], 0, got[1]))
+        while (chain := dev.pop()) is not None:
+            out.append(chain)
+        return out
 
-    def serve(self, index: int, chain: tuple[int, int, list[Segment]], *,
+    def serve(self, index: int, chain: tuple[int, list[Segment]], *,
               complete: bool = True) -> None:
         """Carry out one request (the data moves); with ``complete`` also complete it."""
-        buf_id, count, segments = chain
+        buf_id, segments = chain
         dev = self.devices[index]
         kind, _, sector = struct.unpack("<IIQ", dev.read(segments[0].iova, 16))
         data = segments[1:-1]
@@ -180,10 +93,7 @@ class BlkLoopback(LoopbackTransport):
         self.log.append((index, kind, sector))
         dev.write(segments[-1].iova, b"\0")
         if complete:
-            if self.packed:
-                dev.push(buf_id, count, written + 1)
-            else:
-                dev.push(buf_id, written + 1)
+            dev.push(buf_id, written + 1)
 
     def serve_all(self) -> int:
         n = 0

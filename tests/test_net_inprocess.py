@@ -1,6 +1,7 @@
-"""NetDevice against an in-process device (DeviceQueue per queue) that a test drives step by
-step: what the device sees on the transmitq, what the driver delivers from the receiveq, and
-what happens when the device completes out of order or misbehaves.  The same paths run
+"""NetDevice against an in-process device (DeviceQueue, or PackedDeviceQueue on a packed
+ring, per queue) that a test drives step by step: what the device sees on the transmitq,
+what the driver delivers from the receiveq, and what happens when the device completes out
+of order or misbehaves.  Every test runs over both ring formats.  The same paths run
 against real dpdk-testpmd in test_vhost_user_net.py; here each step is deterministic."""
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from virtq.abi import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1
+from virtq.abi import VIRTIO_F_EVENT_IDX, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1
 from virtq.abi.net import NET_HDR_SIZE, RX_QUEUE, TX_QUEUE, VIRTIO_NET_F_MAC
 from virtq.devices.net import NetDevice, NetTimeoutError, build_frame
 from virtq.errors import ArgumentError, DeviceProtocolError, QueueStateError
-from virtq.testing import DeviceQueue
+from virtq.testing import DeviceQueue, PackedDeviceQueue, PackedHostileDevice
 from virtq.testing.loopback import LoopbackTransport
 
 MAC = bytes.fromhex("020000abcdef")
@@ -25,14 +26,19 @@ def frame(i: int, size: int = 60) -> bytes:
     return build_frame(b"\xff" * 6, MAC, 0x0800, bytes([i % 256]) * (size - 14))
 
 
-@pytest.fixture
-def net(no_leaks: None) -> Iterator[tuple[NetDevice, LoopbackTransport]]:
-    """A NetDevice over a loopback transport; every fd and mapping released afterwards."""
+@pytest.fixture(params=["split", "packed"])
+def net(request: pytest.FixtureRequest,
+        no_leaks: None) -> Iterator[tuple[NetDevice, LoopbackTransport]]:
+    """A NetDevice over a loopback transport offering the ring format of the param; every
+    fd and mapping released afterwards."""
+    packed = request.param == "packed"
     t = LoopbackTransport(
-        features=1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_EVENT_IDX | 1 << VIRTIO_NET_F_MAC,
+        features=1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_EVENT_IDX | 1 << VIRTIO_NET_F_MAC
+        | (1 << VIRTIO_F_RING_PACKED if packed else 0),
         queue_sizes=[SIZE, SIZE], config=MAC)
     dev = NetDevice(t, queue_size=SIZE)
     try:
+        assert dev.ring == request.param
         yield dev, t
     finally:
         dev.close()
@@ -49,7 +55,8 @@ def take_tx(t: LoopbackTransport) -> list[tuple[int, bytes]]:
     return out
 
 
-def deliver(d: DeviceQueue, frames: list[bytes], *, order: list[int] | None = None) -> None:
+def deliver(d: DeviceQueue | PackedDeviceQueue, frames: list[bytes], *,
+            order: list[int] | None = None) -> None:
     """Fill receive buffers with ``frames`` (one each), completing them in ``order``."""
     chains = [d.pop() for _ in frames]
     done = []
@@ -199,8 +206,15 @@ def test_device_naming_a_buffer_it_was_not_given(
     dev, t = net
     d = t.devices[TX_QUEUE]
     dev.send_batch([frame(1)])
-    d.push(5, 0)  # slot 5 was never made available
-    with pytest.raises(DeviceProtocolError, match=r"used\.ring\[0\]\.id"):
+    if isinstance(d, PackedDeviceQueue):  # the device side refuses to lie: write it raw
+        hostile = PackedHostileDevice(dev.txq.region, dev.txq.layout)  # type: ignore[union-attr]
+        hostile.complete(5, 0)
+        hostile.close()
+        where = r"desc\[0\]\.id"
+    else:
+        d.push(5, 0)  # slot 5 was never made available
+        where = r"used\.ring\[0\]\.id"
+    with pytest.raises(DeviceProtocolError, match=where):
         dev.send_batch([frame(2)])
     dev.close()
     with pytest.raises(QueueStateError):

@@ -1,5 +1,6 @@
 """SlotQueue: fixed one-buffer slots in ring order, against the DeviceQueue peer (in order,
-out of order, hostile), across the u16 wrap and the ring's end."""
+out of order, hostile), across the u16 wrap and the ring's end; the state machine also runs
+PackedSlotQueue (against PackedDeviceQueue) and both with VIRTIO_F_IN_ORDER batches."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ from virtq.errors import (
     QueueFullError,
     QueueStateError,
 )
-from virtq.layout import SplitLayout, distance
 from virtq.memory import MemfdRegion
-from virtq.queue import SlotQueue
+from virtq.queue import SlotQueue, make_slot_queue, ring_layout
 from virtq.testing import DeviceQueue
+from virtq.testing.packed_device import PackedDeviceQueue
 
 BASE = 0x2_0000_0000
 N = 8
@@ -26,18 +27,26 @@ SLOT = 64
 
 
 class Rig:
-    """A SlotQueue over slots that follow the rings in one region, and the device's view."""
+    """A slot queue over slots that follow the rings in one region, and the device's view.
+    ``ring``: "split" (``start`` is the avail index) or "packed" (``start`` is
+    ``position | wrap << 15``)."""
 
     def __init__(self, *, writable: bool, start: int = 0, event_idx: bool = False,
-                 n: int = N) -> None:
-        self.layout = SplitLayout.compute(n)
+                 n: int = N, ring: str = "split", in_order: bool = False) -> None:
+        self.layout = ring_layout(n, ring=ring)
         self.slots_off = self.layout.nbytes
         self.region = MemfdRegion(-(-(self.layout.nbytes + n * SLOT) // 4096) * 4096)
-        self.q = SlotQueue(self.region, self.layout, iova=BASE,
-                           slots=[BASE + self.slots_off + d * SLOT for d in range(n)],
-                           slot_size=SLOT, writable=writable, event_idx=event_idx,
-                           start_index=start)
-        self.dev = DeviceQueue(self.region, self.layout, iova=BASE, event_idx=event_idx)
+        self.q = make_slot_queue(self.region, self.layout, iova=BASE,
+                                 slots=[BASE + self.slots_off + d * SLOT for d in range(n)],
+                                 slot_size=SLOT, writable=writable, event_idx=event_idx,
+                                 in_order=in_order, start_index=start)
+        self.dev: DeviceQueue | PackedDeviceQueue
+        if ring == "packed":
+            self.dev = PackedDeviceQueue(self.region, self.layout, iova=BASE,
+                                         event_idx=event_idx, avail_index=start & 0x7FFF,
+                                         avail_wrap=start >> 15)
+        else:
+            self.dev = DeviceQueue(self.region, self.layout, iova=BASE, event_idx=event_idx)
 
     def fill(self, slot: int, data: bytes) -> None:
         off = self.slots_off + slot * SLOT
@@ -300,27 +309,35 @@ def test_close_releases_the_region() -> None:
 
 
 class SlotQueueMachine(RuleBasedStateMachine):
-    """Any interleaving of submit / publish / device pop / device complete (any order) /
-    reap: every submitted slot comes back exactly once with what the device wrote, slots
-    are taken in ring order, and the free count follows first-in-first-out reuse."""
+    """Any interleaving of submit / publish / device pop / device complete (any order, or
+    in order with batches) / reap: every submitted slot comes back exactly once with what
+    the device wrote, slots are taken in ring order, and the free count follows
+    first-in-first-out reuse."""
 
-    @initialize(start=st.integers(0xFFF8, 0xFFFF), writable=st.booleans(),
+    RING = "split"
+    IN_ORDER = False
+
+    @initialize(start=st.integers(0, 7), wrap=st.integers(0, 1), writable=st.booleans(),
                 event_idx=st.booleans())
-    def setup(self, start: int, writable: bool, event_idx: bool) -> None:
-        self.rig = Rig(writable=writable, start=start, event_idx=event_idx)
-        self.start = start
+    def setup(self, start: int, wrap: int, writable: bool, event_idx: bool) -> None:
+        # packed: a position before the ring's end, either wrap counter (§2.8.1);
+        # split: an avail index before the u16 wrap
+        start = ((N - 1 - start % 3) | wrap << 15) if self.RING == "packed" else 0xFFF8 + start
+        self.rig = Rig(writable=writable, start=start, event_idx=event_idx, ring=self.RING,
+                       in_order=self.IN_ORDER)
+        self.first = start & 0x7FFF if self.RING == "packed" else start
         self.writable = writable
         self.submitted: list[int] = []  # slots in submission order, not yet reaped
-        self.order: list[int] = []  # ring positions (mod 2**16) of those slots
         self.held: list[tuple[int, int]] = []  # popped by the device: (head, written)
         self.done_early: set[int] = set()
+        self.skipped: set[int] = set()  # retired by an in-order batch without an element
         self.total = 0
         self.stamp = 0
         self.content: dict[int, bytes] = {}  # what each readable slot was filled with
 
     def teardown(self) -> None:
         if hasattr(self, "rig"):
-            event(f"wrapped={self.rig.q.next_avail < self.start}")
+            event(f"{self.RING} in_order={self.IN_ORDER} crossed the end={self.total > 8}")
             self.rig.close()
 
     @rule(k=st.integers(0, N + 1), size=st.integers(1, SLOT))
@@ -348,10 +365,9 @@ class SlotQueueMachine(RuleBasedStateMachine):
     def publish(self) -> None:
         self.rig.q.publish()
 
-    @rule()
-    def device_pop(self) -> None:
-        got = self.rig.dev.pop()
-        if got is not None:
+    @rule(every=st.booleans())
+    def device_pop(self, every: bool) -> None:
+        while (got := self.rig.dev.pop()) is not None:
             head, segs = got
             assert len(segs) == 1 and segs[0].writable == self.writable
             written = 0
@@ -361,24 +377,49 @@ class SlotQueueMachine(RuleBasedStateMachine):
                 written = 1 + head
                 self.rig.dev.write(segs[0].iova, bytes([0xA0 + head]) * written)
             self.held.append((head, written))
+            if not every:
+                break
 
-    @rule(pick=st.integers(0, 100), publish=st.booleans())
-    def device_complete(self, pick: int, publish: bool) -> None:
-        if self.held:
-            head, written = self.held.pop(pick % len(self.held))
+    @rule(pick=st.integers(0, 100), publish=st.booleans(), batch=st.booleans())
+    def device_complete(self, pick: int, publish: bool, batch: bool) -> None:
+        held = self.held
+        if not held:
+            return
+        if not self.IN_ORDER:
+            head, written = held.pop(pick % len(held))
+            self.rig.dev.push(head, written, publish=publish)
+        elif batch:
+            k = len(held) - 1 - pick % len(held)  # one used element for held[0..k]
+            head, written = held[k]
+            self.skipped.update(h for h, _ in held[:k])
+            del held[: k + 1]
+            self.rig.dev.push_in_order(head, written, publish=publish)
+            event(f"in-order batch of {k + 1}")
+        else:
+            head, written = held.pop(0)
             self.rig.dev.push(head, written, publish=publish)
 
     @rule()
     def device_publish(self) -> None:
         self.rig.dev.publish_used()
 
-    @rule(one=st.booleans())
-    def reap(self, one: bool) -> None:
+    @rule(limit=st.sampled_from([None, 1, 2]))
+    def reap(self, limit: int | None) -> None:
         q = self.rig.q
-        slots, lens = q.reap(1) if one else q.reap()
+        has = q.has_used()
+        slots, lens = q.reap(limit)
+        assert has == bool(slots), "has_used() tells whether reap() finds something"
+        if limit is not None:
+            assert len(slots) <= limit
         for slot, length in zip(slots, lens, strict=True):
             assert slot in self.submitted and slot not in self.done_early
-            if self.writable:
+            if slot in self.skipped:
+                self.skipped.discard(slot)
+                assert length == (SLOT if self.writable else 0), "used completely"
+                if self.writable:
+                    assert self.rig.slot_bytes(slot, 1 + slot) == bytes([0xA0 + slot]) * (
+                        1 + slot)
+            elif self.writable:
                 assert length == 1 + slot
                 assert self.rig.slot_bytes(slot, length) == bytes([0xA0 + slot]) * length
             else:
@@ -398,10 +439,28 @@ class SlotQueueMachine(RuleBasedStateMachine):
         assert q.num_free == N - len(self.submitted)
         assert sorted(q.in_flight_tokens()) == sorted(set(self.submitted) - self.done_early)
         assert q.num_in_flight == len(self.submitted) - len(self.done_early)
-        assert distance(self.start, q.next_avail) == self.total % 65536
-        assert q.next_slot == q.next_avail % N
+        assert q.next_slot == (self.first + self.total) % N
 
 
+class InOrderSlotQueueMachine(SlotQueueMachine):
+    IN_ORDER = True
+
+
+class PackedSlotQueueMachine(SlotQueueMachine):
+    RING = "packed"
+
+
+class InOrderPackedSlotQueueMachine(SlotQueueMachine):
+    RING = "packed"
+    IN_ORDER = True
+
+
+_SETTINGS = settings(stateful_step_count=60, max_examples=200, deadline=None)
 TestSlotQueueMachine = SlotQueueMachine.TestCase
-TestSlotQueueMachine.settings = settings(stateful_step_count=60, max_examples=200,
-                                         deadline=None)
+TestSlotQueueMachine.settings = _SETTINGS
+TestInOrderSlotQueueMachine = InOrderSlotQueueMachine.TestCase
+TestInOrderSlotQueueMachine.settings = _SETTINGS
+TestPackedSlotQueueMachine = PackedSlotQueueMachine.TestCase
+TestPackedSlotQueueMachine.settings = _SETTINGS
+TestInOrderPackedSlotQueueMachine = InOrderPackedSlotQueueMachine.TestCase
+TestInOrderPackedSlotQueueMachine.settings = _SETTINGS

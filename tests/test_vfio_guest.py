@@ -1,9 +1,11 @@
 """The VFIO tests that need real devices: boot the vfio-guest VM and run tests/guest there.
 
-Two boots: the main one (intel-iommu, modern virtio-rng/blk with iommu_platform=on) runs
-every guest test but one; the second boots without an IOMMU (``iommu=off``) for the
-"no IOMMU group" error.  A failure shows the guest's pytest output; the whole run folder
-(console.log, guest.log, disk.img) stays in pytest's tmp_path.
+Three boots: the main one (intel-iommu, modern virtio-rng/blk with iommu_platform=on) runs
+every guest test but the others'; the second boots without an IOMMU (``iommu=off``) for the
+"no IOMMU group" error; the third gives the devices ``packed=on`` so they offer
+VIRTIO_F_RING_PACKED and QEMU's device side reads our packed rings.  A failure shows the
+guest's pytest output; the whole run folder (console.log, guest.log, disk.img) stays in
+pytest's tmp_path.
 """
 
 from __future__ import annotations
@@ -33,10 +35,13 @@ def _system_deps() -> None:
         f"no vfio-guest harness at {HARNESS} (set VFIO_GUEST_HARNESS)")
 
 
-def run_in_guest(out: Path, command: str, *, append: str | None = None) -> tuple[int, str]:
+def run_in_guest(out: Path, command: str, *, append: str | None = None,
+                 devopt: str | None = None) -> tuple[int, str]:
     args = [str(WRAPPER), "--out", str(out), "--timeout", "240"]
     if append:
         args += ["--append", append]
+    if devopt:
+        args += ["--devopt", devopt]
     proc = subprocess.run([*args, "--", command], capture_output=True, text=True,
                           timeout=330, check=False)
     return proc.returncode, proc.stdout + proc.stderr
@@ -52,7 +57,8 @@ def _check(rc: int, output: str, minimum: int) -> None:
 
 
 def test_vfio_guest_suite(tmp_path):
-    rc, output = run_in_guest(tmp_path, GUEST_PYTEST.format(marker="not noiommu_boot"))
+    rc, output = run_in_guest(tmp_path, GUEST_PYTEST.format(
+        marker="not noiommu_boot and not packed_boot"))
     _check(rc, output, minimum=30)
 
 
@@ -60,3 +66,9 @@ def test_vfio_guest_without_an_iommu(tmp_path):
     rc, output = run_in_guest(tmp_path, GUEST_PYTEST.format(marker="noiommu_boot"),
                               append="iommu=off")
     _check(rc, output, minimum=1)
+
+
+def test_vfio_guest_packed_rings(tmp_path):
+    rc, output = run_in_guest(tmp_path, GUEST_PYTEST.format(marker="packed_boot"),
+                              devopt="packed=on")
+    _check(rc, output, minimum=6)

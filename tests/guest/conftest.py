@@ -29,6 +29,8 @@ SECTOR = 512
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "noiommu_boot: needs a guest booted with iommu=off (run separately)")
+    config.addinivalue_line(
+        "markers", "packed_boot: needs devices that offer RING_PACKED (--devopt packed=on)")
 
 
 def pattern_sector(sector: int) -> bytes:

@@ -1,4 +1,4 @@
-"""``virtq`` command line: ``demo``, ``inspect``, ``bench``."""
+"""``virtq`` command line: ``demo``, ``inspect``, ``bench``, ``check``, ``fuzz``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from virtq.cli import _args
+from virtq.cli import check as cli_check
+from virtq.cli import fuzz as cli_fuzz
 from virtq.errors import ArgumentError
 from virtq.layout import SplitLayout, wrap_add
 from virtq.memory import MemfdRegion
@@ -221,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     insp.add_argument("--buffer-size", type=_args.nonnegative_int, default=0)
     insp.add_argument("--legacy", action="store_true")
     insp.set_defaults(func=cmd_inspect, parser=insp)
+    cli_check.register(sub)
+    cli_fuzz.register(sub)
     args = _args.parse(parser, argv)
     try:
         result: int = args.func(args)

@@ -17,7 +17,7 @@ interrupt control, state, ``reset()``.  What differs is inside:
   descriptor.  The device stops at the first descriptor that is not available (§2.8.2:
   each side polls only the next descriptor in ring order), so none of them is visible
   until ``publish()`` stores that one word after the write barrier: the packed ring's
-  equivalent of the split ring's single ``avail.idx`` store (§2.8.21.1, the driver
+  equivalent of the split ring's single ``avail.idx`` store (§2.8.21.1.1, the driver
   requirement "perform a suitable memory barrier before the flags update").
 * **Counters.**  Positions and wrap counters are derived from unbounded descriptor counts:
   count ``s`` is position ``s % N`` in lap ``s // N``, and the wrap counter of that lap is
@@ -105,7 +105,22 @@ _USED_BITS = (0, _PAIR)
 #: Shadow state of a buffer id in flight: (token, writable capacity, ring descriptors the
 #: chain occupies, the chain's number in avail order (unbounded), the free list that takes
 #: ``item`` back on completion, ``item``).
-_IdState = tuple[Any, int, int, int, list[int], int]
+_IdState = tuple[Any, int, int, int, list[int], int, int]
+
+
+def _used_len(length: int, capacity: int, head_len: int) -> int:
+    """The written length of a used descriptor *without* VIRTQ_DESC_F_WRITE.
+
+    By the spec its len is then reserved and nothing was written (§2.8.3, §2.8.4), but real
+    devices write data without setting WRITE: QEMU's virtio-pci devices (7.2) put the true
+    length there, DPDK's vhost_blk example (22.11) leaves the head descriptor's available
+    length in place.  A len within the chain's capacity that is not that left-over length
+    is taken as written (QEMU; what Linux and DPDK's drivers read regardless of the flag);
+    otherwise the length is unknown and the chain counts as used completely -- the
+    assumption §2.8.8 makes for the chains an in-order batch skips."""
+    if length <= capacity and length != head_len:
+        return length
+    return capacity
 
 
 def _wrap(seq: int, n: int) -> int:
@@ -178,6 +193,10 @@ class _PackedCore(Generic[T]):
         # The first descriptor of the chains added since the last publish(): (its offset
         # in the ring's u16 view of flags, the flags to store), or None.
         self._pending: tuple[int, int] | None = None
+        # VIRTIO_F_IN_ORDER: a batch a limited reap (pop_used, reap(limit)) stopped inside,
+        # as (what names its last chain, the length its used descriptor reported): the
+        # rest of it is handed out without reading the ring.  None otherwise.
+        self._batch: tuple[int, int] | None = None
         self._forget()
 
     def _forget(self) -> None:
@@ -275,7 +294,7 @@ class _PackedCore(Generic[T]):
 
     def publish(self) -> bool:
         """Expose every added chain with one store: the first one's flags, after the write
-        barrier (§2.8.21.1).  Returns whether the device wants an available-buffer
+        barrier (§2.8.21.1.1).  Returns whether the device wants an available-buffer
         notification (§2.8.10 device event suppression: ENABLE, DISABLE, or with event idx
         the descriptor position and wrap it waits for); False when nothing was added."""
         if self._state_v is not _READY:
@@ -292,7 +311,7 @@ class _PackedCore(Generic[T]):
         self._pub_dseq = new
         self._published()
         # The decision reads what the device wrote: only after the flags store is visible
-        # (§2.8.21.1.2 "a suitable memory barrier before reading the Event Suppression
+        # (§2.8.21.3.1 "a suitable memory barrier before reading the Event Suppression
         # structure").
         full_fence()
         flags = self._dev_ev[1] & 3
@@ -318,6 +337,8 @@ class _PackedCore(Generic[T]):
 
     def has_used(self) -> bool:
         """True when the device has written a used descriptor not yet reaped."""
+        if self._batch is not None:
+            return True  # an in-order batch a limited reap stopped inside
         seq = self._used_dseq
         if seq == self._pub_dseq:
             return False
@@ -345,6 +366,10 @@ class _PackedCore(Generic[T]):
         elif self.event_idx:
             n = self.size
             drv[0] = seq % n | _wrap(seq, n) << 15
+            # off_wrap before flags: a device that sees DESC must see the new position
+            # (Linux's virtio_wmb in virtqueue_enable_cb_prepare_packed).
+            if PUBLISH_BARRIER_NEEDED:
+                publish_barrier()
             drv[1] = RING_EVENT_FLAGS_DESC
         else:
             drv[1] = RING_EVENT_FLAGS_ENABLE
@@ -525,7 +550,7 @@ class PackedQueue(_PackedCore[T]):
     ``indirect=True`` chains of more than one buffer go into the per-id indirect tables
     ``layout`` reserves (``PackedLayout.compute(..., indirect_size=K)``).  ``in_order``
     (VIRTIO_F_IN_ORDER): the device may retire a batch of chains with one used descriptor
-    naming the last one (§2.8.21).
+    naming the last one (§2.8.8).
     """
 
     def __init__(
@@ -624,11 +649,13 @@ class PackedQueue(_PackedCore[T]):
             self._write_table(table, entries)
             self._place([(self.iova + table, DESC_SIZE * n, _F_INDIRECT)], buffer_id)
             ndesc = 1
+            head_len = DESC_SIZE * n
         else:
             self._place(entries, buffer_id)
             ndesc = n
+            head_len = entries[0][1]
         free_ids.pop()
-        self._commit(buffer_id, token, capacity, ndesc, free_ids, buffer_id)
+        self._commit(buffer_id, token, capacity, ndesc, free_ids, buffer_id, head_len)
         return buffer_id
 
     def _write_table(self, offset: int, entries: list[tuple[int, int, int]]) -> None:
@@ -670,8 +697,11 @@ class PackedQueue(_PackedCore[T]):
         self._avail_dseq = seq + k
 
     def _commit(self, buffer_id: int, token: T, capacity: int, ndesc: int,
-                home: list[int], item: int) -> None:
-        self._state[buffer_id] = (token, capacity, ndesc, self._avail_cseq, home, item)
+                home: list[int], item: int, head_len: int) -> None:
+        # head_len: the length the chain's first ring descriptor was made available with,
+        # to tell a used length the device wrote from one it left in place (_used_len).
+        self._state[buffer_id] = (token, capacity, ndesc, self._avail_cseq, home, item,
+                                  head_len)
         self._avail_cseq += 1
         if self.in_order:
             self._order.append(buffer_id)
@@ -782,7 +812,10 @@ class PackedQueue(_PackedCore[T]):
         pub_cseq = self._pub_cseq
         strict = self.strict_len
         seq = self._used_dseq
-        while seq != pub and limit:
+        if self._batch is not None:
+            last_id, length = self._batch
+            seq, limit = self._retire_batch(seq, last_id, length, out, limit)
+        while seq != pub and limit and self._batch is None:
             pos = seq % n
             flags = desc_h[pos * 8 + 7]
             pair = flags & _PAIR
@@ -794,25 +827,27 @@ class PackedQueue(_PackedCore[T]):
                     self._fail_here(seq, out, "flags", flags,
                                     f"AVAIL = USED = {_wrap(seq, n)}, the device wrap counter")
                 break  # AVAIL != USED: still available, not used yet
-            # The id and len were written before the flags (§2.8.21): read them after.
+            # The id and len were written before the flags (§2.8.22, the read barrier
+            # of its example): read them after.
             if OBSERVE_BARRIER_NEEDED:
                 observe_barrier()
             buffer_id = desc_h[pos * 8 + 6]
-            length = desc_w[pos * 4 + 2] if flags & _F_WRITE else 0
+            length = desc_w[pos * 4 + 2]
             try:
-                token, capacity, ndesc, cseq, home, item = states[buffer_id]  # type: ignore[misc]
+                token, capacity, ndesc, cseq, home, item, head_len = states[buffer_id]  # type: ignore[misc]
             except (IndexError, TypeError):
                 self._fail_here(seq, out, "id", buffer_id,
                                 f"a buffer id in flight (queue size {n})")
+            if not flags & _F_WRITE:
+                length = _used_len(length, capacity, head_len)
             if cseq >= pub_cseq:
                 self._fail_here(seq, out, "id", buffer_id, "a buffer that has been published")
-            if self.in_order and self._order[0] != buffer_id:
-                seq = self._retire_batch(seq, buffer_id, length, out)
-                limit -= 1
-                continue
             if length > capacity and strict:
                 self._fail_here(seq, out, "len", length,
                                 f"<= {capacity}, the writable capacity of buffer {buffer_id}")
+            if self.in_order and self._order[0] != buffer_id:
+                seq, limit = self._retire_batch(seq, buffer_id, length, out, limit)
+                continue
             out.append((token, length))
             states[buffer_id] = None
             home.append(item)
@@ -825,31 +860,32 @@ class PackedQueue(_PackedCore[T]):
         return out
 
     def _retire_batch(self, seq: int, last_id: int, length: int,
-                      out: list[tuple[T, int]]) -> int:
+                      out: list[tuple[T, int]], limit: int) -> tuple[int, int]:
         """VIRTIO_F_IN_ORDER: one used descriptor retires every chain in flight up to
-        ``last_id`` (§2.8.21, "In-order use of descriptors"); the others were "used
-        completely": their length is their whole writable capacity."""
+        ``last_id`` (§2.8.8, "In-order use of descriptors"); the others were "used
+        completely": their length is their whole writable capacity.  Hands out at most
+        ``limit`` chains and remembers the rest of the batch in ``_batch``; returns the
+        next used descriptor count and what is left of ``limit``.  ``last_id`` was
+        checked to be in flight and its length against its capacity."""
         order = self._order
         states = self._state
-        if last_id not in order:
-            self._fail_here(seq, out, "id", last_id, "a buffer in flight (in order)")
-        while True:
+        self._batch = (last_id, length)
+        while limit:
             buffer_id = order.popleft()
             st = states[buffer_id]
             assert st is not None
-            token, capacity, ndesc, _, home, item = st
+            token, capacity, ndesc, _, home, item, _ = st
             is_last = buffer_id == last_id
-            if is_last and length > capacity and self.strict_len:
-                order.appendleft(buffer_id)
-                self._fail_here(seq, out, "len", length,
-                                f"<= {capacity}, the writable capacity of buffer {buffer_id}")
             out.append((token, length if is_last else capacity))
             states[buffer_id] = None
             home.append(item)
             seq += ndesc
             self._used_cseq += 1
+            limit -= 1
             if is_last:
-                return seq
+                self._batch = None
+                break
+        return seq, limit
 
 
 class PackedTemplate(Generic[T]):
@@ -992,9 +1028,9 @@ class PackedTemplate(Generic[T]):
             self._bad_slot(slot)
         entries = self._shape(slot, readable, writable)
         buffer_id = self._ids[slot]
-        q._place(self._ring_entries(slot, entries), buffer_id)
-        q._commit(buffer_id, token, self._cap[slot], 1 if self.indirect else len(entries),
-                  self._free, slot)
+        ring = self._ring_entries(slot, entries)
+        q._place(ring, buffer_id)
+        q._commit(buffer_id, token, self._cap[slot], len(ring), self._free, slot, ring[0][1])
         self._held.discard(slot)
         self._batch = None
 
@@ -1030,9 +1066,10 @@ class PackedTemplate(Generic[T]):
                 else:
                     assert readables is not None and writables is not None
                     entries = self._shape(slot, readables[i], writables[i])
-                q._place(self._ring_entries(slot, entries), self._ids[slot])
-                q._commit(self._ids[slot], token, self._cap[slot],
-                          1 if self.indirect else len(entries), self._free, slot)
+                ring = self._ring_entries(slot, entries)
+                q._place(ring, self._ids[slot])
+                q._commit(self._ids[slot], token, self._cap[slot], len(ring), self._free, slot,
+                          ring[0][1])
         except BaseException:
             q._rollback(mark)  # the slots stay held; their ids stay theirs
             raise
@@ -1056,7 +1093,7 @@ class PackedSlotQueue(_PackedCore[int]):
     the device writes id, len and flags of used descriptors over them, and nothing of it
     is read back); the first slot's flags wait for :meth:`publish`.  A device that
     completes out of order is handled as by ``SlotQueue``: reuse waits for the oldest
-    slot.  With VIRTIO_F_IN_ORDER one used descriptor may retire a batch (§2.8.21).
+    slot.  With VIRTIO_F_IN_ORDER one used descriptor may retire a batch (§2.8.8).
     """
 
     def __init__(
@@ -1211,7 +1248,9 @@ class PackedSlotQueue(_PackedCore[int]):
         strict = self.strict_len
         seq = self._used_dseq
         pub = self._pub_dseq
-        while seq != pub and (limit is None or len(slots) < limit):
+        if self._batch is not None:
+            seq = self._retire_slots(seq, *self._batch, slots, lens, limit)
+        while seq != pub and (limit is None or len(slots) < limit) and self._batch is None:
             pos = seq % n
             flags = desc_h[pos * 8 + 7]
             pair = flags & _PAIR
@@ -1224,30 +1263,22 @@ class PackedSlotQueue(_PackedCore[int]):
             if OBSERVE_BARRIER_NEEDED:
                 observe_barrier()
             slot = desc_h[pos * 8 + 6]
-            length = desc_w[pos * 4 + 2] if flags & _F_WRITE else 0
+            length = desc_w[pos * 4 + 2]
             front = self._front
             # Where that slot was made available: at or after the oldest in flight.
             at = front + (slot - front) % n if slot < n else pub
             if at >= pub or early[slot]:
                 self._fail_slot(seq, slots, lens, "id", slot,
                                 f"a published slot not yet completed (queue size {n})")
+            if not flags & _F_WRITE:
+                length = _used_len(length, cap, self._lens[slot])  # as PackedQueue._reap
             if length > cap and strict:
                 self._fail_slot(seq, slots, lens, "len", length,
                                 f"<= {cap}, the bytes slot {slot} can take")
             if self.in_order and at != front:
-                # One used descriptor for the batch front .. at (§2.8.21): the others
+                # One used descriptor for the batch front .. at (§2.8.8): the others
                 # were used completely.
-                for s in range(front, at):
-                    k = s % n
-                    if not early[k]:
-                        slots.append(k)
-                        lens.append(cap)
-                    early[k] = 0
-                self._early_count = 0
-                slots.append(slot)
-                lens.append(length)
-                self._front = at + 1
-                seq += at + 1 - front
+                seq = self._retire_slots(seq, at, length, slots, lens, limit)
                 continue
             slots.append(slot)
             lens.append(length)
@@ -1263,6 +1294,22 @@ class PackedSlotQueue(_PackedCore[int]):
                 self._front += 1
         self._used_dseq = seq
         return slots, lens
+
+    def _retire_slots(self, seq: int, at: int, length: int, slots: list[int],
+                      lens: list[int], limit: int | None) -> int:
+        """VIRTIO_F_IN_ORDER: one used descriptor retired the slots made available at
+        counts front .. ``at`` (§2.8.8), the last with ``length``, the others used
+        completely.  Hands out slots until ``limit`` and keeps the rest of the batch in
+        ``_batch``; returns the next used descriptor count."""
+        n = self.size
+        front = self._front
+        stop = at + 1 if limit is None else min(at + 1, front + limit - len(slots))
+        for s in range(front, stop):
+            slots.append(s % n)
+            lens.append(length if s == at else self._capacity)
+        self._front = stop
+        self._batch = (at, length) if stop <= at else None
+        return seq + stop - front
 
     def _fail_slot(self, seq: int, slots: list[int], lens: list[int], part: str, value: int,
                    expected: str) -> NoReturn:

@@ -143,7 +143,12 @@ class SlotQueue(_SplitCore[int]):
     def _in_flight_heads(self) -> list[int]:
         return sorted(self.in_flight_tokens())
 
+    # An in-order batch a limited reap stopped inside: (used sequence of its last slot,
+    # the length its used element reported), or None.
+    _batch: tuple[int, int] | None = None
+
     def _forget(self) -> list[int]:
+        self._batch = None
         return self.in_flight_tokens()
 
     def _snapshot_extra(self) -> dict[str, Any]:
@@ -223,13 +228,13 @@ class SlotQueue(_SplitCore[int]):
         if used_idx == last_used & 0xFFFF:
             return [], []
         count = self._used_count(used_idx)
+        if self.in_order:
+            return self._reap_batches(last_used, count, limit)
         if limit is not None and count > limit:
             count = limit
         n = self.size
         first = last_used & self._mask
         end = first + count
-        if self.in_order:
-            return self._reap_batches(last_used, count)
         if not self.writable and not self._early_count:
             # A device-readable slot completes with len 0, so an in-order element, read as
             # one u64 (id | len << 32), equals its slot number: one list comparison checks
@@ -250,10 +255,12 @@ class SlotQueue(_SplitCore[int]):
             return slots, lens
         return self._reap_one_by_one(slots, lens)
 
-    def _reap_batches(self, last_used: int, count: int) -> tuple[list[int], list[int]]:
+    def _reap_batches(self, last_used: int, count: int, limit: int | None
+                      ) -> tuple[list[int], list[int]]:
         """VIRTIO_F_IN_ORDER (§2.7.9): ``count`` slots completed, in ring order, announced by
         one used element per batch -- at the used position of the batch's first slot,
-        naming its last slot; the slots before it were used completely."""
+        naming its last slot; the slots before it were used completely.  At most ``limit``
+        are handed out; a batch cut short is remembered in ``_batch``."""
         n = self.size
         mask = self._mask
         used_q = self._used_q
@@ -263,25 +270,31 @@ class SlotQueue(_SplitCore[int]):
         lens: list[int] = []
         seq = last_used  # == self._front: in order, nothing completes early
         end = last_used + count
-        while seq < end:
-            elem = used_q[seq & mask]
-            slot = elem & 0xFFFFFFFF
-            length = elem >> 32
-            batch = (slot - seq) % n + 1 if slot < n else 0
-            if not slot < n or seq + batch > end:
-                self._fail_at(seq - last_used, "id", slot,
-                              f"a slot at or after {seq & mask} whose batch fits the "
-                              f"{end - seq} completions used.idx announces (in order)",
-                              list(zip(slots, lens, strict=True)))
-            if length > cap and strict:
-                self._fail_at(seq - last_used, "len", length, f"<= {cap}, the bytes slot "
-                              f"{slot} can take", list(zip(slots, lens, strict=True)))
-            for k in range(seq, seq + batch - 1):
+        stop = end if limit is None else min(end, last_used + limit)
+        batch = self._batch
+        while seq < stop:
+            if batch is None:
+                elem = used_q[seq & mask]
+                slot = elem & 0xFFFFFFFF
+                length = elem >> 32
+                last = seq + (slot - seq) % n if slot < n else end
+                if last >= end:
+                    self._fail_at(seq - last_used, "id", slot,
+                                  f"a slot at or after {seq & mask} whose batch fits the "
+                                  f"{end - seq} completions used.idx announces (in order)",
+                                  list(zip(slots, lens, strict=True)))
+                if length > cap and strict:
+                    self._fail_at(seq - last_used, "len", length, f"<= {cap}, the bytes "
+                                  f"slot {slot} can take", list(zip(slots, lens, strict=True)))
+            else:
+                last, length = batch
+            upto = min(last, stop - 1)
+            for k in range(seq, upto + 1):
                 slots.append(k & mask)
-                lens.append(cap)
-            slots.append(slot)
-            lens.append(length)
-            seq += batch
+                lens.append(length if k == last else cap)
+            seq = upto + 1
+            batch = (last, length) if upto < last else None
+        self._batch = batch
         self._front = self._used_seq = seq
         return slots, lens
 

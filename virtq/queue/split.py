@@ -868,55 +868,84 @@ class InOrderSplitQueue(SplitQueue[T]):
                               descs[0])
         return descs[0], (token, capacity, tuple(descs), self._avail_seq, home, item)
 
-    def _reap(self, count: int) -> list[tuple[T, int]]:
+    # The batch being handed out when a limited reap (pop_used) stopped inside it: (avail
+    # sequence of its last chain, the length its used element reported).  The chains up to
+    # that one need no used element of their own; used.idx already counts them.
+    _batch: tuple[int, int] | None = None
+
+    def _forget(self) -> list[T]:
+        self._batch = None
+        return super()._forget()
+
+    def pop_used(self) -> tuple[T, int] | None:
+        """The next completed chain as ``(token, written_len)``, or None; a chain retired
+        by a batch without a used element of its own reports its writable capacity
+        (§2.7.9).  Raises as :meth:`SplitQueue.pop_used`."""
+        if self._state_v is not _READY:
+            self._refuse()
+        used_idx = self._used_h[1]
+        if used_idx == self._used_seq & 0xFFFF:
+            return None
+        return self._reap(self._used_count(used_idx), 1)[0]
+
+    def _reap(self, count: int, limit: int | None = None) -> list[tuple[T, int]]:
         """In-order ingress: ``count`` chains completed (``used.idx`` advanced by that
-        much), announced by one used element per batch (§2.7.9)."""
+        much), announced by one used element per batch (§2.7.9); hands out at most
+        ``limit`` of them, remembering where it stopped inside a batch."""
         used_seq = self._used_seq
         end = used_seq + count
+        stop = end if limit is None else min(end, used_seq + limit)
         states = self._state
         n = self.size
+        mask = self._mask
         free = self._free
         pub_seq = self._pub_seq
-        strict = self.strict_len
         # avail order of the chains in flight, from the driver's own shadow (one pass)
         by_seq = {st[3]: head for head, st in enumerate(states) if st is not None}
         out: list[tuple[T, int]] = []
         used_q = self._used_q
         seq = used_seq
-        while seq < end:
-            elem = used_q[seq & self._mask]
-            head = elem & 0xFFFFFFFF
-            length = elem >> 32
-            st = states[head] if head < n else None
-            if st is None or st[3] >= pub_seq or st[3] < seq:
-                self._used_seq = seq
-                self._fail(DeviceProtocolError(
-                    f"used.ring[{seq & self._mask}].id", head,
-                    f"the head of a published chain in flight at or after avail position "
-                    f"{seq & 0xFFFF:#x} (in order)"), out)
-            last = st[3]
-            if last - seq + 1 > end - seq:
-                self._used_seq = seq
-                self._fail(DeviceProtocolError(
-                    "used.idx", (used_seq + count) & 0xFFFF,
-                    f"room for the batch up to head {head} ({last - seq + 1} chains)"), out)
-            for s in range(seq, last + 1):
+        batch = self._batch
+        while seq < stop:
+            if batch is None:
+                elem = used_q[seq & mask]
+                head = elem & 0xFFFFFFFF
+                length = elem >> 32
+                st = states[head] if head < n else None
+                if st is None or st[3] >= pub_seq or st[3] < seq:
+                    self._used_seq = seq
+                    self._fail(DeviceProtocolError(
+                        f"used.ring[{seq & mask}].id", head,
+                        f"the head of a published chain in flight at or after avail "
+                        f"position {seq & 0xFFFF:#x} (in order)"), out)
+                last = st[3]
+                if last >= end:
+                    self._used_seq = seq
+                    self._fail(DeviceProtocolError(
+                        "used.idx", end & 0xFFFF,
+                        f"room for the batch up to head {head} ({last - seq + 1} chains)"),
+                        out)
+                if length > st[1] and self.strict_len:
+                    self._used_seq = seq
+                    self._fail(DeviceProtocolError(
+                        f"used.ring[{seq & mask}].len", length,
+                        f"<= {st[1]}, the writable capacity of head {head}"), out)
+            else:
+                last, length = batch
+            upto = min(last, stop - 1)
+            for s in range(seq, upto + 1):
                 h = by_seq[s]
                 token, capacity, rest, _, home, item = states[h]  # type: ignore[misc]
-                got = length if s == last else capacity
-                if s == last and length > capacity and strict:
-                    self._used_seq = s
-                    self._fail(DeviceProtocolError(
-                        f"used.ring[{seq & self._mask}].len", length,
-                        f"<= {capacity}, the writable capacity of head {h}"), out)
-                out.append((token, got))
+                out.append((token, length if s == last else capacity))
                 states[h] = None
                 # Freed descriptors come after every free one in ring order: the bottom.
                 descs = (item, *rest) if home is free else rest
                 if home is not free:
                     home.append(item)
                 free[0:0] = descs[::-1]
-            seq = last + 1
+            seq = upto + 1
+            batch = (last, length) if upto < last else None
+        self._batch = batch
         self._used_seq = seq
         return out
 

@@ -63,8 +63,12 @@ class DeviceQueue:
         event_idx: bool = False,
         start_index: int | None = None,
         regions: Sequence[tuple[int, MemoryRegion]] | None = None,
+        indirect_head_only: bool = False,
     ) -> None:
         n = layout.queue_size
+        #: Follow VIRTQ_DESC_F_INDIRECT only in a head descriptor, as libvhost-user does
+        #: (a deviation from §2.7.5.3.2, for the embedded back-end's fault switch).
+        self.indirect_head_only = indirect_head_only
         self.size = n
         self.layout = layout
         self.event_idx = event_idx
@@ -83,6 +87,14 @@ class DeviceQueue:
         self.last_avail = used_idx if start_index is None else start_index
         self.used_idx = used_idx
         self._pending_used = 0
+        # Heads popped and not pushed, in pop order (dicts keep insertion order): what a
+        # VIRTIO_F_IN_ORDER batch retires (push_in_order).
+        self._popped: dict[int, None] = {}
+
+    def add_region(self, iova: int, region: MemoryRegion) -> None:
+        """Make ``region`` reachable at device address ``iova`` too (memory the driver
+        shared after the queue was set up: a vhost-user memory table update, a DMA map)."""
+        self._spaces.append((iova, region.nbytes, region.view()))
 
     # -- memory access by device address --------------------------------------------
 
@@ -107,6 +119,12 @@ class DeviceQueue:
         """Chains the driver has published and the device has not popped yet."""
         return distance(self.last_avail, self._avail[1])
 
+    def next_head(self) -> int | None:
+        """The head the next :meth:`pop` would take (unvalidated), or None."""
+        if self._avail[1] == self.last_avail:
+            return None
+        return int(self._avail[2 + (self.last_avail & (self.size - 1))])
+
     def pop(self) -> tuple[int, list[Segment]] | None:
         """The next available chain as ``(head, segments)``, indirect tables followed."""
         avail_idx = self._avail[1]
@@ -118,10 +136,12 @@ class DeviceQueue:
             )
         observe_barrier()  # ring entry and descriptors after the index that exposed them (§2.7.6)
         head = self._avail[2 + (self.last_avail & (self.size - 1))]
-        self.last_avail = wrap_add(self.last_avail, 1)
         if head >= self.size:
             raise DriverProtocolError(f"avail ring names head {head} >= size {self.size}")
-        return head, self._walk(head)
+        segments = self._walk(head)
+        self.last_avail = wrap_add(self.last_avail, 1)
+        self._popped[head] = None
+        return head, segments
 
     def chain(self, head: int) -> list[Segment]:
         """The chain from ``head``, walked as :meth:`pop` walks it, without touching the
@@ -148,6 +168,8 @@ class DeviceQueue:
             if steps > limit:
                 raise DriverProtocolError(f"descriptor chain from head {head} loops")
             addr, length, flags, nxt = _DESC.unpack_from(table, index * DESC_SIZE)
+            if flags & VIRTQ_DESC_F_INDIRECT and self.indirect_head_only and segments:
+                flags &= ~VIRTQ_DESC_F_INDIRECT  # read the table as if it were data
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if indirect or flags & VIRTQ_DESC_F_NEXT or length % DESC_SIZE or not length:
                     raise DriverProtocolError(f"bad indirect descriptor at {index}")
@@ -169,15 +191,53 @@ class DeviceQueue:
                 raise DriverProtocolError(f"next={nxt} out of range {limit}")
             index = nxt
 
+    def desc(self, index: int) -> tuple[int, int, int, int]:
+        """Descriptor ``index`` of the ring's table: (addr, len, flags, next)."""
+        addr, length, flags, nxt = _DESC.unpack_from(self._desc, (index % self.size) * DESC_SIZE)
+        return addr, length, flags, nxt
+
+    def write_desc_len(self, index: int, length: int) -> None:
+        """Overwrite descriptor ``index``'s len: something no device may do (§2.7.5.1);
+        for fault injection."""
+        struct.pack_into("<I", self._desc, (index % self.size) * DESC_SIZE + 8, length)
+
+    @property
+    def used_flags(self) -> int:
+        return int(self._used_h[0])
+
+    def set_used_flags(self, value: int) -> None:
+        self._used_h[0] = value & 0xFFFF
+
     # -- returning used chains --------------------------------------------------------
 
     def push(self, head: int, written_len: int, *, publish: bool = True) -> bool:
         """Put ``(head, written_len)`` into the used ring; with ``publish`` also store
         ``used.idx``.  Returns whether the driver wants a used-buffer notification."""
+        self._popped.pop(head, None)
+        return self._put_used(head, written_len, 1, publish)
+
+    def push_in_order(self, last_head: int, written_len: int, *, publish: bool = True) -> bool:
+        """VIRTIO_F_IN_ORDER batched retirement (§2.7.9): every chain popped up to and
+        including ``last_head`` is used, announced by ONE used element naming ``last_head``
+        with ``written_len``, written at the batch's first used position, and ``used.idx``
+        advances by the batch's size (the earlier chains count as used completely).
+        Returns as :meth:`push`.  Raises :class:`DriverProtocolError` for a head that was
+        not popped."""
+        if last_head not in self._popped:
+            raise DriverProtocolError(f"head {last_head} was not popped or is already used")
+        batch = 0
+        for head in list(self._popped):
+            del self._popped[head]
+            batch += 1
+            if head == last_head:
+                break
+        return self._put_used(last_head, written_len, batch, publish)
+
+    def _put_used(self, head: int, written_len: int, chains: int, publish: bool) -> bool:
         slot = wrap_add(self.used_idx, self._pending_used) & (self.size - 1)
         self._used_w[1 + 2 * slot] = head
         self._used_w[2 + 2 * slot] = written_len
-        self._pending_used += 1
+        self._pending_used += chains
         if publish:
             return self.publish_used()
         return False

@@ -18,9 +18,11 @@ from __future__ import annotations
 from typing import Any
 
 from virtq.errors import ArgumentError, DeviceError, QueueStateError
+from virtq.layout import PackedLayout
 from virtq.memory import MemfdRegion
 from virtq.queue import VirtQueue
 from virtq.testing.device import DeviceQueue
+from virtq.testing.packed_device import PackedDeviceQueue
 from virtq.transport.base import DmaArena
 from virtq.types import Iova
 
@@ -39,7 +41,9 @@ class LoopbackTransport:
         self._device_type = device_type
         self.arenas: list[DmaArena] = []
         self.queues: dict[int, VirtQueue[Any]] = {}
-        self.devices: dict[int, DeviceQueue] = {}
+        #: The device side of each attached queue: a DeviceQueue for a split ring, a
+        #: PackedDeviceQueue for a packed one (the same pop/push/publish_used API).
+        self.devices: dict[int, DeviceQueue | PackedDeviceQueue] = {}
         self.notified: list[int] = []  # queue indices, one per notify()
         self.stopped: set[int] = set()  # queues stop_queue() stopped
         self.closed = False
@@ -78,22 +82,32 @@ class LoopbackTransport:
         arena = DmaArena(region, Iova(0x1000_0000 * (len(self.arenas) + 1)), owner=self)
         self.arenas.append(arena)
         # The device must reach buffers allocated after the queues: map them too.
-        for i, old in self.devices.items():
-            self.devices[i] = self._device(self.queues[i], old.last_avail)
-            old.close()
+        for device in self.devices.values():
+            device.add_region(arena.iova, region)
         return arena
 
-    def _device(self, queue: VirtQueue[Any], start: int | None) -> DeviceQueue:
+    def _device(self, queue: VirtQueue[Any]) -> DeviceQueue | PackedDeviceQueue:
+        """The device side of ``queue``, in its ring format, starting where the queue's
+        ``vring_base`` says (what SET_VRING_BASE would tell a back-end)."""
         regions = [(a.iova, a.region) for a in self.arenas if a.region is not queue.region]
-        return DeviceQueue(queue.region, queue.layout,  # type: ignore[attr-defined]
-                           iova=queue.iova, event_idx=queue.event_idx, start_index=start,
-                           regions=regions)
+        layout = queue.layout  # type: ignore[attr-defined]
+        region = queue.region
+        iova = queue.iova
+        base = queue.vring_base
+        if isinstance(layout, PackedLayout):
+            avail, used = base & 0xFFFF, base >> 16
+            return PackedDeviceQueue(region, layout, iova=iova, event_idx=queue.event_idx,
+                                     avail_index=avail & 0x7FFF, avail_wrap=avail >> 15,
+                                     used_index=used & 0x7FFF, used_wrap=used >> 15,
+                                     regions=regions)
+        return DeviceQueue(region, layout, iova=iova, event_idx=queue.event_idx,
+                           start_index=base, regions=regions)
 
     def attach_queue(self, index: int, queue: VirtQueue[Any]) -> None:
         if index in self.queues:
             raise ArgumentError("index", index, "queue already attached")
         self.queues[index] = queue
-        self.devices[index] = self._device(queue, queue.vring_base)
+        self.devices[index] = self._device(queue)
 
     def start(self) -> None:
         self.started = True
@@ -143,7 +157,7 @@ class LoopbackTransport:
         for index, queue in self.queues.items():
             lost[index] = queue.reset()
             self.devices[index].close()
-            self.devices[index] = self._device(queue, queue.vring_base)
+            self.devices[index] = self._device(queue)
         return lost
 
     def close(self) -> None:

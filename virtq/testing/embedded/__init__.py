@@ -3,7 +3,10 @@
 It exists for two reasons: the demo and the tests need *some* back-end when
 qemu-storage-daemon is not installed, and only a back-end we control can misbehave on
 purpose (:class:`Faults`: drop the connection mid-request, NACK, answer garbage, stay
-silent, complete out of order, corrupt the used ring).
+silent, complete out of order, corrupt the used ring -- and one switch per rule that
+``virtq check`` checks, so each check can be seen to fail).  ``device="net" | "fs" |
+"rng"`` turns it into a net loopback, a small virtio-fs or an entropy device
+(:mod:`virtq.testing.embedded.devices`).
 
 It is a device-side peer of virtq's own front-end, written from QEMU's
 ``docs/interop/vhost-user.rst`` (section names are cited below as "vhost-user.rst, ...")

@@ -28,6 +28,7 @@ class BackendProcess:
         inflight: bool = False,
         faults: Faults | Mapping[str, object] | None = None,
         timeout: float = 10.0,
+        device: str = "blk",
     ) -> None:
         self.image_path = Path(image_path)
         self.socket_path = Path(socket_path)
@@ -36,6 +37,7 @@ class BackendProcess:
         self.inflight = inflight
         self.faults = Faults.coerce(faults)
         self.timeout = timeout
+        self.device = device
         self.proc: subprocess.Popen[bytes] | None = None
         self._socket_ino = 0
 
@@ -46,6 +48,8 @@ class BackendProcess:
             cmd.append("--read-only")
         if self.inflight:
             cmd.append("--inflight")
+        if self.device != "blk":
+            cmd += ["--device", self.device]
         if spec := self.faults.to_spec():
             cmd += ["--faults", spec]
         return cmd

@@ -11,6 +11,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 import traceback
 import warnings
 import weakref
@@ -21,7 +22,13 @@ from pathlib import Path
 from typing import Literal, Self
 
 from virtq._sys.fence import full_fence
-from virtq.abi import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1
+from virtq.abi import (
+    VIRTIO_CONFIG_S_FEATURES_OK,
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+    VIRTQ_DESC_F_INDIRECT,
+)
 from virtq.abi.blk import (
     SECTOR_SIZE,
     VIRTIO_BLK_F_BLK_SIZE,
@@ -38,11 +45,13 @@ from virtq.abi.blk import (
     VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
 )
+from virtq.abi.net import VIRTIO_NET_F_MRG_RXBUF
 from virtq.errors import ArgumentError, VirtqError
 from virtq.layout import MAX_SPLIT_QUEUE_SIZE, SplitLayout, avail_nbytes, is_power_of_two
 from virtq.layout.split import DESC_SIZE, used_nbytes
 from virtq.memory import PAGE_SIZE, MemfdRegion, MemoryRegion
 from virtq.testing.device import DeviceQueue, DriverProtocolError, Segment
+from virtq.testing.embedded import devices
 from virtq.testing.embedded.inflight import InflightBuffer, InflightQueue, resume_index
 from virtq.testing.runners import BackendError
 from virtq.transport.vhost_user import protocol as P
@@ -67,7 +76,7 @@ BASE_FEATURES = (
 )
 PROTOCOL_FEATURES = (
     1 << P.ProtocolFeature.MQ | 1 << P.ProtocolFeature.REPLY_ACK
-    | 1 << P.ProtocolFeature.CONFIG
+    | 1 << P.ProtocolFeature.CONFIG | 1 << P.ProtocolFeature.STATUS
 )
 _BLK_HEADER = struct.Struct("<IIQ")  # type, reserved, sector (VIRTIO 1.2 §5.2.6)
 _MAX_PAYLOAD = 4096  # larger than any message this back-end accepts (a full memory table)
@@ -118,6 +127,50 @@ class Faults:
     ``sessions``: ``drop_after`` applies to the first this-many connections only (None:
       to every one) -- a back-end that crashes once, then works.
 
+    Conformance faults -- each breaks one rule ``virtq check`` checks (the test suite
+    asserts which checks fail for each):
+
+    ``write_past_buffer``: write a byte just past the status byte (VIRTIO 1.2 §2.7.5).
+    ``write_readable``: scribble on the request header, a device-readable buffer (§2.7.5.1).
+    ``write_desc_table``: rewrite the head descriptor's ``len`` after use (§2.7.5.1).
+    ``bad_used_len``: report 512 bytes more than the chain can hold (§2.7.8.2).
+    ``unwritten_len``: a read in several data buffers leaves the last one unwritten but
+      counts it in used.len (§2.7.8.2).
+    ``duplicate_used``: in a batch of 8 or more, complete the first head twice (§2.7.8).
+    ``used_flags_garbage``: set bit 15 of used.flags (§2.7.10.2).
+    ``no_notify`` / ``spurious_notify``: never / always signal the call eventfd (§2.7.7.2).
+    ``vring_base_off_by_one``: GET_VRING_BASE answers one more than it processed.
+    ``wrap_bug``: stop serving a ring once its avail index wrapped to 0.
+    ``indirect_head_only``: follow VIRTQ_DESC_F_INDIRECT only in a head descriptor
+      (§2.7.5.3.2 requires it after direct ones too), as libvhost-user does.
+    ``header_split_refused``: answer IOERR unless the request header is in one
+      descriptor (§2.7.4.1).
+    ``process_disabled``: serve rings that SET_VRING_ENABLE disabled (vhost-user.rst,
+      "Ring states").
+    ``accept_unoffered``: accept unoffered feature bits and keep FEATURES_OK (§2.2.2).
+    ``no_version_1``: do not offer VIRTIO_F_VERSION_1 (§6.2).
+    ``wrong_capacity``: report 8 sectors more than the image has (§5.2.4).
+    ``stale_data``: serve reads from a snapshot of the image taken when the front-end
+      connected (a later write is not seen).
+    ``lost_write``: keep writes in a per-connection cache that FLUSH does not write out;
+      reads see it, the image and the next connection do not (§5.2.6.2).
+    ``long_id``: GET_ID writes 24 bytes into the driver's 20-byte buffer.
+    ``no_ioerr``: reads past the capacity succeed (zeroes) instead of IOERR (§5.2.6).
+    ``unsupp_as_ok``: unknown request types succeed instead of UNSUPP (§5.2.6).
+    ``exit_on_disconnect``: serve one front-end, then stop listening (a process exits).
+    ``crash_on_indirect``: abort (SIGABRT) on an indirect head descriptor.  Kills the
+      whole process: use it with :class:`BackendProcess` only.
+    ``spin_on_loop``: hang forever on a descriptor chain that loops (instead of hanging
+      up).  Use it with :class:`BackendProcess` only.
+
+    For the other device types (``device=``): ``rng_no_bytes`` (used.len 0, §5.4.6.2);
+    ``net_corrupt_frame`` (flip a byte of each looped frame); ``net_bad_header``
+    (num_buffers 0 and NEEDS_CSUM in the receive header, §5.1.6.4.1); ``mrg_wrong_count``
+    (num_buffers one too many with MRG_RXBUF); ``fuse_init_major`` (FUSE_INIT answers
+    major 8); ``fuse_root_not_dir`` (GETATTR says the root is a file);
+    ``fuse_lookup_any`` (LOOKUP finds names that do not exist); ``fs_zero_queues``
+    (num_request_queues 0 in the configuration space, §5.11.4).
+
     Replace :attr:`VhostUserBlkBackend.faults` at any time; the back-end reads it for
     every message and every batch.
     """
@@ -131,6 +184,39 @@ class Faults:
     corrupt_used: bool = False
     queue: int | None = None
     sessions: int | None = None
+    write_past_buffer: bool = False
+    write_readable: bool = False
+    write_desc_table: bool = False
+    bad_used_len: bool = False
+    unwritten_len: bool = False
+    duplicate_used: bool = False
+    used_flags_garbage: bool = False
+    no_notify: bool = False
+    spurious_notify: bool = False
+    vring_base_off_by_one: bool = False
+    wrap_bug: bool = False
+    indirect_head_only: bool = False
+    header_split_refused: bool = False
+    process_disabled: bool = False
+    accept_unoffered: bool = False
+    no_version_1: bool = False
+    wrong_capacity: bool = False
+    stale_data: bool = False
+    lost_write: bool = False
+    long_id: bool = False
+    no_ioerr: bool = False
+    unsupp_as_ok: bool = False
+    exit_on_disconnect: bool = False
+    crash_on_indirect: bool = False
+    spin_on_loop: bool = False
+    rng_no_bytes: bool = False
+    net_corrupt_frame: bool = False
+    net_bad_header: bool = False
+    mrg_wrong_count: bool = False
+    fuse_init_major: bool = False
+    fuse_root_not_dir: bool = False
+    fuse_lookup_any: bool = False
+    fs_zero_queues: bool = False
 
     def __post_init__(self) -> None:
         for name in ("nack", "garbage_reply", "never_answer"):
@@ -166,7 +252,7 @@ class Faults:
                 if not value.isdigit():
                     raise ArgumentError("faults", item, f"{key} takes a number")
                 kwargs[key] = int(value)
-            elif key in ("out_of_order", "corrupt_used"):
+            elif isinstance(cls.__dataclass_fields__[key].default, bool):
                 kwargs[key] = not sep or value.lower() in ("1", "true", "yes", "on")
             else:
                 kwargs[key] = value
@@ -292,6 +378,13 @@ class _Session:
         self.popped = 0
         #: The inflight buffer (GET_INFLIGHT_FD made it, or SET_INFLIGHT_FD gave it).
         self.inflight: InflightBuffer | None = None
+        self.status = 0
+        #: Faults ``stale_data`` / ``lost_write``: the image as this connection found it,
+        #: and the writes FLUSH never wrote out.
+        self._snapshot: bytes | None = None
+        self._cache: dict[int, bytes] = {}
+        if backend.faults.stale_data:
+            self._snapshot = os.pread(backend._image_fd, backend.capacity * SECTOR_SIZE, 0)
         self._fds: list[int] = []  # received with the current message, not yet taken
         self._recheck: set[int] = set()  # rings to look at after the current message
         self._handlers: dict[P.Request, Callable[[bytes], bytes | None]] = {
@@ -317,6 +410,8 @@ class _Session:
             P.Request.RESET_DEVICE: self._reset_device,
             P.Request.GET_INFLIGHT_FD: self._get_inflight_fd,
             P.Request.SET_INFLIGHT_FD: self._set_inflight_fd,
+            P.Request.SET_STATUS: self._set_status,
+            P.Request.GET_STATUS: lambda _: P.U64.pack(self.status),
         }
 
     # -- the loop ---------------------------------------------------------------------------
@@ -483,15 +578,23 @@ class _Session:
     @property
     def offered_features(self) -> int:
         b = self.backend
-        return (BASE_FEATURES | (1 << VIRTIO_BLK_F_RO if b.read_only else 0)
-                | (1 << VIRTIO_BLK_F_MQ if b.num_queues > 1 else 0))
+        if b.device != "blk":
+            offered = devices.FEATURES[b.device]
+            if b.faults.no_version_1:
+                offered &= ~(1 << VIRTIO_F_VERSION_1)
+            return offered
+        offered = (BASE_FEATURES | (1 << VIRTIO_BLK_F_RO if b.read_only else 0)
+                   | (1 << VIRTIO_BLK_F_MQ if b.num_queues > 1 else 0))
+        if b.faults.no_version_1:
+            offered &= ~(1 << VIRTIO_F_VERSION_1)
+        return offered
 
     def _get_features(self, payload: bytes) -> bytes:
         return P.U64.pack(self.offered_features)
 
     def _set_features(self, payload: bytes) -> None:
         (features,) = self._unpack(P.U64, payload, "SET_FEATURES")
-        if features & ~self.offered_features:
+        if features & ~self.offered_features and not self.backend.faults.accept_unoffered:
             raise FrontendProtocolError(
                 f"SET_FEATURES: {features & ~self.offered_features:#x} were never offered")
         self.features = features
@@ -502,6 +605,15 @@ class _Session:
                 ring.enabled = True
         for ring in self.rings:
             ring.drop_queue()  # EVENT_IDX may have changed
+
+    def _set_status(self, payload: bytes) -> None:
+        (status,) = self._unpack(P.U64, payload, "SET_STATUS")
+        # VIRTIO 1.2 §2.2.2: a device that cannot accept the features the driver chose
+        # MUST NOT set FEATURES_OK.
+        if self.features & ~self.offered_features and \
+                not self.backend.faults.accept_unoffered:
+            status &= ~VIRTIO_CONFIG_S_FEATURES_OK
+        self.status = status & 0xFF
 
     def _set_protocol_features(self, payload: bytes) -> None:
         (features,) = self._unpack(P.U64, payload, "SET_PROTOCOL_FEATURES")
@@ -673,7 +785,8 @@ class _Session:
         ring.drop_queue()
         ring.set_fd("kick", -1)
         ring.set_fd("call", -1)
-        return P.VRING_STATE.pack(index, ring.base)
+        base = ring.base + (1 if self.backend.faults.vring_base_off_by_one else 0)
+        return P.VRING_STATE.pack(index, base & 0xFFFF)
 
     def _set_vring_fd(self, payload: bytes, which: Literal["kick", "call"]) -> None:
         name = f"SET_VRING_{which.upper()}"
@@ -714,8 +827,12 @@ class _Session:
         """struct virtio_blk_config (VIRTIO 1.2 §5.2.4), zero-padded to the vhost-user
         maximum: capacity le64 @0, size_max le32 @8, seg_max le32 @12, geometry @16,
         blk_size le32 @20, topology @24, writeback @32, num_queues le16 @34."""
+        if self.backend.device != "blk":
+            return devices.config(self.backend.device, self.backend.faults).ljust(
+                P.MAX_CONFIG_SIZE, b"\0")
         cfg = bytearray(P.MAX_CONFIG_SIZE)
-        struct.pack_into("<Q", cfg, 0, self.backend.capacity)
+        extra = 8 if self.backend.faults.wrong_capacity else 0
+        struct.pack_into("<Q", cfg, 0, self.backend.capacity + extra)
         struct.pack_into("<I", cfg, 12, SEG_MAX)
         struct.pack_into("<I", cfg, 20, SECTOR_SIZE)
         struct.pack_into("<H", cfg, 34, self.backend.num_queues)
@@ -727,6 +844,7 @@ class _Session:
             ring.close()
         self.rings = [_Ring(i) for i in range(self.backend.num_queues)]
         self.features = 0
+        self.status = 0
 
     # -- the data path ------------------------------------------------------------------------
 
@@ -762,7 +880,8 @@ class _Session:
             (m.gpa, m.region) for m in self.mem if m is not owner]
         ring.dev = DeviceQueue(owner.region, layout, iova=owner.gpa,
                                event_idx=bool(self.features >> VIRTIO_F_EVENT_IDX & 1),
-                               start_index=ring.base, regions=others)
+                               start_index=ring.base, regions=others,
+                               indirect_head_only=self.backend.faults.indirect_head_only)
         tracked = self._inflight_queue(ring)
         if tracked is not None and not ring.recovered:
             # The first look at this ring since the buffer came: resume what a previous
@@ -787,8 +906,12 @@ class _Session:
         """Serve everything available on ``ring`` (VIRTIO 1.2 §2.7.13, device side)."""
         # vhost-user.rst, "Ring states": only a started (kick fd received) and enabled
         # ring is processed; a disabled one keeps its buffers until it is enabled again.
-        if not (ring.enabled and ring.kick >= 0 and ring.num and ring.addrs and self.mem):
+        faults = self.backend.faults
+        enabled = ring.enabled or faults.process_disabled
+        if not (enabled and ring.kick >= 0 and ring.num and ring.addrs and self.mem):
             return
+        if self.backend.device == "net" and ring.index == 0:
+            return  # receive buffers wait for frames (they are taken by _deliver)
         dev = self._queue_of(ring, ring.addrs)
         tracked = self._inflight_queue(ring)
         while True:
@@ -796,10 +919,29 @@ class _Session:
             if ring.resubmit:
                 # Taken by a previous back-end: carry them out, as one batch, first.
                 heads, ring.resubmit = ring.resubmit, []
-                self._complete(ring, dev, [self._serve(ring.index, dev, head, dev.chain(head))
+                self._complete(ring, dev, [self._serve_any(ring.index, dev, head,
+                                                           dev.chain(head))
                                            for head in heads], faults, tracked)
-            batch: list[tuple[int, int, BlkRecord]] = []
-            while (chain := dev.pop()) is not None:
+            batch: list[tuple[int, int, BlkRecord | None]] = []
+            stuck = False
+            while True:
+                if faults.wrap_bug and dev.last_avail == 0 and self.popped:
+                    stuck = True  # the bug: "index 0 comes before anything we served"
+                    break
+                if faults.crash_on_indirect:
+                    head = dev.next_head()
+                    if head is not None and head < dev.size and \
+                            dev.desc(head)[2] & VIRTQ_DESC_F_INDIRECT:
+                        os.abort()  # the fault: a back-end that dies on an indirect table
+                try:
+                    chain = dev.pop()
+                except DriverProtocolError as exc:
+                    if faults.spin_on_loop and "loops" in str(exc):
+                        while True:  # the fault: a back-end stuck on a descriptor loop
+                            time.sleep(0.05)
+                    raise
+                if chain is None:
+                    break
                 if tracked is not None:
                     tracked.take(chain[0])
                 self.popped += 1
@@ -807,9 +949,11 @@ class _Session:
                         and (faults.sessions is None or self.number <= faults.sessions):
                     raise _EndSession(f"fault: dropping the connection after "
                                       f"{self.popped} requests")
-                batch.append(self._serve(ring.index, dev, *chain))
+                batch.append(self._serve_any(ring.index, dev, *chain))
             if batch:
                 self._complete(ring, dev, batch, faults, tracked)
+            if stuck:
+                return
             if not dev.event_idx:
                 return  # the driver kicks for every publish unless we ask it not to
             # With EVENT_IDX the driver kicks only past avail_event: move it, then look
@@ -821,24 +965,54 @@ class _Session:
                 return
 
     def _complete(self, ring: _Ring, dev: DeviceQueue,
-                  batch: list[tuple[int, int, BlkRecord]], faults: Faults,
+                  batch: list[tuple[int, int, BlkRecord | None]], faults: Faults,
                   tracked: InflightQueue | None) -> None:
         mine = faults.queue is None or faults.queue == ring.index
         if faults.out_of_order and mine:
             batch.reverse()  # any completion order is legal (§2.7.14); make it visible
-        for i, (head, written, record) in enumerate(batch):
+        for i, (served, written, record) in enumerate(batch):
             bad = faults.corrupt_used and mine and i == 0
+            head = served
+            if faults.duplicate_used and len(batch) >= 8 and i == len(batch) - 1:
+                head = batch[0][0]
             dev.push(dev.size if bad else head, written, publish=False)  # size: never a head
+            if faults.write_desc_table:
+                dev.write_desc_len(head, 0xBAD)
             if tracked is not None:
-                tracked.link(head)
-            self.backend.completed.append(record)
+                tracked.link(served)
+            if record is not None:
+                self.backend.completed.append(record)
         # One used.idx store per batch; signal only if the driver asked (EVENT_IDX's
         # used_event or VIRTQ_AVAIL_F_NO_INTERRUPT), as DeviceQueue.publish_used says.
         notify = dev.publish_used()
         if tracked is not None:  # after used.idx: see virtq.testing.embedded.inflight
-            tracked.retire([head for head, _, _ in batch], dev.used_idx)
-        if notify and ring.call >= 0:
+            tracked.retire([served for served, _, _ in batch], dev.used_idx)
+        if faults.used_flags_garbage:
+            dev.set_used_flags(dev.used_flags | 0x8000)
+        if faults.no_notify:
+            notify = False
+        if (notify or faults.spurious_notify) and ring.call >= 0:
             os.eventfd_write(ring.call, 1)
+
+    def _serve_any(self, queue: int, dev: DeviceQueue, head: int,
+                   segments: list[Segment]) -> tuple[int, int, BlkRecord | None]:
+        device, faults = self.backend.device, self.backend.faults
+        if device == "blk":
+            return self._serve(queue, dev, head, segments)
+        if device == "rng":
+            return head, devices.serve_rng(dev, segments, faults), None
+        if device == "fs":
+            return head, devices.serve_fs(dev, queue, segments, faults), None
+        # net: what the driver transmits on queue 1 comes back on queue 0 (§5.1.2)
+        rx_ring = self.rings[0]
+        frame = devices.tx_frame(dev, segments)
+        if frame and rx_ring.num and rx_ring.addrs and rx_ring.enabled:
+            rx = self._queue_of(rx_ring, rx_ring.addrs)
+            mrg = bool(self.features >> VIRTIO_NET_F_MRG_RXBUF & 1)
+            if devices.deliver_frame(rx, frame, mrg_rxbuf=mrg, faults=faults) and \
+                    rx_ring.call >= 0:
+                os.eventfd_write(rx_ring.call, 1)
+        return head, 0, None
 
     def _serve(self, queue: int, dev: DeviceQueue, head: int,
                segments: list[Segment]) -> tuple[int, int, BlkRecord]:
@@ -857,27 +1031,53 @@ class _Session:
         kind, _, sector = _BLK_HEADER.unpack(b"".join(dev.read(s.iova, s.length)
                                                       for s in header))
         data_in, (status_seg,) = _take(writable, writable_len - 1)
-        status, written, nbytes = self._execute(dev, kind, sector, data_out, data_in)
+        faults = self.backend.faults
+        if faults.header_split_refused and header[0].length < _BLK_HEADER.size:
+            status, written, nbytes = VIRTIO_BLK_S_IOERR, 0, 0
+        else:
+            status, written, nbytes = self._execute(dev, kind, sector, data_out, data_in)
         dev.write(status_seg.iova, bytes([status]))
+        if faults.write_past_buffer:
+            with contextlib.suppress(DriverProtocolError):
+                dev.write(status_seg.iova + 1, b"\xee")
+        if faults.write_readable:
+            dev.write(header[0].iova, bytes([dev.read(header[0].iova, 1)[0] ^ 0xFF]))
         # used.len counts every byte written into device-writable buffers (§2.7.8):
         # the data read (or the id) plus the status byte.
-        return head, written + 1, BlkRecord(queue, kind, sector, nbytes, status)
+        used_len = written + 1 + (512 if faults.bad_used_len else 0)
+        return head, used_len, BlkRecord(queue, kind, sector, nbytes, status)
 
     def _execute(self, dev: DeviceQueue, kind: int, sector: int, data_out: list[Segment],
                  data_in: list[Segment]) -> tuple[int, int, int]:
         """Returns (status, bytes written to the driver, bytes transferred)."""
         fd = self.backend._image_fd
         offset = sector * SECTOR_SIZE
+        faults = self.backend.faults
         try:
             if kind == VIRTIO_BLK_T_IN:
                 n = sum(s.length for s in data_in)
                 if not self._in_range(offset, n):
+                    if faults.no_ioerr and n % SECTOR_SIZE == 0:
+                        for s in data_in:
+                            dev.write(s.iova, bytes(s.length))
+                        return VIRTIO_BLK_S_OK, n, n
                     return VIRTIO_BLK_S_IOERR, 0, n
+                if faults.unwritten_len and len(data_in) > 1:
+                    data_in = data_in[:-1]  # the fault: counted below, never written
+                if faults.stale_data or faults.lost_write:
+                    self._read_faulty(dev, data_in, offset)
+                    return VIRTIO_BLK_S_OK, n, n
                 with _views(dev, data_in) as iov:
                     got = os.preadv(fd, iov, offset) if iov else 0
-                return (VIRTIO_BLK_S_OK, n, n) if got == n else (VIRTIO_BLK_S_IOERR, 0, n)
+                return (VIRTIO_BLK_S_OK, n, n) if got == sum(s.length for s in data_in) \
+                    else (VIRTIO_BLK_S_IOERR, 0, n)
             if kind == VIRTIO_BLK_T_OUT:
                 n = sum(s.length for s in data_out)
+                if faults.lost_write and self._in_range(offset, n):
+                    data = b"".join(dev.read(s.iova, s.length) for s in data_out)
+                    for k in range(0, n, SECTOR_SIZE):
+                        self._cache[offset + k] = data[k : k + SECTOR_SIZE]
+                    return VIRTIO_BLK_S_OK, 0, n
                 if self.backend.read_only or not self._in_range(offset, n):
                     return VIRTIO_BLK_S_IOERR, 0, n
                 with _views(dev, data_out) as iov:
@@ -889,6 +1089,10 @@ class _Session:
             if kind == VIRTIO_BLK_T_GET_ID:
                 ident = DEVICE_ID.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
                 n = min(VIRTIO_BLK_ID_BYTES, sum(s.length for s in data_in))
+                if faults.long_id and data_in:
+                    # the fault: 24 bytes into a buffer that may hold 20
+                    dev.write(data_in[0].iova, (DEVICE_ID + b"-long-id").ljust(24, b"!"))
+                    return VIRTIO_BLK_S_OK, n, n
                 done = 0
                 for s in _take(data_in, n)[0]:
                     dev.write(s.iova, ident[done : done + s.length])
@@ -897,7 +1101,29 @@ class _Session:
         except OSError as exc:  # the image failed us: that is the device's I/O error
             log.warning("virtio-blk request %d at sector %d failed: %s", kind, sector, exc)
             return VIRTIO_BLK_S_IOERR, 0, 0
+        if faults.unsupp_as_ok:
+            return VIRTIO_BLK_S_OK, 0, 0
         return VIRTIO_BLK_S_UNSUPP, 0, 0
+
+    def _read_faulty(self, dev: DeviceQueue, data_in: list[Segment], offset: int) -> None:
+        """Reads under the ``stale_data`` (a snapshot taken at connect) or ``lost_write``
+        (the image overlaid with this connection's unflushed cache) faults."""
+        n = sum(s.length for s in data_in)
+        if self.backend.faults.stale_data:
+            if self._snapshot is None:
+                self._snapshot = b""  # filled at connect; empty if the fault came later
+            data = self._snapshot[offset : offset + n].ljust(n, b"\0")
+        else:
+            merged = bytearray(os.pread(self.backend._image_fd, n, offset))
+            for k in range(0, n, SECTOR_SIZE):
+                cached = self._cache.get(offset + k)
+                if cached is not None:
+                    merged[k : k + SECTOR_SIZE] = cached
+            data = bytes(merged)
+        done = 0
+        for s in data_in:
+            dev.write(s.iova, data[done : done + s.length])
+            done += s.length
 
     def _in_range(self, offset: int, n: int) -> bool:
         return n % SECTOR_SIZE == 0 and offset + n <= self.backend.capacity * SECTOR_SIZE
@@ -957,12 +1183,19 @@ class VhostUserBlkBackend:
         read_only: bool = False,
         faults: Faults | Mapping[str, object] | None = None,
         mem_slots: int | None = None,
+        device: str = "blk",
         inflight: bool = False,
     ) -> None:
         if not 1 <= num_queues <= 0xFFFF:
             raise ArgumentError("num_queues", num_queues, "must be in 1..65535")
         if mem_slots is not None and (not isinstance(mem_slots, int) or mem_slots < 1):
             raise ArgumentError("mem_slots", mem_slots, "must be None or a count >= 1")
+        if device not in devices.DEVICE_TYPES:
+            raise ArgumentError("device", device, f"must be one of {devices.DEVICE_TYPES}")
+        #: "blk" (the default), or "net", "fs", "rng" (see :mod:`.devices`)
+        self.device = device
+        if device != "blk":
+            num_queues = devices.QUEUES[device]
         self.image_path = Path(image_path)
         self.socket_path = Path(socket_path)
         self.num_queues = num_queues
@@ -984,6 +1217,11 @@ class VhostUserBlkBackend:
         self._socket_ino = 0
         self._thread: threading.Thread | None = None
         self._finalizer: weakref.finalize[[int, str], VhostUserBlkBackend] | None = None
+
+    @property
+    def serving(self) -> bool:
+        """True while the serving thread runs (it ends on stop(), or by a fault)."""
+        return self._thread is not None and self._thread.is_alive()
 
     @property
     def faults(self) -> Faults:
@@ -1084,6 +1322,10 @@ class VhostUserBlkBackend:
                     continue  # the client gave up between poll and accept
                 self.connections += 1
                 self._serve_connection(conn)
+                if self.faults.exit_on_disconnect:
+                    # The fault: like virtiofsd, one front-end and no more.
+                    self._listener.close()
+                    return
         except Exception as exc:  # a bug here must not escape the thread
             self._record(exc)
 
