@@ -230,7 +230,10 @@ def test_inflight_backend_resumes_taken_requests(image: Path, tmp_path: Path,
         assert sorted(map(id, done)) == sorted(map(id, writes))  # each exactly once
         assert all(w.error is None for w in writes)
         stats = dev.reconnect_stats()
-        assert dev.reconnect_stats()["reconnects"] == 2  # sessions of 8, 8 and 4
+        # Sessions of 8, 8 and 4.  (The second may drop before the front-end finished
+        # setting it up: then one reconnect took two attempts.)
+        assert backend.connections == 3
+        assert stats["reconnects"] in (1, 2)
         assert stats["resubmitted"] == 0
         # The back-end completed 8 resumed + 8 resumed + 4 new... and nothing twice.
         assert len(backend.completed) == 20
