@@ -658,7 +658,8 @@ class NetDevice:
 
     @property
     def tx_bytes(self) -> int:
-        """Frame bytes sent (without the virtio_net_hdr), summed over every queue pair (per pair: :meth:`pair_stats`)."""
+        """Frame bytes sent (without the virtio_net_hdr), summed over every queue pair (per
+        pair: :meth:`pair_stats`)."""
         return sum(p.tx_bytes for p in self._pairs)
 
     @property
@@ -668,7 +669,8 @@ class NetDevice:
 
     @property
     def rx_bytes(self) -> int:
-        """Frame bytes received (without the virtio_net_hdr), summed over every queue pair (per pair: :meth:`pair_stats`)."""
+        """Frame bytes received (without the virtio_net_hdr), summed over every queue pair
+        (per pair: :meth:`pair_stats`)."""
         return sum(p.rx_bytes for p in self._pairs)
 
     # -- transmit -------------------------------------------------------------------------
