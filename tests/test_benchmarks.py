@@ -1,8 +1,10 @@
 """Every benchmark runs, for a second or two, against the real back-ends it needs, so none
 rots: ``benchmarks/bench_ring.py``, ``benchmarks/bench_blk_ref.py`` (qemu-storage-daemon),
-``virtq bench blk`` (qemu-storage-daemon), ``virtq bench net`` (two dpdk-testpmd),
-``virtq bench vfio`` (the vfio-guest VM, about 10 s), ``virtq bench fs`` (virtiofsd) and
-``benchmarks/compare.py`` (a ``git worktree`` of ``HEAD~1``).
+``virtq bench blk`` (qemu-storage-daemon; also ``--queues``), ``virtq bench reconnect``
+(qemu-storage-daemon and the embedded back-end, killed and started again),
+``virtq bench net`` (two dpdk-testpmd), ``virtq bench vfio`` (the vfio-guest VM, about
+10 s), ``virtq bench fs`` (virtiofsd) and ``benchmarks/compare.py`` (a ``git worktree``
+of ``HEAD~1``).
 
 Smoke runs: each must exit 0 and print its table (header and every row); no timing is
 checked.  Their stderr is a pipe here, so it must carry no progress-bar redraws, and the
@@ -150,6 +152,29 @@ def test_bench_blk(tmp_path):
               "--modes", "batch", "--copy", "--batch", "3")
     assert "copied out as bytes" in out
     assert [r[:2] for r in table_rows(out, "| QD | mode | IOPS |")] == [["8", "batch"]]
+
+
+def test_bench_blk_queues(tmp_path):
+    out = run("-m", "virtq", "bench", "blk", "--seconds", "0.2", "--depths", "8",
+              "--modes", "eventfd,batch", "--queues", "1,2,4", "--json",
+              tmp_path / "blkq.json")
+    rows = table_rows(out, "| queues | QD | mode | IOPS |")
+    assert [(r[0], r[1], r[2]) for r in rows] == [(q, "8", m) for m in ("eventfd", "batch")
+                                                  for q in ("1", "2", "4")]
+    assert "num-queues=4" in out
+    check_results(tmp_path / "blkq.json", "blk-queues", 6)
+
+
+def test_bench_reconnect(tmp_path):
+    out = run("-m", "virtq", "bench", "reconnect", "--kills", "1", "--per-kill", "200",
+              "--json", tmp_path / "reconnect.json")
+    rows = table_rows(out, "| back-end | kill | in flight |")
+    assert [(r[0], r[1]) for r in rows] == [("qsd", "1"), ("embedded", "1")]
+    qsd, embedded = rows
+    assert int(qsd[7]) == 0  # QSD: the rings were reset, the driver resubmitted
+    assert int(embedded[6]) == 0  # INFLIGHT_SHMFD: the rings were kept
+    assert out.count("each completed once, 0 failed; the image matches the model") == 2
+    check_results(tmp_path / "reconnect.json", "reconnect", 2)
 
 
 NET_HEADER = "| dir | ring | front-end driver | packets | Mpps |"

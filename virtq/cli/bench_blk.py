@@ -3,6 +3,10 @@
 Reports IOPS, latency percentiles and virtq's own CPU time per request (psutil: user +
 system time of this process, which runs only the driver; QSD is another process).  CPU
 cost is the number to compare across machines: IOPS depend on the back-end's speed.
+
+``--queues 1,2,4`` runs every depth and mode once per queue count instead (QSD exports
+``num-queues`` = the largest): the depth is spread over the queues, and each completion
+is refilled on its own queue.
 """
 
 from __future__ import annotations
@@ -156,6 +160,85 @@ def run_depth(socket_path: Path, depth: int, seconds: float, mode: str,
     return io_stats(lat, done, elapsed, cpu, bcpu)
 
 
+def run_queues(socket_path: Path, queues: int, depth: int, seconds: float, mode: str,
+               label: str, *, backend_pid: int | None = None,
+               batch: int | None = None) -> dict[str, float]:
+    """One row of the queue sweep: ``depth`` random 4 KiB zero-copy reads in flight,
+    spread over ``queues`` request queues (VIRTIO_BLK_F_MQ), for ``seconds``.  Each
+    completion is refilled on the queue it came from, with one ``submit_read_many(...,
+    queue=q)`` per queue per ``poll``.  Keys as :func:`run_depth`'s.  Raises
+    :class:`~virtq.errors.ArgumentError` for an unknown ``mode`` or a depth smaller than
+    ``queues``, and what the device raises."""
+    if mode not in MODES:
+        raise ArgumentError("mode", mode, f"one of {', '.join(MODES)}")
+    if depth < queues:
+        raise ArgumentError("depth", depth, f"at least one request per queue ({queues})")
+    min_completions = batch_size(depth, batch) if mode == "batch" else 1
+    per_queue = [depth // queues + (1 if q < depth % queues else 0) for q in range(queues)]
+    queue_size = 1 << max(7, (3 * max(per_queue) - 1).bit_length())
+    targets = read_targets(depth)
+    backend = psutil.Process(backend_pid) if backend_pid else None
+    bar = ProgressBar(label)
+    with BlkDevice.connect_vhost_user(socket_path, queue_size=queue_size, num_queues=queues,
+                                      poll=mode == "poll", max_io=IO) as dev:
+        arena = dev.alloc_buffer(IO * depth)
+        buffers = [arena.slice(i * IO, IO) for i in range(depth)]
+        owned: dict[BlkRequest, tuple[int, DmaBuffer]] = {}
+        pc = time.perf_counter_ns
+        t = pc()
+        k = 0
+        for q, n in enumerate(per_queue):  # warm up, then the first fill
+            dev.wait(dev.submit_read_many(targets[k : k + n], IO, queue=q), timeout=10)
+            for req, buf in zip(dev.submit_read_many(targets[k : k + n],
+                                                     into=buffers[k : k + n], queue=q),
+                                buffers[k : k + n], strict=True):
+                owned[req] = (t, buf)
+            k += n
+        lat: list[int] = []
+        completed: list[BlkRequest] = []
+        cpu0 = cpu_seconds()
+        bcpu0 = cpu_seconds(backend) if backend else 0.0
+        t0 = time.monotonic()
+        end = t0 + seconds
+        next_progress = t0
+        done = 0
+        while True:
+            now = time.monotonic()
+            if now >= end:
+                break
+            if now >= next_progress:
+                bar.show((now - t0) / seconds)
+                next_progress = now + 0.2
+            completed = dev.poll(timeout=1.0, min_completions=min_completions)
+            m = len(completed)
+            if not m:
+                continue
+            t = pc()
+            by_queue: dict[int, list[DmaBuffer]] = {}
+            for req in completed:
+                if req.error is not None:
+                    raise req.error
+                t_sub, buf = owned.pop(req)
+                lat.append(t - t_sub)
+                by_queue.setdefault(req.queue, []).append(buf)
+            for q, bufs in by_queue.items():
+                n = len(bufs)
+                for req, buf in zip(dev.submit_read_many(targets[k : k + n], into=bufs,
+                                                         queue=q), bufs, strict=True):
+                    owned[req] = (t, buf)
+                k = (k + n) & 0xFFFF
+            done += m
+        elapsed = time.monotonic() - t0
+        cpu = cpu_seconds() - cpu0
+        bcpu = cpu_seconds(backend) - bcpu0 if backend else None
+        dev.wait(timeout=10)
+        # Before the device closes its memory: nothing may still view the buffers.
+        del completed, buffers, arena
+        owned.clear()
+    bar.close()
+    return io_stats(lat, done, elapsed, cpu, bcpu)
+
+
 def make_bench_image(directory: Path) -> Path:
     """A 256 MiB image full of data (reads of holes would be free), in the page cache."""
     image = make_image(directory / "bench.img", IMAGE_BYTES, pattern=False)
@@ -188,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="virtq bench blk", description=_args.plain(__doc__ or ""))
     # A depth needs a queue of 3 x depth entries (run_depth), at most 32768.
     p.add_argument("--depths", type=_args.int_list(_args.int_in(1, MAX_DEPTH)),
-                   default=[1, 32, 128], help=f"queue depths 1..{MAX_DEPTH}, comma-separated")
+                   default=None, help=f"queue depths 1..{MAX_DEPTH}, comma-separated "
+                   "(default: 1,32,128; with --queues 32,128)")
     p.add_argument("--seconds", type=_args.seconds(), default=3.0, help="per depth and mode")
     p.add_argument("--modes", default=",".join(MODES),
                    help="; ".join(f"{k}: {v}" for k, v in MODES.items()))
@@ -202,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="qemu-storage-daemon aio= mode")
     p.add_argument("--image-dir", type=_args.directory, default=None,
                    help="where the 256 MiB image goes (default: the temp dir; avoid tmpfs)")
+    p.add_argument("--queues", type=_args.int_list(_args.int_in(1, 64)), default=None,
+                   help="request queue counts, comma-separated (e.g. 1,2,4): one row per "
+                        "count, depth and mode, over a qemu-storage-daemon with as many "
+                        "queues as the largest")
     p.add_argument("--json", help="also write the numbers to this file")
     p.add_argument("--plot", metavar="FILE.png",
                    help="also draw the table: IOPS, and CPU per request of virtq and QSD, by "
@@ -209,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _args.parse(p, argv)
     if args.plot:
         plot.require()  # before minutes of measuring, not after
-    depths = args.depths
+    depths = args.depths or ([32, 128] if args.queues else [1, 32, 128])
     if args.batch is not None and args.batch > min(depths):
         p.error(f"--batch {args.batch}: more than the smallest depth ({min(depths)}) would "
                 "wait for completions that can never come")
@@ -217,6 +305,15 @@ def main(argv: list[str] | None = None) -> int:
     if set(modes) - set(MODES):
         p.error(f"--modes: unknown {sorted(set(modes) - set(MODES))}; choose from "
                 f"{', '.join(MODES)}")
+    if args.queues is not None:
+        if args.copy:
+            p.error("--queues measures zero-copy reads only (drop --copy)")
+        if max(args.queues) > min(depths):
+            p.error(f"--queues {max(args.queues)}: more queues than the smallest depth "
+                    f"({min(depths)}) leaves a queue with nothing to do")
+        if args.plot:
+            p.error("--plot draws the depth table; it is not drawn for --queues")
+        return queue_sweep(args, depths, modes)
     # Not /dev/shm: QEMU's io_uring reads from tmpfs go through kernel worker threads
     # (measured here: under half the IOPS of the same image in a disk filesystem's page
     # cache), which would measure the kernel rather than the front-end.
@@ -274,6 +371,50 @@ def draw(path: str, title: str, rows: list[tuple[int, str, dict[str, float]]],
         cpu.series[f"virtq {m}"] = [by[d, m]["cpu_us"] for d in depths]
         cpu.series[f"QSD ({m})"] = [by[d, m]["backend_cpu_us"] for d in depths]
     plot.bar_charts(path, title, [iops, cpu])
+
+
+def queue_sweep(args: argparse.Namespace, depths: list[int], modes: list[str]) -> int:
+    """``--queues``: every queue count at every depth and mode, one table."""
+    queues: list[int] = args.queues
+    with tempfile.TemporaryDirectory(dir=args.image_dir) as tmp:
+        image = make_bench_image(Path(tmp))
+        fstype = filesystem_type(image)
+        with QemuStorageDaemon(image, Path(tmp) / "bench.sock", aio=args.aio,
+                               num_queues=max(queues)) as qsd:
+            assert qsd.proc is not None
+            rows = []
+            for depth in depths:
+                for mode in modes:
+                    for n in queues:
+                        r = run_queues(qsd.socket_path, n, depth, args.seconds, mode,
+                                       f"{n} queue(s) QD {depth} {mode}",
+                                       backend_pid=qsd.proc.pid, batch=args.batch)
+                        rows.append((n, depth, mode, r))
+    title = (f"virtq bench blk --queues: 4 KiB random reads (zero-copy), QD spread over the "
+             f"queues, qemu-storage-daemon num-queues={max(queues)} aio={args.aio}, image "
+             f"on {fstype}, {args.seconds:g} s per row; {host_line()}")
+    print(f"# {title}")
+    results = Results("blk-queues", title)
+    table = []
+    for n, depth, mode, r in rows:
+        table.append([n, depth, mode, f"{r['iops']:,.0f}", f"{r['p50']:.1f}",
+                      f"{r['p99']:.1f}", f"{r['cpu_us']:.2f}", f"{r['cpu_util']:.0%}",
+                      f"{r['backend_cpu_us']:.2f}", f"{r['backend_util']:.0%}"])
+        row = f"{n} queue(s) QD {depth} {mode}"
+        results.add(row, "IOPS", r["iops"], "higher")
+        results.add(row, "p50 µs", r["p50"], "lower")
+        results.add(row, "p99 µs", r["p99"], "lower")
+        results.add(row, "virtq CPU-µs/req", r["cpu_us"], "lower")
+        results.add(row, "QSD CPU-µs/req", r["backend_cpu_us"], None)
+    print(markdown_table(["queues", "QD", "mode", "IOPS", "p50 µs", "p99 µs",
+                          "virtq CPU-µs/req", "virtq CPU use", "QSD CPU-µs/req",
+                          "QSD CPU use"], table, "rrlrrrrrrr"))
+    print()
+    for mode in modes:
+        print(f"- {mode}: {MODES[mode]}")
+    if args.json:
+        results.write(args.json)
+    return 0
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from virtq.devices.fsfile import FsFile
 from virtq.devices.fswire import FsAttr, FsDirEntry, FsEntry, FsInit
 from virtq.devices.net import NetDevice, NetTimeoutError
 from virtq.devices.rng import RngDevice, RngTimeoutError
+from virtq.transport.reconnect import ReconnectError, ReconnectPolicy
 
 __all__ = [
     "BlkDevice",
@@ -47,6 +48,8 @@ __all__ = [
     "FsTimeoutError",
     "NetDevice",
     "NetTimeoutError",
+    "ReconnectError",
+    "ReconnectPolicy",
     "RngDevice",
     "RngTimeoutError",
     "fs_error",

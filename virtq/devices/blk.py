@@ -24,8 +24,41 @@ Failure policy (the same for every device of virtq):
   (vhost-user: GET_VRING_BASE); where it cannot, its zero-copy buffers stay quarantined
   (refused for new requests) until :meth:`BlkDevice.reconnect` or ``close()``;
 * a transport failure (the back-end died) fails every request in flight with that error and
-  refuses new ones until :meth:`BlkDevice.reconnect`;
+  refuses new ones until :meth:`BlkDevice.reconnect` -- unless the device has a
+  :class:`~virtq.transport.ReconnectPolicy`: then the requests are kept, the device waits
+  for a back-end on the same path and has every request that had not completed carried
+  out (see "Reconnect" below); only when the policy's deadline passes do they fail, each
+  with :class:`~virtq.transport.ReconnectError`;
 * ``poll()`` raises only for caller misuse; ``wait()`` raises a request's error.
+
+Multi-queue (VIRTIO_BLK_F_MQ): ``num_queues=N`` sets up N request queues; a request goes to
+the queue named by ``queue=`` or, by default, to the next queue with a free slot
+(round-robin).  One ``poll()`` reaps every queue; the waiter sleeps on every queue's
+notification fd at once; :meth:`BlkDevice.stats` counts per queue.
+
+Reconnect (``reconnect=ReconnectPolicy(...)``).  When the back-end goes away (the socket
+hangs up or a message fails, noticed by ``poll()``/``wait()``), what it had completed is
+delivered and every other request is kept.  ``poll()`` then tries to connect to the same
+path (within its own timeout; ``wait()`` until the policy's deadline), renegotiates --
+the new back-end must offer every feature negotiated before, else the requests fail at
+once -- and brings the rings back:
+
+* with the back-end's inflight region (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, kept by the
+  front-end across the restart, vhost-user.rst "Inflight I/O tracking") the rings are kept
+  as they are and the new back-end resubmits what the old one had taken; the driver
+  resubmits nothing;
+* otherwise the rings are reset and the driver resubmits every request that had not
+  completed, on the queue and slot it was on, in the order it was submitted there.
+
+Each request completes exactly once as the caller sees it.  Idempotence: reads, writes and
+GET_ID are simply carried out again (a write that the old back-end had already done is
+written again with the same data; overlapping requests in flight together have no order
+in virtio anyway).  A flush covers the writes that completed before it was submitted
+(VIRTIO 1.2 §5.2.6.1); a flush resubmitted by the driver is held back until every write
+resubmitted with it has completed, so it covers at least what it covered before.  What is
+not promised: a write the old back-end acknowledged and then lost in its own crash (data
+it kept in its own memory) is gone -- that is the back-end's fault, as with any disk that
+lies about completion.
 """
 
 from __future__ import annotations
@@ -81,6 +114,7 @@ from virtq.memory import MemoryRegion
 from virtq.queue import ChainTemplate, DriverQueue, QueueState, make_queue, ring_layout
 from virtq.transport.base import DmaArena, Reconnectable, Transport
 from virtq.transport.errors import DeviceRefusedError
+from virtq.transport.reconnect import Outage, ReconnectError, ReconnectPolicy
 from virtq.transport.vfio_pci import VfioPciTransport
 from virtq.transport.vhost_user import VhostUserTransport
 from virtq.transport.waiter import Waiter, deadline_after
@@ -194,20 +228,55 @@ class BlkRequest:
                 f"nbytes={self.nbytes} {state}>")
 
 
+class _Ledger:
+    """What a BlkDevice keeps beside its per-request state, in one attribute (see
+    tests/test_attribute_budget.py): per-queue counts and the reconnect policy's state."""
+
+    __slots__ = ("completed", "failed", "first_after", "held", "kept", "last", "outage",
+                 "policy", "reconnects", "resubmitted", "since", "writes")
+
+    def __init__(self, policy: ReconnectPolicy | None, num_queues: int) -> None:
+        self.policy = policy
+        #: The back-end is gone and the requests are kept (policy only).
+        self.outage: Outage | None = None
+        #: During an outage, every request kept (an ordered set): a connection attempt
+        #: that fails half-way may have taken some out of the rings already.
+        self.kept: dict[BlkRequest, None] = {}
+        #: Per queue: completions reaped from the ring (whatever their status), requests
+        #: failed without one (broken queue, transport, reconnect deadline, close), and
+        #: requests the driver resubmitted after a reconnect.
+        self.completed = [0] * num_queues
+        self.failed = [0] * num_queues
+        self.resubmitted = [0] * num_queues
+        self.reconnects = 0
+        #: Resubmitted flushes not yet in a ring: they wait for ``writes`` to complete.
+        self.held: list[BlkRequest] = []
+        self.writes: list[BlkRequest] = []
+        #: The last reconnect: see BlkDevice.reconnect_stats().
+        self.last: dict[str, float | int] = {}
+        #: The last reconnect: when its outage began, and the completions counted then.
+        self.since: tuple[float, int] | None = None
+        #: Set by a reconnect until the first completion after it: its outage's start.
+        self.first_after: float | None = None
+
+
 class BlkDevice:
     """A virtio-blk device.  Build it with :meth:`connect_vhost_user`, :meth:`open_vfio`,
     or over any transport: ``BlkDevice(transport)``.  Closing the device closes the
     transport (also when the constructor fails).
 
     ``queue_size``: ring entries per queue (at most what the device allows).
-    ``num_queues``: request queues (VIRTIO_BLK_F_MQ); requests are spread round-robin.
+    ``num_queues``: request queues (VIRTIO_BLK_F_MQ); requests go to the queue their
+    ``queue=`` names, else round-robin.
     ``max_io``: the largest copying request, and each slot's bounce buffer (a multiple of
     512).  ``max_segments``: the most data buffers of one zero-copy request (capped by the
     device's ``seg_max``).  ``indirect``/``event_idx``: accept those features when offered.
     ``poll``: never sleep; spin on the used rings.  ``ring``: ``"split"``, ``"packed"`` or
     ``"auto"`` (packed when offered); ``in_order``: VIRTIO_F_IN_ORDER (None: when offered).
     ``start_index``: where the rings start (split: the avail index; packed:
-    ``position | wrap << 15``; None: the beginning).
+    ``position | wrap << 15``; None: the beginning).  ``reconnect``: a
+    :class:`~virtq.transport.ReconnectPolicy` to keep requests across a back-end restart
+    (a :class:`~virtq.transport.Reconnectable` transport only; see the module docstring).
     """
 
     def __init__(
@@ -224,6 +293,7 @@ class BlkDevice:
         start_index: int | None = None,
         ring: str = "auto",
         in_order: bool | None = None,
+        reconnect: ReconnectPolicy | None = None,
     ) -> None:
         self.transport = transport
         # 0 open; 1 closed, the transport still to close (a refused close() is retried);
@@ -240,6 +310,14 @@ class BlkDevice:
         try:
             _check_int("queue_size", queue_size, 1)
             _check_int("num_queues", num_queues, 1, 0xFFFF)
+            if reconnect is not None:
+                if not isinstance(reconnect, ReconnectPolicy):
+                    raise ArgumentError("reconnect", reconnect,
+                                        "must be a ReconnectPolicy or None")
+                if not isinstance(transport, Reconnectable):
+                    raise ArgumentError("reconnect", reconnect,
+                                        f"{type(transport).__name__} cannot reconnect")
+            self._rec = _Ledger(reconnect, num_queues)
             _check_int("max_segments", max_segments, 1, 4096)
             if not isinstance(max_io, int) or max_io <= 0 or max_io % SECTOR_SIZE \
                     or max_io > MAX_BUFFER:
@@ -273,8 +351,9 @@ class BlkDevice:
             wanted |= 1 << VIRTIO_F_INDIRECT_DESC
         wanted |= ring_wanted(ring, in_order)
         self.features = t.negotiate(wanted)
-        #: "split" or "packed", and whether VIRTIO_F_IN_ORDER is in use.
-        self.ring, self.in_order = ring_chosen(self.features, ring, in_order)
+        # "split" or "packed", and whether VIRTIO_F_IN_ORDER is in use (properties).
+        self._format = ring_chosen(self.features, ring, in_order)
+        ring, in_order = self._format
         if num_queues > 1 and not self._has(VIRTIO_BLK_F_MQ):
             raise DeviceRefusedError(f"{num_queues} queues asked, the device has no MQ")
         self._read_config()
@@ -307,7 +386,7 @@ class BlkDevice:
                 raise ArgumentError("max_io", self.max_io, f"needs {bounce_pieces} "
                                     f"segments; a {size}-entry ring holds {max_segments}")
         chain = 2 + max_segments  # header, data segments, status
-        layout = ring_layout(size, indirect_size=chain if self.indirect else 0, ring=self.ring)
+        layout = ring_layout(size, indirect_size=chain if self.indirect else 0, ring=ring)
         ring_bytes = layout.nbytes  # page-aligned: layouts stack with shifted()
         meta_off = num_queues * ring_bytes
         # An indirect request takes one ring descriptor; a direct one (usually) three.
@@ -336,7 +415,7 @@ class BlkDevice:
         for i in range(num_queues):
             q: DriverQueue[BlkRequest] = make_queue(
                 self.arena.region, layout.shifted(i * ring_bytes), iova=iova, event_idx=ev,
-                indirect=self.indirect, in_order=self.in_order, start_index=start_index)
+                indirect=self.indirect, in_order=in_order, start_index=start_index)
             self.queues.append(q)
             tpl = q.template(chain, slots=spq, typical_buffers=min(3, chain))
             self._tpls.append(tpl)
@@ -350,6 +429,21 @@ class BlkDevice:
 
     def _has(self, bit: int) -> bool:
         return bool(self.features >> bit & 1)
+
+    @property
+    def ring(self) -> str:
+        """The ring format in use: ``"split"`` or ``"packed"``."""
+        return self._format[0]
+
+    @property
+    def in_order(self) -> bool:
+        """Whether VIRTIO_F_IN_ORDER is in use."""
+        return self._format[1]
+
+    @property
+    def num_queues(self) -> int:
+        """How many request queues the device uses."""
+        return len(self.queues)
 
     # The configuration, read once (see BlkConfig).  Kept on one attribute: past 29 instance
     # attributes CPython 3.11 stops sharing instance-dict keys, and every attribute load of
@@ -430,19 +524,25 @@ class BlkDevice:
         timeout: float = 5.0,
         iova_allocator: IovaAllocator | None = None,
         hugepages: bool = False,
+        reconnect: ReconnectPolicy | None = None,
     ) -> Self:
         """Connect to a vhost-user-blk back-end (qemu-storage-daemon, the embedded
-        :mod:`virtq.testing.embedded`, ...) listening on ``path``.  Raises the
-        transport's errors (:class:`~virtq.transport.vhost_user.VhostUserConnectError`,
-        ...), :class:`ArgumentError`; the connection is closed on any error."""
-        transport = VhostUserTransport.connect(path, timeout=timeout,
-                                               iova_allocator=iova_allocator,
-                                               hugepages=hugepages)
+        :mod:`virtq.testing.embedded`, ...) listening on ``path``.  ``reconnect``: keep
+        requests across a restart of the back-end (see the module docstring); with its
+        ``inflight`` the transport asks for the back-end's inflight region when offered.
+        Raises the transport's errors
+        (:class:`~virtq.transport.vhost_user.VhostUserConnectError`, ...),
+        :class:`ArgumentError`; the connection is closed on any error."""
+        if reconnect is not None and not isinstance(reconnect, ReconnectPolicy):
+            raise ArgumentError("reconnect", reconnect, "must be a ReconnectPolicy or None")
+        transport = VhostUserTransport.connect(
+            path, timeout=timeout, iova_allocator=iova_allocator, hugepages=hugepages,
+            inflight=reconnect is not None and reconnect.inflight)
         try:
             return cls(transport, queue_size=queue_size, num_queues=num_queues,
                        max_io=max_io, max_segments=max_segments, indirect=indirect,
                        event_idx=event_idx, poll=poll, start_index=start_index, ring=ring,
-                       in_order=in_order)
+                       in_order=in_order, reconnect=reconnect)
         except BaseException:
             transport.close()  # idempotent; the constructor closed it already if it ran
             raise
@@ -523,6 +623,27 @@ class BlkDevice:
                 from broken
         raise QueueFullError(1, 0, "request slots")
 
+    def _check_queue(self, queue: object) -> int:
+        if not isinstance(queue, int) or isinstance(queue, bool) \
+                or not 0 <= queue < len(self._tpls):
+            raise ArgumentError("queue", queue, f"must be a queue index in "
+                                f"0..{len(self._tpls) - 1}")
+        return queue
+
+    def _slot_on(self, queue: int) -> tuple[int, ChainTemplate[BlkRequest]]:
+        """A free slot of queue ``queue`` (the caller chose it): (global number, template).
+        Raises :class:`ArgumentError`, :class:`QueueStateError` (the queue is broken),
+        :class:`QueueFullError`."""
+        self._check_queue(queue)
+        q = self.queues[queue]
+        if q.state is not _READY:
+            raise QueueStateError(f"queue {queue} is broken ({q.broken}); reconnect() before "
+                                  "submitting to it") from q.broken
+        tpl = self._tpls[queue]
+        if not tpl.num_free:
+            raise QueueFullError(1, 0, f"request slots of queue {queue}")
+        return queue * self.slots_per_queue + tpl.acquire(), tpl
+
     def _data_pieces(self, g: int, nbytes: int) -> tuple[tuple[Iova, int], ...]:
         """Slot ``g``'s bounce buffer as the device gets it: pieces of at most size_max."""
         base = self.arena.iova + self._bounce[g]
@@ -567,11 +688,12 @@ class BlkDevice:
         return r, w
 
     def _submit(self, kind: int, sector: int, nbytes: int, data: memoryview | None,
-                into: Sequence[DmaBuffer] | None, wflag: bool) -> BlkRequest:
+                into: Sequence[DmaBuffer] | None, wflag: bool, queue: int | None
+                ) -> BlkRequest:
         """Start a request whose lengths are already checked: ``nbytes`` in total, copied
         through the slot's bounce buffer (``into`` None; ``data`` is what to write) or
         moved by the device straight to/from ``into``.  ``wflag``: the device writes the
-        data (reads, GET_ID).
+        data (reads, GET_ID).  ``queue``: the queue to use (None: round-robin).
 
         This runs once per request, so it avoids what costs in CPython: keyword arguments,
         temporary tuples, and building buffer lists that the slot already has."""
@@ -579,7 +701,9 @@ class BlkDevice:
             _check_sector(sector)  # raises, unless an int subclass in range
         if self._refused is not None:
             self._refuse()
-        if self._single_queue:
+        if queue is not None:
+            g, tpl = self._slot_on(queue)
+        elif self._single_queue:
             tpl = self._tpls[0]
             try:
                 g = tpl.acquire()  # a broken queue also refuses the submit below
@@ -664,28 +788,31 @@ class BlkDevice:
         return bufs, total
 
     def submit_read(self, sector: int, nbytes: int = 0, *,
-                    into: DmaBuffer | Sequence[DmaBuffer] | None = None) -> BlkRequest:
+                    into: DmaBuffer | Sequence[DmaBuffer] | None = None,
+                    queue: int | None = None) -> BlkRequest:
         """Start reading ``nbytes`` at ``sector``.  Without ``into`` the data is copied out
         of a bounce buffer and returned by ``wait()``; with ``into`` (one buffer or a
-        scatter list) the device writes straight into them.  Raises
-        :class:`ArgumentError`, :class:`~virtq.errors.QueueFullError` (every slot in
-        flight), :class:`~virtq.errors.QueueStateError` (closed, or failed: reconnect)."""
+        scatter list) the device writes straight into them.  ``queue``: the request
+        queue to use (default: round-robin).  Raises :class:`ArgumentError`,
+        :class:`~virtq.errors.QueueFullError` (every slot in flight, on ``queue`` if
+        given), :class:`~virtq.errors.QueueStateError` (closed, or failed: reconnect)."""
         if into is None:
             if nbytes.__class__ is not int or not 0 < nbytes <= self.max_io \
                     or nbytes % SECTOR_SIZE:
                 self._check_len(nbytes)
-            return self._submit(VIRTIO_BLK_T_IN, sector, nbytes, None, None, True)
+            return self._submit(VIRTIO_BLK_T_IN, sector, nbytes, None, None, True, queue)
         bufs, total = self._check_bufs(into)
-        return self._submit(VIRTIO_BLK_T_IN, sector, total, None, bufs, True)
+        return self._submit(VIRTIO_BLK_T_IN, sector, total, None, bufs, True, queue)
 
     def submit_read_many(self, sectors: Sequence[int], nbytes: int = 0, *,
-                         into: Sequence[DmaBuffer] | None = None) -> list[BlkRequest]:
+                         into: Sequence[DmaBuffer] | None = None,
+                         queue: int | None = None) -> list[BlkRequest]:
         """:meth:`submit_read` for each of ``sectors``, in one call: ``nbytes`` each,
         copied, or without a copy into ``into[i]`` (one :class:`DmaBuffer` per sector, all
-        the same length).  This is how to refill a deep queue: the per-request work runs
-        in one loop and the queue takes the whole batch at once.  All or nothing: a bad
-        argument, or fewer free slots than ``sectors``
-        (:class:`~virtq.errors.QueueFullError`), raises before any request is
+        the same length), on ``queue`` (default: round-robin).  This is how to refill a
+        deep queue: the per-request work runs in one loop and the queue takes the whole
+        batch at once.  All or nothing: a bad argument, or fewer free slots than
+        ``sectors`` (:class:`~virtq.errors.QueueFullError`), raises before any request is
         submitted."""
         try:
             count = len(sectors)
@@ -697,19 +824,28 @@ class BlkDevice:
                 self._check_len(nbytes)
         else:
             nbytes = self._check_buf_batch(into, count)
+        if queue is not None:
+            self._check_queue(queue)
         if self._refused is not None:
             self._refuse()
         if not count:
             return []
-        if not self._single_queue:
-            return self._submit_each(sectors, nbytes, into)
-        tpl = self._tpls[0]
+        if self._single_queue:
+            qi = 0
+        elif queue is None:
+            return self._submit_each(sectors, nbytes, into, None)
+        else:
+            qi = queue
+        tpl = self._tpls[qi]
         try:
             slots = tpl.acquire_many(count)
         except QueueFullError:
-            if self.queues[0].state is not _READY:
-                self._take_slot()  # raises why
+            if self.queues[qi].state is not _READY:
+                self._slot_on(qi)  # raises why
             raise
+        # The template's slots are the queue's; the device's per-slot state is indexed by
+        # the global slot number.
+        gs = slots if not qi else tuple(qi * self.slots_per_queue + s for s in slots)
         mem = self._mem
         assert mem is not None
         pack_header = _PACK_HEADER_STATUS
@@ -727,7 +863,7 @@ class BlkDevice:
         try:
             if into is None:
                 key = nbytes << 2 | 1
-                for slot, sector in zip(slots, sectors, strict=True):
+                for slot, sector in zip(gs, sectors, strict=True):
                     pack_header(mem, slot_meta[slot], VIRTIO_BLK_T_IN, 0, sector,
                                 _STATUS_POISON)
                     if shape_key[slot] != key:
@@ -737,7 +873,7 @@ class BlkDevice:
             else:
                 slot_buf = self._slot_buf
                 zc_key = _ZC_ONE | 1
-                for slot, sector, buf in zip(slots, sectors, into, strict=True):
+                for slot, sector, buf in zip(gs, sectors, into, strict=True):
                     pack_header(mem, slot_meta[slot], VIRTIO_BLK_T_IN, 0, sector,
                                 _STATUS_POISON)
                     bufs = (buf,)
@@ -751,8 +887,8 @@ class BlkDevice:
                 except ArgumentError:
                     same = False  # a slot the queue has forgotten (reset): say it again
             if not same:
-                tpl.submit_many(slots, list(map(self._shape_r.__getitem__, slots)),
-                                list(map(self._shape_w.__getitem__, slots)), reqs)
+                tpl.submit_many(slots, list(map(self._shape_r.__getitem__, gs)),
+                                list(map(self._shape_w.__getitem__, gs)), reqs)
         except struct.error:
             tpl.release_many(slots)
             for sector in sectors:
@@ -796,9 +932,10 @@ class BlkDevice:
         return length
 
     def _submit_each(self, sectors: Sequence[int], nbytes: int,
-                     into: Sequence[DmaBuffer] | None) -> list[BlkRequest]:
-        """The batch call over several queues: check everything, then submit one by one
-        (nothing can fail half-way)."""
+                     into: Sequence[DmaBuffer] | None, queue: None) -> list[BlkRequest]:
+        """The batch call spread over several queues: check everything, then submit one
+        by one, round-robin (nothing can fail half-way).  (A batch for one queue takes
+        the batch path of :meth:`submit_read_many`.)"""
         for sector in sectors:
             _check_sector(sector)
         count = len(sectors)
@@ -807,35 +944,39 @@ class BlkDevice:
         if count > free:
             raise QueueFullError(count, free, "request slots")
         if into is None:
-            return [self._submit(VIRTIO_BLK_T_IN, sector, nbytes, None, None, True)
+            return [self._submit(VIRTIO_BLK_T_IN, sector, nbytes, None, None, True, queue)
                     for sector in sectors]
-        return [self._submit(VIRTIO_BLK_T_IN, sector, nbytes, None, (buf,), True)
+        return [self._submit(VIRTIO_BLK_T_IN, sector, nbytes, None, (buf,), True, queue)
                 for sector, buf in zip(sectors, into, strict=True)]
 
-    def submit_write(self, sector: int, data: Any) -> BlkRequest:
+    def submit_write(self, sector: int, data: Any, *, queue: int | None = None) -> BlkRequest:
         """Start writing ``data`` at ``sector``: bytes-like data (any item format; its
         length in bytes a multiple of 512, at most ``max_io``) is copied, a
-        :class:`DmaBuffer` or a list of them is written without a copy.  Raises
-        :class:`~virtq.errors.QueueStateError` for a read-only device (or closed, or failed),
-        :class:`ArgumentError` for bad data or a bad sector,
-        :class:`~virtq.errors.QueueFullError` when every slot is in flight."""
+        :class:`DmaBuffer` or a list of them is written without a copy.  ``queue`` as for
+        :meth:`submit_read`.  Raises :class:`~virtq.errors.QueueStateError` for a read-only
+        device (or closed, or failed), :class:`ArgumentError` for bad data, a bad sector or
+        ``queue``, :class:`~virtq.errors.QueueFullError` when every slot is in flight."""
         if self.config.read_only:
             raise QueueStateError("the device is read-only (VIRTIO_BLK_F_RO)")
         if isinstance(data, DmaBuffer) or (isinstance(data, list | tuple) and data
                                            and isinstance(data[0], DmaBuffer)):
             bufs, total = self._check_bufs(data)
-            return self._submit(VIRTIO_BLK_T_OUT, sector, total, None, bufs, False)
+            return self._submit(VIRTIO_BLK_T_OUT, sector, total, None, bufs, False, queue)
         view = byte_view(data)
         self._check_len(len(view))
-        return self._submit(VIRTIO_BLK_T_OUT, sector, len(view), view, None, False)
+        return self._submit(VIRTIO_BLK_T_OUT, sector, len(view), view, None, False, queue)
 
-    def submit_flush(self) -> BlkRequest:
-        """Start a flush (VIRTIO_BLK_T_FLUSH): completes once earlier writes are durable."""
-        return self._submit(VIRTIO_BLK_T_FLUSH, 0, 0, None, None, False)
+    def submit_flush(self, *, queue: int | None = None) -> BlkRequest:
+        """Start a flush (VIRTIO_BLK_T_FLUSH): once it completes, the writes that had
+        completed before it was submitted are durable (VIRTIO 1.2 §5.2.6.1).  ``queue``
+        and the errors as for :meth:`submit_read`."""
+        return self._submit(VIRTIO_BLK_T_FLUSH, 0, 0, None, None, False, queue)
 
-    def submit_get_id(self) -> BlkRequest:
-        """Start a GET_ID request; its result is the id bytes (up to 20)."""
-        return self._submit(VIRTIO_BLK_T_GET_ID, 0, VIRTIO_BLK_ID_BYTES, None, None, True)
+    def submit_get_id(self, *, queue: int | None = None) -> BlkRequest:
+        """Start a GET_ID request; its result is the id bytes (up to 20).  ``queue`` and
+        the errors as for :meth:`submit_read`."""
+        return self._submit(VIRTIO_BLK_T_GET_ID, 0, VIRTIO_BLK_ID_BYTES, None, None, True,
+                            queue)
 
     # -- completion --------------------------------------------------------------------------
 
@@ -847,19 +988,51 @@ class BlkDevice:
 
     @property
     def in_flight(self) -> int:
-        """How many requests are submitted and not yet completed."""
-        if self._single_queue:
-            q = self.queues[0]
-            return q.num_in_flight if q.state is _READY and self._refused is None else 0
+        """How many requests are submitted and not yet completed (also those kept while
+        the device waits for its back-end to come back)."""
         if self._refused is not None:
             return 0
-        return sum(q.num_in_flight for q in self.queues if q.state is _READY)
+        rec = self._rec
+        if rec.outage is not None:
+            return len(self._kept())
+        if self._single_queue:
+            q = self.queues[0]
+            n = q.num_in_flight if q.state is _READY else 0
+        else:
+            n = sum(q.num_in_flight for q in self.queues if q.state is _READY)
+        held = rec.held
+        return n + len(held) if held else n
 
     def stats(self) -> list[dict[str, Any]]:
-        """Per queue: its state, requests in flight, free slots."""
-        return [{"queue": i, "state": q.state.value, "in_flight": q.num_in_flight,
-                 "free_slots": t.num_free}
-                for i, (q, t) in enumerate(zip(self.queues, self._tpls, strict=True))]
+        """Per queue: its ``state``; requests ``submitted`` to it, ``completed`` by the
+        device (whatever their status), ``failed`` without a completion (a broken queue,
+        the transport, the reconnect deadline, close), ``in_flight`` (submitted = the
+        three together); ``resubmitted`` by the driver after reconnects; ``free_slots``."""
+        rec = self._rec
+        live_by_queue = [0] * len(self.queues)
+        for req in self._kept() if rec.outage is not None else self._in_flight():
+            live_by_queue[req.queue] += 1
+        out = []
+        for i, (q, t) in enumerate(zip(self.queues, self._tpls, strict=True)):
+            live = live_by_queue[i]
+            out.append({"queue": i, "state": q.state.value,
+                        "submitted": rec.completed[i] + rec.failed[i] + live,
+                        "completed": rec.completed[i], "failed": rec.failed[i],
+                        "in_flight": live, "resubmitted": rec.resubmitted[i],
+                        "free_slots": t.num_free})
+        return out
+
+    def reconnect_stats(self) -> dict[str, float | int | bool]:
+        """What the reconnect policy did: ``reconnects`` (back-end restarts ridden out),
+        ``waiting`` (True while the device waits for its back-end), and for the last
+        reconnect ``outage_s`` (seconds from noticing the back-end was gone to connected
+        again), ``attempts`` (connections tried), ``resubmitted`` (requests the driver
+        resubmitted), ``resumed`` (requests left in the kept rings for the back-end to
+        carry out from its inflight region), ``first_completion_s`` (from noticing to the
+        first completion after the reconnect, once there was one), and the
+        ``time.monotonic()`` values ``back_at`` (connected again) and ``first_at``."""
+        rec = self._rec
+        return {"reconnects": rec.reconnects, "waiting": rec.outage is not None, **rec.last}
 
     @property
     def waiter(self) -> Waiter:
@@ -888,25 +1061,43 @@ class BlkDevice:
         done: list[BlkRequest] = []
         if self._refused is not None:
             return done  # everything in flight already failed with the reason
-        try:
-            self.kick()
-            self._reap(done)
-            if len(done) >= min_completions or not self.in_flight or timeout == 0:
-                return done
-            wait = self._waiter.wait
-            while True:
-                woke = wait(deadline, min_completions - len(done))
+        rec = self._rec
+        while True:
+            try:
+                if rec.outage is not None and not self._recover(deadline, done):
+                    return done  # still waiting for the back-end, or given up
+                self.kick()
                 self._reap(done)
+                if rec.held and self._release_flushes():
+                    self.kick()
                 if len(done) >= min_completions or not self.in_flight:
                     return done
-                if not woke and deadline is not None and time.monotonic() >= deadline:
+                if timeout == 0:
+                    if not done:
+                        # Nothing came: is the device still there?  (A poll(0) loop
+                        # never sleeps, so it would never hear the socket hang up.)
+                        self.transport.check_alive()
                     return done
-        except (DeviceError, OSError) as err:
-            self._transport_failed(err, done)
-            return done
+                wait = self._waiter.wait
+                while True:
+                    woke = wait(deadline, min_completions - len(done))
+                    self._reap(done)
+                    if rec.held and self._release_flushes():
+                        self.kick()
+                    if len(done) >= min_completions or not self.in_flight:
+                        return done
+                    if not woke and deadline is not None and time.monotonic() >= deadline:
+                        return done
+            except (DeviceError, OSError) as err:
+                # With a reconnect policy the requests are kept: go round again to wait
+                # for a new back-end (unless what the old one completed is enough).
+                if not self._transport_failed(err, done) or len(done) >= min_completions:
+                    return done
 
     def _reap(self, done: list[BlkRequest]) -> None:
         """Complete what the device used (see :meth:`_complete`), queue by queue."""
+        rec = self._rec
+        counts = rec.completed
         for qi, q in enumerate(self.queues):
             if q.state is not _READY:
                 continue
@@ -915,10 +1106,22 @@ class BlkDevice:
             except DeviceProtocolError as err:
                 # The queue validated these before the bad element: they did complete.
                 self._complete(err.completed, done)  # type: ignore[arg-type]
+                counts[qi] += len(err.completed)
                 self._queue_broke(qi, err, done)
                 continue
             if got:
                 self._complete(got, done)
+                counts[qi] += len(got)
+                if rec.first_after is not None:
+                    self._first_completion()
+
+    def _first_completion(self) -> None:
+        rec = self._rec
+        assert rec.first_after is not None
+        now = time.monotonic()
+        rec.last["first_at"] = now
+        rec.last["first_completion_s"] = now - rec.first_after
+        rec.first_after = None
 
     def _complete(self, got: list[tuple[BlkRequest, int]], done: list[BlkRequest]) -> None:
         """Status byte, data out of the bounce buffer: inlined over the batch because it
@@ -983,6 +1186,7 @@ class BlkDevice:
             error.__cause__ = err
             req.error = error
             done.append(req)
+        self._rec.failed[qi] += len(failed)
         try:
             stopped = self.transport.stop_queue(qi)
         except (DeviceError, OSError) as exc:
@@ -991,26 +1195,204 @@ class BlkDevice:
         if not stopped:
             self._quarantine.extend(b for req in failed for b in req.into or ())
 
-    def _transport_failed(self, err: BaseException, done: list[BlkRequest]) -> None:
-        """The transport failed: no request in flight can complete any more.  They fail
-        with ``err``; new ones are refused until :meth:`reconnect`.  (Their slots stay
-        taken until the rings are reset, so no buffer is reused under a device that
-        might still write it.)"""
-        for q in self.queues:
-            if q.state is QueueState.CLOSED:
-                continue
-            for req in q.in_flight_tokens():
-                if not req.done:
-                    req.error = err
-                    done.append(req)
+    def _transport_failed(self, err: BaseException, done: list[BlkRequest]) -> bool:
+        """The transport failed.  With a reconnect policy an outage begins (returns True):
+        what the device completed before it went away is delivered, the other requests
+        are kept.  Without one no request in flight can complete any more: they fail with
+        ``err`` and new ones are refused until :meth:`reconnect` (returns False).  (Their
+        slots stay taken until the rings are reset, so no buffer is reused under a device
+        that might still write it.)"""
+        rec = self._rec
+        if rec.policy is not None and not self._closed and self._refused is None:
+            if rec.outage is None:
+                outage = rec.outage = Outage(rec.policy, err)
+                self._reap(done)  # the used rings are intact: deliver what did complete
+                since = rec.since
+                if since is not None and since[1] == sum(rec.completed):
+                    # Nothing completed since the last reconnect: the same outage goes on
+                    # (a back-end that dies on the same request every time is not waited
+                    # for forever).
+                    outage.started = since[0]
+                    outage.deadline = since[0] + rec.policy.timeout
+            return True
+        for req in self._in_flight():
+            req.error = err
+            done.append(req)
+            rec.failed[req.queue] += 1
+        rec.held.clear()
         if self._refused is None:
             self._refused = (f"the transport failed ({type(err).__name__}: {err}); "
                              "reconnect() before submitting more", err)
+        return False
+
+    # -- reconnect policy -----------------------------------------------------------------
+
+    def _recover(self, deadline: float | None, done: list[BlkRequest]) -> bool:
+        """During an outage: try to reconnect until ``deadline`` (the caller's; the policy
+        bounds it too).  True once connected again, with every kept request on its way
+        again; False while still waiting, or after giving up (the requests then failed
+        into ``done``)."""
+        rec = self._rec
+        outage = rec.outage
+        assert outage is not None
+        t = self.transport
+        assert isinstance(t, Reconnectable)
+        # A ring can only be resumed in place if nothing in it was given up on.
+        resume = all(q.state is _READY for q in self.queues)
+        try:
+            lost = outage.attempt(t, deadline, resume=resume, before=self._kept)
+        except ReconnectError as err:
+            rec.outage = None
+            self._give_up(outage, err, done)
+            return False
+        if lost is None:
+            return False
+        rec.outage = None
+        self._back(outage, lost)
+        return True
+
+    def _back(self, outage: Outage, lost: dict[int, list[BlkRequest]]) -> None:
+        """Connected again: resubmit what the transport says the device lost, then make
+        sure every queue with work is published and kicked (a new back-end may wait for
+        a kick before it looks at a ring)."""
+        rec = self._rec
+        rec.reconnects += 1
+        rec.kept = {}
+        rec.since = (outage.started, sum(rec.completed))
+        self._quarantine.clear()
+        # What is still in the rings now was kept for the back-end (reset rings gave
+        # their requests back in ``lost``).
+        resumed = sum(1 for q in self.queues if q.state is not QueueState.CLOSED
+                      for req in q.in_flight_tokens() if not req.done)
+        resubmitted = self._resubmit(lost)
+        rec.last = {"outage_s": outage.elapsed, "attempts": outage.attempts,
+                    "resubmitted": resubmitted, "resumed": resumed,
+                    "back_at": time.monotonic()}
+        rec.first_after = outage.started
+        self._release_flushes()
+        if self.poll_mode:
+            self._waiter.disarm()
+        for qi, q in enumerate(self.queues):
+            if q.state is _READY and q.num_in_flight:
+                q.publish()
+                self.transport.notify(qi)
+
+    def _resubmit(self, lost: dict[int, list[BlkRequest]]) -> int:
+        """Put every request of ``lost`` (per queue, in submission order; the queues were
+        reset) back on its queue and slot, in that order; flushes are held (see
+        :meth:`_release_flushes`).  Returns how many requests were resubmitted or held."""
+        rec = self._rec
+        mem = self._mem
+        assert mem is not None
+        spq = self.slots_per_queue
+        writes = [w for w in rec.writes if not w.done]
+        count = 0
+        for qi in sorted(lost):
+            reqs = [req for req in lost[qi] if not req.done]
+            tpl = self._tpls[qi]
+            if not reqs or self.queues[qi].state is not _READY:
+                continue
+            # After a reset every slot is free: take them all, resubmit each request on
+            # its own (its header, bounce buffer and status byte are there), give back
+            # the rest.
+            free = tpl.acquire_many(tpl.num_free)
+            taken = set()
+            for req in reqs:
+                count += 1
+                if req.kind == VIRTIO_BLK_T_FLUSH:
+                    rec.held.append(req)
+                    continue
+                g = req.slot
+                slot = g - qi * spq
+                # The old back-end may have written the status byte: poison it again.
+                _PACK_HEADER_STATUS(mem, self._slot_meta[g], req.kind, 0, req.sector,
+                                    _STATUS_POISON)
+                tpl.submit(slot, self._shape_r[g], self._shape_w[g], req)
+                taken.add(slot)
+                rec.resubmitted[qi] += 1
+                if req.kind == VIRTIO_BLK_T_OUT:
+                    writes.append(req)
+            tpl.release_many([slot for slot in free if slot not in taken])
+        rec.writes = writes
+        return count
+
+    def _release_flushes(self) -> bool:
+        """Submit the held flushes once every write resubmitted with them has completed,
+        each on a free slot of its queue (or of any usable queue); returns whether any
+        was submitted.  A flush that finds no usable queue fails."""
+        rec = self._rec
+        if rec.writes:
+            rec.writes = [w for w in rec.writes if not w.done]
+            if rec.writes:
+                return False
+        mem = self._mem
+        assert mem is not None
+        spq = self.slots_per_queue
+        held, rec.held = rec.held, []
+        submitted = False
+        for req in held:
+            if req.done:
+                continue
+            own = req.slot // spq
+            order = [own] + [i for i in range(len(self.queues)) if i != own]
+            usable = [i for i in order if self.queues[i].state is _READY]
+            qi = next((i for i in usable if self._tpls[i].num_free), None)
+            if qi is None:
+                if usable:
+                    rec.held.append(req)  # every slot busy: next time
+                else:
+                    req.error = QueueStateError("every queue of the device is broken; the "
+                                                "held flush could not be resubmitted")
+                    rec.failed[own] += 1
+                continue
+            tpl = self._tpls[qi]
+            slot = tpl.acquire()
+            g = qi * spq + slot
+            req.slot = g
+            _PACK_HEADER_STATUS(mem, self._slot_meta[g], VIRTIO_BLK_T_FLUSH, 0, 0,
+                                _STATUS_POISON)
+            if self._shape_key[g] != 0:
+                self._copy_shape(g, 0, False)
+            tpl.submit(slot, self._shape_r[g], self._shape_w[g], req)
+            rec.resubmitted[qi] += 1
+            submitted = True
+        return submitted
+
+    def _give_up(self, outage: Outage, err: ReconnectError, done: list[BlkRequest]) -> None:
+        """The outage ended without a back-end: every kept request fails with its own
+        :class:`ReconnectError` (``__cause__``: the error that ended the connection) and
+        new ones are refused until :meth:`reconnect`."""
+        rec = self._rec
+        for req in self._kept():
+            name = _KIND_NAMES.get(req.kind, str(req.kind))
+            error = ReconnectError(
+                f"{name} of {req.nbytes} bytes at sector {req.sector} not completed: {err}",
+                last_error=err.last_error, elapsed=err.elapsed, attempts=err.attempts)
+            error.__cause__ = outage.cause
+            req.error = error
+            done.append(req)
+            rec.failed[req.queue] += 1
+        rec.held.clear()
+        rec.writes = []
+        rec.kept = {}
+        self._refused = (f"the back-end did not come back: {err}; reconnect() before "
+                         "submitting more", err)
+
+    def _kept(self) -> list[BlkRequest]:
+        """During an outage: every request kept and not done -- also those a failed
+        connection attempt took out of the rings (reset) already, which only the next
+        successful one gives back."""
+        kept = self._rec.kept
+        for req in self._in_flight():
+            kept[req] = None
+        return [req for req in kept if not req.done]
 
     def _in_flight(self) -> list[BlkRequest]:
-        """The requests submitted and not done (the queues keep them as tokens)."""
-        return [req for q in self.queues if q.state is not QueueState.CLOSED
+        """The requests submitted and not done (the queues keep them as tokens; held
+        flushes are the device's own)."""
+        reqs = [req for q in self.queues if q.state is not QueueState.CLOSED
                 for req in q.in_flight_tokens() if not req.done]
+        return reqs + [req for req in self._rec.held if not req.done]
 
     def wait(self, requests: Iterable[BlkRequest] | None = None,
              timeout: float | None = None) -> None:
@@ -1125,8 +1507,12 @@ class BlkDevice:
             self._closed = 1
             self._refused = ("BlkDevice is closed", None)
             err = QueueStateError("BlkDevice was closed with the request in flight")
-            for req in self._in_flight():
+            for req in self._kept() if self._rec.outage is not None else self._in_flight():
                 req.error = err
+                self._rec.failed[req.queue] += 1
+            self._rec.held.clear()
+            self._rec.outage = None
+            self._rec.kept = {}
             self._quarantine.clear()
             self._release_views()
         if self._closed == 1:
@@ -1147,26 +1533,43 @@ class BlkDevice:
     def reconnect(self, path: str | os.PathLike[str] | None = None, *,
                   timeout: float | None = None) -> int:
         """vhost-user only: connect to a new back-end after the old one died (or to
-        recover broken queues); requests that were in flight fail with the disconnect
-        error (if not already).  Returns how many were lost.  Raises
-        :class:`~virtq.errors.QueueStateError` (closed, or a transport that cannot
-        reconnect) and the connection errors -- after which the device stays refused."""
+        recover broken queues); the rings are reset.  Requests that were in flight fail
+        with the disconnect error (if not already) -- unless the device is waiting for
+        its back-end under a reconnect policy: then they are resubmitted as the policy
+        would.  Returns how many failed.  Raises :class:`~virtq.errors.QueueStateError`
+        (closed, or a transport that cannot reconnect) and the connection errors -- after
+        which the device stays refused (or, under a policy, keeps waiting)."""
         self._check_open()
         t = self.transport
         if not isinstance(t, Reconnectable):
             raise QueueStateError(f"{type(t).__name__} cannot reconnect")
+        rec = self._rec
+        outage = rec.outage
         try:
             lost = t.reconnect(path, timeout=timeout)
         except BaseException as exc:
-            self._refused = (f"reconnect failed ({type(exc).__name__}: {exc})", exc)
+            if outage is None:
+                self._refused = (f"reconnect failed ({type(exc).__name__}: {exc})", exc)
             raise
+        if outage is not None:
+            rec.outage = None
+            self._back(outage, lost)
+            return 0
         count = 0
         gone = DeviceError("the back-end went away with the request in flight")
         for tokens in lost.values():
             for req in tokens:
                 if not req.done:
                     req.error = gone
+                    rec.failed[req.queue] += 1
                     count += 1
+        for req in rec.held:  # their writes are gone too
+            if not req.done:
+                req.error = gone
+                rec.failed[req.queue] += 1
+                count += 1
+        rec.held.clear()
+        rec.writes = []
         self._quarantine.clear()
         if self.poll_mode:
             self._waiter.disarm()

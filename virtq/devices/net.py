@@ -658,8 +658,8 @@ class NetDevice:
 
     @property
     def tx_bytes(self) -> int:
-        """Frame bytes sent (without the virtio_net_hdr), summed over every queue pair
-        (per pair: :meth:`pair_stats`)."""
+        """Frame bytes sent (without the virtio_net_hdr), summed over every queue pair (per
+        pair: :meth:`pair_stats`)."""
         return sum(p.tx_bytes for p in self._pairs)
 
     @property

@@ -176,6 +176,14 @@ class _SplitCore(Generic[T]):
         ``reset()`` every index equals it."""
         return self._avail_seq & 0xFFFF
 
+    def resume_index(self) -> int | None:
+        """``used.idx`` as the device last stored it: where a device that takes the ring
+        over as it is resumes (see :meth:`VirtQueue.resume_index`).  Raises
+        :class:`QueueStateError` when closed."""
+        if self._state_v is _CLOSED:
+            raise QueueStateError("queue is closed")
+        return int(self._used_h[1])
+
     # -- indices ----------------------------------------------------------------------------
 
     @property

@@ -86,6 +86,16 @@ class VirtQueue(Protocol[T]):
         the avail index of the first chain the device has not seen)."""
         ...
 
+    def resume_index(self) -> int | None:
+        """Where a new device resumes this ring when the driver keeps it as it is (a
+        vhost-user back-end restarted with its inflight region, vhost-user.rst "Inflight
+        I/O tracking"): vhost-user's SET_VRING_BASE value then.  Split: ``used.idx`` as
+        the device last stored it -- what QEMU's front-end sends
+        (``virtio_queue_restore_last_avail_idx``); the back-end adds the chains its
+        inflight region still holds.  None: the ring format cannot be resumed (the
+        driver resets the ring and resubmits instead)."""
+        ...
+
     @property
     def state(self) -> QueueState:
         """``READY``, ``BROKEN`` or ``CLOSED``."""

@@ -231,6 +231,16 @@ class _PackedCore(Generic[T]):
         used = self._used_dseq % n | _wrap(self._used_dseq, n) << 15
         return avail | used << 16
 
+    def resume_index(self) -> int | None:
+        """None: a packed ring is not resumed in place here.  Its device-side position
+        (QEMU's ``used_idx`` and wrap counter) is not in shared memory in one place, and
+        no back-end on this machine resumes packed rings from an inflight region; the
+        driver resets the ring and resubmits instead.  Raises :class:`QueueStateError`
+        when closed."""
+        if self._state_v is _CLOSED:
+            raise QueueStateError("queue is closed")
+        return None
+
     # -- state ----------------------------------------------------------------------------
 
     @property

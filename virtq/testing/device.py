@@ -153,6 +153,14 @@ class DeviceQueue:
         self._popped[head] = None
         return head, segments
 
+    def chain(self, head: int) -> list[Segment]:
+        """The chain from ``head``, walked as :meth:`pop` walks it, without touching the
+        avail ring: for a device that resumes a chain it had taken before (vhost-user's
+        inflight tracking)."""
+        if not 0 <= head < self.size:
+            raise DriverProtocolError(f"head {head} >= size {self.size}")
+        return self._walk(head)
+
     def _walk(self, head: int) -> list[Segment]:
         """The chain from ``head``; a chain longer than the table it lives in loops.  The
         bound is the table's own length: the ring's size, or the indirect table's entries

@@ -170,11 +170,12 @@ class LoopbackTransport:
         if self._failure is not None:
             raise self._failure
 
-    def reconnect(self, path: Any = None, *, timeout: float | None = None
-                  ) -> dict[int, list[Any]]:
-        """A fresh device side on the same memory: every ring reset at its vring_base.  Returns
-        the tokens each queue had in flight.  Raises :class:`~virtq.errors.QueueStateError` once
-        closed."""
+    def reconnect(self, path: Any = None, *, timeout: float | None = None,
+                  resume: bool = False) -> dict[int, list[Any]]:
+        """A fresh device side on the same memory: every ring reset at its vring_base
+        (``resume`` is not supported: a loopback device keeps no inflight region).  Returns
+        the tokens each queue had in flight.  Raises :class:`~virtq.errors.QueueStateError`
+        once closed."""
         if self.closed:
             raise QueueStateError("loopback transport is closed")
         self._failure = None

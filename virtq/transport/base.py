@@ -187,11 +187,18 @@ class Reconnectable(Protocol):
     """A transport that can reach a new instance of its device (vhost-user: a restarted
     back-end on the same socket path)."""
 
-    def reconnect(self, path: Any = None, *, timeout: float | None = None
-                  ) -> dict[int, list[Any]]:
-        """Connect again, renegotiate, and bring every attached ring back at its
-        ``vring_base``; returns, per queue, the tokens that were in flight (in submission
-        order), which the device has lost."""
+    def reconnect(self, path: Any = None, *, timeout: float | None = None,
+                  resume: bool = False) -> dict[int, list[Any]]:
+        """Connect again, renegotiate, and bring every attached ring back; returns, per
+        queue, the tokens that were in flight (in submission order) which the device has
+        lost -- the caller fails or resubmits them.
+
+        Without ``resume`` every ring is reset and restarts at its ``vring_base``: every
+        token in flight is returned.  With ``resume`` a transport whose new device can
+        take the rings over as they are (vhost-user: an inflight region kept across the
+        restart, vhost-user.rst "Inflight I/O tracking") leaves them untouched and returns
+        no token for those rings: the device carries out what it had taken, the rest is
+        still available.  A transport that cannot resets the rings as without it."""
         ...
 
 

@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("socket")
     p.add_argument("--num-queues", type=int, default=1)
     p.add_argument("--read-only", action="store_true")
+    p.add_argument("--inflight", action="store_true",
+                   help="offer INFLIGHT_SHMFD and resume requests from the inflight buffer")
     p.add_argument("--device", default="blk", choices=["blk", "net", "fs", "rng"],
                    help="the device type (net loops frames back; fs serves hello.txt)")
     p.add_argument("--faults", default="", metavar="SPEC",
@@ -34,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         backend = VhostUserBlkBackend(args.image, args.socket, num_queues=args.num_queues,
                                       read_only=args.read_only, device=args.device,
+                                      inflight=args.inflight,
                                       faults=Faults.parse(args.faults)).start()
     except (OSError, VirtqError) as exc:
         print(f"{p.prog}: {exc}", file=sys.stderr)
@@ -42,8 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         print("ready", backend.socket_path, flush=True)
         # Until a stop signal, or until the back-end stops serving by itself (the
         # exit_on_disconnect fault: one front-end, then exit, as virtiofsd does).
-        while backend.serving and signal.sigtimedwait(stop_signals, 0.1) is None:
-            pass
+        while backend.serving:
+            got = signal.sigtimedwait(stop_signals, 0.1)
+            # CPython 3.11 returns an uninitialised siginfo (not None) when the wait was
+            # interrupted -- e.g. by SIGSTOP/SIGCONT -- and the time ran out meanwhile:
+            # only a stop signal ends the loop.
+            if got is not None and got.si_signo in stop_signals:
+                break
     finally:
         backend.stop()
     return 0

@@ -25,6 +25,7 @@ class BackendProcess:
         *,
         num_queues: int = 1,
         read_only: bool = False,
+        inflight: bool = False,
         faults: Faults | Mapping[str, object] | None = None,
         timeout: float = 10.0,
         device: str = "blk",
@@ -33,6 +34,7 @@ class BackendProcess:
         self.socket_path = Path(socket_path)
         self.num_queues = num_queues
         self.read_only = read_only
+        self.inflight = inflight
         self.faults = Faults.coerce(faults)
         self.timeout = timeout
         self.device = device
@@ -46,6 +48,8 @@ class BackendProcess:
                str(self.socket_path), "--num-queues", str(self.num_queues)]
         if self.read_only:
             cmd.append("--read-only")
+        if self.inflight:
+            cmd.append("--inflight")
         if self.device != "blk":
             cmd += ["--device", self.device]
         if spec := self.faults.to_spec():
@@ -79,6 +83,8 @@ class BackendProcess:
         """SIGKILL: the connection drops mid-whatever, the socket file stays behind."""
         if self.proc is not None:
             kill_process(self.proc, self.timeout)
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()  # start() may run the next one
 
     def stop(self) -> None:
         """SIGTERM (the child cleans up), SIGKILL if it does not exit in time."""

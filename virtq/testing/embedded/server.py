@@ -17,7 +17,7 @@ import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, Self
 
@@ -52,6 +52,7 @@ from virtq.layout.split import DESC_SIZE, used_nbytes
 from virtq.memory import PAGE_SIZE, MemfdRegion, MemoryRegion
 from virtq.testing.device import DeviceQueue, DriverProtocolError, Segment
 from virtq.testing.embedded import devices
+from virtq.testing.embedded.inflight import InflightBuffer, InflightQueue, resume_index
 from virtq.testing.runners import BackendError
 from virtq.transport.vhost_user import protocol as P
 from virtq.types import Offset
@@ -121,6 +122,10 @@ class Faults:
     * ``never_answer``: read that request and stay silent (a hung back-end).
     * ``out_of_order``: complete each batch of popped requests in reverse order.
     * ``corrupt_used``: complete each batch's first request with a head id no driver owns.
+    * ``queue``: ``out_of_order`` and ``corrupt_used`` apply to this queue only (None:
+      every queue).
+    * ``sessions``: ``drop_after`` applies to the first this-many connections only (None:
+      to every one) -- a back-end that crashes once, then works.
 
     Conformance faults -- each breaks one rule ``virtq check`` checks (the test suite
     asserts which checks fail for each):
@@ -177,6 +182,8 @@ class Faults:
     never_answer: P.Request | str | None = None
     out_of_order: bool = False
     corrupt_used: bool = False
+    queue: int | None = None
+    sessions: int | None = None
     write_past_buffer: bool = False
     write_readable: bool = False
     write_desc_table: bool = False
@@ -216,6 +223,10 @@ class Faults:
             object.__setattr__(self, name, _request(getattr(self, name), name))
         if self.drop_after is not None and self.drop_after < 0:
             raise ArgumentError("drop_after", self.drop_after, "must be >= 0")
+        for name in ("queue", "sessions"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ArgumentError(name, value, "must be None or an int >= 0")
         if self.garbage_kind not in ("code", "flags", "size"):
             raise ArgumentError("garbage_kind", self.garbage_kind,
                                 "must be 'code', 'flags' or 'size'")
@@ -241,9 +252,9 @@ class Faults:
             key, sep, value = item.partition("=")
             if key not in known:
                 raise ArgumentError("faults", item, f"unknown fault; known: {sorted(known)}")
-            if key == "drop_after":
+            if key in ("drop_after", "queue", "sessions"):
                 if not value.isdigit():
-                    raise ArgumentError("faults", item, "drop_after takes a count")
+                    raise ArgumentError("faults", item, f"{key} takes a number")
                 kwargs[key] = int(value)
             elif isinstance(cls.__dataclass_fields__[key].default, bool):
                 kwargs[key] = not sep or value.lower() in ("1", "true", "yes", "on")
@@ -305,6 +316,10 @@ class _Ring:
     call: int = -1
     enabled: bool = False
     dev: DeviceQueue | None = None
+    #: Inflight tracking: whether this session looked at the ring's inflight region yet,
+    #: and the heads to resume from it before taking new chains.
+    recovered: bool = False
+    resubmit: list[int] = field(default_factory=list)
 
     def drop_queue(self) -> None:
         if self.dev is not None:
@@ -359,11 +374,14 @@ class _Session:
     def __init__(self, backend: VhostUserBlkBackend, conn: socket.socket) -> None:
         self.backend = backend
         self.conn = conn
+        self.number = backend.connections  # 1 for the first connection
         self.features = 0
         self.protocol_features = 0
         self.mem: list[_MemRegion] = []
         self.rings = [_Ring(i) for i in range(backend.num_queues)]
         self.popped = 0
+        #: The inflight buffer (GET_INFLIGHT_FD made it, or SET_INFLIGHT_FD gave it).
+        self.inflight: InflightBuffer | None = None
         self.status = 0
         #: Faults ``stale_data`` / ``lost_write``: the image as this connection found it,
         #: and the writes FLUSH never wrote out.
@@ -394,6 +412,8 @@ class _Session:
             P.Request.SET_VRING_ENABLE: self._set_vring_enable,
             P.Request.GET_CONFIG: self._get_config,
             P.Request.RESET_DEVICE: self._reset_device,
+            P.Request.GET_INFLIGHT_FD: self._get_inflight_fd,
+            P.Request.SET_INFLIGHT_FD: self._set_inflight_fd,
             P.Request.SET_STATUS: self._set_status,
             P.Request.GET_STATUS: lambda _: P.U64.pack(self.status),
         }
@@ -427,6 +447,7 @@ class _Session:
     def close(self) -> None:
         for ring in self.rings:
             ring.close()  # queues first: their views pin the mappings
+        self._set_inflight(None)
         self._unmap()
         self._close_fds()
         self.conn.close()
@@ -466,9 +487,16 @@ class _Session:
             buf += data
         return buf
 
-    def _reply(self, code: int, payload: bytes, flags: int = P.VERSION | P.FLAG_REPLY) -> None:
+    def _reply(self, code: int, payload: bytes, flags: int = P.VERSION | P.FLAG_REPLY,
+               fds: Sequence[int] = ()) -> None:
+        data = P.pack_header(code, flags, len(payload)) + payload
         try:
-            self.conn.sendall(P.pack_header(code, flags, len(payload)) + payload)
+            if fds:
+                # The fd rides on the first byte; the rest (if the socket took less) after.
+                sent = socket.send_fds(self.conn, [data], list(fds))
+                self.conn.sendall(data[sent:])
+            else:
+                self.conn.sendall(data)
         except (BrokenPipeError, ConnectionResetError, TimeoutError) as exc:
             raise _EndSession(f"cannot reply: {exc}") from None
 
@@ -510,7 +538,7 @@ class _Session:
             raise
         if reply is not None:
             self._reply(code, reply)
-        elif need_reply:
+        elif need_reply and req not in P.HAS_REPLY:
             self._reply(code, P.U64.pack(0))
 
     def _nack(self, req: P.Request, need_reply: bool) -> None:
@@ -600,7 +628,58 @@ class _Session:
     @property
     def offered_protocol(self) -> int:
         slots = self.backend.mem_slots is not None
-        return PROTOCOL_FEATURES | (1 << P.ProtocolFeature.CONFIGURE_MEM_SLOTS if slots else 0)
+        inflight = self.backend.inflight
+        return (PROTOCOL_FEATURES
+                | (1 << P.ProtocolFeature.CONFIGURE_MEM_SLOTS if slots else 0)
+                | (1 << P.ProtocolFeature.INFLIGHT_SHMFD if inflight else 0))
+
+    # -- inflight I/O tracking (vhost-user.rst, "Inflight I/O tracking") -------------------
+
+    def _inflight_payload(self, payload: bytes, name: str) -> tuple[int, int, int, int]:
+        if not self.protocol_features >> P.ProtocolFeature.INFLIGHT_SHMFD & 1:
+            raise FrontendProtocolError(f"{name}: INFLIGHT_SHMFD was not negotiated")
+        size, offset, num_queues, queue_size = self._unpack(P.INFLIGHT, payload, name)
+        if not 1 <= num_queues <= len(self.rings) or not is_power_of_two(queue_size) \
+                or queue_size > MAX_SPLIT_QUEUE_SIZE:
+            raise FrontendProtocolError(f"{name}: {num_queues} queues of {queue_size} "
+                                        f"entries (the device has {len(self.rings)} queues)")
+        return size, offset, num_queues, queue_size
+
+    def _set_inflight(self, buf: InflightBuffer | None) -> None:
+        for ring in self.rings:
+            ring.drop_queue()  # their views of the old buffer's queues go with it
+            ring.recovered = False
+            ring.resubmit = []
+        if self.inflight is not None:
+            self.inflight.close()
+        self.inflight = buf
+
+    def _get_inflight_fd(self, payload: bytes) -> None:
+        # A fresh buffer with nothing in flight, which the front-end keeps for the next
+        # back-end; the reply carries its fd.
+        _, _, num_queues, queue_size = self._inflight_payload(payload, "GET_INFLIGHT_FD")
+        buf = InflightBuffer.create(num_queues, queue_size)
+        self._set_inflight(buf)
+        fd = buf.region.fd
+        assert fd is not None
+        self._reply(P.Request.GET_INFLIGHT_FD,
+                    P.INFLIGHT.pack(buf.region.nbytes, 0, num_queues, queue_size), fds=[fd])
+
+    def _set_inflight_fd(self, payload: bytes) -> None:
+        size, offset, num_queues, queue_size = self._inflight_payload(payload,
+                                                                      "SET_INFLIGHT_FD")
+        fd = self._take_fd("SET_INFLIGHT_FD")
+        try:
+            if size < InflightBuffer.nbytes(num_queues, queue_size):
+                raise FrontendProtocolError(f"SET_INFLIGHT_FD: {size} bytes cannot hold "
+                                            f"{num_queues} queues of {queue_size}")
+            try:
+                region = MemfdRegion.attach(fd, size, offset=offset)
+            except (OSError, ArgumentError) as exc:
+                raise FrontendProtocolError(f"SET_INFLIGHT_FD: cannot map: {exc}") from None
+        finally:
+            os.close(fd)  # attach() mapped its own duplicate
+        self._set_inflight(InflightBuffer(region, num_queues, queue_size))
 
     def _set_mem_table(self, payload: bytes) -> None:
         if len(payload) < P.MEM_TABLE_HEADER.size:
@@ -807,7 +886,25 @@ class _Session:
                                event_idx=bool(self.features >> VIRTIO_F_EVENT_IDX & 1),
                                start_index=ring.base, regions=others,
                                indirect_head_only=self.backend.faults.indirect_head_only)
+        tracked = self._inflight_queue(ring)
+        if tracked is not None and not ring.recovered:
+            # The first look at this ring since the buffer came: resume what a previous
+            # back-end had taken (nothing, for a buffer just made), then take new chains
+            # after those -- from used.idx, whatever SET_VRING_BASE said (as
+            # libvhost-user's vu_check_queue_inflights does).
+            ring.recovered = True
+            ring.resubmit = tracked.recover(ring.dev.used_idx)
+            ring.dev.last_avail = resume_index(ring.dev.used_idx, len(ring.resubmit))
+            if ring.resubmit:
+                log.info("vring %d: resuming %d request(s) from the inflight buffer",
+                         ring.index, len(ring.resubmit))
         return ring.dev
+
+    def _inflight_queue(self, ring: _Ring) -> InflightQueue | None:
+        buf = self.inflight
+        if buf is None or ring.index >= buf.num_queues or buf.queue_size != ring.num:
+            return None
+        return buf.queues[ring.index]
 
     def _process(self, ring: _Ring) -> None:
         """Serve everything available on ``ring`` (VIRTIO 1.2 §2.7.13, device side)."""
@@ -820,8 +917,15 @@ class _Session:
         if self.backend.device == "net" and ring.index == 0:
             return  # receive buffers wait for frames (they are taken by _deliver)
         dev = self._queue_of(ring, ring.addrs)
+        tracked = self._inflight_queue(ring)
         while True:
             faults = self.backend.faults
+            if ring.resubmit:
+                # Taken by a previous back-end: carry them out, as one batch, first.
+                heads, ring.resubmit = ring.resubmit, []
+                self._complete(ring, dev, [self._serve_any(ring.index, dev, head,
+                                                           dev.chain(head))
+                                           for head in heads], faults, tracked)
             batch: list[tuple[int, int, BlkRecord | None]] = []
             stuck = False
             while True:
@@ -842,13 +946,16 @@ class _Session:
                     raise
                 if chain is None:
                     break
+                if tracked is not None:
+                    tracked.take(chain[0])
                 self.popped += 1
-                if faults.drop_after is not None and self.popped >= faults.drop_after:
+                if faults.drop_after is not None and self.popped >= faults.drop_after \
+                        and (faults.sessions is None or self.number <= faults.sessions):
                     raise _EndSession(f"fault: dropping the connection after "
                                       f"{self.popped} requests")
                 batch.append(self._serve_any(ring.index, dev, *chain))
             if batch:
-                self._complete(ring, dev, batch, faults)
+                self._complete(ring, dev, batch, faults, tracked)
             if stuck:
                 return
             if not dev.event_idx:
@@ -862,22 +969,28 @@ class _Session:
                 return
 
     def _complete(self, ring: _Ring, dev: DeviceQueue,
-                  batch: list[tuple[int, int, BlkRecord | None]], faults: Faults) -> None:
-        if faults.out_of_order:
+                  batch: list[tuple[int, int, BlkRecord | None]], faults: Faults,
+                  tracked: InflightQueue | None) -> None:
+        mine = faults.queue is None or faults.queue == ring.index
+        if faults.out_of_order and mine:
             batch.reverse()  # any completion order is legal (§2.7.14); make it visible
         for i, (served, written, record) in enumerate(batch):
-            bad = faults.corrupt_used and i == 0
+            bad = faults.corrupt_used and mine and i == 0
             head = served
             if faults.duplicate_used and len(batch) >= 8 and i == len(batch) - 1:
                 head = batch[0][0]
             dev.push(dev.size if bad else head, written, publish=False)  # size: never a head
             if faults.write_desc_table:
                 dev.write_desc_len(head, 0xBAD)
+            if tracked is not None:
+                tracked.link(served)
             if record is not None:
                 self.backend.completed.append(record)
         # One used.idx store per batch; signal only if the driver asked (EVENT_IDX's
         # used_event or VIRTQ_AVAIL_F_NO_INTERRUPT), as DeviceQueue.publish_used says.
         notify = dev.publish_used()
+        if tracked is not None:  # after used.idx: see virtq.testing.embedded.inflight
+            tracked.retire([served for served, _, _ in batch], dev.used_idx)
         if faults.used_flags_garbage:
             dev.set_used_flags(dev.used_flags | 0x8000)
         if faults.no_notify:
@@ -1053,6 +1166,12 @@ class VhostUserBlkBackend:
     slots (GET_MAX_MEM_SLOTS, ADD_MEM_REG, REM_MEM_REG, as qemu-storage-daemon does); the
     default ``None`` offers only SET_MEM_TABLE (at most 8 regions), as DPDK does.
 
+    ``inflight``: offer VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD: requests are tracked in a
+    buffer the front-end keeps (GET_INFLIGHT_FD / SET_INFLIGHT_FD), and a back-end given
+    one by SET_INFLIGHT_FD first carries out the requests its predecessor had taken (see
+    :mod:`virtq.testing.embedded.inflight`).  Meant for a back-end in its own process
+    (:class:`BackendProcess`), killed and started again.
+
     Inspection for tests: :attr:`completed` (:class:`BlkRecord` per completed request, in
     completion order, the last 4096), :attr:`connections` (accepted so far) and
     :attr:`errors` (why connections were closed on the front-end's account, and any bug
@@ -1069,6 +1188,7 @@ class VhostUserBlkBackend:
         faults: Faults | Mapping[str, object] | None = None,
         mem_slots: int | None = None,
         device: str = "blk",
+        inflight: bool = False,
     ) -> None:
         if not 1 <= num_queues <= 0xFFFF:
             raise ArgumentError("num_queues", num_queues, "must be in 1..65535")
@@ -1087,6 +1207,9 @@ class VhostUserBlkBackend:
         #: With a count: offer CONFIGURE_MEM_SLOTS (GET_MAX_MEM_SLOTS answers it,
         #: ADD_MEM_REG / REM_MEM_REG work); None: memory only through SET_MEM_TABLE.
         self.mem_slots = mem_slots
+        #: Offer VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD and track requests in the inflight
+        #: buffer, resuming them after a restart (vhost-user.rst, "Inflight I/O tracking").
+        self.inflight = bool(inflight)
         self._faults = Faults.coerce(faults)
         self.capacity = 0  # sectors
         self.completed: deque[BlkRecord] = deque(maxlen=4096)

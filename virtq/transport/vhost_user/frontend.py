@@ -232,13 +232,27 @@ class VhostUserFrontend:
             raise self._fail(VhostUserProtocolError(
                 f"{name}: only {sent} of {len(data)} bytes sent", request=name))
 
-    def _recv_exact(self, n: int, name: str) -> bytes:
+    def _recv_exact(self, n: int, name: str, fds: list[int] | None = None) -> bytes:
+        """``n`` bytes of the stream.  With ``fds``, file descriptors that ride along
+        (SCM_RIGHTS, at most one per read) are appended to it: the caller owns them, also
+        when this raises."""
         buf = bytearray(n)
         view = memoryview(buf)
         got = 0
         while got < n:
             try:
-                k = self.sock.recv_into(view[got:])
+                if fds is None:
+                    k = self.sock.recv_into(view[got:])
+                else:
+                    data, new, flags, _ = socket.recv_fds(self.sock, n - got, 1,
+                                                          socket.MSG_CMSG_CLOEXEC)
+                    fds.extend(new)
+                    if flags & socket.MSG_CTRUNC:
+                        raise self._fail(VhostUserProtocolError(
+                            f"{name}: the reply carried more file descriptors than one",
+                            request=name))
+                    k = len(data)
+                    view[got : got + k] = data
             except TimeoutError as exc:
                 raise self._fail(VhostUserTimeoutError(
                     f"{name}: no reply from the back-end within {self.timeout} s",
@@ -257,9 +271,9 @@ class VhostUserFrontend:
             got += k
         return bytes(buf)
 
-    def _recv_reply(self, request: P.Request) -> bytes:
+    def _recv_reply(self, request: P.Request, fds: list[int] | None = None) -> bytes:
         name = request.name
-        code, flags, size = P.HEADER.unpack(self._recv_exact(P.HEADER.size, name))
+        code, flags, size = P.HEADER.unpack(self._recv_exact(P.HEADER.size, name, fds))
         if code != request or not flags & P.FLAG_REPLY or flags & P.FLAG_VERSION_MASK != P.VERSION:
             raise self._fail(VhostUserProtocolError(
                 f"{name}: expected its reply, got {P.request_name(code)} flags={flags:#x} "
@@ -267,7 +281,7 @@ class VhostUserFrontend:
         if size > P.MAX_PAYLOAD:
             raise self._fail(VhostUserProtocolError(
                 f"{name}: reply payload of {size} bytes is implausible", request=name, got=size))
-        payload = self._recv_exact(size, name) if size else b""
+        payload = self._recv_exact(size, name, fds) if size else b""
         if log.isEnabledFor(logging.DEBUG):
             log.debug("<- %s flags=%#x size=%d payload=%s", name, flags, size,
                       _trace_bytes(payload))
@@ -406,6 +420,51 @@ class VhostUserFrontend:
         gpa, size, uva, off, fd = _mem_region("region", region)
         self.request(P.Request.REM_MEM_REG, P.SINGLE_MEM_REGION.pack(0, gpa, size, uva, off),
                      [fd])
+
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[int, int, int]:
+        """GET_INFLIGHT_FD (with protocol feature INFLIGHT_SHMFD): ask the back-end for a
+        shared buffer in which it tracks the requests it has taken from ``num_queues``
+        rings of ``queue_size`` entries (vhost-user.rst, "Inflight I/O tracking").
+
+        Returns ``(fd, mmap_size, mmap_offset)``; the caller owns ``fd`` and keeps it
+        across a back-end restart (SET_INFLIGHT_FD gives it to the next one).  Raises
+        :class:`~virtq.errors.ArgumentError` for counts that do not fit the u16 fields or
+        are 0, and :class:`VhostUserProtocolError` for a reply that is not an inflight
+        description with exactly one fd (any fd received is closed then)."""
+        num_queues = _uint("num_queues", num_queues, 16, low=1)
+        queue_size = _uint("queue_size", queue_size, 16, low=1)
+        request = P.Request.GET_INFLIGHT_FD
+        self._send(request, P.INFLIGHT.pack(0, 0, num_queues, queue_size))
+        fds: list[int] = []
+        try:
+            reply = self._recv_reply(request, fds)
+            if len(reply) != P.INFLIGHT.size or len(fds) != 1:
+                raise self._fail(VhostUserProtocolError(
+                    f"GET_INFLIGHT_FD: reply of {len(reply)} bytes with {len(fds)} fd(s), "
+                    f"expected {P.INFLIGHT.size} bytes and one fd", request=request.name,
+                    got=reply))
+            size, offset, _, _ = P.INFLIGHT.unpack(reply)
+            if not size:
+                raise self._fail(VhostUserProtocolError(
+                    "GET_INFLIGHT_FD: the back-end answered an empty region",
+                    request=request.name, got=reply))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds[0], size, offset
+
+    def set_inflight_fd(self, fd: int, mmap_size: int, mmap_offset: int, num_queues: int,
+                        queue_size: int) -> None:
+        """SET_INFLIGHT_FD (with protocol feature INFLIGHT_SHMFD): give the back-end the
+        inflight buffer ``fd`` (as GET_INFLIGHT_FD described it) so that it can resume
+        the requests a previous back-end had taken.  Raises
+        :class:`~virtq.errors.ArgumentError` for a bad fd or field."""
+        payload = P.INFLIGHT.pack(_uint("mmap_size", mmap_size, 64, low=1),
+                                  _uint("mmap_offset", mmap_offset, 64),
+                                  _uint("num_queues", num_queues, 16, low=1),
+                                  _uint("queue_size", queue_size, 16, low=1))
+        self.request(P.Request.SET_INFLIGHT_FD, payload, [_fd("fd", fd)])
 
     def set_vring_num(self, index: int, num: int) -> None:
         """SET_VRING_NUM: ring ``index`` (0..255) has ``num`` (1..32768) entries.  Raises

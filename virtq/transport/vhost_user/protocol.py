@@ -19,6 +19,10 @@ MEM_REGION = struct.Struct("=QQQQ")  # guest_phys_addr, memory_size, userspace_a
 #: "Single memory region description" (ADD_MEM_REG, REM_MEM_REG): u64 padding + a region.
 SINGLE_MEM_REGION = struct.Struct("=QQQQQ")
 CONFIG_HEADER = struct.Struct("=III")  # offset, size, flags
+#: "Inflight description" (GET_INFLIGHT_FD, SET_INFLIGHT_FD): mmap size u64, mmap offset
+#: u64, num queues u16, queue size u16.  Sent as QEMU's C struct is laid out, with its
+#: 4 bytes of tail padding: libvhost-user and DPDK check the payload size against it (24).
+INFLIGHT = struct.Struct("=QQHH4x")
 
 VERSION = 0x1
 FLAG_VERSION_MASK = 0x3

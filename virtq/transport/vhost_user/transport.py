@@ -29,7 +29,7 @@ from virtq.abi import (
 from virtq.errors import ArgumentError, QueueStateError, RegionBusyError
 from virtq.iova import IdentityAllocator, IovaAllocator
 from virtq.memory import MemfdRegion
-from virtq.queue import VirtQueue
+from virtq.queue import QueueState, VirtQueue
 from virtq.transport.base import QUEUE_FEATURES, DmaArena, arena_of, usable_features
 from virtq.transport.errors import DeviceRefusedError
 from virtq.transport.notify import NotificationSet
@@ -51,7 +51,22 @@ SUPPORTED_PROTOCOL_FEATURES = (
     | 1 << P.ProtocolFeature.STATUS
     | 1 << P.ProtocolFeature.CONFIGURE_MEM_SLOTS
 )
+#: Asked for only when the transport is to keep an inflight region (``inflight=True``).
+INFLIGHT_PROTOCOL_FEATURE = 1 << P.ProtocolFeature.INFLIGHT_SHMFD
 _EFD_FLAGS = os.EFD_CLOEXEC | os.EFD_NONBLOCK
+
+
+@dataclass(frozen=True)
+class InflightRegion:
+    """The buffer a back-end tracks its in-flight requests in (GET_INFLIGHT_FD's answer),
+    owned by the front-end so that it outlives the back-end (vhost-user.rst, "Inflight
+    I/O tracking").  ``fd`` is closed by the transport."""
+
+    fd: int
+    mmap_size: int
+    mmap_offset: int
+    num_queues: int
+    queue_size: int
 
 
 @dataclass(eq=False)
@@ -82,12 +97,20 @@ class VhostUserTransport:
         *,
         iova_allocator: IovaAllocator | None = None,
         hugepages: bool = False,
+        inflight: bool = False,
     ) -> None:
         self.frontend = frontend
         self.path = frontend.path
         self.timeout = frontend.timeout
         self.iova_allocator = iova_allocator or IdentityAllocator()
         self.hugepages = hugepages
+        #: Whether to keep an inflight region when the back-end offers INFLIGHT_SHMFD.
+        self.inflight = bool(inflight)
+        #: The inflight region in use (None: the back-end does not track, or not asked).
+        self.inflight_region: InflightRegion | None = None
+        # Per ring, the tokens a reconnect that failed half-way had already taken out of
+        # it (reset): the next successful reconnect returns them.
+        self._unreported: dict[int, list[Any]] = {}
         self._arenas: list[DmaArena] = []
         self._rings: dict[int, _Ring] = {}
         self._fds: list[int] = []  # eventfds, for the finalizer
@@ -116,17 +139,22 @@ class VhostUserTransport:
         timeout: float = DEFAULT_TIMEOUT,
         iova_allocator: IovaAllocator | None = None,
         hugepages: bool = False,
+        inflight: bool = False,
     ) -> Self:
         """Connect to the back-end listening on the Unix socket ``path`` and do the handshake
         (SET_OWNER, features, protocol features, queue count).  ``timeout`` bounds every reply;
         ``iova_allocator`` places memory in the back-end's guest address space (default:
-        identity, the owner's own addresses); ``hugepages`` backs the memfds with hugepages.
+        identity, the owner's own addresses); ``hugepages`` backs the memfds with hugepages;
+        ``inflight``: when the back-end offers VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, get an
+        inflight region before the rings are set up and keep it, so that
+        ``reconnect(resume=True)`` lets a restarted back-end resume the rings.
         Raises :class:`~virtq.transport.vhost_user.VhostUserConnectError` when nobody listens,
         another :class:`~virtq.transport.vhost_user.VhostUserError` when the handshake fails (the
         socket is closed then), :class:`~virtq.errors.ArgumentError` for a bad path or timeout."""
         frontend = VhostUserFrontend.connect(path, timeout=timeout)
         try:
-            return cls(frontend, iova_allocator=iova_allocator, hugepages=hugepages)
+            return cls(frontend, iova_allocator=iova_allocator, hugepages=hugepages,
+                       inflight=inflight)
         except BaseException:
             frontend.close()
             raise
@@ -140,7 +168,10 @@ class VhostUserTransport:
         self.protocol_features = 0
         if self.offered_features >> P.VHOST_USER_F_PROTOCOL_FEATURES & 1:
             offered = fe.get_protocol_features()
-            self.protocol_features = offered & SUPPORTED_PROTOCOL_FEATURES
+            supported = SUPPORTED_PROTOCOL_FEATURES
+            if self.inflight:
+                supported |= INFLIGHT_PROTOCOL_FEATURE
+            self.protocol_features = offered & supported
             fe.set_protocol_features(self.protocol_features)
         self._queue_num = fe.get_queue_num() if self._has(P.ProtocolFeature.MQ) else 1
         self._set_status(VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER)
@@ -327,7 +358,47 @@ class VhostUserTransport:
         self._notifier.add(index, call)
         self._setup_ring(index, ring)
 
-    def _setup_ring(self, index: int, ring: _Ring) -> None:
+    def _tracks_inflight(self) -> bool:
+        return self.inflight and self._has(P.ProtocolFeature.INFLIGHT_SHMFD)
+
+    def _get_inflight(self, queue: VirtQueue[Any]) -> None:
+        """GET_INFLIGHT_FD then SET_INFLIGHT_FD, after SET_FEATURES and before the memory
+        table and the first ring -- the order of QEMU's vhost-user-blk front-end
+        (``vhost_dev_get_inflight``/``vhost_dev_set_inflight`` before
+        ``vhost_dev_start``).  Sized for every queue the back-end has (GET_QUEUE_NUM), each
+        of ``queue``'s size: the region is indexed by descriptor head, so every ring must
+        have that size.  Only for rings that can be resumed in place."""
+        if queue.resume_index() is None:
+            return
+        num_queues, size = self._queue_num, queue.size
+        fd, mmap_size, offset = self.frontend.get_inflight_fd(num_queues, size)
+        self._fds.append(fd)
+        self.inflight_region = InflightRegion(fd, mmap_size, offset, num_queues, size)
+        self._set_inflight()
+
+    def _set_inflight(self) -> None:
+        r = self.inflight_region
+        assert r is not None
+        self.frontend.set_inflight_fd(r.fd, r.mmap_size, r.mmap_offset, r.num_queues,
+                                      r.queue_size)
+
+    def _drop_inflight(self) -> None:
+        r = self.inflight_region
+        if r is not None:
+            self.inflight_region = None
+            self._fds.remove(r.fd)
+            os.close(r.fd)
+
+    def _setup_ring(self, index: int, ring: _Ring, base: int | None = None) -> None:
+        """SET_VRING_NUM/BASE/ADDR/KICK/CALL (and ENABLE once started) for ``ring``, at
+        ``base`` (default: the queue's ``vring_base``)."""
+        if self._tracks_inflight() and self.inflight_region is None:
+            self._get_inflight(ring.queue)
+        r = self.inflight_region
+        if r is not None and ring.queue.size != r.queue_size:
+            raise ArgumentError("queue.size", ring.queue.size,
+                                f"must be {r.queue_size}, the size of every ring in the "
+                                "inflight region")
         if not self._mem_table_sent:
             self._send_mem_table()
         fe, q = self.frontend, ring.queue
@@ -336,8 +407,9 @@ class VhostUserTransport:
         uva = q.region.host_addr - q.iova
         fe.set_vring_num(index, q.size)
         # The back-end starts consuming avail at this index and reads used.idx from memory;
-        # the queue initialised both to it (start_index / reset()).
-        fe.set_vring_base(index, q.vring_base)
+        # the queue initialised both to it (start_index / reset()) -- or, for a ring
+        # resumed in place, it is used.idx and the back-end adds its inflight chains.
+        fe.set_vring_base(index, q.vring_base if base is None else base)
         fe.set_vring_addr(index, desc=uva + q.desc_area, used=uva + q.device_area,
                           avail=uva + q.driver_area)
         fe.set_vring_kick(index, ring.kick)
@@ -468,15 +540,27 @@ class VhostUserTransport:
     # -- reconnect and teardown -----------------------------------------------------------
 
     def reconnect(self, path: str | os.PathLike[str] | None = None, *,
-                  timeout: float | None = None) -> dict[int, list[Any]]:
-        """Connect to a (new) back-end and bring every ring back.
+                  timeout: float | None = None, resume: bool = False) -> dict[int, list[Any]]:
+        """Connect to a (new) back-end and bring every ring back, with the same memory,
+        features and ring addresses.  Features: the new back-end must offer every one
+        negotiated before (:class:`DeviceRefusedError` otherwise).
 
-        In-flight chains cannot survive a back-end that died: their tokens are returned per
-        queue (in submission order) so the caller can fail or resubmit them; each ring
-        restarts at its ``vring_base`` (SET_VRING_BASE) with the same memory, features and
-        addresses.  If the new connection fails, the transport stays disconnected (every
-        later call raises :class:`VhostUserDisconnectedError`) until a reconnect succeeds.
-        Raises :class:`~virtq.errors.QueueStateError` when closed.
+        Without the back-end's inflight tracking, in-flight chains cannot survive a
+        back-end that died: their tokens are returned per queue (in submission order) so
+        the caller can fail or resubmit them; each ring is reset and restarts at its
+        ``vring_base`` (SET_VRING_BASE).
+
+        With ``resume``, an inflight region (``inflight=True`` and a back-end offering
+        INFLIGHT_SHMFD, before and now) and every ring usable and resumable, the rings are
+        kept as they are: SET_INFLIGHT_FD hands the region to the new back-end, each ring
+        restarts at :meth:`~virtq.queue.VirtQueue.resume_index`, and no token is returned
+        -- the back-end carries out what it had taken (vhost-user.rst, "Inflight I/O
+        tracking") and then takes the rest.  Otherwise the region is replaced by a fresh
+        one (a reset ring must not be resumed from an old region).
+
+        If the new connection fails, the transport stays disconnected (every later call
+        raises :class:`VhostUserDisconnectedError`) until a reconnect succeeds.  Raises
+        :class:`~virtq.errors.QueueStateError` when closed.
         """
         if self._closed:
             raise QueueStateError(f"vhost-user transport to {self.path} is closed")
@@ -500,13 +584,28 @@ class VhostUserTransport:
                 self.negotiate(wanted)
             self._disconnected = None
             self._watch_socket()
-            lost: dict[int, list[Any]] = {}
+            keep = (resume and not self._unreported and self.inflight_region is not None
+                    and self._tracks_inflight()
+                    and all(ring.queue.state is QueueState.READY
+                            and ring.queue.resume_index() is not None
+                            for ring in self._rings.values()))
+            if keep:
+                self._set_inflight()
+            else:
+                # Its entries describe rings that are about to be reset: a new back-end
+                # must not resubmit from it.  _setup_ring gets a fresh one.
+                self._drop_inflight()
+            lost = self._unreported
             for index, ring in self._rings.items():
-                lost[index] = ring.queue.reset()
+                base = None
+                if keep:
+                    base = ring.queue.resume_index()
+                else:
+                    lost.setdefault(index, []).extend(ring.queue.reset())
                 for fd in (ring.kick, ring.call):  # stale signals from the old back-end
                     with contextlib.suppress(BlockingIOError):
                         os.eventfd_read(fd)
-                self._setup_ring(index, ring)
+                self._setup_ring(index, ring, base)
             if self._started:
                 self._set_status(VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER
                                  | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK)
@@ -514,7 +613,8 @@ class VhostUserTransport:
             self._disconnected = exc
             self.frontend.close()
             raise
-        return lost
+        self._unreported = {}
+        return {index: lost.get(index, []) for index in self._rings}
 
     def close(self) -> None:
         """Disconnect (the back-end stops every ring), close the queues, release eventfds,
