@@ -95,6 +95,8 @@ from virtq.abi.blk import (
     VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
 )
+from virtq.devices._requests import check_int as _check_int
+from virtq.devices._requests import wait_requests
 from virtq.devices._rings import ring_chosen, ring_wanted
 from virtq.devices.dma import MAX_BUFFER, DmaBuffer, byte_view
 from virtq.devices.errors import BlkIOError, BlkUnsupportedError
@@ -105,8 +107,6 @@ from virtq.errors import (
     QueueBrokenError,
     QueueFullError,
     QueueStateError,
-    VirtqError,
-    VirtqTimeoutError,
 )
 from virtq.iova import IovaAllocator
 from virtq.layout import align_up
@@ -149,14 +149,6 @@ def _check_sector(sector: int) -> None:
     if (sector.__class__ is not int and not isinstance(sector, int)) \
             or not 0 <= sector <= _U64_MAX:
         raise ArgumentError("sector", sector, "must be an int in 0..2**64-1")
-
-
-def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low \
-            or (high is not None and value > high):
-        rule = f">= {low}" if high is None else f"in {low}..{high}"
-        raise ArgumentError(name, value, f"must be an int {rule}")
-    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -1400,23 +1392,7 @@ class BlkDevice:
         with its result or its ``error``).  Raises
         :class:`~virtq.errors.VirtqTimeoutError` after ``timeout`` seconds (the requests
         stay in flight), :class:`ArgumentError` for a request of another device."""
-        self._check_open()
-        deadline = deadline_after(timeout)
-        pending = self._in_flight() if requests is None else list(requests)
-        for r in pending:
-            if not isinstance(r, BlkRequest) or r._dev is not self:
-                raise ArgumentError("requests", r, "must be requests of this device")
-        pending = [r for r in pending if not r.done]
-        while pending:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise VirtqTimeoutError(f"{len(pending)} request(s) still in flight after "
-                                        f"{timeout} s")
-            if not self.in_flight:
-                # Nothing can complete them: every pending request must be done by now.
-                raise VirtqError(f"{len(pending)} request(s) neither done nor in flight")
-            self.poll(timeout=remaining)
-            pending = [r for r in pending if not r.done]
+        wait_requests(self, requests, timeout, BlkRequest)
 
     # -- convenience ----------------------------------------------------------------------
 

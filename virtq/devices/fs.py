@@ -115,6 +115,8 @@ from virtq.abi.fs import (
     WRITE_OUT_SIZE,
     FuseOpcode,
 )
+from virtq.devices._requests import check_int as _check_int
+from virtq.devices._requests import wait_requests
 from virtq.devices._rings import ring_chosen, ring_wanted
 from virtq.devices.dma import MAX_BUFFER, DmaBuffer, byte_view
 from virtq.devices.errors import FsOSError, fs_error
@@ -139,7 +141,6 @@ from virtq.errors import (
     QueueFullError,
     QueueStateError,
     VirtqError,
-    VirtqTimeoutError,
 )
 from virtq.iova import IovaAllocator
 from virtq.layout import align_up
@@ -184,14 +185,6 @@ _FIXED_REPLY = {
 #: READDIRPLUS when the daemon offers it.
 _INIT_FLAGS = (FUSE_ASYNC_READ | FUSE_ATOMIC_O_TRUNC | FUSE_BIG_WRITES | FUSE_DO_READDIRPLUS
                | FUSE_MAX_PAGES | FUSE_PARALLEL_DIROPS)
-
-
-def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low \
-            or (high is not None and value > high):
-        rule = f">= {low}" if high is None else f"in {low}..{high}"
-        raise ArgumentError(name, value, f"must be an int {rule}")
-    return value
 
 
 def _name_bytes(name: str | bytes, what: str = "name") -> bytes:
@@ -960,22 +953,7 @@ class FsDevice:
         """Until every request in ``requests`` (default: all in flight) is done.  Raises
         :class:`~virtq.errors.VirtqTimeoutError` after ``timeout`` seconds (the requests
         stay in flight), :class:`ArgumentError` for a request of another device."""
-        self._check_open()
-        deadline = deadline_after(timeout)
-        pending = self._in_flight() if requests is None else list(requests)
-        for r in pending:
-            if not isinstance(r, FsRequest) or r._dev is not self:
-                raise ArgumentError("requests", r, "must be requests of this device")
-        pending = [r for r in pending if not r.done]
-        while pending:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise VirtqTimeoutError(f"{len(pending)} FUSE request(s) still in flight "
-                                        f"after {timeout} s")
-            if not self.in_flight:
-                raise VirtqError(f"{len(pending)} request(s) neither done nor in flight")
-            self.poll(timeout=remaining)
-            pending = [r for r in pending if not r.done]
+        wait_requests(self, requests, timeout, FsRequest, "FUSE request(s)")
 
     # -- node lookups and FORGET ------------------------------------------------------------
 
