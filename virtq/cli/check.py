@@ -10,8 +10,9 @@ import argparse
 import os
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 from virtq.check import (
     CATALOGUE,
@@ -28,6 +29,8 @@ from virtq.check import (
     select_checks,
 )
 from virtq.errors import ArgumentError
+
+T = TypeVar("T")
 
 _COLOURS = {Outcome.PASS: "32", Outcome.FAIL: "31;1", Outcome.SKIP: "2", Outcome.ERROR: "33;1"}
 
@@ -73,6 +76,28 @@ def backend_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> B
         except ArgumentError as exc:
             parser.error(str(exc))
     return SocketBackend(args.socket)
+
+
+def on_backend(command: str, args: argparse.Namespace, parser: argparse.ArgumentParser,
+               run: Callable[[Backend], T]) -> T | None:
+    """``run(backend)`` on the back-end the arguments name (see :func:`backend_from`), which is
+    stopped afterwards if it was started here.  When the back-end cannot be started (at first
+    or when ``run`` restarts it) the reason goes to stderr as ``virtq COMMAND: ...`` and the
+    result is None (the caller exits 2).  Raises what ``run`` raises, but not
+    :class:`~virtq.check.BackendStartError`; exits 2 through ``parser`` for bad arguments."""
+    try:
+        backend = backend_from(args, parser)
+    except BackendStartError as exc:
+        print(f"virtq {command}: {exc}", file=sys.stderr)
+        return None
+    try:
+        return run(backend)
+    except BackendStartError as exc:
+        print(f"virtq {command}: {exc}", file=sys.stderr)
+        return None
+    finally:
+        if isinstance(backend, CommandBackend):
+            backend.close()
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -172,21 +197,12 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.image is not None and not args.image.is_file():
         parser.error(f"--image {args.image}: no such file")
     colour = use_colour(args.color, out)
-    try:
-        backend = backend_from(args, parser)
-    except BackendStartError as exc:
-        print(f"virtq check: {exc}", file=sys.stderr)
-        return 2
     options = CheckOptions(image=args.image, allow_writes=not args.no_writes,
                            timeout=args.timeout, fs_lookup=args.fs_lookup)
-    try:
-        report = run_checks(args.device, backend, options=options, only=args.only)
-    except BackendStartError as exc:
-        print(f"virtq check: {exc}", file=sys.stderr)
+    report = on_backend("check", args, parser, lambda backend: run_checks(
+        args.device, backend, options=options, only=args.only))
+    if report is None:
         return 2
-    finally:
-        if isinstance(backend, CommandBackend):
-            backend.close()
     out.write(format_report(report, colour) + "\n")
     if args.json is not None:
         args.json.write_text(report.to_json() + "\n")

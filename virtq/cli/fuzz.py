@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from virtq.check import BackendStartError, CommandBackend
+from virtq.check import Backend
 from virtq.check.fuzz import (
     CLASSES,
     FINDINGS,
@@ -26,7 +26,7 @@ from virtq.check.fuzz import (
     load_case,
     replay,
 )
-from virtq.cli.check import add_backend_arguments, backend_from, paint, use_colour
+from virtq.cli.check import add_backend_arguments, on_backend, paint, use_colour
 from virtq.errors import ArgumentError
 
 
@@ -127,12 +127,8 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                           hang_timeout=args.hang_timeout, levels=levels,
                           minimise=not args.no_minimise, out=args.out)
     colour = use_colour(args.color, out)
-    try:
-        backend = backend_from(args, parser)
-    except BackendStartError as exc:
-        print(f"virtq fuzz: {exc}", file=sys.stderr)
-        return 2
-    try:
+
+    def run(backend: Backend) -> FuzzReport | int:
         if args.replay is not None:
             case, verdict = replay(args.replay, backend, options)
             if rep.prelude:
@@ -140,14 +136,14 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                           + "; ".join(c.describe() for c in rep.prelude) + "\n")
             out.write(f"{case.describe()}: {verdict.cls}: {verdict.detail}\n")
             return 1 if verdict.finding else 0
-        report = fuzz(args.device, backend, options,
-                      on_progress=_progress(out, time.monotonic()))  # type: ignore[arg-type]
-    except BackendStartError as exc:
-        print(f"virtq fuzz: {exc}", file=sys.stderr)
+        return fuzz(args.device, backend, options,
+                    on_progress=_progress(out, time.monotonic()))  # type: ignore[arg-type]
+
+    report = on_backend("fuzz", args, parser, run)
+    if report is None:
         return 2
-    finally:
-        if isinstance(backend, CommandBackend):
-            backend.close()
+    if isinstance(report, int):  # the exit status of a replay
+        return report
     out.write(format_summary(report, colour) + "\n")
     if args.json is not None:
         args.json.write_text(report.to_json() + "\n")
