@@ -142,11 +142,6 @@ def _differs(a: bytes, b: bytes) -> int:
        clause="VIRTIO 1.2 §5.2.4: The capacity of the device (expressed in 512-byte sectors) "
               "is always present.", level=MUST, devices=BLK)
 def blk_capacity(ctx: CheckContext) -> str | None:
-    """The check ``blk.capacity`` (MUST): capacity matches the image.  VIRTIO 1.2 §5.2.4: The
-    capacity of the device (expressed in 512-byte sectors) is always present.  Returns a note for
-    the report, or None.  Raises :class:`~virtq.check.model.CheckFailed` (with the evidence) when
-    the back-end breaks the rule, :class:`~virtq.check.model.CheckSkipped` when it does not
-    apply."""
     s = ctx.session()
     cap = capacity(s)
     if ctx.options.image is None:
@@ -162,11 +157,6 @@ def blk_capacity(ctx: CheckContext) -> str | None:
        clause="VIRTIO 1.2 §5.2.6: VIRTIO_BLK_T_IN requests populate data with the contents "
               "of sectors read from the block device.", level=MUST, devices=BLK)
 def blk_read(ctx: CheckContext) -> str | None:
-    """The check ``blk.read`` (MUST): reads return the image's bytes.  VIRTIO 1.2 §5.2.6:
-    VIRTIO_BLK_T_IN requests populate data with the contents of sectors read from the block
-    device.  Returns a note for the report, or None.  Raises
-    :class:`~virtq.check.model.CheckFailed` (with the evidence) when the back-end breaks the
-    rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     if ctx.options.image is None:
         raise CheckSkipped("no --image to compare with")
     s = ctx.session()
@@ -187,11 +177,6 @@ def blk_read(ctx: CheckContext) -> str | None:
               "the block device; a later VIRTIO_BLK_T_IN returns them.", level=MUST,
        devices=BLK)
 def blk_write_read(ctx: CheckContext) -> str | None:
-    """The check ``blk.write-read`` (MUST): a read sees the data written before it.  VIRTIO 1.2
-    §5.2.6: VIRTIO_BLK_T_OUT requests write the contents of data to the block device; a later
-    VIRTIO_BLK_T_IN returns them.  Returns a note for the report, or None.  Raises
-    :class:`~virtq.check.model.CheckFailed` (with the evidence) when the back-end breaks the
-    rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     _writes(ctx)
     s = ctx.session()
     if s.has_feature(VIRTIO_BLK_F_RO):
@@ -220,12 +205,6 @@ def blk_write_read(ctx: CheckContext) -> str | None:
               "MUST ensure that stable writes are committed to it, before reporting "
               "completion of the write or the flush.", level=MUST, devices=BLK)
 def blk_flush_durable(ctx: CheckContext) -> str | None:
-    """The check ``blk.flush-durable`` (MUST): written and flushed data reaches the image and
-    survives a reconnect.  VIRTIO 1.2 §5.2.6.2: If the device is backed by persistent storage,
-    the device MUST ensure that stable writes are committed to it, before reporting completion of
-    the write or the flush.  Returns a note for the report, or None.  Raises
-    :class:`~virtq.check.model.CheckFailed` (with the evidence) when the back-end breaks the
-    rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     _writes(ctx)
     s = ctx.session()
     if s.has_feature(VIRTIO_BLK_F_RO):
@@ -262,11 +241,6 @@ def blk_flush_durable(ctx: CheckContext) -> str | None:
               "20 bytes long (with §2.7.8.2: the device MUST write at least len bytes).",
        level=MUST, devices=BLK)
 def blk_get_id(ctx: CheckContext) -> str | None:
-    """The check ``blk.get-id`` (MUST): GET_ID: at most 20 bytes of NUL-padded ASCII, as used.len
-    says.  VIRTIO 1.2 §5.2.6: The device ID string is a NUL-padded ASCII string up to 20 bytes
-    long (with §2.7.8.2: the device MUST write at least len bytes).  Returns a note for the
-    report, or None.  Raises :class:`~virtq.check.model.CheckFailed` (with the evidence) when the
-    back-end breaks the rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     s = ctx.session()
     r = blk_io(s, VIRTIO_BLK_T_GET_ID, 0, read_len=VIRTIO_BLK_ID_BYTES)
     if r.status == VIRTIO_BLK_S_UNSUPP:
@@ -292,12 +266,6 @@ def blk_get_id(ctx: CheckContext) -> str | None:
               "error (§5.2.6.1: A driver MUST NOT submit a request which would cause a read "
               "or write beyond capacity)", level=SHOULD, devices=BLK)
 def blk_ioerr_past_end(ctx: CheckContext) -> str | None:
-    """The check ``blk.ioerr-past-end`` (SHOULD): I/O past the capacity fails with IOERR.  VIRTIO
-    1.2 §5.2.6: the status byte is VIRTIO_BLK_S_IOERR for device or driver error (§5.2.6.1: A
-    driver MUST NOT submit a request which would cause a read or write beyond capacity)  Returns
-    a note for the report, or None.  Raises :class:`~virtq.check.model.CheckFailed` (with the
-    evidence) when the back-end breaks the rule, :class:`~virtq.check.model.CheckSkipped` when it
-    does not apply."""
     s = ctx.session()
     cap = capacity(s)
     for sector, n in ((cap, 512), (cap - 1, 1024), (cap + 1000, 512)):
@@ -313,11 +281,6 @@ def blk_ioerr_past_end(ctx: CheckContext) -> str | None:
        clause="VIRTIO 1.2 §5.2.6: the status byte is VIRTIO_BLK_S_UNSUPP for a request "
               "unsupported by device", level=SHOULD, devices=BLK)
 def blk_unsupp(ctx: CheckContext) -> str | None:
-    """The check ``blk.unsupp`` (SHOULD): an unknown request type fails with UNSUPP.  VIRTIO 1.2
-    §5.2.6: the status byte is VIRTIO_BLK_S_UNSUPP for a request unsupported by device  Returns a
-    note for the report, or None.  Raises :class:`~virtq.check.model.CheckFailed` (with the
-    evidence) when the back-end breaks the rule, :class:`~virtq.check.model.CheckSkipped` when it
-    does not apply."""
     s = ctx.session()
     r = blk_io(s, _UNKNOWN_TYPE, 0, read_len=512)
     _require_status(r, VIRTIO_BLK_S_UNSUPP, f"request type {_UNKNOWN_TYPE:#x}")
@@ -329,11 +292,6 @@ def blk_unsupp(ctx: CheckContext) -> str | None:
               "for a write request if the VIRTIO_BLK_F_RO feature if offered, and MUST NOT "
               "write any data.", level=MUST, devices=BLK)
 def blk_ro(ctx: CheckContext) -> str | None:
-    """The check ``blk.ro`` (MUST): a read-only device refuses writes with IOERR.  VIRTIO 1.2
-    §5.2.6.2: A device MUST set the status byte to VIRTIO_BLK_S_IOERR for a write request if the
-    VIRTIO_BLK_F_RO feature if offered, and MUST NOT write any data.  Returns a note for the
-    report, or None.  Raises :class:`~virtq.check.model.CheckFailed` (with the evidence) when the
-    back-end breaks the rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     s = ctx.session()
     if not s.has_feature(VIRTIO_BLK_F_RO):
         raise CheckSkipped("VIRTIO_BLK_F_RO is not offered")
@@ -351,12 +309,6 @@ def blk_ro(ctx: CheckContext) -> str | None:
               "a command, size_max the maximum size of any single segment (a request "
               "within them must be served)", level=SHOULD, devices=BLK)
 def blk_seg_max(ctx: CheckContext) -> str | None:
-    """The check ``blk.seg-max`` (SHOULD): requests at seg_max segments and size_max bytes are
-    served.  VIRTIO 1.2 §5.2.4: seg_max is the maximum number of segments that can be in a
-    command, size_max the maximum size of any single segment (a request within them must be
-    served)  Returns a note for the report, or None.  Raises
-    :class:`~virtq.check.model.CheckFailed` (with the evidence) when the back-end breaks the
-    rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     s = ctx.session()
     size_note = ""
     if s.has_feature(VIRTIO_BLK_F_SIZE_MAX) and s.config is not None:
@@ -390,11 +342,6 @@ def blk_seg_max(ctx: CheckContext) -> str | None:
        clause="VIRTIO 1.2 §5.2.6.2: After a write zeroes command is completed, reads of the "
               "specified ranges of sectors MUST return zeroes.", level=MUST, devices=BLK)
 def blk_write_zeroes(ctx: CheckContext) -> str | None:
-    """The check ``blk.write-zeroes`` (MUST): WRITE_ZEROES leaves zeroes.  VIRTIO 1.2 §5.2.6.2:
-    After a write zeroes command is completed, reads of the specified ranges of sectors MUST
-    return zeroes.  Returns a note for the report, or None.  Raises
-    :class:`~virtq.check.model.CheckFailed` (with the evidence) when the back-end breaks the
-    rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     _writes(ctx)
     s = ctx.session()
     if not s.has_feature(VIRTIO_BLK_F_WRITE_ZEROES):
@@ -422,13 +369,6 @@ def blk_write_zeroes(ctx: CheckContext) -> str | None:
               "VIRTIO_BLK_S_UNSUPP for discard commands if the unmap flag is set.",
        level=MUST, devices=BLK)
 def blk_dwz_flags(ctx: CheckContext) -> str | None:
-    """The check ``blk.dwz-flags`` (MUST): discard / write-zeroes with unknown or forbidden
-    flags: UNSUPP.  VIRTIO 1.2 §5.2.6.2: The device MUST set the status byte to
-    VIRTIO_BLK_S_UNSUPP for discard, secure erase and write zeroes commands if any unknown flag
-    is set. Furthermore, the device MUST set the status byte to VIRTIO_BLK_S_UNSUPP for discard
-    commands if the unmap flag is set.  Returns a note for the report, or None.  Raises
-    :class:`~virtq.check.model.CheckFailed` (with the evidence) when the back-end breaks the
-    rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     _writes(ctx)
     s = ctx.session()
     cases = []
@@ -460,11 +400,6 @@ def blk_dwz_flags(ctx: CheckContext) -> str | None:
               "the ring without causing any side effects (a write must not reach the disk)",
        level=MUST, devices=BLK)
 def blk_disabled_ring(ctx: CheckContext) -> str | None:
-    """The check ``blk.disabled-ring`` (MUST): a disabled ring causes no side effects.
-    vhost-user.rst, Ring states: started and disabled: the back-end must process the ring without
-    causing any side effects (a write must not reach the disk)  Returns a note for the report, or
-    None.  Raises :class:`~virtq.check.model.CheckFailed` (with the evidence) when the back-end
-    breaks the rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     _writes(ctx)
     if ctx.options.image is None:
         raise CheckSkipped("no --image to look at")

@@ -22,12 +22,6 @@ FUSE_CLAUSE = ("VIRTIO 1.2 §5.11.6.1: requests on the request queues are FUSE r
 @check("fs.init", title="FUSE_INIT is answered with protocol 7.x", clause=FUSE_CLAUSE,
        level=MUST, devices=FS)
 def fs_init(ctx: CheckContext) -> str | None:
-    """The check ``fs.init`` (MUST): FUSE_INIT is answered with protocol 7.x.  VIRTIO 1.2
-    §5.11.6.1: requests on the request queues are FUSE requests; the device-writable part holds
-    struct fuse_out_header and the reply (FUSE protocol: out.unique echoes the request, out.len
-    counts the reply)  Returns a note for the report, or None.  Raises
-    :class:`~virtq.check.model.CheckFailed` (with the evidence) when the back-end breaks the
-    rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     s = ctx.session(prepare=False)
     unique = next_unique(s)
     reply = fuse_call(s, fuse.init_request(unique), fuse.INIT_OUT_SIZE, unique)
@@ -44,12 +38,6 @@ def fs_init(ctx: CheckContext) -> str | None:
 @check("fs.getattr-root", title="GETATTR of the root is a directory", clause=FUSE_CLAUSE,
        level=MUST, devices=FS)
 def fs_getattr_root(ctx: CheckContext) -> str | None:
-    """The check ``fs.getattr-root`` (MUST): GETATTR of the root is a directory.  VIRTIO 1.2
-    §5.11.6.1: requests on the request queues are FUSE requests; the device-writable part holds
-    struct fuse_out_header and the reply (FUSE protocol: out.unique echoes the request, out.len
-    counts the reply)  Returns a note for the report, or None.  Raises
-    :class:`~virtq.check.model.CheckFailed` (with the evidence) when the back-end breaks the
-    rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     s = ctx.session()
     unique = next_unique(s)
     reply = fuse_call(s, fuse.getattr_request(unique), fuse.ATTR_OUT_SIZE, unique)
@@ -65,12 +53,6 @@ def fs_getattr_root(ctx: CheckContext) -> str | None:
 @check("fs.lookup", title="LOOKUP in the root finds what exists, ENOENT for what does not",
        clause=FUSE_CLAUSE, level=MUST, devices=FS)
 def fs_lookup(ctx: CheckContext) -> str | None:
-    """The check ``fs.lookup`` (MUST): LOOKUP in the root finds what exists, ENOENT for what does
-    not.  VIRTIO 1.2 §5.11.6.1: requests on the request queues are FUSE requests; the
-    device-writable part holds struct fuse_out_header and the reply (FUSE protocol: out.unique
-    echoes the request, out.len counts the reply)  Returns a note for the report, or None.
-    Raises :class:`~virtq.check.model.CheckFailed` (with the evidence) when the back-end breaks
-    the rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     s = ctx.session()
     missing = "virtq-check-no-such-entry"
     unique = next_unique(s)
@@ -95,10 +77,6 @@ def fs_lookup(ctx: CheckContext) -> str | None:
        clause="VIRTIO 1.2 §5.11.4: The device MUST set num_request_queues to 1 or greater.",
        level=MUST, devices=FS)
 def fs_config(ctx: CheckContext) -> str | None:
-    """The check ``fs.config`` (MUST): num_request_queues is at least 1.  VIRTIO 1.2 §5.11.4: The
-    device MUST set num_request_queues to 1 or greater.  Returns a note for the report, or None.
-    Raises :class:`~virtq.check.model.CheckFailed` (with the evidence) when the back-end breaks
-    the rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     s = ctx.session()
     if s.config is None:
         raise CheckSkipped("no configuration space (the CONFIG protocol feature is not "

@@ -57,10 +57,6 @@ def _offers(ctx: CheckContext, s: Session, bit: int, name: str) -> None:
 @check("feat.version-1", title="VIRTIO_F_VERSION_1 is offered",
        clause="VIRTIO 1.2 §6.2: A device MUST offer VIRTIO_F_VERSION_1.", level=MUST)
 def version_1(ctx: CheckContext) -> str | None:
-    """The check ``feat.version-1`` (MUST): VIRTIO_F_VERSION_1 is offered.  VIRTIO 1.2 §6.2: A
-    device MUST offer VIRTIO_F_VERSION_1.  Returns a note for the report, or None.  Raises
-    :class:`~virtq.check.model.CheckFailed` (with the evidence) when the back-end breaks the
-    rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     with ctx.connect() as drv:
         drv.frontend.set_owner()
         offered = drv.frontend.get_features()
@@ -84,12 +80,6 @@ def _bogus_bit(offered: int) -> int:
               "driver accepts, otherwise it MUST fail to set the FEATURES_OK device status "
               "bit when the driver writes it.", level=MUST)
 def features_ok(ctx: CheckContext) -> str | None:
-    """The check ``feat.features-ok`` (MUST): an unoffered feature is refused (FEATURES_OK not
-    set).  VIRTIO 1.2 §2.2.2: The device SHOULD accept any valid subset of features the driver
-    accepts, otherwise it MUST fail to set the FEATURES_OK device status bit when the driver
-    writes it.  Returns a note for the report, or None.  Raises
-    :class:`~virtq.check.model.CheckFailed` (with the evidence) when the back-end breaks the
-    rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     with ctx.connect() as drv:
         fe = drv.frontend
         fe.set_owner()
@@ -125,11 +115,6 @@ def features_ok(ctx: CheckContext) -> str | None:
        clause="VIRTIO 1.2 §2.2.2: The device SHOULD accept any valid subset of features the "
               "driver accepts.", level=SHOULD)
 def feature_subset(ctx: CheckContext) -> str | None:
-    """The check ``feat.subset`` (SHOULD): a minimal valid feature subset works.  VIRTIO 1.2
-    §2.2.2: The device SHOULD accept any valid subset of features the driver accepts.  Returns a
-    note for the report, or None.  Raises :class:`~virtq.check.model.CheckFailed` (with the
-    evidence) when the back-end breaks the rule, :class:`~virtq.check.model.CheckSkipped` when it
-    does not apply."""
     s = ctx.session(event_idx=False, indirect=False, device_features=0)
     if s.drv.has(P.ProtocolFeature.STATUS):
         status = s.drv.frontend.get_status()
@@ -145,12 +130,6 @@ def feature_subset(ctx: CheckContext) -> str | None:
               "replies carry the request's code, the reply flag and version 1 (Header)",
        level=MUST)
 def reply_ack(ctx: CheckContext) -> str | None:
-    """The check ``vu.reply-ack`` (MUST): REPLY_ACK: every NEED_REPLY request is acknowledged.
-    vhost-user.rst, REPLY_ACK: when the NEED_REPLY flag is set the back-end MUST respond with a
-    payload indicating success or failure (zero on success); replies carry the request's code,
-    the reply flag and version 1 (Header)  Returns a note for the report, or None.  Raises
-    :class:`~virtq.check.model.CheckFailed` (with the evidence) when the back-end breaks the
-    rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     drv = ctx.connect()
     ctx.adopt(drv)
     t = ctx.options.timeout
@@ -226,11 +205,6 @@ def reply_ack(ctx: CheckContext) -> str | None:
        clause=f"{VHOST_USER}, Ring states: a started and enabled ring is processed normally "
               "(VIRTIO 1.2 §2.7.13, §2.7.14)", level=MUST)
 def ring_setup(ctx: CheckContext) -> str | None:
-    """The check ``ring.setup`` (MUST): rings set up; an ordinary request completes.
-    vhost-user.rst, Ring states: a started and enabled ring is processed normally (VIRTIO 1.2
-    §2.7.13, §2.7.14)  Returns a note for the report, or None.  Raises
-    :class:`~virtq.check.model.CheckFailed` (with the evidence) when the back-end breaks the
-    rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     s = ctx.session()
     pairs = _run_probes(s)
     _judge(pairs)
@@ -253,12 +227,6 @@ def _varied_probes(s: Session) -> list[tuple[Probe, Done]]:
               "and nothing else (§2.7.5.1: A device MUST NOT write to a device-readable "
               "buffer); guard bytes around every buffer must survive", level=MUST)
 def guard_bytes(ctx: CheckContext) -> str | None:
-    """The check ``ring.guard-bytes`` (MUST): nothing is written outside the buffers given.
-    VIRTIO 1.2 §2.7.5: a descriptor gives the device the buffer [addr, addr + len) and nothing
-    else (§2.7.5.1: A device MUST NOT write to a device-readable buffer); guard bytes around
-    every buffer must survive  Returns a note for the report, or None.  Raises
-    :class:`~virtq.check.model.CheckFailed` (with the evidence) when the back-end breaks the
-    rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     s = ctx.session()
     pairs = _varied_probes(s)
     hits = [h for h in s.drv.mem.guard_hits() if h.what == "guard bytes"]
@@ -272,11 +240,6 @@ def guard_bytes(ctx: CheckContext) -> str | None:
        clause="VIRTIO 1.2 §2.7.5.1: A device MUST NOT write to a device-readable buffer.",
        level=MUST)
 def readable_untouched(ctx: CheckContext) -> str | None:
-    """The check ``ring.readable-untouched`` (MUST): device-readable buffers are not written.
-    VIRTIO 1.2 §2.7.5.1: A device MUST NOT write to a device-readable buffer.  Returns a note for
-    the report, or None.  Raises :class:`~virtq.check.model.CheckFailed` (with the evidence) when
-    the back-end breaks the rule, :class:`~virtq.check.model.CheckSkipped` when it does not
-    apply."""
     s = ctx.session()
     pairs = _varied_probes(s)
     if not s.drv.mem.readable:
@@ -292,10 +255,6 @@ def readable_untouched(ctx: CheckContext) -> str | None:
        clause="VIRTIO 1.2 §2.7.5.1: A device MUST NOT write to any descriptor table entry.",
        level=MUST)
 def desc_untouched(ctx: CheckContext) -> str | None:
-    """The check ``ring.desc-untouched`` (MUST): the descriptor table is not written.  VIRTIO 1.2
-    §2.7.5.1: A device MUST NOT write to any descriptor table entry.  Returns a note for the
-    report, or None.  Raises :class:`~virtq.check.model.CheckFailed` (with the evidence) when the
-    back-end breaks the rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     s = ctx.session()
     ring = s.ring(ctx.profile.probe_queue)
     probes = [make_probe(s) for _ in range(3)] + [make_probe(s, split=True)]
@@ -314,11 +273,6 @@ def desc_untouched(ctx: CheckContext) -> str | None:
        clause="VIRTIO 1.2 §2.7.8: id indicates the head entry of the descriptor chain "
               "describing the buffer; each chain made available is used once", level=MUST)
 def used_ids(ctx: CheckContext) -> str | None:
-    """The check ``ring.used-ids`` (MUST): used ids are heads made available, each used once.
-    VIRTIO 1.2 §2.7.8: id indicates the head entry of the descriptor chain describing the buffer;
-    each chain made available is used once  Returns a note for the report, or None.  Raises
-    :class:`~virtq.check.model.CheckFailed` (with the evidence) when the back-end breaks the
-    rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     s = ctx.session()
     q = ctx.profile.probe_queue
     ring = s.ring(q)
@@ -347,11 +301,6 @@ def _len_pairs(s: Session) -> list[tuple[Probe, Done]]:
               "beginning at the first device-writable buffer (so len cannot exceed them)",
        level=MUST)
 def used_len_capacity(ctx: CheckContext) -> str | None:
-    """The check ``ring.used-len-capacity`` (MUST): used.len never exceeds the writable capacity.
-    VIRTIO 1.2 §2.7.8.2: The device MUST write at least len bytes to descriptor, beginning at the
-    first device-writable buffer (so len cannot exceed them)  Returns a note for the report, or
-    None.  Raises :class:`~virtq.check.model.CheckFailed` (with the evidence) when the back-end
-    breaks the rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     s = ctx.session()
     for _, done in _len_pairs(s):
         if done.used_len > done.req.capacity:
@@ -367,11 +316,6 @@ def used_len_capacity(ctx: CheckContext) -> str | None:
               "beginning at the first device-writable buffer, prior to updating the used idx.",
        level=MUST)
 def used_len_written(ctx: CheckContext) -> str | None:
-    """The check ``ring.used-len-written`` (MUST): the first used.len bytes were really written.
-    VIRTIO 1.2 §2.7.8.2: The device MUST write at least len bytes to descriptor, beginning at the
-    first device-writable buffer, prior to updating the used idx.  Returns a note for the report,
-    or None.  Raises :class:`~virtq.check.model.CheckFailed` (with the evidence) when the
-    back-end breaks the rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     s = ctx.session()
     checked = 0
     for _, done in _len_pairs(s):
@@ -397,11 +341,6 @@ def used_len_written(ctx: CheckContext) -> str | None:
        clause="VIRTIO 1.2 §2.7.10.2: without VIRTIO_F_EVENT_IDX the device MUST set flags to "
               "0 or 1; with it, the device MUST set flags to 0.", level=MUST)
 def used_flags(ctx: CheckContext) -> str | None:
-    """The check ``ring.used-flags`` (MUST): used.flags holds only the defined bits.  VIRTIO 1.2
-    §2.7.10.2: without VIRTIO_F_EVENT_IDX the device MUST set flags to 0 or 1; with it, the
-    device MUST set flags to 0.  Returns a note for the report, or None.  Raises
-    :class:`~virtq.check.model.CheckFailed` (with the evidence) when the back-end breaks the
-    rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     seen = []
     for event_idx in (False, True):
         with ctx.opened(event_idx=event_idx) as s:
@@ -434,11 +373,6 @@ def _one(s: Session) -> Done:
        clause="VIRTIO 1.2 §2.7.7.2: (EVENT_IDX not negotiated) If flags is 0, the device "
               "MUST send a notification.", level=MUST)
 def notify_flags_zero(ctx: CheckContext) -> str | None:
-    """The check ``notify.flags-zero`` (MUST): without EVENT_IDX, a notification for each used
-    buffer.  VIRTIO 1.2 §2.7.7.2: (EVENT_IDX not negotiated) If flags is 0, the device MUST send
-    a notification.  Returns a note for the report, or None.  Raises
-    :class:`~virtq.check.model.CheckFailed` (with the evidence) when the back-end breaks the
-    rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     s = ctx.session(event_idx=False)
     q = ctx.profile.probe_queue
     _settle_calls(s, q)
@@ -456,11 +390,6 @@ def notify_flags_zero(ctx: CheckContext) -> str | None:
        clause="VIRTIO 1.2 §2.7.7.2: (EVENT_IDX not negotiated) If flags is 1, the device "
               "SHOULD NOT send a notification.", level=SHOULD)
 def notify_no_interrupt(ctx: CheckContext) -> str | None:
-    """The check ``notify.no-interrupt`` (SHOULD): VIRTQ_AVAIL_F_NO_INTERRUPT suppresses
-    notifications.  VIRTIO 1.2 §2.7.7.2: (EVENT_IDX not negotiated) If flags is 1, the device
-    SHOULD NOT send a notification.  Returns a note for the report, or None.  Raises
-    :class:`~virtq.check.model.CheckFailed` (with the evidence) when the back-end breaks the
-    rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     s = ctx.session(event_idx=False)
     q = ctx.profile.probe_queue
     s.ring(q).avail_flags = VIRTQ_AVAIL_F_NO_INTERRUPT
@@ -500,11 +429,6 @@ def _used_event_run(ctx: CheckContext) -> tuple[list[int], Session]:
        clause="VIRTIO 1.2 §2.7.7.2: (EVENT_IDX negotiated) If the idx field in the used ring "
               "... was equal to used_event, the device MUST send a notification.", level=MUST)
 def notify_used_event(ctx: CheckContext) -> str | None:
-    """The check ``notify.used-event`` (MUST): EVENT_IDX: a notification when used_event is
-    reached.  VIRTIO 1.2 §2.7.7.2: (EVENT_IDX negotiated) If the idx field in the used ring ...
-    was equal to used_event, the device MUST send a notification.  Returns a note for the report,
-    or None.  Raises :class:`~virtq.check.model.CheckFailed` (with the evidence) when the
-    back-end breaks the rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     counts, _ = _used_event_run(ctx)
     if not counts[2]:
         raise CheckFailed("no notification for the used buffer placed at used_event "
@@ -516,11 +440,6 @@ def notify_used_event(ctx: CheckContext) -> str | None:
        clause="VIRTIO 1.2 §2.7.7.2: (EVENT_IDX negotiated) Otherwise the device SHOULD NOT "
               "send a notification.", level=SHOULD)
 def notify_used_event_suppress(ctx: CheckContext) -> str | None:
-    """The check ``notify.used-event-suppress`` (SHOULD): EVENT_IDX: no notification before
-    used_event.  VIRTIO 1.2 §2.7.7.2: (EVENT_IDX negotiated) Otherwise the device SHOULD NOT send
-    a notification.  Returns a note for the report, or None.  Raises
-    :class:`~virtq.check.model.CheckFailed` (with the evidence) when the back-end breaks the
-    rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     counts, _ = _used_event_run(ctx)
     extra = counts[0] + counts[1] + counts[3]
     if extra:
@@ -538,11 +457,6 @@ def notify_used_event_suppress(ctx: CheckContext) -> str | None:
               "descriptor index (the next available index the back-end would process)",
        level=MUST)
 def get_vring_base(ctx: CheckContext) -> str | None:
-    """The check ``ring.get-vring-base`` (MUST): GET_VRING_BASE returns the next avail index.
-    vhost-user.rst, GET_VRING_BASE: stops the vring and returns the current descriptor index (the
-    next available index the back-end would process)  Returns a note for the report, or None.
-    Raises :class:`~virtq.check.model.CheckFailed` (with the evidence) when the back-end breaks
-    the rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     s = ctx.session(start=1000)
     q = ctx.profile.probe_queue
     for _ in range(3):
@@ -560,11 +474,6 @@ def get_vring_base(ctx: CheckContext) -> str | None:
        clause="VIRTIO 1.2 §2.7.13.3: idx always increments, and wraps naturally at 65536 "
               "(rings started at 0xfffb with SET_VRING_BASE)", level=MUST)
 def index_wrap(ctx: CheckContext) -> str | None:
-    """The check ``ring.index-wrap`` (MUST): indices wrap from 0xffff to 0.  VIRTIO 1.2
-    §2.7.13.3: idx always increments, and wraps naturally at 65536 (rings started at 0xfffb with
-    SET_VRING_BASE)  Returns a note for the report, or None.  Raises
-    :class:`~virtq.check.model.CheckFailed` (with the evidence) when the back-end breaks the
-    rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     s = ctx.session(start=0xFFFB)
     q = ctx.profile.probe_queue
     for k in range(10):
@@ -591,11 +500,6 @@ def index_wrap(ctx: CheckContext) -> str | None:
        clause="VIRTIO 1.2 §2.7.4.1: The device MUST NOT make assumptions about the particular "
               "arrangement of descriptors (every buffer split in two here).", level=MUST)
 def message_framing(ctx: CheckContext) -> str | None:
-    """The check ``ring.message-framing`` (MUST): any arrangement of descriptors is accepted.
-    VIRTIO 1.2 §2.7.4.1: The device MUST NOT make assumptions about the particular arrangement of
-    descriptors (every buffer split in two here).  Returns a note for the report, or None.
-    Raises :class:`~virtq.check.model.CheckFailed` (with the evidence) when the back-end breaks
-    the rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     s = ctx.session()
     _judge(_run_probes(s, 2, split=True))
     return None
@@ -606,11 +510,6 @@ def message_framing(ctx: CheckContext) -> str | None:
               "VIRTQ_DESC_F_INDIRECT refers to a table of descriptors holding the chain",
        level=MUST)
 def indirect(ctx: CheckContext) -> str | None:
-    """The check ``ring.indirect`` (MUST): indirect descriptor tables are served.  VIRTIO 1.2
-    §2.7.5.3 (VIRTIO_F_INDIRECT_DESC negotiated): a descriptor with VIRTQ_DESC_F_INDIRECT refers
-    to a table of descriptors holding the chain  Returns a note for the report, or None.  Raises
-    :class:`~virtq.check.model.CheckFailed` (with the evidence) when the back-end breaks the
-    rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     s = ctx.session()
     _offers(ctx, s, VIRTIO_F_INDIRECT_DESC, "VIRTIO_F_INDIRECT_DESC")
     _judge(_run_probes(s, 2, indirect=True))
@@ -622,12 +521,6 @@ def indirect(ctx: CheckContext) -> str | None:
               "chained descriptors followed by a single descriptor with "
               "flags&VIRTQ_DESC_F_INDIRECT.", level=MUST)
 def indirect_after_direct(ctx: CheckContext) -> str | None:
-    """The check ``ring.indirect-after-direct`` (MUST): direct descriptors chained to an indirect
-    one.  VIRTIO 1.2 §2.7.5.3.2: The device MUST handle the case of zero or more normal chained
-    descriptors followed by a single descriptor with flags&VIRTQ_DESC_F_INDIRECT.  Returns a note
-    for the report, or None.  Raises :class:`~virtq.check.model.CheckFailed` (with the evidence)
-    when the back-end breaks the rule, :class:`~virtq.check.model.CheckSkipped` when it does not
-    apply."""
     s = ctx.session()
     _offers(ctx, s, VIRTIO_F_INDIRECT_DESC, "VIRTIO_F_INDIRECT_DESC")
     _judge(_run_probes(s, 1, indirect=True, direct_prefix=1))
@@ -642,11 +535,6 @@ def indirect_after_direct(ctx: CheckContext) -> str | None:
               "the previous one disconnected (some back-ends exit by design)", level=INFO,
        fresh=True)
 def reconnect(ctx: CheckContext) -> str | None:
-    """The check ``vu.reconnect`` (info): a new front-end is accepted after a disconnect.
-    vhost-user.rst: a back-end that keeps serving can take a new front-end after the previous one
-    disconnected (some back-ends exit by design)  Returns a note for the report, or None.  Raises
-    :class:`~virtq.check.model.CheckFailed` (with the evidence) when the back-end breaks the
-    rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     with ctx.opened() as s:
         _judge(_run_probes(s))
     if isinstance(ctx.backend, CommandBackend):

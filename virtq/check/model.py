@@ -98,14 +98,24 @@ CATALOGUE: dict[str, Check] = {}
 
 def check(id: str, *, title: str, clause: str, level: Level | str,
           devices: tuple[str, ...] = (), fresh: bool = False) -> Callable[[CheckFunc], CheckFunc]:
-    """Register ``func`` as a check (a decorator).  Raises :class:`ArgumentError` for a
-    duplicate id."""
+    """Register ``func`` as a check (a decorator).  A ``func`` without a docstring gets one
+    made of the id, level, title and clause, and what a check returns and raises (the API
+    reference documents each check by it).  Raises :class:`ArgumentError` for a duplicate
+    id."""
 
     def register(func: CheckFunc) -> CheckFunc:
         if id in CATALOGUE:
             raise ArgumentError("id", id, "a check with this id is already registered")
         CATALOGUE[id] = Check(id, title, clause, Level(level), func, frozenset(devices),
                               fresh)
+        if func.__doc__ is None:
+            # Written here once, from the words the catalogue has anyway, rather than again
+            # in every check's body where it could drift from the title and clause.
+            func.__doc__ = (
+                f"The check ``{id}`` ({Level(level)}): {title}.  {clause}  Returns a note "
+                "for the report, or None.  Raises :class:`~virtq.check.model.CheckFailed` "
+                "(with the evidence) when the back-end breaks the rule, "
+                ":class:`~virtq.check.model.CheckSkipped` when it does not apply.")
         return func
 
     return register

@@ -48,11 +48,6 @@ def loopback(ctx: CheckContext, s: Session, data: bytes, rx_sizes: list[int]) ->
        clause="VIRTIO 1.2 §5.1.6.2 / §5.1.6.4: the frame after the header is what was sent "
               "and what is received (through a looping back-end)", level=MUST, devices=NET)
 def net_loopback(ctx: CheckContext) -> str | None:
-    """The check ``net.loopback`` (MUST): a transmitted frame comes back intact.  VIRTIO 1.2
-    §5.1.6.2 / §5.1.6.4: the frame after the header is what was sent and what is received
-    (through a looping back-end)  Returns a note for the report, or None.  Raises
-    :class:`~virtq.check.model.CheckFailed` (with the evidence) when the back-end breaks the
-    rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     s = ctx.session()
     data = frame(200)
     (done, *_) = loopback(ctx, s, data, [2048] * 4)
@@ -69,12 +64,6 @@ def net_loopback(ctx: CheckContext) -> str | None:
               "negotiated, the device MUST set flags to zero; without GUEST_TSO4/TSO6/UDP "
               "gso_type is not a GSO type.", level=MUST, devices=NET)
 def net_rx_header(ctx: CheckContext) -> str | None:
-    """The check ``net.rx-header`` (MUST): the receive header says no offloads and one buffer.
-    VIRTIO 1.2 §5.1.6.4.1: If VIRTIO_NET_F_MRG_RXBUF has not been negotiated, the device MUST set
-    num_buffers to 1. If VIRTIO_NET_F_GUEST_CSUM is not negotiated, the device MUST set flags to
-    zero; without GUEST_TSO4/TSO6/UDP gso_type is not a GSO type.  Returns a note for the report,
-    or None.  Raises :class:`~virtq.check.model.CheckFailed` (with the evidence) when the
-    back-end breaks the rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     s = ctx.session()
     (done, *_) = loopback(ctx, s, frame(100), [2048] * 2)
     flags, gso_type, _, _, _, _, num_buffers = NET_HDR.unpack(done.written(NET_HDR_SIZE))
@@ -97,12 +86,6 @@ def net_rx_header(ctx: CheckContext) -> str | None:
               "(including the header) is spread over ... MUST use all buffers but the last "
               "completely", level=MUST, devices=NET)
 def net_mrg_rxbuf(ctx: CheckContext) -> str | None:
-    """The check ``net.mrg-rxbuf`` (MUST): MRG_RXBUF: a frame spread over buffers, num_buffers
-    right.  VIRTIO 1.2 §5.1.6.4.1: If VIRTIO_NET_F_MRG_RXBUF has been negotiated, the device MUST
-    set num_buffers to indicate the number of buffers the packet (including the header) is spread
-    over ... MUST use all buffers but the last completely  Returns a note for the report, or
-    None.  Raises :class:`~virtq.check.model.CheckFailed` (with the evidence) when the back-end
-    breaks the rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     s = ctx.session(features=1 << VIRTIO_NET_F_MRG_RXBUF)
     if not s.has_feature(VIRTIO_NET_F_MRG_RXBUF):
         raise CheckSkipped("VIRTIO_NET_F_MRG_RXBUF is not offered")

@@ -11,11 +11,6 @@ from virtq.check.model import CheckFailed, Level, check
               "buffer, but it MAY use less than the entire buffer length.", level=Level.MUST,
        devices=("rng",))
 def rng_bytes(ctx: CheckContext) -> str | None:
-    """The check ``rng.bytes`` (MUST): each request gets at least one random byte.  VIRTIO 1.2
-    §5.4.6.2: The device MUST place one or more random bytes into the buffer, but it MAY use less
-    than the entire buffer length.  Returns a note for the report, or None.  Raises
-    :class:`~virtq.check.model.CheckFailed` (with the evidence) when the back-end breaks the
-    rule, :class:`~virtq.check.model.CheckSkipped` when it does not apply."""
     s = ctx.session()
     reqs = [s.request(0, [], [64]) for _ in range(4)]
     lens = [d.used_len for d in s.run(reqs)]
