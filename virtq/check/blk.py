@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import struct
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from virtq.abi import VIRTIO_F_INDIRECT_DESC
@@ -134,6 +136,28 @@ def _scratch(s: Session, which: int) -> int:
     return (cap // 2 + 16 * which) // 8 * 8
 
 
+def _writable_scratch(ctx: CheckContext, which: int) -> tuple[Session, int]:
+    """For a check that writes and reads back: a session and its scratch sector ``which``.
+    Skips when writes are not allowed or the device is read-only."""
+    _writes(ctx)
+    s = ctx.session()
+    if s.has_feature(VIRTIO_BLK_F_RO):
+        raise CheckSkipped("the device is read-only (VIRTIO_BLK_F_RO)")
+    return s, _scratch(s, which)
+
+
+@contextmanager
+def _restoring(s: Session, sector: int) -> Iterator[bytes]:
+    """The 4 KiB at ``sector`` as they were (yielded), written back and flushed when the
+    block ends however it ends: a write check leaves the disk as it found it."""
+    original = read(s, sector, 4096)
+    try:
+        yield original
+    finally:
+        write(s, sector, original)
+        flush(s)
+
+
 def _differs(a: bytes, b: bytes) -> int:
     return next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), min(len(a), len(b)))
 
@@ -177,14 +201,9 @@ def blk_read(ctx: CheckContext) -> str | None:
               "the block device; a later VIRTIO_BLK_T_IN returns them.", level=MUST,
        devices=BLK)
 def blk_write_read(ctx: CheckContext) -> str | None:
-    _writes(ctx)
-    s = ctx.session()
-    if s.has_feature(VIRTIO_BLK_F_RO):
-        raise CheckSkipped("the device is read-only (VIRTIO_BLK_F_RO)")
-    sector = _scratch(s, 0)
-    original = read(s, sector, 4096)
-    data = os.urandom(4096)
-    try:
+    s, sector = _writable_scratch(ctx, 0)
+    with _restoring(s, sector) as original:
+        data = os.urandom(4096)
         write(s, sector, data)
         got = read(s, sector, 4096)
         if got != data:
@@ -193,9 +212,6 @@ def blk_write_read(ctx: CheckContext) -> str | None:
                               "was written", sector=sector, offset=at,
                               got=got[at : at + 16], written=data[at : at + 16],
                               original=original[at : at + 16])
-    finally:
-        write(s, sector, original)
-        flush(s)
     return None
 
 
@@ -205,11 +221,7 @@ def blk_write_read(ctx: CheckContext) -> str | None:
               "MUST ensure that stable writes are committed to it, before reporting "
               "completion of the write or the flush.", level=MUST, devices=BLK)
 def blk_flush_durable(ctx: CheckContext) -> str | None:
-    _writes(ctx)
-    s = ctx.session()
-    if s.has_feature(VIRTIO_BLK_F_RO):
-        raise CheckSkipped("the device is read-only (VIRTIO_BLK_F_RO)")
-    sector = _scratch(s, 1)
+    s, sector = _writable_scratch(ctx, 1)
     original = read(s, sector, 4096)
     data = os.urandom(4096)
     write(s, sector, data)
@@ -347,8 +359,7 @@ def blk_write_zeroes(ctx: CheckContext) -> str | None:
     if not s.has_feature(VIRTIO_BLK_F_WRITE_ZEROES):
         raise CheckSkipped("VIRTIO_BLK_F_WRITE_ZEROES is not offered")
     sector = _scratch(s, 2)
-    original = read(s, sector, 4096)
-    try:
+    with _restoring(s, sector):
         write(s, sector, b"\xa5" * 4096)
         r = blk_io(s, VIRTIO_BLK_T_WRITE_ZEROES, 0, out=DWZ.pack(sector, 8, 0))
         _require_status(r, VIRTIO_BLK_S_OK, "WRITE_ZEROES")
@@ -356,9 +367,6 @@ def blk_write_zeroes(ctx: CheckContext) -> str | None:
         if got != bytes(4096):
             raise CheckFailed(f"after WRITE_ZEROES of 8 sectors at {sector}, byte "
                               f"{_differs(got, bytes(4096))} is not zero", got=got[:16])
-    finally:
-        write(s, sector, original)
-        flush(s)
     return None
 
 
@@ -380,16 +388,12 @@ def blk_dwz_flags(ctx: CheckContext) -> str | None:
     if not cases:
         raise CheckSkipped("neither DISCARD nor WRITE_ZEROES is offered")
     sector = _scratch(s, 3)
-    original = read(s, sector, 4096)
     bad = []
-    try:
+    with _restoring(s, sector):
         for kind, flags, what in cases:
             r = blk_io(s, kind, 0, out=DWZ.pack(sector, 8, flags))
             if r.status != VIRTIO_BLK_S_UNSUPP:
                 bad.append(f"{what}: {status_name(r.status)}")
-    finally:
-        write(s, sector, original)
-        flush(s)
     if bad:
         raise CheckFailed("; ".join(bad) + " (expected UNSUPP)", results=bad)
     return None
