@@ -222,6 +222,16 @@ def _varied_probes(s: Session) -> list[tuple[Probe, Done]]:
     return pairs
 
 
+def _fail_on_hits(s: Session, what: str, damage: str) -> None:
+    """Fail when the device wrote where it must not: ``what`` is the kind of guarded area
+    (``guard bytes``, ``device-readable buffer``), ``damage`` says what happened to one of
+    them in the message; the first eight go into the evidence."""
+    hits = [h for h in s.drv.mem.guard_hits() if h.what == what]
+    if hits:
+        raise CheckFailed(f"{len(hits)} {damage}: {hits[0].describe()}",
+                          hits=[h.describe() for h in hits[:8]])
+
+
 @check("ring.guard-bytes", title="nothing is written outside the buffers given",
        clause="VIRTIO 1.2 §2.7.5: a descriptor gives the device the buffer [addr, addr + len) "
               "and nothing else (§2.7.5.1: A device MUST NOT write to a device-readable "
@@ -229,10 +239,7 @@ def _varied_probes(s: Session) -> list[tuple[Probe, Done]]:
 def guard_bytes(ctx: CheckContext) -> str | None:
     s = ctx.session()
     pairs = _varied_probes(s)
-    hits = [h for h in s.drv.mem.guard_hits() if h.what == "guard bytes"]
-    if hits:
-        raise CheckFailed(f"{len(hits)} guard area(s) overwritten: {hits[0].describe()}",
-                          hits=[h.describe() for h in hits[:8]])
+    _fail_on_hits(s, "guard bytes", "guard area(s) overwritten")
     return f"{len(pairs)} requests, {len(s.drv.mem.guarded)} guard areas intact"
 
 
@@ -244,10 +251,7 @@ def readable_untouched(ctx: CheckContext) -> str | None:
     pairs = _varied_probes(s)
     if not s.drv.mem.readable:
         raise CheckSkipped(f"a {ctx.device} request has no device-readable part")
-    hits = [h for h in s.drv.mem.guard_hits() if h.what == "device-readable buffer"]
-    if hits:
-        raise CheckFailed(f"{len(hits)} readable buffer(s) changed: {hits[0].describe()}",
-                          hits=[h.describe() for h in hits[:8]])
+    _fail_on_hits(s, "device-readable buffer", "readable buffer(s) changed")
     return f"{len(pairs)} requests"
 
 
