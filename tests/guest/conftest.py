@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import platform
+import select
 from pathlib import Path
 
 import pytest
 
-from virtq.transport.vfio_pci import PciSysfs, find_virtio_devices
+from virtq.transport.vfio_pci import PciSysfs, VfioPciTransport, find_virtio_devices
 
 IN_GUEST = os.environ.get("VIRTQ_GUEST") == "1"
 # Outside the guest there is no /dev/vfio and no device to test: collect nothing here.
@@ -42,6 +43,34 @@ def pattern_sector(sector: int) -> bytes:
 
 def pattern(first: int, count: int) -> bytes:
     return b"".join(pattern_sector(s) for s in range(first, first + count))
+
+
+
+class MsixCounter:
+    """Counts the MSI-X messages of queue ``queue``'s vector: installed as the transport's
+    wait, it sleeps on the vector's eventfd as that wait does, but keeps the eventfd's count
+    instead of dropping it."""
+
+    def __init__(self, t: VfioPciTransport, queue: int = 0) -> None:
+        efd = t.eventfd(queue)
+        assert efd is not None
+        self.efd = efd
+        self.signals = 0
+        t.wait = self.wait  # type: ignore[method-assign]
+
+    def wait(self, timeout: float | None) -> bool:
+        if not select.select([self.efd], [], [], timeout)[0]:
+            return False
+        self.signals += os.eventfd_read(self.efd)
+        return True
+
+    def settle(self, expected: int) -> int:
+        """The count once ``expected`` messages came, or none came for 5 s: under TCG the
+        device often completes before the driver looks, so many reads never block -- but
+        every completion still raises its message, and the last may be in flight still."""
+        while self.signals < expected and self.wait(5.0):
+            pass
+        return self.signals
 
 
 @pytest.fixture(scope="session")

@@ -10,11 +10,10 @@ implement VIRTIO_F_IN_ORDER, so only the ring format changes here.
 from __future__ import annotations
 
 import os
-import select
 
 import pytest
 
-from tests.guest.conftest import DISK_IMAGE, SECTOR, pattern
+from tests.guest.conftest import DISK_IMAGE, SECTOR, MsixCounter, pattern
 from virtq.abi import VIRTIO_F_RING_PACKED
 from virtq.devices.blk import BlkDevice
 from virtq.devices.errors import BlkIOError
@@ -55,23 +54,10 @@ def test_rng_msix_signals_every_packed_completion(rng_address):
     per used descriptor (§2.8.10)."""
     with RngDevice.open_vfio(rng_address, poll=False) as rng:
         _packed(rng)
-        t = rng.transport
-        efd = t.eventfd(0)
-        assert efd is not None
-        signals = 0
-
-        def counting_wait(timeout: float | None) -> bool:
-            nonlocal signals
-            if not select.select([efd], [], [], timeout)[0]:
-                return False
-            signals += os.eventfd_read(efd)
-            return True
-
-        t.wait = counting_wait  # type: ignore[method-assign]
+        counter = MsixCounter(rng.transport)
         for _ in range(200):
             rng.read(32)
-        while signals < 200 and select.select([efd], [], [], 5.0)[0]:
-            signals += os.eventfd_read(efd)
+        signals = counter.settle(200)
     # As test_guest_rng: the guest APIC may merge a message arriving while the vector is
     # still pending, never invent one.
     assert 200 - 200 // 50 <= signals <= 200, f"{signals} MSI-X signals for 200"

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import select
 
 import pytest
 
+from tests.guest.conftest import MsixCounter
 from virtq.devices.rng import RngDevice
 from virtq.memory import HugepageRegion
 from virtq.transport.vfio_pci import VfioPciTransport
@@ -37,25 +37,9 @@ def test_rng_msix_1000_requests(rng_address):
         cfg = t.function.cfg
         cfg.write("queue_select", 0)
         assert cfg.read("queue_msix_vector") == 0
-        efd = t.eventfd(0)
-        assert efd is not None
-        signals = 0
-
-        def counting_wait(timeout: float | None) -> bool:
-            # The transport's wait, keeping the eventfd's count instead of dropping it.
-            nonlocal signals
-            if not select.select([efd], [], [], timeout)[0]:
-                return False
-            signals += os.eventfd_read(efd)
-            return True
-
-        t.wait = counting_wait  # type: ignore[method-assign]
+        counter = MsixCounter(t)
         samples = [rng.read(64) for _ in range(ROUNDS)]
-        # Under TCG the device often completes before the driver looks, so many reads never
-        # block -- but every completion still raises its MSI-X message; the last may be in
-        # flight still.
-        while signals < ROUNDS and select.select([efd], [], [], 5.0)[0]:
-            signals += os.eventfd_read(efd)
+        signals = counter.settle(ROUNDS)
     _check_random(samples, 64)
     # Every completion raises its MSI-X message (the driver never sets NO_INTERRUPT and
     # negotiates no EVENT_IDX), but the guest's APIC merges an edge-triggered vector that
