@@ -72,7 +72,12 @@ def backend_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> B
         parser.error("give a SOCKET or --backend-cmd (one of them)")
     if args.backend_cmd:
         try:
-            return CommandBackend(args.backend_cmd).start()
+            backend = CommandBackend(args.backend_cmd)
+            try:
+                return backend.start()
+            except BaseException:
+                backend.close()  # its private directory (and a process that did not listen)
+                raise
         except ArgumentError as exc:
             parser.error(str(exc))
     return SocketBackend(args.socket)
