@@ -126,7 +126,7 @@ def measure_floor(n: int) -> dict[str, float]:
     def pack_into(r: range) -> None:
         m = mem
         for i in r:
-            pack(m, 16, 0x1000, 4096, 3, i & 0xFFFF)
+            pack(m, 16, 0x1000, 4096, 3, i & 0x7FFF)
 
     def unpack_from(r: range) -> None:
         m = mem
