@@ -1027,17 +1027,38 @@ class InOrderSplitQueue(SplitQueue[T]):
         used_seq = self._used_seq
         end = used_seq + count
         stop = end if limit is None else min(end, used_seq + limit)
+        out: list[tuple[T, int]] = []
+        # Freed descriptors, in the order their chains completed: they go to the bottom
+        # of the free stack in one splice at the end (also when the device is caught
+        # lying half-way: what was reaped before stays reaped).
+        freed: list[int] = []
+        try:
+            seq, batch = self._reap_run(used_seq, end, stop, self._batch, out, freed)
+        finally:
+            if freed:
+                self._free[0:0] = freed[::-1]
+        self._batch = batch
+        self._used_seq = seq
+        return out
+
+    def _reap_run(self, seq: int, end: int, stop: int, batch: tuple[int, int] | None,
+                  out: list[tuple[T, int]], freed: list[int]
+                  ) -> tuple[int, tuple[int, int] | None]:
+        """_reap's loop, from avail count ``seq`` up to ``stop`` (``end``: what used.idx
+        says completed): the new avail count and the batch left unfinished."""
         states = self._state
         n = self.size
         mask = self._mask
         free = self._free
         pub_seq = self._pub_seq
-        # avail order of the chains in flight, from the driver's own shadow (one pass)
-        by_seq = {st[3]: head for head, st in enumerate(states) if st is not None}
-        out: list[tuple[T, int]] = []
+        avail = self._avail
         used_q = self._used_q
-        seq = used_seq
-        batch = self._batch
+        # The head of the chain made available at count s: the avail entry the driver
+        # wrote there, taken only when the driver's own shadow agrees (that head is in
+        # flight, made available at s) -- the ring is shared memory a device can
+        # scribble on.  Otherwise the shadow alone answers (by_seq: one pass over it,
+        # which the old code made on every reap).
+        by_seq: dict[int, int] | None = None
         while seq < stop:
             if batch is None:
                 elem = used_q[seq & mask]
@@ -1066,20 +1087,27 @@ class InOrderSplitQueue(SplitQueue[T]):
                 last, length = batch
             upto = min(last, stop - 1)
             for s in range(seq, upto + 1):
-                h = by_seq[s]
-                token, capacity, rest, _, home, item = states[h]  # type: ignore[misc]
+                h = avail[2 + (s & mask)]
+                st = states[h] if h < n else None
+                if st is None or st[3] != s:
+                    if by_seq is None:
+                        by_seq = {x[3]: head for head, x in enumerate(states)
+                                  if x is not None}
+                    h = by_seq[s]
+                    st = states[h]
+                token, capacity, rest, _, home, item = st  # type: ignore[misc]
                 out.append((token, length if s == last else capacity))
                 states[h] = None
                 # Freed descriptors come after every free one in ring order: the bottom.
-                descs = (item, *rest) if home is free else rest
-                if home is not free:
+                if home is free:
+                    freed.append(item)
+                else:
                     home.append(item)
-                free[0:0] = descs[::-1]
+                if rest:
+                    freed.extend(rest)
             seq = upto + 1
             batch = (last, length) if upto < last else None
-        self._batch = batch
-        self._used_seq = seq
-        return out
+        return seq, batch
 
 
 #: The descriptor placements _add_chains knows (a subclass with its own takes add()).
