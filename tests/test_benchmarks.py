@@ -3,8 +3,9 @@ rots: ``benchmarks/bench_ring.py``, ``benchmarks/bench_blk_ref.py`` (qemu-storag
 ``virtq bench blk`` (qemu-storage-daemon; also ``--queues``), ``virtq bench reconnect``
 (qemu-storage-daemon and the embedded back-end, killed and started again),
 ``virtq bench net`` (two dpdk-testpmd), ``virtq bench vfio`` (the vfio-guest VM, about
-10 s), ``virtq bench fs`` (virtiofsd) and ``benchmarks/compare.py`` (a ``git worktree``
-of ``HEAD~1``).
+10 s), ``virtq bench fs`` (virtiofsd), ``virtq bench profile`` (qemu-storage-daemon),
+``benchmarks/all.py --quick`` (all of the above that issue 18 names, in one report) and
+``benchmarks/compare.py`` (a ``git worktree`` of ``HEAD~1``).
 
 Smoke runs: each must exit 0 and print its table (header and every row); no timing is
 checked.  Their stderr is a pipe here, so it must carry no progress-bar redraws, and the
