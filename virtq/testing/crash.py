@@ -121,7 +121,9 @@ class StampedWorkload:
             pass
 
     def complete(self, done: list[BlkRequest]) -> None:
-        """Check and account for what ``poll()`` returned."""
+        """Check and account for what ``poll()`` returned.  Raises :class:`WorkloadError` for
+        a request completed twice (or never submitted), a failed request, or a read that
+        returned other data than the model of the acknowledged writes says."""
         now = time.monotonic()
         if done:
             self.stats.batches.append((now, len(done)))

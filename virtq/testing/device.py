@@ -156,7 +156,8 @@ class DeviceQueue:
     def chain(self, head: int) -> list[Segment]:
         """The chain from ``head``, walked as :meth:`pop` walks it, without touching the
         avail ring: for a device that resumes a chain it had taken before (vhost-user's
-        inflight tracking)."""
+        inflight tracking).  Raises :class:`DriverProtocolError` for a head outside the
+        ring or a chain that is not well formed."""
         if not 0 <= head < self.size:
             raise DriverProtocolError(f"head {head} >= size {self.size}")
         return self._walk(head)

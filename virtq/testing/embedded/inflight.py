@@ -61,6 +61,7 @@ class InflightQueue:
         self.counter = 0
 
     def close(self) -> None:
+        """Release this queue's view of the buffer (the region stays open)."""
         self._mem.release()
 
     def _desc(self, head: int) -> int:
@@ -142,10 +143,13 @@ class InflightBuffer:
 
     @staticmethod
     def nbytes(num_queues: int, queue_size: int) -> int:
+        """The buffer's size in bytes for ``num_queues`` rings of ``queue_size`` entries."""
         return num_queues * queue_region_size(queue_size)
 
     @classmethod
     def create(cls, num_queues: int, queue_size: int) -> InflightBuffer:
+        """A fresh buffer in a new memfd, every region initialised (GET_INFLIGHT_FD).
+        Raises :class:`~virtq.errors.VirtqOSError` if the memfd cannot be made."""
         region = MemfdRegion(cls.nbytes(num_queues, queue_size), name="virtq-inflight")
         buf = cls(region, num_queues, queue_size)
         for q in buf.queues:
@@ -157,6 +161,7 @@ class InflightBuffer:
         return sum(q.in_flight() for q in self.queues)
 
     def close(self) -> None:
+        """Release every queue's view, then close the memfd region."""
         for q in self.queues:
             q.close()
         self.region.close()
