@@ -3,8 +3,9 @@ rots: ``benchmarks/bench_ring.py``, ``benchmarks/bench_blk_ref.py`` (qemu-storag
 ``virtq bench blk`` (qemu-storage-daemon; also ``--queues``), ``virtq bench reconnect``
 (qemu-storage-daemon and the embedded back-end, killed and started again),
 ``virtq bench net`` (two dpdk-testpmd), ``virtq bench vfio`` (the vfio-guest VM, about
-10 s), ``virtq bench fs`` (virtiofsd) and ``benchmarks/compare.py`` (a ``git worktree``
-of ``HEAD~1``).
+10 s), ``virtq bench fs`` (virtiofsd), ``virtq bench profile`` (qemu-storage-daemon),
+``benchmarks/all.py --quick`` (all of the above that issue 18 names, in one report) and
+``benchmarks/compare.py`` (a ``git worktree`` of ``HEAD~1``).
 
 Smoke runs: each must exit 0 and print its table (header and every row); no timing is
 checked.  Their stderr is a pipe here, so it must carry no progress-bar redraws, and the
@@ -247,6 +248,79 @@ def test_bench_fs(tmp_path):
         ("small files: stat+open+read+close", "4 KiB")]
     assert all(float(r[4]) > 0 for r in rows)
     check_results(tmp_path / "fs.json", "fs", 6)
+
+
+PROFILE_BLK_STAGES = ["submit", "publish + fence", "notify", "wait",
+                      "wait (this thread's CPU)", "reap + validate", "complete",
+                      "sum of the stages' CPU"]
+
+
+def test_bench_profile(tmp_path):
+    """The floor table, the blk stages over qemu-storage-daemon and the ring stages, split
+    and packed: every row, each with a number and its floor (no timing is checked)."""
+    out = run("-m", "virtq", "bench", "profile", "--seconds", "0.3", "--floor-ops", "5000",
+              "--json", tmp_path / "profile.json")
+    floor = table_rows(out, "| floor operation | ns |")
+    assert len(floor) == 7
+    assert all(float(r[1].replace(",", "")) >= 0 for r in floor)
+    blk = table_rows(out, "| stage | ns/req | floor ns/req | x floor |")
+    assert [r[0] for r in blk[:-1]] == PROFILE_BLK_STAGES
+    assert blk[-1][0].startswith("process CPU per request")
+    assert all(float(r[1].replace(",", "")) >= 0 for r in blk)
+    ring = table_rows(out, "| ring | stage | ns/chain | floor ns/chain | x floor |")
+    assert [(r[0], r[1]) for r in ring] == [
+        (fmt, stage) for fmt in ("split", "packed")
+        for stage in ("add", "publish", "reap", "driver total")]
+    data = check_results(tmp_path / "profile.json", "profile", 7 + 8 + 6)
+    metrics = {(v["row"], v["metric"]) for v in data["values"]}
+    assert ("blk QD 32 reap + validate", "floor ns/req") in metrics
+    assert ("ring packed add", "floor ns/chain") in metrics
+
+
+def test_bench_profile_without_blk():
+    out = run("-m", "virtq", "bench", "profile", "--seconds", "0.2", "--floor-ops", "2000",
+              "--skip-blk")
+    assert "| stage | ns/req |" not in out
+    assert len(table_rows(out, "| ring | stage | ns/chain |")) == 8
+
+
+def test_bench_all_quick(tmp_path):
+    """benchmarks/all.py --quick: every part's table in one Markdown report with the date,
+    commit and host, and one verdict line per issue-18 target."""
+    report = tmp_path / "perf.md"
+    out = run(BENCHMARKS / "all.py", "--quick", "--markdown", report, "--json",
+              tmp_path / "all.json", timeout=240)
+    text = report.read_text()
+    head = text.splitlines()[:6]
+    assert head[0] == "# virtq performance"
+    assert head[2].startswith("- date: 20") and head[2].endswith(" UTC")
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                         capture_output=True, check=True).stdout.strip()
+    assert head[3].startswith(f"- commit: {rev}")
+    assert "CPUs, Python 3." in head[4]
+    verdicts = [line for line in text.splitlines()
+                if line.startswith("- ") and (": met (" in line or ": missed (" in line)]
+    # Ring: 2 formats x in-order off/on x 1/3 descriptors; blk at QD 32: CPU and IOPS;
+    # queues at QD 32; net: TX and RX x split and packed.
+    assert len(verdicts) == 8 + 2 + 1 + 4, text
+    assert f"targets: {sum(': met (' in v for v in verdicts)} of 15 met" in text
+    for header in (RING_HEADER, "| QD | mode | front-end | IOPS |",
+                   "| queues | QD | mode | IOPS |", NET_HEADER, "| floor operation | ns |",
+                   "| stage | ns/req |", "| ring | stage | ns/chain |"):
+        assert table_rows(text, header), header
+    assert text.count(NET_HEADER) == 2  # split and packed
+    assert "issue 18 targets" in out
+    data = json.loads((tmp_path / "all.json").read_text())
+    assert set(data) == {"ring", "blk", "queues", "net-split", "net-packed", "profile",
+                         "targets", "elapsed_s"}
+    assert len(data["targets"]) == 15
+
+
+def test_bench_all_refuses_an_unknown_part():
+    done = subprocess.run([sys.executable, BENCHMARKS / "all.py", "--only", "ring,disk"],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 2
+    assert "--only" in done.stderr
 
 
 def _worktree_paths() -> set[str]:

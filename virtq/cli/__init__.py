@@ -187,7 +187,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     benchmark raises)."""
     modules = {"blk": "virtq.cli.bench_blk", "net": "virtq.cli.bench_net",
                "vfio": "virtq.cli.bench_vfio", "fs": "virtq.cli.bench_fs",
-               "reconnect": "virtq.cli.bench_reconnect"}
+               "reconnect": "virtq.cli.bench_reconnect",
+               "profile": "virtq.cli.bench_profile"}
     try:
         module = importlib.import_module(modules[args.what])
     except ImportError as exc:
@@ -252,13 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="ring: first index, 0..0xffff (near 0xFFFF to show the wrap)")
     demo.set_defaults(func=lambda a: {"blk": demo_blk, "ring": demo_ring,
                                       "fs": fs_cli.demo_fs}[a.what](a), parser=demo)
-    bench = sub.add_parser("bench", help="benchmarks (blk, net, vfio, fs, reconnect); --help "
-                                         "after the name",
+    bench = sub.add_parser("bench", help="benchmarks (blk, net, vfio, fs, reconnect, "
+                                         "profile); --help after the name",
                            description="Run a benchmark against real back-ends and print "
-                                       "its table: virtq bench blk|net|vfio|fs|reconnect "
-                                       "[options]; virtq bench NAME --help lists NAME's "
-                                       "options.")
-    bench.add_argument("what", choices=["blk", "net", "vfio", "fs", "reconnect"])
+                                       "its table: virtq bench "
+                                       "blk|net|vfio|fs|reconnect|profile [options]; "
+                                       "virtq bench NAME --help lists NAME's options.")
+    bench.add_argument("what", choices=["blk", "net", "vfio", "fs", "reconnect",
+                                        "profile"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench, parser=bench)
     cli_inspect.register(sub)

@@ -83,7 +83,7 @@ from virtq.queue._splitcore import (
     flag_names,
 )
 from virtq.queue.interface import Buffer, QueueState
-from virtq.queue.split import _as_seq, _chain_entries
+from virtq.queue.split import _as_seq, _bad_buffer, _chain_entries
 from virtq.types import Iova
 
 T = TypeVar("T")
@@ -745,6 +745,10 @@ class PackedQueue(_PackedCore[T]):
             self._refuse()
         if not isinstance(chains, list | tuple):
             chains = list(chains)
+        return self._add_chains(chains)
+
+    def _add_each(self, chains: Sequence[tuple[Sequence[Buffer], Sequence[Buffer], T]]) -> int:
+        """:meth:`add` for each chain, all or nothing (the reference for _add_chains)."""
         mark = self._mark()
         try:
             for readable, writable, token in chains:
@@ -753,6 +757,184 @@ class PackedQueue(_PackedCore[T]):
             for home, item in self._rollback(mark):
                 home.append(item)  # the buffer ids are free again
             raise
+        return len(chains)
+
+    def _add_chains(self, chains: Sequence[tuple[Sequence[Buffer], Sequence[Buffer], T]]
+                    ) -> int:
+        """:meth:`add` for each chain, all or nothing, in one loop: what add() ->
+        _chain_entries() -> _place() / _write_table() -> _commit() do per chain, without
+        their calls and the entry lists between them (on CPython a call costs as much as
+        the descriptor it writes).  Every buffer is checked as there, before the chain
+        counts; on any error the batch is undone from the shadow state (_rollback)."""
+        size = self.size
+        desc = self._desc_mem
+        mem = self._mem
+        states = self._state
+        free_ids = self._free_ids
+        indirect = self.indirect
+        isize = self.layout.indirect_size
+        in_order = self.in_order
+        order = self._order
+        pack = _PACK_DESC
+        buf: object = None
+        mark = self._mark()
+        seq = self._avail_dseq
+        cseq = self._avail_cseq
+        try:
+            for readable, writable, token in chains:
+                try:
+                    nr = len(readable)
+                    n = nr + len(writable)
+                except TypeError:
+                    readable = _as_seq(readable, "readable")  # noqa: PLW2901 - as add()
+                    writable = _as_seq(writable, "writable")  # noqa: PLW2901
+                    nr = len(readable)
+                    n = nr + len(writable)
+                if n == 0:
+                    raise ArgumentError("buffers", 0, "a chain needs at least one buffer")
+                if not free_ids:
+                    raise QueueFullError(1, 0, "buffer ids")
+                buffer_id = free_ids[-1]
+                if n == 1:
+                    # One buffer of plain ints in range: one descriptor, as add()'s fast
+                    # path writes it (anything else takes the checked path below).
+                    try:
+                        buf = readable[0] if nr else writable[0]
+                        iova, length = buf
+                        ok = (iova.__class__ is int and length.__class__ is int
+                              and 0 <= iova < _U64_LIMIT and 0 < length < _U32_LIMIT)
+                    except (TypeError, ValueError, IndexError, KeyError):
+                        ok = False
+                    if ok:
+                        room = size - (seq - self._used_dseq)
+                        if room < 1:
+                            raise QueueFullError(1, room, "ring positions")
+                        pos = seq % size
+                        bits = _AVAIL_BITS[1 ^ (seq // size) & 1]
+                        if not nr:
+                            bits |= _F_WRITE
+                        if self._pending is None:
+                            _PACK_DESC_NOFLAGS(desc, pos << 4, iova, length, buffer_id)
+                            self._pending = (pos * 8 + 7, bits)  # stored by publish()
+                        else:
+                            pack(desc, pos << 4, iova, length, buffer_id, bits)
+                        seq += 1
+                        self._avail_dseq = seq
+                        free_ids.pop()
+                        states[buffer_id] = (token, 0 if nr else length, 1, cseq, free_ids,
+                                             buffer_id, length)
+                        cseq += 1
+                        self._avail_cseq = cseq
+                        if in_order:
+                            order.append(buffer_id)
+                        continue
+                ind = indirect and n > 1
+                # Every buffer checked before anything is written (as _chain_entries
+                # does): a chain that fails leaves no descriptor behind.
+                total = 0
+                for buf in readable:
+                    iova, length = buf
+                    if (iova.__class__ is not int or length.__class__ is not int) and not (
+                            isinstance(iova, int) and isinstance(length, int)):
+                        raise TypeError
+                    if not (0 < length < _U32_LIMIT and 0 <= iova < _U64_LIMIT):
+                        raise ValueError
+                    total += length
+                capacity = 0
+                for buf in writable:
+                    iova, length = buf
+                    if (iova.__class__ is not int or length.__class__ is not int) and not (
+                            isinstance(iova, int) and isinstance(length, int)):
+                        raise TypeError
+                    if not (0 < length < _U32_LIMIT and 0 <= iova < _U64_LIMIT):
+                        raise ValueError
+                    capacity += length
+                if total + capacity >= _U32_LIMIT:
+                    raise ArgumentError("buffers", total + capacity,
+                                        "a chain's total length must be < 2**32")
+                if ind and n > isize:
+                    raise ArgumentError("buffers", n, f"chain longer than the {isize}-entry "
+                                        "indirect table")
+                ndesc = 1 if ind else n
+                room = size - (seq - self._used_dseq)
+                pos = seq % size
+                lap = _AVAIL_BITS[1 ^ (seq // size) & 1]  # _wrap(seq, size), inlined
+                if ind:
+                    # The id's own table: entries in order, only WRITE valid inside (§2.8.7).
+                    table = self.layout.indirect_table(buffer_id)
+                    off: int = table
+                    for iova, length in readable:
+                        pack(mem, off, iova, length, 0, 0)
+                        off += DESC_SIZE
+                    for iova, length in writable:
+                        pack(mem, off, iova, length, 0, _F_WRITE)
+                        off += DESC_SIZE
+                    if room < 1:
+                        raise QueueFullError(1, room, "ring positions")
+                    head_len = DESC_SIZE * n
+                    if self._pending is None:
+                        _PACK_DESC_NOFLAGS(desc, pos << 4, self.iova + table, head_len,
+                                           buffer_id)
+                        self._pending = (pos * 8 + 7, lap | _F_INDIRECT)  # publish() stores
+                    else:
+                        pack(desc, pos << 4, self.iova + table, head_len, buffer_id,
+                             lap | _F_INDIRECT)
+                else:
+                    if n > room:
+                        raise QueueFullError(n, room, "ring positions")
+                    # Positions seq .. seq + n - 1, each with its lap's AVAIL/USED bits and
+                    # the buffer id (§2.8.6); a batch's first flags wait for publish().
+                    last = n - 1
+                    i = 0
+                    head_len = -1
+                    for iova, length in readable:
+                        f = (_F_NEXT if i < last else 0) | lap
+                        if i == 0:
+                            head_len = length
+                            if self._pending is None:
+                                _PACK_DESC_NOFLAGS(desc, pos << 4, iova, length, buffer_id)
+                                self._pending = (pos * 8 + 7, f)
+                            else:
+                                pack(desc, pos << 4, iova, length, buffer_id, f)
+                        else:
+                            pack(desc, pos << 4, iova, length, buffer_id, f)
+                        i += 1
+                        pos += 1
+                        if pos == size:
+                            pos = 0
+                            lap = _AVAIL_BITS[_wrap(seq + i, size)]
+                    for iova, length in writable:
+                        f = (_F_WRITE | _F_NEXT if i < last else _F_WRITE) | lap
+                        if i == 0:
+                            head_len = length
+                            if self._pending is None:
+                                _PACK_DESC_NOFLAGS(desc, pos << 4, iova, length, buffer_id)
+                                self._pending = (pos * 8 + 7, f)
+                            else:
+                                pack(desc, pos << 4, iova, length, buffer_id, f)
+                        else:
+                            pack(desc, pos << 4, iova, length, buffer_id, f)
+                        i += 1
+                        pos += 1
+                        if pos == size:
+                            pos = 0
+                            lap = _AVAIL_BITS[_wrap(seq + i, size)]
+                seq += ndesc
+                self._avail_dseq = seq
+                free_ids.pop()
+                states[buffer_id] = (token, capacity, ndesc, cseq, free_ids, buffer_id,
+                                     head_len)
+                cseq += 1
+                self._avail_cseq = cseq
+                if in_order:
+                    order.append(buffer_id)
+        except BaseException as exc:
+            for home, item in self._rollback(mark):
+                home.append(item)  # the buffer ids are free again
+            if isinstance(exc, ArgumentError | QueueFullError) or not isinstance(
+                    exc, TypeError | ValueError | OverflowError | struct.error):
+                raise
+            _bad_buffer(buf)
         return len(chains)
 
     def _mark(self) -> tuple[int, int, tuple[int, int] | None, int]:
