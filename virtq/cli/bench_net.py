@@ -115,8 +115,10 @@ def _connect(sock: Path, args: argparse.Namespace, poll: bool, pairs: int) -> Ne
         if (args.ring, in_order) != ("split", False):
             raise RuntimeError("this virtq's NetDevice has split rings only")
         rings = {}
-    dev = NetDevice.connect_vhost_user(sock, queue_size=args.queue_size, poll=poll,
-                                       queue_pairs=pairs, **rings)
+    if pairs != 1:
+        # (Only then: an older virtq, benchmarks/compare.py, has no queue_pairs.)
+        rings["queue_pairs"] = pairs
+    dev = NetDevice.connect_vhost_user(sock, queue_size=args.queue_size, poll=poll, **rings)
     got = (getattr(dev, "ring", "split"), getattr(dev, "in_order", False))
     if got != (args.ring, in_order):
         dev.close()
