@@ -146,7 +146,9 @@ def _check_sectors(nbytes: int) -> None:
 
 
 def _check_sector(sector: int) -> None:
-    if (sector.__class__ is not int and not isinstance(sector, int)) \
+    # bool is an int subclass: sector=True would read sector 1 without a word.
+    if (sector.__class__ is not int and (not isinstance(sector, int)
+                                         or isinstance(sector, bool))) \
             or not 0 <= sector <= _U64_MAX:
         raise ArgumentError("sector", sector, "must be an int in 0..2**64-1")
 
@@ -1402,7 +1404,14 @@ class BlkDevice:
         stay in flight), :class:`ArgumentError` for a request of another device."""
         self._check_open()
         deadline = deadline_after(timeout)
-        pending = self._in_flight() if requests is None else list(requests)
+        if requests is None:
+            pending = self._in_flight()
+        else:
+            try:
+                pending = list(requests)
+            except TypeError:
+                raise ArgumentError("requests", requests,
+                                    "must be an iterable of BlkRequest") from None
         for r in pending:
             if not isinstance(r, BlkRequest) or r._dev is not self:
                 raise ArgumentError("requests", r, "must be requests of this device")
@@ -1547,6 +1556,10 @@ class BlkDevice:
         outage = rec.outage
         try:
             lost = t.reconnect(path, timeout=timeout)
+        except ArgumentError:
+            # A bad path or timeout is refused before the connection is touched: the
+            # device keeps working as it was.
+            raise
         except BaseException as exc:
             if outage is None:
                 self._refused = (f"reconnect failed ({type(exc).__name__}: {exc})", exc)
