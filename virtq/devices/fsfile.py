@@ -99,6 +99,15 @@ class FsFile(io.RawIOBase):
         self._pos += n
         return n
 
+    def read(self, size: int | None = -1) -> bytes | None:
+        """Up to ``size`` bytes at the position (``-1`` or None: to the end of the file, as
+        :meth:`readall`); ``b""`` at the end.  Raises :class:`~virtq.errors.ArgumentError`
+        for a ``size`` that is not an int (io's own ``read`` raises a bare ``TypeError``),
+        and as :meth:`readinto`."""
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool)):
+            raise ArgumentError("size", size, "must be an int or None")
+        return super().read(-1 if size is None else size)
+
     def readall(self) -> bytes:
         """Everything from the position to the end of the file."""
         self._check("r")
