@@ -742,7 +742,9 @@ class PackedQueue(_PackedCore[T]):
             self._order.append(buffer_id)
 
     def add_many(self, chains: Iterable[tuple[Sequence[Buffer], Sequence[Buffer], T]]) -> int:
-        """Add ``(readable, writable, token)`` chains, all or nothing; returns how many."""
+        """Add ``(readable, writable, token)`` chains, all or nothing; returns how many.
+        Raises :class:`ArgumentError` for something that is not such triples, and what
+        :meth:`add` raises."""
         if self._state_v is not _READY:
             self._refuse()
         if not isinstance(chains, list | tuple):

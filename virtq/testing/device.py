@@ -36,18 +36,19 @@ _U64 = (1 << 64) - 1
 
 
 def check_uint(name: str, value: object, high: int) -> int:
-    """``value`` if it is an int (not a bool) in ``0..high``; :class:`ArgumentError`
-    otherwise.  The device-side peers take addresses, lengths and ids from tests: a float
-    or a negative length would otherwise slice memory without a word, and an id too large
-    for its ring field would raise a bare ``ValueError`` from the memoryview."""
+    """``value`` if it is an int (not a bool) in ``0..high``; raises
+    :class:`ArgumentError` otherwise.  The device-side peers take addresses, lengths and
+    ids from tests: a float or a negative length would otherwise slice memory without a
+    word, and an id too large for its ring field would raise a bare ``ValueError`` from
+    the memoryview."""
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= high:
         raise ArgumentError(name, value, f"must be an int in 0..{high:#x}")
     return value
 
 
 def byte_data(data: object) -> memoryview:
-    """``data`` (any bytes-like object) as a flat byte view; :class:`ArgumentError` for
-    anything else (a multi-byte memoryview's ``len()`` counts items, not bytes)."""
+    """``data`` (any bytes-like object) as a flat byte view; raises :class:`ArgumentError`
+    for anything else (a multi-byte memoryview's ``len()`` counts items, not bytes)."""
     try:
         return memoryview(data).cast("B")  # type: ignore[arg-type]
     except TypeError:
@@ -121,7 +122,9 @@ class DeviceQueue:
 
     def add_region(self, iova: int, region: MemoryRegion) -> None:
         """Make ``region`` reachable at device address ``iova`` too (memory the driver
-        shared after the queue was set up: a vhost-user memory table update, a DMA map)."""
+        shared after the queue was set up: a vhost-user memory table update, a DMA map).
+        Raises :class:`ArgumentError` for a bad ``iova`` or ``region``,
+        :class:`~virtq.errors.QueueStateError` after :meth:`close`."""
         self._check_open()
         check_uint("iova", iova, _U64)
         if not isinstance(region, MemoryRegion):
@@ -246,14 +249,16 @@ class DeviceQueue:
             index = nxt
 
     def desc(self, index: int) -> tuple[int, int, int, int]:
-        """Descriptor ``index`` of the ring's table: (addr, len, flags, next)."""
+        """Descriptor ``index`` of the ring's table: (addr, len, flags, next).  Raises
+        :class:`ArgumentError` for an index outside the ring."""
         check_uint("index", index, self.size - 1)
         addr, length, flags, nxt = _DESC.unpack_from(self._desc, (index % self.size) * DESC_SIZE)
         return addr, length, flags, nxt
 
     def write_desc_len(self, index: int, length: int) -> None:
         """Overwrite descriptor ``index``'s len: something no device may do (§2.7.5.1);
-        for fault injection."""
+        for fault injection.  Raises :class:`ArgumentError` for an index outside the ring
+        or a length that is not a u32."""
         check_uint("index", index, self.size - 1)
         check_uint("length", length, _U32)
         struct.pack_into("<I", self._desc, (index % self.size) * DESC_SIZE + 8, length)
@@ -265,7 +270,7 @@ class DeviceQueue:
 
     def set_used_flags(self, value: int) -> None:
         """Store ``value`` (mod 2**16) as ``used.flags`` (``VIRTQ_USED_F_NO_NOTIFY``: do not
-        kick)."""
+        kick).  Raises :class:`ArgumentError` for a ``value`` that is not an int."""
         if not isinstance(value, int) or isinstance(value, bool):
             raise ArgumentError("value", value, "must be an int")
         self._used_h[0] = value & 0xFFFF
@@ -353,7 +358,8 @@ class DeviceQueue:
             self._used_h[0] = 0
 
     def set_avail_event(self, index: int) -> None:
-        """With event idx: ask for a kick once the driver publishes past ``index``."""
+        """With event idx: ask for a kick once the driver publishes past ``index`` (mod
+        2**16).  Raises :class:`ArgumentError` for an ``index`` that is not an int."""
         if not isinstance(index, int) or isinstance(index, bool):
             raise ArgumentError("index", index, "must be an int")
         self._used_h[2 + 4 * self.size] = index & 0xFFFF
