@@ -6,16 +6,23 @@ Every test names the finding of the hostile-input campaign it guards."""
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from virtq.abi import VIRTIO_F_VERSION_1
+from virtq.abi.blk import VIRTIO_BLK_F_MQ
+from virtq.aio import AsyncBlkDevice
 from virtq.devices import BlkDevice
 from virtq.errors import ArgumentError
 from virtq.testing import VhostUserBlkBackend
+from virtq.testing.loopback import LoopbackTransport
+from virtq.transport import DeviceRefusedError
 
 from .hostile_values import BAD_TIMEOUTS, quick
 
@@ -77,3 +84,43 @@ def test_connect_refuses_a_non_allocator(virtq_embedded_blk: VhostUserBlkBackend
         BlkDevice.connect_vhost_user(virtq_embedded_blk.socket_path, iova_allocator=allocator)
     with BlkDevice.connect_vhost_user(virtq_embedded_blk.socket_path) as dev:
         assert dev.read(0, 512)
+
+
+class _TwoQueueBlk(LoopbackTransport):
+    """A virtio-blk device with two request queues (MQ) that records every arena asked."""
+
+    def __init__(self) -> None:
+        super().__init__(features=1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_BLK_F_MQ,
+                         queue_sizes=[16, 16], config=struct.pack("<Q", 1 << 12).ljust(64, b"\0"))
+
+
+@pytest.mark.parametrize("num_queues", [3, 64, 0xFFFF])
+def test_more_queues_than_the_device_has_allocate_nothing(num_queues: int) -> None:
+    """Finding: num_queues=65535 against a 2-queue back-end laid out rings and bounce
+    buffers for all of them (minutes, ~1 TiB of address space) before attach_queue()
+    refused queue 2.  The queue count is checked before any memory is asked for."""
+    t = _TwoQueueBlk()
+    with pytest.raises(DeviceRefusedError):
+        BlkDevice(t, num_queues=num_queues)
+    assert t.arenas == [] and t.closed
+
+
+@pytest.mark.parametrize("sector", [True, None, "1", -1, 1 << 64, 1.5])
+def test_async_read_write_check_the_sector(virtq_embedded_blk: VhostUserBlkBackend,
+                                           sector: Any) -> None:
+    """Finding: AsyncBlkDevice.read(None, 512) raised TypeError from ``sector + off``, and
+    read(True, 512) read sector 1; wait(5) raised TypeError."""
+
+    async def main() -> None:
+        async with await AsyncBlkDevice.connect_vhost_user(
+                virtq_embedded_blk.socket_path) as disk:
+            with pytest.raises(ArgumentError):
+                await disk.read(sector, 512)
+            with pytest.raises(ArgumentError):
+                await disk.write(sector, bytes(512))
+            with pytest.raises(ArgumentError):
+                await disk.wait(5)  # type: ignore[arg-type]
+            assert disk.device.in_flight == 0
+            assert len(await disk.read(0, 512)) == 512
+
+    anyio.run(main)

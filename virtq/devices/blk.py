@@ -375,6 +375,12 @@ class BlkDevice:
         max_size = t.max_queue_size(0)
         if max_size == 0:
             raise DeviceRefusedError("the device has no request queue 0")
+        if num_queues > 1 and t.max_queue_size(num_queues - 1) == 0:
+            # Before the arena: num_queues=65535 against a 2-queue back-end sized rings and
+            # bounce buffers for every one of them (minutes, and ~1 TiB of address space)
+            # before attach_queue() failed.
+            raise DeviceRefusedError(f"{num_queues} queues asked; the device has no request "
+                                     f"queue {num_queues - 1}")
         size = min(queue_size, max_size)
         self.indirect = self._has(VIRTIO_F_INDIRECT_DESC)
         ev = self._has(VIRTIO_F_EVENT_IDX)
