@@ -152,3 +152,27 @@ def test_fake_daemon_arguments(kw: dict[str, Any]) -> None:
     tag=5 raised TypeError, num_request_queues=-1 struct.error."""
     with pytest.raises(ArgumentError):
         FakeFsDaemon(**kw)
+
+
+@pytest.mark.parametrize("size", [1 << 32, 1 << 64, (1 << 63) - 1, (16 << 20) + 1])
+def test_fsfile_read_huge_size_of_a_small_file(fs: tuple[FsDevice, FakeFsDaemon],
+                                               size: int) -> None:
+    """Finding: FsFile.read(2**32) of an 11-byte file zero-filled a 4 GiB buffer first (and
+    sent 4096 READs); read(2**64) raised OverflowError.  Large sizes go in bounded pieces
+    and stop at the end of the file."""
+    dev, _ = fs
+    with dev.open("file", "rb") as f:
+        f.seek(6)
+        assert f.read(size) == b"world"
+        assert f.read(size) == b""
+
+
+def test_fsfile_read_in_pieces_returns_everything(fs: tuple[FsDevice, FakeFsDaemon]) -> None:
+    """The pieces of a large read() join into exactly what was asked (the first piece is
+    full, the last one short at the end of the file)."""
+    dev, _ = fs
+    data = bytes(range(251)) * ((17 << 20) // 251)
+    dev.write_bytes("big", data)
+    with dev.open("big", "rb") as f:
+        assert f.read((16 << 20) + 7) == data[: (16 << 20) + 7]
+        assert f.read(1 << 40) == data[(16 << 20) + 7 :]
