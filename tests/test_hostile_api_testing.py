@@ -6,6 +6,7 @@ Every test names the finding of the hostile-input campaign it guards."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,8 +15,9 @@ from hypothesis import given, settings
 from virtq.errors import ArgumentError, QueueStateError, VirtqError
 from virtq.memory import MemfdRegion
 from virtq.queue import ring_layout
-from virtq.testing import DeviceQueue, PackedDeviceQueue
+from virtq.testing import DeviceQueue, PackedDeviceQueue, VhostUserBlkBackend
 from virtq.testing.loopback import LoopbackTransport
+from virtq.testing.runners import BackendError
 
 from .hostile_values import HOSTILE_INTS
 
@@ -61,3 +63,21 @@ def test_loopback_transport_arguments(kw: dict[str, Any]) -> None:
     args: dict[str, Any] = {"features": 1 << 32, "queue_sizes": [8], "config": b""}
     with pytest.raises(ArgumentError):
         LoopbackTransport(**(args | kw))
+
+
+@pytest.mark.parametrize("missing", ["image", "socket directory"])
+def test_embedded_backend_start_failure_is_a_backend_error(tmp_path: Path,
+                                                           missing: str) -> None:
+    """Finding: VhostUserBlkBackend(missing image).start() raised a bare
+    FileNotFoundError (and a socket path in a missing directory another OSError)."""
+    image = tmp_path / "disk.img"
+    sock = tmp_path / "s.sock"
+    if missing == "image":
+        image = tmp_path / "nope.img"
+    else:
+        image.write_bytes(bytes(4096))
+        sock = tmp_path / "nodir" / "s.sock"
+    backend = VhostUserBlkBackend(image, sock)
+    with pytest.raises(BackendError) as info:
+        backend.start()
+    assert isinstance(info.value, VirtqError) and not backend.serving
