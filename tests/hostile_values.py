@@ -23,7 +23,7 @@ HOSTILE_INTS = st.one_of(
 NOT_AN_INDEX = st.one_of(st.booleans(), st.floats(allow_nan=True),
                          st.sampled_from(["0", b"\0", [], (0,), 1.0, 0.0]))
 #: Bad timeouts (None is valid: wait forever; so is any number >= 0 for deadline_after).
-BAD_TIMEOUTS = st.one_of(st.floats(max_value=-1e-9), st.just(math.nan),
+BAD_TIMEOUTS = st.one_of(st.floats(max_value=-1e-9), st.just(math.nan), st.booleans(),
                          st.sampled_from(["1", b"1", [], object()]))
 
 quick = settings(max_examples=40, deadline=None,

@@ -124,3 +124,16 @@ def test_async_read_write_check_the_sector(virtq_embedded_blk: VhostUserBlkBacke
             assert len(await disk.read(0, 512)) == 512
 
     anyio.run(main)
+
+
+@quick
+@given(timeout=BAD_TIMEOUTS)
+def test_poll_and_wait_timeouts(blk: BlkDevice, timeout: Any) -> None:
+    """Finding: poll(timeout=True) / wait(timeout=True) waited one second (a bool is an
+    int); every device's timeouts go through deadline_after, which refuses it now."""
+    req = blk.submit_read(0, 512)
+    with pytest.raises(ArgumentError):
+        blk.poll(timeout)
+    with pytest.raises(ArgumentError):
+        blk.wait([req], timeout=timeout)
+    assert len(req.wait() or b"") == 512
