@@ -31,6 +31,13 @@ from virtq.errors import ArgumentError, QueueFullError, QueueStateError
 SECTOR = 512
 
 
+def _check_sector(sector: object) -> None:
+    """Before the first request: ``sector + off // SECTOR`` raised TypeError for None or
+    a str, and True was taken as sector 1."""
+    if not isinstance(sector, int) or isinstance(sector, bool) or not 0 <= sector < 1 << 64:
+        raise ArgumentError("sector", sector, "must be an int in 0..2**64-1")
+
+
 class AsyncBlkDevice:
     """``device`` (a :class:`~virtq.devices.BlkDevice`) for an event loop.  Closing this
     closes the device.  Its attributes (``capacity``, ``block_size``, ``max_io``, ...)
@@ -72,7 +79,11 @@ class AsyncBlkDevice:
         """Until every one of ``requests`` is done (each with its result or ``error``).
         Raises :class:`~virtq.errors.ArgumentError` for a request of another device and
         :class:`~virtq.errors.VirtqError` if one is neither done nor in flight."""
-        pending = list(requests)
+        try:
+            pending = list(requests)
+        except TypeError:
+            raise ArgumentError("requests", requests,
+                                "must be an iterable of BlkRequest") from None
         for r in pending:
             if not isinstance(r, BlkRequest) or r._dev is not self.device:
                 raise ArgumentError("requests", r, "must be requests of this device")
@@ -106,6 +117,7 @@ class AsyncBlkDevice:
         ``max_io`` goes as several requests in flight together.  Raises the first failed
         request's error, and :class:`~virtq.errors.ArgumentError` for bad values."""
         dev = self.device
+        _check_sector(sector)
         if not isinstance(nbytes, int) or nbytes <= 0 or nbytes % SECTOR:
             raise ArgumentError("nbytes", nbytes, "must be a positive multiple of 512")
         if nbytes > dev.capacity_bytes:
@@ -123,6 +135,7 @@ class AsyncBlkDevice:
         :meth:`read`.  Raises the first failed request's error, and
         :class:`~virtq.errors.ArgumentError` for bad values."""
         dev = self.device
+        _check_sector(sector)
         view = byte_view(data)
         if not len(view) or len(view) % SECTOR:
             raise ArgumentError("data", f"<{len(view)} bytes>",

@@ -60,7 +60,14 @@ def wait_requests(device: _Device[R], requests: Iterable[R] | None, timeout: flo
     are pending although nothing is in flight (a driver bug: nothing could complete them)."""
     device._check_open()
     deadline = deadline_after(timeout)
-    pending = device._in_flight() if requests is None else list(requests)
+    if requests is None:
+        pending = device._in_flight()
+    else:
+        try:
+            pending = list(requests)
+        except TypeError:
+            raise ArgumentError("requests", requests,
+                                f"must be an iterable of {request_type.__name__}") from None
     for r in pending:
         if not isinstance(r, request_type) or r._dev is not device:
             raise ArgumentError("requests", r, "must be requests of this device")

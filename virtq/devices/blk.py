@@ -146,7 +146,9 @@ def _check_sectors(nbytes: int) -> None:
 
 
 def _check_sector(sector: int) -> None:
-    if (sector.__class__ is not int and not isinstance(sector, int)) \
+    # bool is an int subclass: sector=True would read sector 1 without a word.
+    if (sector.__class__ is not int and (not isinstance(sector, int)
+                                         or isinstance(sector, bool))) \
             or not 0 <= sector <= _U64_MAX:
         raise ArgumentError("sector", sector, "must be an int in 0..2**64-1")
 
@@ -365,6 +367,12 @@ class BlkDevice:
         max_size = t.max_queue_size(0)
         if max_size == 0:
             raise DeviceRefusedError("the device has no request queue 0")
+        if num_queues > 1 and t.max_queue_size(num_queues - 1) == 0:
+            # Before the arena: num_queues=65535 against a 2-queue back-end sized rings and
+            # bounce buffers for every one of them (minutes, and ~1 TiB of address space)
+            # before attach_queue() failed.
+            raise DeviceRefusedError(f"{num_queues} queues asked; the device has no request "
+                                     f"queue {num_queues - 1}")
         size = min(queue_size, max_size)
         self.indirect = self._has(VIRTIO_F_INDIRECT_DESC)
         ev = self._has(VIRTIO_F_EVENT_IDX)
@@ -1523,6 +1531,10 @@ class BlkDevice:
         outage = rec.outage
         try:
             lost = t.reconnect(path, timeout=timeout)
+        except ArgumentError:
+            # A bad path or timeout is refused before the connection is touched: the
+            # device keeps working as it was.
+            raise
         except BaseException as exc:
             if outage is None:
                 self._refused = (f"reconnect failed ({type(exc).__name__}: {exc})", exc)

@@ -187,6 +187,19 @@ _INIT_FLAGS = (FUSE_ASYNC_READ | FUSE_ATOMIC_O_TRUNC | FUSE_BIG_WRITES | FUSE_DO
                | FUSE_MAX_PAGES | FUSE_PARALLEL_DIROPS)
 
 
+_U64_MAX = (1 << 64) - 1
+_U32_MAX = 0xFFFFFFFF
+
+
+def _check_ids(**values: object) -> None:
+    """Node ids, file handles and directory cookies (u64 fields of the FUSE structs):
+    :class:`ArgumentError` for anything else, before a struct packs it (``struct.error``)
+    or a request is half made."""
+    for name, value in values.items():
+        if value.__class__ is not int or not 0 <= value <= _U64_MAX:
+            _check_int(name, value, 0, _U64_MAX)
+
+
 def _name_bytes(name: str | bytes, what: str = "name") -> bytes:
     """One path component as the daemon gets it: no '/', no NUL, not empty (a '/' would
     let the daemon resolve a path on our behalf), at most NAME_MAX bytes."""
@@ -615,6 +628,8 @@ class FsDevice:
         ``data_in`` bytes of a pool buffer (copied to ``sink``, or returned) or ``into``.
         Raises :class:`~virtq.errors.QueueFullError` (no slot or pool buffer free) and
         :class:`~virtq.errors.QueueStateError` (closed, failed, broken)."""
+        if nodeid.__class__ is not int or not 0 <= nodeid <= _U64_MAX:
+            _check_int("nodeid", nodeid, 0, _U64_MAX)
         if self._refused is not None:
             self._refuse()
         qi, slot, tpl = self._take_slot()
@@ -1063,6 +1078,8 @@ class FsDevice:
     def fuse_getattr(self, nodeid: int, fh: int | None = None, *,
                      path: str | None = None) -> FsAttr:
         """FUSE_GETATTR (of the open file ``fh`` when given)."""
+        if fh is not None:
+            _check_ids(fh=fh)
         args = FUSE_GETATTR_IN.pack(FUSE_GETATTR_FH if fh is not None else 0, 0, fh or 0)
         attr: FsAttr = self._call(_OP.GETATTR, nodeid, args, reply=ATTR_OUT_SIZE, path=path)
         return attr
@@ -1075,6 +1092,7 @@ class FsDevice:
         attributes."""
         valid = 0
         if fh is not None:
+            _check_ids(fh=fh)
             valid |= FATTR_FH
         if size is not None:
             valid |= FATTR_SIZE
@@ -1121,20 +1139,25 @@ class FsDevice:
     def fuse_release(self, nodeid: int, fh: int, flags: int = 0, *,
                      path: str | None = None) -> None:
         """FUSE_RELEASE an open file (``flags``: those it was opened with)."""
+        _check_ids(fh=fh)
+        _check_int("flags", flags, 0, _U32_MAX)
         self._call(_OP.RELEASE, nodeid, FUSE_RELEASE_IN.pack(fh, flags, 0, 0), path=path)
 
     def fuse_releasedir(self, nodeid: int, fh: int, *, path: str | None = None) -> None:
         """FUSE_RELEASEDIR an open directory."""
+        _check_ids(fh=fh)
         self._call(_OP.RELEASEDIR, nodeid, FUSE_RELEASE_IN.pack(fh, os.O_RDONLY, 0, 0),
                    path=path)
 
     def fuse_flush(self, nodeid: int, fh: int, *, path: str | None = None) -> None:
         """FUSE_FLUSH: what the kernel sends on every close() of a file descriptor."""
+        _check_ids(fh=fh)
         self._call(_OP.FLUSH, nodeid, FUSE_FLUSH_IN.pack(fh, 0, 0, 0), path=path)
 
     def fuse_fsync(self, nodeid: int, fh: int, *, datasync: bool = False,
                    path: str | None = None) -> None:
         """FUSE_FSYNC (``datasync``: data only, FUSE_FSYNC_FDATASYNC)."""
+        _check_ids(fh=fh)
         self._call(_OP.FSYNC, nodeid,
                    FUSE_FSYNC_IN.pack(fh, FUSE_FSYNC_FDATASYNC if datasync else 0, 0),
                    path=path)
@@ -1154,6 +1177,10 @@ class FsDevice:
         result is the number of bytes it wrote.  Raises :class:`ArgumentError`,
         :class:`~virtq.errors.QueueFullError`, :class:`~virtq.errors.QueueStateError`."""
         _check_int("offset", offset, 0, (1 << 63) - 1)
+        if fh.__class__ is not int or flags.__class__ is not int or not 0 <= fh <= _U64_MAX \
+                or not 0 <= flags <= _U32_MAX:
+            _check_ids(fh=fh)
+            _check_int("flags", flags, 0, _U32_MAX)
         if into is not None:
             bufs = self._check_bufs(into)
             size = sum(b.length for b in bufs)
@@ -1188,6 +1215,10 @@ class FsDevice:
         broken queue), :class:`~virtq.errors.QueueFullError`,
         :class:`~virtq.errors.QueueStateError`."""
         _check_int("offset", offset, 0, (1 << 63) - 1)
+        if fh.__class__ is not int or flags.__class__ is not int or not 0 <= fh <= _U64_MAX \
+                or not 0 <= flags <= _U32_MAX:
+            _check_ids(fh=fh)
+            _check_int("flags", flags, 0, _U32_MAX)
         if isinstance(data, DmaBuffer) or (isinstance(data, list | tuple) and data
                                            and isinstance(data[0], DmaBuffer)):
             bufs = self._check_bufs(data)
@@ -1214,7 +1245,10 @@ class FsDevice:
         return written
 
     def _check_bufs(self, into: DmaBuffer | Sequence[DmaBuffer]) -> Sequence[DmaBuffer]:
-        bufs = [into] if isinstance(into, DmaBuffer) else list(into)
+        try:
+            bufs = [into] if isinstance(into, DmaBuffer) else list(into)
+        except TypeError:
+            raise ArgumentError("into", into, "a DmaBuffer or a sequence of them") from None
         if not bufs or len(bufs) > self.max_segments:
             raise ArgumentError("into", into, f"1..{self.max_segments} DmaBuffers")
         for b in bufs:
@@ -1238,6 +1272,7 @@ class FsDevice:
             raise QueueStateError("the daemon did not negotiate FUSE_DO_READDIRPLUS")
         size = min(self.max_read, _READDIR_SIZE) if size is None else size
         _check_int("size", size, 1, self.max_read)
+        _check_ids(fh=fh, offset=offset)
         entries: list[FsDirEntry] = self._call(
             _OP.READDIRPLUS if plus else _OP.READDIR, nodeid,
             FUSE_READ_IN.pack(fh, offset, size, 0, 0, 0, 0), data_in=size, path=path)
@@ -1252,6 +1287,7 @@ class FsDevice:
         """FUSE_CREATE a regular file and open it: ``(entry, fh, open_flags)``; ``mode``
         has :attr:`umask` cleared.  One lookup of the new node is counted."""
         raw = _name_bytes(name)
+        _check_int("flags", flags, 0, _U32_MAX)
         args = FUSE_CREATE_IN.pack(flags | os.O_CREAT, stat.S_IFREG | self._mode_bits(mode),
                                    self.umask, 0) + raw + b"\0"
         result: tuple[FsEntry, int, int] = self._call(
@@ -1294,6 +1330,7 @@ class FsDevice:
         must name a node of ``nodeid``'s file type (``S_IFREG``, ...; asked with GETATTR
         when not given).  One lookup counted."""
         raw = _name_bytes(newname)
+        _check_ids(nodeid=nodeid)
         if file_type is None:
             file_type = stat.S_IFMT(self.fuse_getattr(nodeid, path=path).mode)
         entry: FsEntry = self._call(_OP.LINK, newparent, FUSE_LINK_IN.pack(nodeid) + raw
@@ -1317,6 +1354,7 @@ class FsDevice:
                     newname: str | bytes, *, path: str | None = None) -> None:
         """FUSE_RENAME ``olddir/oldname`` to ``newdir/newname`` (replacing it)."""
         old, new = _name_bytes(oldname, "oldname"), _name_bytes(newname, "newname")
+        _check_ids(newdir=newdir)
         self._call(_OP.RENAME, olddir, FUSE_RENAME_IN.pack(newdir) + old + b"\0" + new
                    + b"\0", path=path or os.fsdecode(old))
 
@@ -1661,6 +1699,9 @@ class FsDevice:
         Python's own ``open()`` does).  Close it (or use ``with``): FUSE_FLUSH and
         FUSE_RELEASE go out then."""
         flags = _mode_flags(mode)
+        # Checked whether or not a file is created: a bad value must not pass just
+        # because the file happens to exist.
+        _check_int("perms", perms, 0, 0o7777)
         held = self._held()
         try:
             nodeid, fh, open_flags, attr, shown = self._open_node(path, flags, perms, held)
@@ -1728,7 +1769,10 @@ class FsDevice:
         return done
 
     def write_text(self, path: Any, text: str, encoding: str = "utf-8") -> int:
-        """:meth:`write_bytes` of ``text`` encoded."""
+        """:meth:`write_bytes` of ``text`` encoded.  Raises :class:`ArgumentError` for
+        ``text`` that is not a str."""
+        if not isinstance(text, str):
+            raise ArgumentError("text", type(text).__name__, "must be a str")
         return self.write_bytes(path, text.encode(encoding))
 
     def mkdir(self, path: Any, mode: int = 0o777, *, parents: bool = False,
@@ -1859,7 +1903,10 @@ class FsDevice:
                         and math.isfinite(t) for t in times)):
                     raise ArgumentError("times", times, "must be (atime, mtime): two finite "
                                         "numbers of seconds")
-                ns = (int(times[0] * 1e9), int(times[1] * 1e9))
+                try:
+                    ns = (int(times[0] * 1e9), int(times[1] * 1e9))
+                except OverflowError:  # finite seconds whose nanoseconds are not (1e300)
+                    raise ArgumentError("times", times, "out of range") from None
         elif not (isinstance(ns, tuple) and len(ns) == 2 and all(
                 isinstance(t, int) and not isinstance(t, bool) for t in ns)):
             raise ArgumentError("ns", ns, "must be (atime_ns, mtime_ns): two ints")
@@ -1949,6 +1996,10 @@ class FsDevice:
             raise QueueStateError(f"{type(t).__name__} cannot reconnect")
         try:
             lost = t.reconnect(path, timeout=timeout)
+        except ArgumentError:
+            # A bad path or timeout is refused before the connection is touched: the
+            # device keeps working as it was.
+            raise
         except BaseException as exc:
             self._refused = (f"reconnect failed ({type(exc).__name__}: {exc})", exc)
             raise

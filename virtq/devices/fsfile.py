@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from virtq.devices.fs import FsDevice
 
 
+#: The most one step of :meth:`FsFile.read` asks for (its buffer is allocated up front).
+_READ_CHUNK = 16 << 20
+
+
 class FsFile(io.RawIOBase):
     """A file opened through a :class:`~virtq.devices.fs.FsDevice`: ``nodeid`` and the
     daemon's file handle ``fh``; ``name`` is the path it was opened by, ``mode`` the mode.
@@ -98,6 +102,33 @@ class FsFile(io.RawIOBase):
                                  self.name)
         self._pos += n
         return n
+
+    def read(self, size: int | None = -1) -> bytes | None:
+        """Up to ``size`` bytes at the position (``-1`` or None: to the end of the file, as
+        :meth:`readall`); ``b""`` at the end.  Raises :class:`~virtq.errors.ArgumentError`
+        for a ``size`` that is not an int (io's own ``read`` raises a bare ``TypeError``),
+        and as :meth:`readinto`."""
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool)):
+            raise ArgumentError("size", size, "must be an int or None")
+        if size is None or size < 0:
+            return self.readall()
+        if size <= _READ_CHUNK:
+            return super().read(size)
+        # io's read(n) zero-fills a bytearray of n bytes first: read(2**32) of an 11-byte
+        # file touched 4 GiB (and 2**64 raised OverflowError).  Large sizes go in pieces,
+        # stopping at the first short one (the end of the file).
+        parts = []
+        left = size
+        while left:
+            want = min(left, _READ_CHUNK)
+            piece = super().read(want)
+            if not piece:
+                break
+            parts.append(piece)
+            left -= len(piece)
+            if len(piece) < want:
+                break
+        return b"".join(parts)
 
     def readall(self) -> bytes:
         """Everything from the position to the end of the file."""

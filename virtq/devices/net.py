@@ -118,6 +118,12 @@ _SlotQueue = SlotQueue | PackedSlotQueue
 _ONE_EACH = (1).to_bytes(2, "little") * 32768
 
 
+def _not_index(value: object) -> bool:
+    """Whether ``value`` cannot be a pair number: anything but an int -- bool included, and
+    1.0, which would find pair 1 in a dict keyed by int without a word."""
+    return not isinstance(value, int) or isinstance(value, bool)
+
+
 class NetTimeoutError(VirtqTimeoutError):
     """A transmit did not find ring space in time (the device stopped consuming); the
     first ``sent`` frames of the call were queued and will still go out."""
@@ -239,6 +245,9 @@ class _ControlQueue:
         if len(data) > _CTRL_MAX_DATA:
             raise ArgumentError("data", f"<{len(data)} bytes>",
                                 f"a command's data is at most {_CTRL_MAX_DATA} bytes here")
+        # The deadline first: a bad timeout must raise before the command is on the ring
+        # (a command left there would be answered with the next one's completion).
+        deadline = deadline_after(timeout)
         q = self.queue
         mem, buf, addr = self.mem, self.buf, self.addr
         mem[buf : buf + 2] = bytes((cls, cmd))
@@ -252,7 +261,6 @@ class _ControlQueue:
         q.add(readable, [(addr + _CTRL_ACK, 1)], token)
         if q.publish():
             self.transport.notify(self.index)
-        deadline = deadline_after(timeout)
         what = f"controlq command class {cls} command {cmd}"
         while True:
             done = q.drain_used()
@@ -466,7 +474,7 @@ class NetDevice:
                 kind = ("controlq" if index == ctrl else
                         f"{'transmitq' if index % 2 else 'receiveq'}{index // 2 + 1}")
                 raise DeviceRefusedError(f"the device has no {kind} (queue {index})")
-        if not isinstance(queue_size, int) or queue_size < 1:
+        if not isinstance(queue_size, int) or isinstance(queue_size, bool) or queue_size < 1:
             raise ArgumentError("queue_size", queue_size, "must be an int >= 1")
         size = min(queue_size, *(t.max_queue_size(i) for i in data_queues))
         layout = ring_layout(size, ring=self.ring)  # validates the size for the format
@@ -610,6 +618,9 @@ class NetDevice:
                 or not 1 <= count <= self.queue_pairs:
             raise ArgumentError("count", count, f"must be an int in 1..{self.queue_pairs} "
                                 "(the pairs set up: queue_pairs)")
+        # Before anything changes: a bad timeout found after the command was placed would
+        # leave it on the controlq, answered behind the next command's back.
+        deadline_after(timeout)
         control = self._control
         if control is None:
             return  # one pair, no MQ: nothing to switch
@@ -697,9 +708,13 @@ class NetDevice:
         if self._closed:
             self._check_open()
         try:
+            if pair.__class__ is not int and _not_index(pair):
+                raise TypeError
             p = self._tx_pairs[pair]
         except (KeyError, TypeError):
             raise self._no_pair(pair, "send on", self._tx_pairs) from None
+        if timeout is not None:
+            deadline_after(timeout)  # a bad timeout raises now, not after half the batch
         if type(frames) is not list:
             try:
                 frames = list(frames)
@@ -787,6 +802,8 @@ class NetDevice:
             pairs = self._pairs
         else:
             try:
+                if pair.__class__ is not int and _not_index(pair):
+                    raise TypeError
                 pairs = [self._rx_pairs[pair]]
             except (KeyError, TypeError):
                 raise self._no_pair(pair, "reclaim on", self._rx_pairs) from None
@@ -802,6 +819,8 @@ class NetDevice:
 
     def _rx_pair(self, pair: object) -> _Pair:
         try:
+            if pair.__class__ is not int and _not_index(pair):
+                raise TypeError
             return self._rx_pairs[pair]  # type: ignore[index]
         except (KeyError, TypeError):
             raise self._no_pair(pair, "receive from", self._rx_pairs) from None
@@ -833,7 +852,7 @@ class NetDevice:
         :class:`~virtq.errors.QueueStateError` once closed, a
         :class:`~virtq.errors.DeviceError` for a frame the device reported impossibly),
         and :class:`ArgumentError` for ``max_frames`` < 1."""
-        if not isinstance(max_frames, int) or max_frames < 1:
+        if _not_index(max_frames) or max_frames < 1:
             raise ArgumentError("max_frames", max_frames, "must be an int >= 1")
         p = self._rx_pair(pair)
         ready = p.rx_ready
@@ -858,7 +877,7 @@ class NetDevice:
         other pairs stay for the next call) and is left out afterwards (:meth:`recv` on it
         raises :class:`~virtq.errors.QueueBrokenError`).  Raises :class:`ArgumentError` for
         ``max_frames`` < 1, the transport's error when it failed."""
-        if not isinstance(max_frames, int) or max_frames < 1:
+        if _not_index(max_frames) or max_frames < 1:
             raise ArgumentError("max_frames", max_frames, "must be an int >= 1")
         self._check_open()
         out = self._take_any(max_frames)

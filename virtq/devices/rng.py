@@ -10,6 +10,8 @@ flight at once.
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Callable
 from types import EllipsisType
 from typing import Any, Self
@@ -133,8 +135,10 @@ class RngDevice:
         when it runs out, :class:`~virtq.errors.DeviceProtocolError` (and breaks the queue)
         for a completion with no bytes (§5.4.6.1: the device MUST place one or more), the
         transport's error when the device fails."""
-        if not isinstance(n, int) or n < 0:
-            raise ArgumentError("n", n, "must be a non-negative int")
+        # n=2**64 can never be returned (bytes hold at most sys.maxsize): refused, not read
+        # until memory runs out.
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= sys.maxsize:
+            raise ArgumentError("n", n, "must be an int in 0..sys.maxsize")
         mem = self._check_open()
         q = self.queue
         assert q is not None
@@ -169,6 +173,11 @@ class RngDevice:
                 if not self._waiter.wait(deadline) and not q.has_used():
                     raise RngTimeoutError(f"no entropy from the device within {timeout} s")
                 continue
+            if deadline is not None and time.monotonic() >= deadline:
+                # "within timeout seconds in all": a device that answers fast must not
+                # keep a huge read going past it (it was checked only while waiting).
+                raise RngTimeoutError(f"{len(out)} of {n} bytes of entropy within "
+                                      f"{timeout} s")
             for (slot, length), written in done:
                 pending -= length
                 if not written:

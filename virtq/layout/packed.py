@@ -22,8 +22,14 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from virtq.errors import LayoutError
-from virtq.layout._align import align_up
-from virtq.layout.split import DESC_ALIGN, DESC_SIZE, buffer_align, check_page_size
+from virtq.layout._align import align_up, is_count
+from virtq.layout.split import (
+    DESC_ALIGN,
+    DESC_SIZE,
+    MAX_BUFFER_SIZE,
+    buffer_align,
+    check_page_size,
+)
 from virtq.types import Offset
 
 MAX_PACKED_QUEUE_SIZE = 32768
@@ -54,12 +60,12 @@ class PackedLayout:
         ``buffer_size``: bytes of fixed buffer per slot (0 = none).  ``indirect_size``:
         entries of the indirect table reserved per buffer id (0 = none).  Raises
         :class:`~virtq.errors.LayoutError`."""
-        if not isinstance(queue_size, int) or not 1 <= queue_size <= MAX_PACKED_QUEUE_SIZE:
+        if not is_count(queue_size, 1, MAX_PACKED_QUEUE_SIZE):
             raise LayoutError("queue_size", queue_size, "packed queue size must be in 1..32768")
         check_page_size(page_size)
-        if not isinstance(buffer_size, int) or buffer_size < 0:
-            raise LayoutError("buffer_size", buffer_size, "must be an int >= 0")
-        if not isinstance(indirect_size, int) or not 0 <= indirect_size <= MAX_PACKED_QUEUE_SIZE:
+        if not is_count(buffer_size, 0, MAX_BUFFER_SIZE):  # one descriptor: le32 len
+            raise LayoutError("buffer_size", buffer_size, "must be an int in 0..2**32-1")
+        if not is_count(indirect_size, 0, MAX_PACKED_QUEUE_SIZE):
             raise LayoutError("indirect_size", indirect_size, "must be in 0..32768")
         desc = 0
         driver_event = align_up(desc + DESC_SIZE * queue_size, EVENT_SUPPRESS_ALIGN)

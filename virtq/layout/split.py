@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from virtq.errors import LayoutError
-from virtq.layout._align import align_up, is_power_of_two
+from virtq.layout._align import align_up, is_count, is_power_of_two
 from virtq.types import Offset
 
 DESC_SIZE = 16
@@ -32,6 +32,8 @@ AVAIL_ALIGN = 2
 USED_ALIGN = 4
 USED_ELEM_SIZE = 8
 MAX_SPLIT_QUEUE_SIZE = 32768
+#: The largest buffer one descriptor describes (``len`` is a le32, VIRTIO 1.2 §2.7.5).
+MAX_BUFFER_SIZE = 0xFFFFFFFF
 #: Alignment of the buffer area when ``buffer_size`` is not a power of two (a cache line).
 DEFAULT_BUFFER_ALIGN = 64
 
@@ -49,7 +51,7 @@ def used_nbytes(queue_size: int) -> int:
 def check_page_size(page_size: int) -> None:
     """Raises :class:`~virtq.errors.LayoutError` unless ``page_size`` is a power of two >= 16
     (the descriptor table's alignment)."""
-    if not is_power_of_two(page_size) or page_size < DESC_ALIGN:
+    if not is_count(page_size, DESC_ALIGN, 1 << 40) or not is_power_of_two(page_size):
         raise LayoutError("page_size", page_size, "must be a power of two >= 16")
 
 
@@ -98,17 +100,17 @@ class SplitLayout:
         0..32768.
         """
         if (
-            not isinstance(queue_size, int)
+            not is_count(queue_size, 1, MAX_SPLIT_QUEUE_SIZE)
             or not is_power_of_two(queue_size)
-            or queue_size > MAX_SPLIT_QUEUE_SIZE
         ):
             raise LayoutError(
                 "queue_size", queue_size, "split queue size must be a power of two in 1..32768"
             )
         check_page_size(page_size)
-        if buffer_size < 0:
-            raise LayoutError("buffer_size", buffer_size, "must be >= 0")
-        if indirect_size < 0 or indirect_size > MAX_SPLIT_QUEUE_SIZE:
+        # A buffer is one descriptor: its length is a le32 (§2.7.5).
+        if not is_count(buffer_size, 0, MAX_BUFFER_SIZE):
+            raise LayoutError("buffer_size", buffer_size, "must be an int in 0..2**32-1")
+        if not is_count(indirect_size, 0, MAX_SPLIT_QUEUE_SIZE):
             raise LayoutError("indirect_size", indirect_size, "must be in 0..32768")
 
         desc = 0

@@ -110,6 +110,8 @@ class _SplitCore(Generic[T]):
     ) -> None:
         if not isinstance(layout, SplitLayout):
             raise ArgumentError("layout", layout, "must be a SplitLayout")
+        if not isinstance(region, MemoryRegion):
+            raise ArgumentError("region", region, "must be a MemoryRegion")
         if region.nbytes < layout.nbytes:
             raise LayoutError(
                 "layout.nbytes", layout.nbytes, f"exceeds the region's {region.nbytes} bytes"
@@ -372,8 +374,12 @@ class _SplitCore(Generic[T]):
         return count
 
     def has_used(self) -> bool:
-        """True when the device has published completions not yet reaped."""
-        return self._used_h[1] != self._used_seq & 0xFFFF
+        """True when the device has published completions not yet reaped.  Raises
+        :class:`QueueStateError` when closed."""
+        try:
+            return self._used_h[1] != self._used_seq & 0xFFFF
+        except ValueError:  # the view was released by close() (try costs nothing in 3.11)
+            raise QueueStateError("queue is closed") from None
 
     # -- interrupt (used-buffer notification) control ---------------------------------------
 

@@ -150,6 +150,8 @@ class _PackedCore(Generic[T]):
     ) -> None:
         if not isinstance(layout, PackedLayout):
             raise ArgumentError("layout", layout, "must be a PackedLayout")
+        if not isinstance(region, MemoryRegion):
+            raise ArgumentError("region", region, "must be a MemoryRegion")
         if region.nbytes < layout.nbytes:
             raise LayoutError("layout.nbytes", layout.nbytes,
                               f"exceeds the region's {region.nbytes} bytes")
@@ -740,18 +742,29 @@ class PackedQueue(_PackedCore[T]):
             self._order.append(buffer_id)
 
     def add_many(self, chains: Iterable[tuple[Sequence[Buffer], Sequence[Buffer], T]]) -> int:
-        """Add ``(readable, writable, token)`` chains, all or nothing; returns how many."""
+        """Add ``(readable, writable, token)`` chains, all or nothing; returns how many.
+        Raises :class:`ArgumentError` for something that is not such triples, and what
+        :meth:`add` raises."""
         if self._state_v is not _READY:
             self._refuse()
         if not isinstance(chains, list | tuple):
-            chains = list(chains)
+            try:
+                chains = list(chains)
+            except TypeError:
+                raise ArgumentError("chains", chains, "must be an iterable of "
+                                    "(readable, writable, token)") from None
         return self._add_chains(chains)
 
     def _add_each(self, chains: Sequence[tuple[Sequence[Buffer], Sequence[Buffer], T]]) -> int:
         """:meth:`add` for each chain, all or nothing (the reference for _add_chains)."""
         mark = self._mark()
         try:
-            for readable, writable, token in chains:
+            for chain in chains:
+                try:
+                    readable, writable, token = chain
+                except (TypeError, ValueError):
+                    raise ArgumentError("chains", chain, "must be (readable, writable, "
+                                        "token) triples of sequences") from None
                 self.add(readable, writable, token)
         except BaseException:
             for home, item in self._rollback(mark):

@@ -255,7 +255,11 @@ class SplitQueue(_SplitCore[T]):
         if self._state_v is not _READY:
             self._refuse()
         if not isinstance(chains, list | tuple):
-            chains = list(chains)
+            try:
+                chains = list(chains)
+            except TypeError:
+                raise ArgumentError("chains", chains, "must be an iterable of "
+                                    "(readable, writable, token)") from None
         free = self._free
         needed = 0
         one_desc = True

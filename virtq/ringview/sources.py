@@ -85,7 +85,13 @@ class MappedFile:
 
     def __init__(self, path: str | os.PathLike[str], queue_size: int, *, offset: int = 0,
                  iova: int | None = None, legacy: bool = False) -> None:
-        self.path = os.fspath(path)
+        try:
+            self.path = os.fspath(path)
+        except TypeError:
+            raise ArgumentError("path", path, "must be a str, bytes or os.PathLike") from None
+        if iova is not None and (not isinstance(iova, int) or isinstance(iova, bool)
+                                 or not 0 <= iova < 1 << 64):
+            raise ArgumentError("iova", iova, "must be None or an int in 0..2**64-1")
         layout = SplitLayout.compute(queue_size, legacy=legacy)
         if not isinstance(offset, int) or offset < 0:
             raise ArgumentError("offset", offset, "must be an int >= 0")
@@ -94,7 +100,7 @@ class MappedFile:
         self._offsets = {"desc": layout.desc + offset, "avail": layout.avail + offset,
                          "used": layout.used + offset}
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             raise VirtqOSError(exc.errno or errno.EIO,
                                f"cannot open {self.path}: {exc.strerror}") from None
@@ -261,9 +267,11 @@ class SnapshotFile:
 def is_snapshot(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a regular file that starts like a snapshot (a JSON object)."""
     try:
+        if not os.path.isfile(path):  # before open(): opening a FIFO blocks
+            return False
         with open(path, "rb") as f:
-            return os.path.isfile(path) and f.read(64).lstrip().startswith(b"{")
-    except OSError:
+            return f.read(64).lstrip().startswith(b"{")
+    except (OSError, TypeError, ValueError):
         return False
 
 
@@ -272,7 +280,7 @@ def load_snapshot(text: str, name: str = "snapshot") -> dict[str, Any]:
     when it is not one (or of a newer version)."""
     try:
         data = json.loads(text)
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:
         raise ArgumentError("path", name, f"is not a ring snapshot ({exc})") from None
     if not isinstance(data, dict) or data.get("format") != SNAPSHOT_FORMAT:
         raise ArgumentError("path", name, f"is not a {SNAPSHOT_FORMAT} file")
@@ -285,6 +293,18 @@ def load_snapshot(text: str, name: str = "snapshot") -> dict[str, Any]:
             raise ArgumentError("path", name, f"holds a {snap.get('format')!r} ring; the "
                                 "view reads split rings")
         size = int(snap["size"])
+        # The driver's counters the view reads (ringview.model): a damaged file must be
+        # refused here, not fail half-way through drawing it.
+        for counter in ("published", "next_avail", "last_used"):
+            if not isinstance(snap[counter], int) or isinstance(snap[counter], bool):
+                raise ArgumentError("path", name, f"has a damaged {counter} "
+                                    f"({snap[counter]!r})")
+        heads = snap.get("in_flight_heads", [])
+        if not isinstance(heads, list) or not all(
+                isinstance(h, int) and not isinstance(h, bool) and 0 <= h < size
+                for h in heads):
+            raise ArgumentError("path", name, "has damaged in_flight_heads (ring positions "
+                                "expected)")
         for area in ("desc", "avail", "used"):
             int(data["areas"][area])
         for piece in data["memory"]:

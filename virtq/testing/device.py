@@ -25,12 +25,34 @@ from virtq.abi import (
     VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_F_NO_NOTIFY,
 )
-from virtq.errors import VirtqError
+from virtq.errors import ArgumentError, QueueStateError, VirtqError
 from virtq.layout import SplitLayout, distance, need_event, wrap_add
 from virtq.layout.split import DESC_SIZE, avail_nbytes, used_nbytes
 from virtq.memory import MemoryRegion
 
 _DESC = struct.Struct("<QIHH")
+_U32 = 0xFFFFFFFF
+_U64 = (1 << 64) - 1
+
+
+def check_uint(name: str, value: object, high: int) -> int:
+    """``value`` if it is an int (not a bool) in ``0..high``; raises
+    :class:`ArgumentError` otherwise.  The device-side peers take addresses, lengths and
+    ids from tests: a float or a negative length would otherwise slice memory without a
+    word, and an id too large for its ring field would raise a bare ``ValueError`` from
+    the memoryview."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= high:
+        raise ArgumentError(name, value, f"must be an int in 0..{high:#x}")
+    return value
+
+
+def byte_data(data: object) -> memoryview:
+    """``data`` (any bytes-like object) as a flat byte view; raises :class:`ArgumentError`
+    for anything else (a multi-byte memoryview's ``len()`` counts items, not bytes)."""
+    try:
+        return memoryview(data).cast("B")  # type: ignore[arg-type]
+    except TypeError:
+        raise ArgumentError("data", type(data).__name__, "must be bytes-like") from None
 
 
 class DriverProtocolError(VirtqError):
@@ -65,6 +87,13 @@ class DeviceQueue:
         regions: Sequence[tuple[int, MemoryRegion]] | None = None,
         indirect_head_only: bool = False,
     ) -> None:
+        if not isinstance(layout, SplitLayout):
+            raise ArgumentError("layout", layout, "must be a SplitLayout")
+        if not isinstance(region, MemoryRegion):
+            raise ArgumentError("region", region, "must be a MemoryRegion")
+        check_uint("iova", iova, _U64)
+        if start_index is not None:
+            check_uint("start_index", start_index, 0xFFFF)
         n = layout.queue_size
         #: Follow VIRTQ_DESC_F_INDIRECT only in a head descriptor, as libvhost-user does
         #: (a deviation from §2.7.5.3.2, for the embedded back-end's fault switch).
@@ -93,12 +122,27 @@ class DeviceQueue:
 
     def add_region(self, iova: int, region: MemoryRegion) -> None:
         """Make ``region`` reachable at device address ``iova`` too (memory the driver
-        shared after the queue was set up: a vhost-user memory table update, a DMA map)."""
+        shared after the queue was set up: a vhost-user memory table update, a DMA map).
+        Raises :class:`ArgumentError` for a bad ``iova`` or ``region``,
+        :class:`~virtq.errors.QueueStateError` after :meth:`close`."""
+        self._check_open()
+        check_uint("iova", iova, _U64)
+        if not isinstance(region, MemoryRegion):
+            raise ArgumentError("region", region, "must be a MemoryRegion")
         self._spaces.append((iova, region.nbytes, region.view()))
+
+    def _check_open(self) -> None:
+        if self._mem is None:
+            raise QueueStateError("the DeviceQueue is closed")
 
     # -- memory access by device address --------------------------------------------
 
     def _translate(self, iova: int, length: int) -> memoryview:
+        if iova.__class__ is not int or length.__class__ is not int \
+                or not 0 <= iova <= _U64 or not 0 <= length <= _U64:
+            check_uint("iova", iova, _U64)
+            check_uint("length", length, _U64)
+        self._check_open()
         for base, size, view in self._spaces:
             if base <= iova and iova + length <= base + size:
                 return view[iova - base : iova - base + length]
@@ -112,7 +156,8 @@ class DeviceQueue:
     def write(self, iova: int, data: bytes | memoryview) -> None:
         """Write ``data`` at device address ``iova`` (what a device does to a writable buffer).
         Raises :class:`DriverProtocolError` when the range is not mapped."""
-        self._translate(iova, len(data))[:] = data
+        view = byte_data(data)
+        self._translate(iova, len(view))[:] = view
 
     def view(self, iova: int, length: int) -> memoryview:
         """A zero-copy view of ``length`` bytes at device address ``iova``.  Raises
@@ -137,6 +182,7 @@ class DeviceQueue:
         avail index, head or chain is impossible (an index more than the ring's size ahead, a
         head out of range, a loop, a bad indirect descriptor, a readable buffer after a writable
         one, an address outside the regions)."""
+        self._check_open()
         avail_idx = self._avail[1]
         if avail_idx == self.last_avail:
             return None
@@ -203,13 +249,18 @@ class DeviceQueue:
             index = nxt
 
     def desc(self, index: int) -> tuple[int, int, int, int]:
-        """Descriptor ``index`` of the ring's table: (addr, len, flags, next)."""
+        """Descriptor ``index`` of the ring's table: (addr, len, flags, next).  Raises
+        :class:`ArgumentError` for an index outside the ring."""
+        check_uint("index", index, self.size - 1)
         addr, length, flags, nxt = _DESC.unpack_from(self._desc, (index % self.size) * DESC_SIZE)
         return addr, length, flags, nxt
 
     def write_desc_len(self, index: int, length: int) -> None:
         """Overwrite descriptor ``index``'s len: something no device may do (§2.7.5.1);
-        for fault injection."""
+        for fault injection.  Raises :class:`ArgumentError` for an index outside the ring
+        or a length that is not a u32."""
+        check_uint("index", index, self.size - 1)
+        check_uint("length", length, _U32)
         struct.pack_into("<I", self._desc, (index % self.size) * DESC_SIZE + 8, length)
 
     @property
@@ -219,14 +270,20 @@ class DeviceQueue:
 
     def set_used_flags(self, value: int) -> None:
         """Store ``value`` (mod 2**16) as ``used.flags`` (``VIRTQ_USED_F_NO_NOTIFY``: do not
-        kick)."""
+        kick).  Raises :class:`ArgumentError` for a ``value`` that is not an int."""
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ArgumentError("value", value, "must be an int")
         self._used_h[0] = value & 0xFFFF
 
     # -- returning used chains --------------------------------------------------------
 
     def push(self, head: int, written_len: int, *, publish: bool = True) -> bool:
         """Put ``(head, written_len)`` into the used ring; with ``publish`` also store
-        ``used.idx``.  Returns whether the driver wants a used-buffer notification."""
+        ``used.idx``.  Returns whether the driver wants a used-buffer notification.  Raises
+        :class:`ArgumentError` for a head or length that is not a u32 (any u32 head: a
+        hostile device may name one outside the ring on purpose),
+        :class:`~virtq.errors.QueueStateError` after :meth:`close`."""
+        self._check_used(head, written_len)
         self._popped.pop(head, None)
         return self._put_used(head, written_len, 1, publish)
 
@@ -237,6 +294,7 @@ class DeviceQueue:
         advances by the batch's size (the earlier chains count as used completely).
         Returns as :meth:`push`.  Raises :class:`DriverProtocolError` for a head that was
         not popped."""
+        self._check_used(last_head, written_len)
         if last_head not in self._popped:
             raise DriverProtocolError(f"head {last_head} was not popped or is already used")
         batch = 0
@@ -246,6 +304,14 @@ class DeviceQueue:
             if head == last_head:
                 break
         return self._put_used(last_head, written_len, batch, publish)
+
+    def _check_used(self, head: int, written_len: int) -> None:
+        """Before anything changes: the used element's two le32 fields (§2.7.8)."""
+        if head.__class__ is not int or written_len.__class__ is not int \
+                or not 0 <= head <= _U32 or not 0 <= written_len <= _U32:
+            check_uint("head", head, _U32)
+            check_uint("written_len", written_len, _U32)
+        self._check_open()
 
     def _put_used(self, head: int, written_len: int, chains: int, publish: bool) -> bool:
         slot = wrap_add(self.used_idx, self._pending_used) & (self.size - 1)
@@ -292,7 +358,10 @@ class DeviceQueue:
             self._used_h[0] = 0
 
     def set_avail_event(self, index: int) -> None:
-        """With event idx: ask for a kick once the driver publishes past ``index``."""
+        """With event idx: ask for a kick once the driver publishes past ``index`` (mod
+        2**16).  Raises :class:`ArgumentError` for an ``index`` that is not an int."""
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise ArgumentError("index", index, "must be an int")
         self._used_h[2 + 4 * self.size] = index & 0xFFFF
 
     def close(self) -> None:

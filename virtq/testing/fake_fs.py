@@ -63,6 +63,7 @@ from virtq.abi.fs import (
     FuseOpcode,
     fuse_dirent_align,
 )
+from virtq.errors import ArgumentError
 from virtq.testing.device import Segment
 from virtq.testing.loopback import LoopbackTransport
 from virtq.transport.base import DmaArena
@@ -71,6 +72,21 @@ _OP = FuseOpcode
 #: ``tamper(opcode, args, reply)``: return None to send ``reply`` as it is, or
 #: ``(reply_bytes, used_len)`` to send those instead.
 Tamper = Callable[[int, bytes, bytearray], "tuple[bytes, int] | None"]
+
+
+#: The largest file the fake daemon keeps (in memory): a WRITE or SETATTR past it is
+#: answered EFBIG (write(2)), not a bytearray of that size.
+MAX_FILE_SIZE = 64 << 20
+
+
+def _check_count(name: str, value: object, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ArgumentError(name, value, f"must be an int in {low}..{high}")
+
+
+def _check_size(size: int) -> None:
+    if size > MAX_FILE_SIZE:
+        raise OSError(errno.EFBIG, "file too large for the fake daemon")
 
 
 @dataclass
@@ -120,6 +136,16 @@ class FakeFsDaemon:
                  tag: str | bytes = "fakefs", readdirplus: bool = False, major: int = 7,
                  minor: int = 31, config_queues: int | None = None, packed: bool = False,
                  in_order: bool = False) -> None:
+        # Checked here: a value the daemon cannot put in its config space or INIT reply
+        # would kill its thread, and the driver would wait for an answer that never comes.
+        _check_count("num_request_queues", num_request_queues, 1, 0xFFFF - 1)
+        _check_count("queue_size", queue_size, 1, 0x8000)
+        _check_count("major", major, 0, 0xFFFFFFFF)
+        _check_count("minor", minor, 0, 0xFFFFFFFF)
+        if config_queues is not None:
+            _check_count("config_queues", config_queues, 0, 0xFFFFFFFF)
+        if not isinstance(tag, str | bytes):
+            raise ArgumentError("tag", tag, "must be str or bytes")
         raw_tag = tag.encode() if isinstance(tag, str) else tag
         nq = num_request_queues if config_queues is None else config_queues
         config = raw_tag[:FS_TAG_SIZE].ljust(FS_TAG_SIZE, b"\0") + struct.pack("<I", nq)
@@ -288,6 +314,7 @@ class FakeFsDaemon:
             if op == _OP.SETATTR:
                 fields = FUSE_SETATTR_IN.unpack_from(args)
                 if fields[0] & (1 << 3):  # FATTR_SIZE
+                    _check_size(fields[3])
                     data = self._node(nodeid).data
                     del data[fields[3]:]
                     data.extend(bytes(fields[3] - len(data)))
@@ -305,6 +332,7 @@ class FakeFsDaemon:
             _fh, offset, size = FUSE_WRITE_IN.unpack_from(args)[:3]
             data = self._node(nodeid).data
             payload = args[FUSE_WRITE_IN.size : FUSE_WRITE_IN.size + size]
+            _check_size(offset + len(payload))
             if len(data) < offset:
                 data.extend(bytes(offset - len(data)))
             data[offset : offset + len(payload)] = payload
@@ -312,7 +340,10 @@ class FakeFsDaemon:
         if op in (_OP.READDIR, _OP.READDIRPLUS):
             return self._readdir(nodeid, args, op == _OP.READDIRPLUS)
         if op == _OP.READLINK:
-            return self._node(nodeid).target
+            node = self._node(nodeid)
+            if not stat.S_ISLNK(node.mode):
+                raise OSError(errno.EINVAL, "not a symlink")  # readlink(2)
+            return node.target
         if op == _OP.MKDIR:
             mode, _umask = FUSE_MKDIR_IN.unpack_from(args)
             return self._new(nodeid, args[FUSE_MKDIR_IN.size :].split(b"\0")[0],

@@ -21,10 +21,12 @@ from virtq.errors import ArgumentError, DeviceError, QueueStateError
 from virtq.layout import PackedLayout
 from virtq.memory import MemfdRegion
 from virtq.queue import VirtQueue
-from virtq.testing.device import DeviceQueue
+from virtq.testing.device import DeviceQueue, check_uint
 from virtq.testing.packed_device import PackedDeviceQueue
 from virtq.transport.base import DmaArena
 from virtq.types import Iova
+
+_U64 = (1 << 64) - 1
 
 
 class LoopbackTransport:
@@ -35,8 +37,18 @@ class LoopbackTransport:
 
     def __init__(self, *, features: int, queue_sizes: list[int], config: bytes,
                  device_type: int | None = None) -> None:
+        # Checked here: a bad value would otherwise surface inside a device driver's set-up
+        # as a TypeError, far from the test that passed it.
+        check_uint("features", features, _U64)
+        if not isinstance(queue_sizes, list | tuple) or not all(
+                isinstance(q, int) and not isinstance(q, bool) and 0 <= q <= 0x8000
+                for q in queue_sizes):
+            raise ArgumentError("queue_sizes", queue_sizes, "must be a list of ints in "
+                                "0..32768 (0: no such queue)")
+        if not isinstance(config, bytes | bytearray):
+            raise ArgumentError("config", type(config).__name__, "must be bytes")
         self.features = features
-        self.queue_sizes = queue_sizes
+        self.queue_sizes = list(queue_sizes)
         self.config = config
         self._device_type = device_type
         self.arenas: list[DmaArena] = []
@@ -68,6 +80,7 @@ class LoopbackTransport:
     def negotiate(self, wanted: int) -> int:
         """Keep the offered features that ``wanted`` names (VIRTIO_F_VERSION_1 always) and return
         them."""
+        check_uint("wanted", wanted, _U64)
         self.features &= wanted | 1 << 32  # VIRTIO_F_VERSION_1 always
         return self.features
 
@@ -77,10 +90,13 @@ class LoopbackTransport:
 
     def max_queue_size(self, index: int) -> int:
         """Queue ``index``'s maximum size, 0 for a queue the device does not have."""
+        check_uint("index", index, 0xFFFF)
         return self.queue_sizes[index] if 0 <= index < len(self.queue_sizes) else 0
 
     def read_config(self, offset: int, size: int) -> bytes:
         """``size`` bytes of the config space at ``offset`` (shorter past its end)."""
+        check_uint("offset", offset, 0xFFFF)
+        check_uint("size", size, 0xFFFF)
         return self.config[offset : offset + size]
 
     def alloc_dma(self, nbytes: int) -> DmaArena:
@@ -89,6 +105,8 @@ class LoopbackTransport:
         :class:`~virtq.errors.QueueStateError` once closed."""
         if self.closed:
             raise QueueStateError("loopback transport is closed")
+        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 1:
+            raise ArgumentError("nbytes", nbytes, "must be an int >= 1")
         region = MemfdRegion(-(-nbytes // 4096) * 4096)
         arena = DmaArena(region, Iova(0x1000_0000 * (len(self.arenas) + 1)), owner=self)
         self.arenas.append(arena)

@@ -55,7 +55,7 @@ from virtq.errors import ArgumentError, QueueStateError
 from virtq.layout import PackedLayout, need_event
 from virtq.layout.split import DESC_SIZE
 from virtq.memory import MemoryRegion
-from virtq.testing.device import DriverProtocolError, Segment
+from virtq.testing.device import DriverProtocolError, Segment, byte_data, check_uint
 
 #: ``struct pvirtq_desc`` (§2.8.13): le64 addr, le32 len, le16 id, le16 flags.
 _PDESC = struct.Struct("<QIHH")
@@ -68,6 +68,7 @@ _EVENT_FLAGS_MASK = 0x3
 _WRAP_SHIFT = 15
 _OFF_MASK = (1 << _WRAP_SHIFT) - 1
 _U32 = 0xFFFFFFFF
+_U64 = (1 << 64) - 1
 
 
 def is_avail(flags: int, wrap: int) -> bool:
@@ -139,6 +140,9 @@ class PackedDeviceQueue:
     ) -> None:
         if not isinstance(layout, PackedLayout):
             raise ArgumentError("layout", layout, "must be a PackedLayout")
+        if not isinstance(region, MemoryRegion):
+            raise ArgumentError("region", region, "must be a MemoryRegion")
+        check_uint("iova", iova, _U64)
         n = layout.queue_size
         if region.nbytes < layout.nbytes:
             raise ArgumentError("region", region, f"must hold the layout's {layout.nbytes} "
@@ -187,8 +191,11 @@ class PackedDeviceQueue:
     def add_region(self, iova: int, region: MemoryRegion) -> None:
         """Make ``region`` reachable at device address ``iova`` too (memory the driver
         shared after the queue was set up).  Raises :class:`QueueStateError` after
-        :meth:`close`."""
+        :meth:`close`, :class:`ArgumentError` for a bad ``iova`` or ``region``."""
         self._check_open()
+        check_uint("iova", iova, _U64)
+        if not isinstance(region, MemoryRegion):
+            raise ArgumentError("region", region, "must be a MemoryRegion")
         self._spaces.append((iova, region.nbytes, self._take(region.view())))
 
     def _take(self, view: memoryview) -> memoryview:
@@ -242,6 +249,10 @@ class PackedDeviceQueue:
     # -- memory access by device address --------------------------------------------------
 
     def _translate(self, iova: int, length: int) -> memoryview:
+        if iova.__class__ is not int or length.__class__ is not int \
+                or not 0 <= iova <= _U64 or not 0 <= length <= _U64:
+            check_uint("iova", iova, _U64)
+            check_uint("length", length, _U64)
         self._check_open()
         for base, size, view in self._spaces:
             if base <= iova and iova + length <= base + size:
@@ -255,7 +266,8 @@ class PackedDeviceQueue:
     def write(self, iova: int, data: bytes | memoryview) -> None:
         """Store ``data`` at device address ``iova``; raises DriverProtocolError when
         unmapped."""
-        self._translate(iova, len(data))[:] = data
+        view = byte_data(data)
+        self._translate(iova, len(view))[:] = view
 
     def view(self, iova: int, length: int) -> memoryview:
         """A writable view of device memory; raises DriverProtocolError when unmapped."""

@@ -42,7 +42,9 @@ def deadline_after(timeout: float | None) -> float | None:
     :class:`ArgumentError` for a negative or non-numeric timeout."""
     if timeout is None:
         return None
-    if not isinstance(timeout, int | float) or math.isnan(timeout) or timeout < 0:
+    # bool is an int: timeout=True would mean one second without a word.
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool) \
+            or math.isnan(timeout) or timeout < 0:
         raise ArgumentError("timeout", timeout, "must be None or a number of seconds >= 0")
     if timeout == math.inf:
         return None

@@ -1259,6 +1259,12 @@ class VhostUserBlkBackend:
             self._socket_ino = os.stat(self.socket_path).st_ino
             listener.listen(4)
             listener.setblocking(False)  # accept() only after poll() said so
+        except OSError as exc:
+            # A missing image, a socket path in a missing directory, ...: the back-end's
+            # own error (a VirtqError), not a bare FileNotFoundError from start().
+            self._close()
+            raise BackendError(f"cannot start the back-end on {self.socket_path}: "
+                               f"{exc}") from exc
         except BaseException:
             self._close()
             raise

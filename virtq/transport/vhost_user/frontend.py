@@ -128,7 +128,10 @@ def check_timeout(timeout: object) -> float | None:
     return float(timeout)
 
 
-def _check_path(path: object) -> str | bytes:
+def check_path(path: object) -> str | bytes:
+    """``path`` as :func:`os.fspath` gives it, if it can name a Unix socket (unix(7): 1..107
+    bytes, no NUL but an abstract name's leading one); raises
+    :class:`~virtq.errors.ArgumentError` otherwise."""
     try:
         fspath = os.fspath(path)  # type: ignore[call-overload]
     except TypeError:
@@ -172,7 +175,7 @@ class VhostUserFrontend:
         :class:`VhostUserTimeoutError` if connecting takes longer, and
         :class:`VhostUserConnectError` (an ``OSError`` with the errno) if it fails.
         """
-        fspath = _check_path(path)
+        fspath = check_path(path)
         timeout = check_timeout(timeout)
         shown = os.fsdecode(fspath)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)

@@ -39,7 +39,12 @@ from virtq.transport.vhost_user.errors import (
     VhostUserProtocolError,
     VhostUserRegionLimitError,
 )
-from virtq.transport.vhost_user.frontend import DEFAULT_TIMEOUT, VhostUserFrontend
+from virtq.transport.vhost_user.frontend import (
+    DEFAULT_TIMEOUT,
+    VhostUserFrontend,
+    check_path,
+    check_timeout,
+)
 
 #: Ring/transport feature bits (24..49) accepted over vhost-user: what the queue implements.
 SUPPORTED_TRANSPORT_FEATURES = QUEUE_FEATURES
@@ -99,10 +104,16 @@ class VhostUserTransport:
         hugepages: bool = False,
         inflight: bool = False,
     ) -> None:
+        if iova_allocator is not None and not (callable(getattr(iova_allocator, "alloc", None))
+                                               and callable(getattr(iova_allocator, "free", None))):
+            # Checked here, not at the first alloc_dma(): the device constructor would fail
+            # half-way with an AttributeError.
+            raise ArgumentError("iova_allocator", iova_allocator,
+                                "must be None or an IovaAllocator (alloc() and free())")
         self.frontend = frontend
         self.path = frontend.path
         self.timeout = frontend.timeout
-        self.iova_allocator = iova_allocator or IdentityAllocator()
+        self.iova_allocator = IdentityAllocator() if iova_allocator is None else iova_allocator
         self.hugepages = hugepages
         #: Whether to keep an inflight region when the back-end offers INFLIGHT_SHMFD.
         self.inflight = bool(inflight)
@@ -564,10 +575,17 @@ class VhostUserTransport:
         """
         if self._closed:
             raise QueueStateError(f"vhost-user transport to {self.path} is closed")
+        # Bad arguments are the caller's, not a failed connection: refuse them before the
+        # working connection is closed (connect() would check them only afterwards).
+        if path is not None:
+            check_path(path)
+        if timeout is not None:
+            check_timeout(timeout)
         self.frontend.close()
         try:
-            self.frontend = VhostUserFrontend.connect(path or self.path,
-                                                      timeout=timeout or self.timeout)
+            self.frontend = VhostUserFrontend.connect(
+                self.path if path is None else path,
+                timeout=self.timeout if timeout is None else timeout)
         except BaseException as exc:
             self._disconnected = exc
             raise
