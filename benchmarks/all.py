@@ -170,6 +170,18 @@ def net_targets(res: dict[str, Any], ring: str) -> list[tuple[bool, str]]:
     return out
 
 
+def as_markdown(text: str) -> str:
+    """A benchmark's printed table as Markdown: its ``# ...`` comment lines (the title,
+    the host, the back-end) become paragraphs, not headings (they would be, in Markdown)."""
+    out: list[str] = []
+    for line in text.rstrip().splitlines():
+        if line.startswith("# "):
+            out += [line[2:], ""]
+        else:
+            out.append(line)
+    return "\n".join(out).rstrip()
+
+
 def git_rev() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
@@ -278,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         "target as a tie.",
     ]
     for title, text in sections:
-        lines += ["", f"## {title}", "", text.rstrip()]
+        lines += ["", f"## {title}", "", as_markdown(text)]
     report = "\n".join(lines) + "\n"
     print()
     print(f"# issue 18 targets: {met} of {len(targets)} met ({elapsed:.0f} s)")
