@@ -82,6 +82,7 @@ from virtq.queue._splitcore import (
     check_u16,
     flag_names,
 )
+from virtq.queue._template import TemplateSlots
 from virtq.queue.interface import Buffer, QueueState
 from virtq.queue.split import _as_seq, _bad_buffer, _chain_entries
 from virtq.types import Iova
@@ -1117,7 +1118,7 @@ class PackedQueue(_PackedCore[T]):
         return seq, limit
 
 
-class PackedTemplate(Generic[T]):
+class PackedTemplate(TemplateSlots, Generic[T]):
     """A request shape on a :class:`PackedQueue` (see :class:`~virtq.queue.ChainTemplate`).
 
     Each slot owns a buffer id for good.  With indirect descriptors it also owns that id's
@@ -1151,66 +1152,6 @@ class PackedTemplate(Generic[T]):
         self._w: list[object] = [None] * slots
         self._entries: list[list[tuple[int, int, int]]] = [[] for _ in range(slots)]
         self._cap = [0] * slots
-
-    @property
-    def num_free(self) -> int:
-        """Slots :meth:`acquire` can hand out now."""
-        return len(self._free)
-
-    def acquire(self) -> int:
-        """A free slot, held until submitted or released.  Raises :class:`QueueFullError`
-        when every slot is held or in flight."""
-        free = self._free
-        if not free:
-            raise QueueFullError(1, 0, "template slots")
-        slot = free.pop()
-        self._held.add(slot)
-        return slot
-
-    def acquire_many(self, count: int) -> tuple[int, ...]:
-        """``count`` free slots, all or none; submit this very tuple with
-        :meth:`submit_many` and they are not checked again.  Raises
-        :class:`~virtq.errors.ArgumentError` for a negative or non-int ``count`` and
-        :class:`QueueFullError` when fewer are free."""
-        free = self._free
-        if count.__class__ is not int or not 0 <= count <= len(free):
-            if not isinstance(count, int) or count < 0:
-                raise ArgumentError("count", count, "must be an int >= 0")
-            raise QueueFullError(count, len(free), "template slots")
-        if not count:
-            return ()
-        slots = tuple(free[-count:])
-        del free[-count:]
-        self._held.update(slots)
-        self._batch = slots
-        return slots
-
-    def _is_held(self, slot: object) -> bool:
-        try:
-            return slot.__class__ is int and slot in self._held
-        except TypeError:
-            return False
-
-    def _bad_slot(self, slot: object) -> NoReturn:
-        raise ArgumentError("slot", slot, f"must be a slot of this template (0..{self.slots - 1}) "
-                            "held by acquire() and not yet submitted")
-
-    def release(self, slot: int) -> None:
-        """Give back a held slot without submitting it."""
-        if not self._is_held(slot):
-            self._bad_slot(slot)
-        self._held.discard(slot)
-        self._batch = None
-        self._free.append(slot)
-
-    def release_many(self, slots: Iterable[int]) -> None:
-        """:meth:`release` each, all or nothing."""
-        slots = list(slots)
-        if len(set(slots)) != len(slots) or not all(map(self._is_held, slots)):
-            self._bad_slot(next((s for s in slots if not self._is_held(s)), slots))
-        self._held.difference_update(slots)
-        self._batch = None
-        self._free.extend(slots)
 
     def _shape(self, slot: int, readable: Sequence[Buffer], writable: Sequence[Buffer]
                ) -> list[tuple[int, int, int]]:

@@ -39,6 +39,7 @@ from virtq.layout import SplitLayout
 from virtq.layout.split import DESC_SIZE
 from virtq.memory import MemoryRegion
 from virtq.queue._splitcore import _READY, SplitRingView, _SplitCore, ring_run
+from virtq.queue._template import TemplateSlots
 from virtq.queue.interface import Buffer
 from virtq.types import Iova
 
@@ -641,7 +642,7 @@ class SplitQueue(_SplitCore[T]):
         return out
 
 
-class SplitTemplate(Generic[T]):
+class SplitTemplate(TemplateSlots, Generic[T]):
     """A request shape on a :class:`SplitQueue`: up to ``max_buffers`` buffers, ``slots``
     request slots (see :class:`~virtq.queue.ChainTemplate`).
 
@@ -695,71 +696,6 @@ class SplitTemplate(Generic[T]):
                 # §2.7.5.3.1: the device ignores WRITE on the descriptor that points to a
                 # table; its length is set per shape (16 bytes per entry).
                 _PACK_DESC(q._desc_mem, head << 4, q.iova + table, DESC_SIZE, _F_INDIRECT, 0)
-
-    # -- slots ----------------------------------------------------------------------------------
-
-    @property
-    def num_free(self) -> int:
-        """Slots :meth:`acquire` can hand out now."""
-        return len(self._free)
-
-    def acquire(self) -> int:
-        """A free slot (the one freed last), held until :meth:`submit` or :meth:`release`.
-        Raises :class:`QueueFullError` when every slot is held or in flight."""
-        free = self._free
-        if not free:
-            raise QueueFullError(1, 0, "template slots")
-        slot = free.pop()
-        self._held.add(slot)
-        return slot
-
-    def acquire_many(self, count: int) -> tuple[int, ...]:
-        """``count`` free slots, all or none (:class:`QueueFullError`): the slots freed last,
-        in the order they were freed.  Submitting them as they are (this very tuple) with
-        :meth:`submit_many` skips the per-slot checks.  Raises
-        :class:`~virtq.errors.ArgumentError` for a negative or non-int ``count`` and
-        :class:`QueueFullError` when fewer are free."""
-        free = self._free
-        if count.__class__ is not int or not 0 <= count <= len(free):
-            if not isinstance(count, int) or count < 0:
-                raise ArgumentError("count", count, "must be an int >= 0")
-            raise QueueFullError(count, len(free), "template slots")
-        if not count:
-            return ()
-        slots = tuple(free[-count:])
-        del free[-count:]
-        self._held.update(slots)
-        self._batch = slots
-        return slots
-
-    def release(self, slot: int) -> None:
-        """Give back a held slot without submitting it (:class:`ArgumentError` if it is not
-        held)."""
-        if not self._is_held(slot):
-            self._bad_slot(slot)
-        self._held.discard(slot)
-        self._batch = None
-        self._free.append(slot)
-
-    def release_many(self, slots: Iterable[int]) -> None:
-        """:meth:`release` each (checked first: all or nothing)."""
-        slots = list(slots)
-        if len(set(slots)) != len(slots) or not all(map(self._is_held, slots)):
-            bad = next((s for s in slots if not self._is_held(s)), slots)
-            self._bad_slot(bad)
-        self._held.difference_update(slots)
-        self._batch = None
-        self._free.extend(slots)
-
-    def _is_held(self, slot: object) -> bool:
-        try:
-            return slot.__class__ is int and slot in self._held
-        except TypeError:  # unhashable
-            return False
-
-    def _bad_slot(self, slot: object) -> NoReturn:
-        raise ArgumentError("slot", slot, f"must be a slot of this template (0..{self.slots - 1}) "
-                            "held by acquire() and not yet submitted")
 
     # -- submitting -----------------------------------------------------------------------------
 

@@ -1,0 +1,94 @@
+"""The slot bookkeeping every chain template has, whatever ring format it writes
+(:class:`~virtq.queue.split.SplitTemplate`, :class:`~virtq.queue.packed.PackedTemplate`).
+
+A template has ``slots`` request slots.  A slot is free, *held* (handed out by
+``acquire*()`` and neither submitted nor released yet), or in flight (submitted: the queue
+owns it until its chain is reaped, then it is free again).  Free slots are a stack: the
+slot freed last is handed out first, so a refill reuses the descriptors, tables and
+buffers that are warm in the cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import NoReturn
+
+from virtq.errors import ArgumentError, QueueFullError
+
+
+class TemplateSlots:
+    """Free / held slot bookkeeping of a chain template (a base class: the template sets
+    ``slots``, ``_free``, ``_held`` and ``_batch`` in its constructor and on reset)."""
+
+    slots: int
+    _free: list[int]
+    _held: set[int]
+    # The tuple the last acquire_many() returned, all of its slots still held: a
+    # submit_many() of that very tuple needs no per-slot check.
+    _batch: tuple[int, ...] | None
+
+    @property
+    def num_free(self) -> int:
+        """Slots :meth:`acquire` can hand out now."""
+        return len(self._free)
+
+    def acquire(self) -> int:
+        """A free slot (the one freed last), held until it is submitted or released.
+        Raises :class:`QueueFullError` when every slot is held or in flight."""
+        free = self._free
+        if not free:
+            raise QueueFullError(1, 0, "template slots")
+        slot = free.pop()
+        self._held.add(slot)
+        return slot
+
+    def acquire_many(self, count: int) -> tuple[int, ...]:
+        """``count`` free slots, all or none (:class:`QueueFullError`): the slots freed last,
+        in the order they were freed.  Submitting them as they are (this very tuple) with
+        ``submit_many()`` skips the per-slot checks.  Raises
+        :class:`~virtq.errors.ArgumentError` for a negative or non-int ``count`` and
+        :class:`QueueFullError` when fewer are free."""
+        free = self._free
+        if count.__class__ is not int or not 0 <= count <= len(free):
+            if not isinstance(count, int) or count < 0:
+                raise ArgumentError("count", count, "must be an int >= 0")
+            raise QueueFullError(count, len(free), "template slots")
+        if not count:
+            return ()
+        slots = tuple(free[-count:])
+        del free[-count:]
+        self._held.update(slots)
+        self._batch = slots
+        return slots
+
+    def release(self, slot: int) -> None:
+        """Give back a held slot without submitting it (:class:`ArgumentError` if it is not
+        held)."""
+        if not self._is_held(slot):
+            self._bad_slot(slot)
+        self._held.discard(slot)
+        self._batch = None
+        self._free.append(slot)
+
+    def release_many(self, slots: Iterable[int]) -> None:
+        """:meth:`release` each (checked first: all or nothing; :class:`ArgumentError` for
+        a slot not held, or one named twice)."""
+        slots = list(slots)
+        if len(set(slots)) != len(slots) or not all(map(self._is_held, slots)):
+            self._bad_slot(next((s for s in slots if not self._is_held(s)), slots))
+        self._held.difference_update(slots)
+        self._batch = None
+        self._free.extend(slots)
+
+    def _is_held(self, slot: object) -> bool:
+        try:
+            return slot.__class__ is int and slot in self._held
+        except TypeError:  # unhashable
+            return False
+
+    def _bad_slot(self, slot: object) -> NoReturn:
+        raise ArgumentError("slot", slot, f"must be a slot of this template (0..{self.slots - 1}) "
+                            "held by acquire() and not yet submitted")
+
+
+__all__ = ["TemplateSlots"]
