@@ -10,7 +10,7 @@ buffers that are warm in the cache.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import NoReturn
 
 from virtq.errors import ArgumentError, QueueFullError
@@ -74,11 +74,31 @@ class TemplateSlots:
         """:meth:`release` each (checked first: all or nothing; :class:`ArgumentError` for
         a slot not held, or one named twice)."""
         slots = list(slots)
-        if len(set(slots)) != len(slots) or not all(map(self._is_held, slots)):
-            self._bad_slot(next((s for s in slots if not self._is_held(s)), slots))
+        self._check_held_all(slots)
         self._held.difference_update(slots)
         self._batch = None
         self._free.extend(slots)
+
+    def _check_held_all(self, slots: Sequence[int]) -> None:
+        """:class:`ArgumentError` unless every one of ``slots`` is held, and named once."""
+        if len(set(slots)) != len(slots) or not all(map(self._is_held, slots)):
+            self._bad_slot(next((s for s in slots if not self._is_held(s)), slots))
+
+    def _check_submit_many(self, slots: Sequence[int], readables: Sequence[object] | None,
+                           writables: Sequence[object] | None, tokens: Sequence[object]
+                           ) -> bool:
+        """``submit_many()``'s sequences: one readable and one writable sequence per slot,
+        or both None (then True: repeat each slot's last buffers), and one token per slot.
+        Raises :class:`ArgumentError` otherwise."""
+        count = len(slots)
+        same = readables is None and writables is None
+        if not same and (readables is None or writables is None
+                         or not len(readables) == len(writables) == count):
+            raise ArgumentError("readables/writables", (readables, writables),
+                                "one sequence each, as long as slots (or both None)")
+        if len(tokens) != count:
+            raise ArgumentError("tokens", len(tokens), f"one per slot ({count})")
+        return same
 
     def _is_held(self, slot: object) -> bool:
         try:

@@ -745,14 +745,8 @@ class SplitTemplate(TemplateSlots, Generic[T]):
         q = self._q
         if q._state_v is not _READY:
             q._refuse()
+        same = self._check_submit_many(slots, readables, writables, tokens)
         count = len(slots)
-        same = readables is None and writables is None
-        if not same and (readables is None or writables is None
-                         or not len(readables) == len(writables) == count):
-            raise ArgumentError("readables/writables", (readables, writables),
-                                "one sequence each, as long as slots (or both None)")
-        if len(tokens) != count:
-            raise ArgumentError("tokens", len(tokens), f"one per slot ({count})")
         if not count:
             return
         if not self.persistent:
@@ -765,10 +759,8 @@ class SplitTemplate(TemplateSlots, Generic[T]):
         held = self._held
         # Unless these are the very slots acquire_many() handed out, check every one (held,
         # and only once).
-        if slots is not self._batch and (
-                len(set(slots)) != count or not all(map(self._is_held, slots))):
-            bad = next((s for s in slots if not self._is_held(s)), slots)
-            self._bad_slot(bad)
+        if slots is not self._batch:
+            self._check_held_all(slots)
         state = q._state
         avail = q._avail
         mask = q._mask
