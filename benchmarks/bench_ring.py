@@ -156,30 +156,98 @@ def build(kind: str, ring: str, in_order: bool, event_idx: bool, indirect: bool
     return q, dev, layout, cleanup
 
 
+#: How a row adds its chains: one ``add()`` per chain, one ``add_many()`` per batch, or a
+#: chain template (``q.template(chain)``, one ``submit_many()`` per batch) refilled with the
+#: buffers each slot held last time ("template") or with a new data buffer per chain
+#: ("template-new", the header and status buffers of a block request stay the slot's).
+APIS = ("add", "add_many", "template", "template-new")
+#: Distinct data buffers the "template-new" rows cycle through: more than a batch, so a
+#: slot never gets the buffer it had.
+DATA_BUFFERS = 97
+
+
+def chains_for(api: str, chain: int, batch: int, buf: int, rnd: int
+               ) -> tuple[list[Any], list[Any], list[int]]:
+    """(readables, writables, tokens) of one batch.  ``buf``: the buffers' base address;
+    ``rnd``: the batch's number (template-new rows take the next data buffers)."""
+    # One object per buffer that stays (a driver keeps its header and status buffers), a
+    # new tuple per data buffer that changes.
+    hdr, status = (buf, 16), [(buf + 32, 16)]
+    if api != "template-new":
+        readable = [(buf, 16)] if chain == 1 else [hdr, (buf + 16, 16)]
+        writable = [] if chain == 1 else status
+        return [readable] * batch, [writable] * batch, list(range(batch))
+    base = rnd * batch
+    data = [buf + 64 + 64 * ((base + i) % DATA_BUFFERS) for i in range(batch)]
+    if chain == 1:
+        return [[(d, 16)] for d in data], [[]] * batch, list(range(batch))
+    return [[hdr, (d, 16)] for d in data], [status] * batch, list(range(batch))
+
+
 def run(kind: str, ring: str, in_order: bool, api: str, chain: int, batch: int,
         event_idx: bool, indirect: bool, seconds: float, overhead: float
         ) -> tuple[float, float]:
-    """(driver ns, round-trip ns) per chain.  ``api``: "add" (one call per chain) or
-    "add_many" (one per batch)."""
+    """(driver ns, round-trip ns) per chain.  ``api``: one of :data:`APIS` (the naive rings
+    have no templates: their template rows add the same chains with ``add_many``)."""
     q, dev, layout, cleanup = build(kind, ring, in_order, event_idx, indirect)
     try:
         buf = BASE + layout.buffers
-        readable = [(buf, 16)] if chain == 1 else [(buf, 16), (buf + 16, 16)]
-        writable = [] if chain == 1 else [(buf + 32, 16)]
         add, publish, drain, complete = q.add, q.publish, q.drain_used, dev.complete_all
-        many = [(readable, writable, i) for i in range(batch)]
-        add_many = q.add_many if api == "add_many" else None
+        new_data = api == "template-new"
+        # template-new rows build their batch's buffer lists in the timed part: saying
+        # which buffers a request uses is the driver's work.
+        batches = [chains_for(api, chain, batch, buf, r) for r in range(DATA_BUFFERS)]
+        readables, writables, tokens = batches[0]
+        many = list(zip(readables, writables, tokens, strict=True))
+        readable, writable = readables[0], writables[0]
+        tpl = None
+        if kind == "virtq" and api.startswith("template"):
+            tpl = q.template(chain, slots=batch)
+            # Every slot submitted once, so that a refill has buffers to repeat.
+            slots = tpl.acquire_many(batch)
+            tpl.submit_many(slots, readables, writables, tokens)
+            publish()
+            complete()
+            drain()
+        acquire_many = tpl.acquire_many if tpl is not None else None
+        submit_many = tpl.submit_many if tpl is not None else None
+        add_many = q.add_many if api != "add" else None
         pc = time.perf_counter_ns
         # Per batch (publish): the driver's ns and the round trip's, for their medians.
         driver: list[int] = []
         total: list[int] = []
         deadline = time.monotonic() + seconds
         rng = range(batch)
+        r = 0
         while time.monotonic() < deadline:
             for _ in range(50):
+                if new_data:
+                    r = (r + 1) % DATA_BUFFERS
+                    # The data addresses, outside the timed part; the lists inside it.
+                    addrs = [rr[-1][0] for rr in batches[r][0]]
                 t0 = pc()
-                if add_many is not None:
-                    add_many(many)
+                if submit_many is not None:
+                    assert acquire_many is not None
+                    slots = acquire_many(batch)
+                    if new_data:
+                        if chain == 1:
+                            submit_many(slots, [[(a, 16)] for a in addrs], writables, tokens)
+                        else:
+                            hdr = readable[0]
+                            submit_many(slots, [[hdr, (a, 16)] for a in addrs], writables,
+                                        tokens)
+                    else:
+                        submit_many(slots, None, None, tokens)
+                elif add_many is not None:
+                    if new_data:
+                        if chain == 1:
+                            add_many([([(a, 16)], writable, i) for i, a in enumerate(addrs)])
+                        else:
+                            hdr = readable[0]
+                            add_many([([hdr, (a, 16)], writable, i)
+                                      for i, a in enumerate(addrs)])
+                    else:
+                        add_many(many)
                 else:
                     for i in rng:
                         add(readable, writable, i)
@@ -199,6 +267,26 @@ def run(kind: str, ring: str, in_order: bool, api: str, chain: int, batch: int,
         cleanup()
     return ((statistics.median(driver) - 2 * overhead) / batch,
             (statistics.median(total) - overhead) / batch)
+
+
+def api_label(api: str) -> str:
+    """How a row's API reads in the table and the JSON labels."""
+    return {"template": "template, same buffers",
+            "template-new": "template, new data buffer"}.get(api, f"{api}()")
+
+
+def has_templates() -> bool:
+    """Whether the virtq under test has chain templates (older ones do not)."""
+    layout = layout_for("split", False)
+    region = MemfdRegion(layout.nbytes)
+    try:
+        q = virtq_queue(region, layout, "split", False, True, False)
+        try:
+            return hasattr(q, "template")
+        finally:
+            q.close()
+    finally:
+        region.close()
 
 
 def csv_choice(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
@@ -226,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batched-api", choices=("add_many", "add", "both"), default="add_many",
                    help="how the batched rows add their 32 chains: one add_many() call, "
                    "32 add() calls, or a row for each [add_many]")
+    p.add_argument("--templates", choices=("on", "off"), default="on",
+                   help="also the template rows (32 chains per publish, event idx on): "
+                   "refills with the same buffers and with a new data buffer per chain [on]")
     p.add_argument("--json", help="also write the numbers to this file")
     args = p.parse_args(argv)
     if args.rounds < 1 or args.seconds <= 0:
@@ -237,14 +328,22 @@ def main(argv: list[str] | None = None) -> int:
     if len(skipped) == len(kinds):
         p.error("the virtq under test can build none of the rings asked for: " + "; ".join(
             f"{ring}, in-order {ON[io]}: {why}" for (ring, io), why in skipped.items()))
+    templates = args.templates == "on" and has_templates()
     configs = [
-        (ring, io, chain, batch, ev, ind)
+        (ring, io, chain, batch, ev, ind, api)
         for ring, io in kinds if (ring, io) not in skipped
         for chain in (1, 3)
         for batch in (1, 32)
         for ev in (False, True)
         for ind in ((False, True) if chain == 3 else (False,))
+        for api in (batched if batch > 1 else ["add"])
     ]
+    if templates:
+        configs += [(ring, io, chain, 32, True, ind, api)
+                    for ring, io in kinds if (ring, io) not in skipped
+                    for api in ("template", "template-new")
+                    for chain in (1, 3)
+                    for ind in ((False, True) if chain == 3 else (False,))]
     title = (f"bench_ring: {host_line()}, queue size {N}, {args.seconds:g} s over "
              f"{args.rounds} round(s) per ring, API and configuration")
     print(f"# {title}")
@@ -252,24 +351,30 @@ def main(argv: list[str] | None = None) -> int:
           "median batch of each run, best of the rounds")
     for (ring, io), why in skipped.items():
         print(f"# skipped: {ring}, in-order {ON[io]}: {why}")
+    if args.templates == "on" and not templates:
+        print("# skipped: the template rows (this virtq's queues have no template())")
+    if templates:
+        print("# template rows: virtq refills a chain template (acquire_many + submit_many); "
+              "the naive ring, which has none, adds the same chains with add_many.  "
+              "template-new: a new data buffer per chain, its buffer lists built in the "
+              "timed part on both sides")
     results = Results("ring", title)
     rows = []
-    for ring, io, chain, batch, ev, ind in configs:
-        for api in batched if batch > 1 else ["add"]:
-            best = {kind: (float("inf"), float("inf")) for kind in ("virtq", "naive")}
-            for rnd in range(args.rounds):  # interleaved; keep the best (least disturbed)
-                for kind in ("virtq", "naive") if rnd % 2 == 0 else ("naive", "virtq"):
-                    d, t = run(kind, ring, io, api, chain, batch, ev, ind and kind == "virtq",
-                               args.seconds / args.rounds, overhead)
-                    best[kind] = (min(best[kind][0], d), min(best[kind][1], t))
-            (vd, vt), (nd, nt) = best["virtq"], best["naive"]
-            rows.append([ring, ON[io], chain, batch, ON[ev], ON[ind], f"{api}()", f"{vd:.0f}",
-                         f"{nd:.0f}", f"{nd / vd:.2f}x", f"{vt:.0f}", f"{nt:.0f}"])
-            label = (f"{ring}, in-order {ON[io]}, chain {chain}, batch {batch}, "
-                     f"event_idx {ON[ev]}, indirect {ON[ind]}, {api}()")
-            results.add(label, "virtq ns/chain", vd, "lower")
-            # The same code whatever virtq is: what compare.py shows as the noise floor.
-            results.add(label, "naive ns/chain (control)", nd, None)
+    for ring, io, chain, batch, ev, ind, api in configs:
+        best = {kind: (float("inf"), float("inf")) for kind in ("virtq", "naive")}
+        for rnd in range(args.rounds):  # interleaved; keep the best (least disturbed)
+            for kind in ("virtq", "naive") if rnd % 2 == 0 else ("naive", "virtq"):
+                d, t = run(kind, ring, io, api, chain, batch, ev, ind and kind == "virtq",
+                           args.seconds / args.rounds, overhead)
+                best[kind] = (min(best[kind][0], d), min(best[kind][1], t))
+        (vd, vt), (nd, nt) = best["virtq"], best["naive"]
+        rows.append([ring, ON[io], chain, batch, ON[ev], ON[ind], api_label(api), f"{vd:.0f}",
+                     f"{nd:.0f}", f"{nd / vd:.2f}x", f"{vt:.0f}", f"{nt:.0f}"])
+        label = (f"{ring}, in-order {ON[io]}, chain {chain}, batch {batch}, "
+                 f"event_idx {ON[ev]}, indirect {ON[ind]}, {api_label(api)}")
+        results.add(label, "virtq ns/chain", vd, "lower")
+        # The same code whatever virtq is: what compare.py shows as the noise floor.
+        results.add(label, "naive ns/chain (control)", nd, None)
     print(markdown_table(
         ["ring", "in-order", "chain", "batch", "event_idx", "indirect", "API", "virtq ns",
          "naive ns", "naive / virtq", "virtq round trip", "naive round trip"], rows,

@@ -97,16 +97,28 @@ def ring_configs(rings=("split", "packed"), in_orders=("off", "on")):
             for ind in (("off", "on") if chain == 3 else ("off",))]
 
 
+TEMPLATE_APIS = ("template, same buffers", "template, new data buffer")
+
+
+def template_configs(rings=("split", "packed"), in_orders=("off", "on")):
+    """bench_ring's template rows after the others: 32 chains per publish, event idx on,
+    a refill with the same buffers and one with a new data buffer per chain."""
+    return [(ring, io, str(chain), "32", "on", ind, api)
+            for ring in rings for io in in_orders for api in TEMPLATE_APIS
+            for chain in (1, 3) for ind in (("off", "on") if chain == 3 else ("off",))]
+
+
 def test_bench_ring(tmp_path):
     out = run(BENCHMARKS / "bench_ring.py", "--seconds", "0.02", "--rounds", "1",
               "--json", tmp_path / "ring.json")
     assert "# skipped" not in out
     rows = table_rows(out, RING_HEADER)
     # One row per configuration, both formats and in-order off/on, in this order; a batch
-    # of one is add(), a batch of 32 add_many().
-    assert [tuple(r[:6]) for r in rows] == ring_configs()
-    assert len(rows) == 48
-    assert all(r[6] == ("add()" if r[3] == "1" else "add_many()") for r in rows)
+    # of one is add(), a batch of 32 add_many(); then the template rows.
+    assert [tuple(r[:6]) for r in rows[:48]] == ring_configs()
+    assert all(r[6] == ("add()" if r[3] == "1" else "add_many()") for r in rows[:48])
+    assert [tuple(r[:7]) for r in rows[48:]] == template_configs()
+    assert len(rows) == 72
     assert all(float(r[7]) > 0 and float(r[8]) > 0 and float(r[10]) > 0 for r in rows)
     data = check_results(tmp_path / "ring.json", "ring", len(rows))
     assert any(v["row"].startswith("packed, in-order on, chain 3") for v in data["values"])
@@ -114,7 +126,8 @@ def test_bench_ring(tmp_path):
 
 def test_bench_ring_one_format_both_apis():
     out = run(BENCHMARKS / "bench_ring.py", "--seconds", "0.02", "--rounds", "1",
-              "--ring", "packed", "--in-order", "on", "--batched-api", "both")
+              "--ring", "packed", "--in-order", "on", "--batched-api", "both",
+              "--templates", "off")
     rows = table_rows(out, RING_HEADER)
     configs = ring_configs(rings=("packed",), in_orders=("on",))
     # The batched rows twice: 32 add() calls, then one add_many().
@@ -342,7 +355,7 @@ def compare_trees(out):
 def test_compare_ring_with_the_previous_commit(tmp_path):
     out = run(BENCHMARKS / "compare.py", "--rev", "HEAD~1", "--rounds", "2",
               "--json", tmp_path / "cmp.json", "--", "ring", "--seconds", "0.02",
-              "--rounds", "1", "--ring", "split", "--in-order", "off")
+              "--rounds", "1", "--ring", "split", "--in-order", "off", "--templates", "off")
     old_file, new_file = compare_trees(out)
     # Each side's virtq came from its own tree, not from the editable install.
     assert new_file.resolve() == ROOT / "virtq" / "__init__.py"
@@ -367,7 +380,8 @@ def test_compare_ring_with_a_virtq_without_packed_rings(tmp_path):
                             "--", "virtq/queue/packed.py"], capture_output=True, text=True,
                            check=True).stdout.split()
     out = run(BENCHMARKS / "compare.py", "--rev", f"{added[-1]}~1", "--rounds", "1", "--",
-              "ring", "--seconds", "0.02", "--rounds", "1", "--in-order", "off")
+              "ring", "--seconds", "0.02", "--rounds", "1", "--in-order", "off",
+              "--templates", "off")
     rows = table_rows(out, "| row | metric | old | new | new/old |")
     assert len(rows) == 2 * 24
     for r in rows:

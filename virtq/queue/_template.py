@@ -11,14 +11,18 @@ buffers that are warm in the cache.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from virtq.errors import ArgumentError, QueueFullError
+
+_U64_LIMIT = 1 << 64
 
 
 class TemplateSlots:
     """Free / held slot bookkeeping of a chain template (a base class: the template sets
-    ``slots``, ``_free``, ``_held`` and ``_batch`` in its constructor and on reset)."""
+    ``slots``, ``_free``, ``_held`` and ``_batch`` in its constructor and on reset, and
+    keeps each slot's last buffers in ``_r``/``_w`` and their descriptor entries in
+    ``_entries``)."""
 
     slots: int
     _free: list[int]
@@ -26,6 +30,53 @@ class TemplateSlots:
     # The tuple the last acquire_many() returned, all of its slots still held: a
     # submit_many() of that very tuple needs no per-slot check.
     _batch: tuple[int, ...] | None
+    # Per slot: the readable and writable sequences last submitted (None: never), and
+    # the (iova, length, flags) of each of their buffers, validated.
+    _r: list[object]
+    _w: list[object]
+    _entries: list[list[tuple[int, int, int]]]
+
+    def _moved(self, slot: int, readable: Sequence[Any], writable: Sequence[Any]
+               ) -> list[tuple[int, int, int, int]] | None:
+        """The common refill, cheaply: as many readable and writable buffers as ``slot``
+        held, where only some differ (a block request's data buffer; its header and status
+        stay) and none changes its length.  Returns ``(index, iova, length, flags)`` of
+        each buffer that moved (checked: an int address in the u64 range, the length it
+        had, so the chain's flags, total and writable capacity stay), possibly none; None
+        for anything else, which the template's general path then checks and writes.
+        A buffer that is the very object the slot held is not even compared."""
+        old_r = self._r[slot]
+        old_w = self._w[slot]
+        moved: list[tuple[int, int, int, int]] = []
+        # Only reads and comparisons here: a caller's odd object (no len(), an __eq__ that
+        # raises or answers with an array) sends the call to the general path, which
+        # refuses it with an ArgumentError.
+        try:
+            nr = len(readable)
+            if nr != len(old_r) or len(writable) != len(old_w):  # type: ignore[arg-type]
+                return None
+            entries = self._entries[slot]
+            for k, buf in enumerate(readable):
+                old = old_r[k]  # type: ignore[index]
+                if buf is not old and buf != old:
+                    iova, length = buf
+                    entry = entries[k]
+                    if iova.__class__ is not int or length.__class__ is not int \
+                            or length != entry[1] or not 0 <= iova < _U64_LIMIT:
+                        return None
+                    moved.append((k, iova, length, entry[2]))
+            for k, buf in enumerate(writable, nr):
+                old = old_w[k - nr]  # type: ignore[index]
+                if buf is not old and buf != old:
+                    iova, length = buf
+                    entry = entries[k]
+                    if iova.__class__ is not int or length.__class__ is not int \
+                            or length != entry[1] or not 0 <= iova < _U64_LIMIT:
+                        return None
+                    moved.append((k, iova, length, entry[2]))
+        except (TypeError, ValueError, IndexError):
+            return None
+        return moved
 
     @property
     def num_free(self) -> int:

@@ -1032,6 +1032,8 @@ class PackedQueue(_PackedCore[T]):
 
     def _reap(self, limit: int) -> list[tuple[T, int]]:
         """The single ingress point for what the device writes into the ring."""
+        if not self.in_order:
+            return self._reap_any_order(limit)
         out: list[tuple[T, int]] = []
         n = self.size
         desc_h = self._desc_h
@@ -1086,6 +1088,73 @@ class PackedQueue(_PackedCore[T]):
             seq += ndesc
             self._used_cseq += 1
             limit -= 1
+        self._used_dseq = seq
+        return out
+
+    def _reap_any_order(self, limit: int) -> list[tuple[T, int]]:
+        """:meth:`_reap` without VIRTIO_F_IN_ORDER: every used descriptor names one chain.
+        The same checks as the in-order loop, with the ring position, its lap's USED bits,
+        the chain count and the module constants kept in locals (one attribute store per
+        call, not per chain)."""
+        out: list[tuple[T, int]] = []
+        append = out.append
+        n = self.size
+        desc_h = self._desc_h
+        desc_w = self._desc_w
+        states = self._state
+        pub = self._pub_dseq
+        pub_cseq = self._pub_cseq
+        # Chains added but not published yet are invisible to the device: only when some
+        # exist must each completion be checked against them.
+        unpublished = self._avail_cseq != pub_cseq
+        strict = self.strict_len
+        barrier = OBSERVE_BARRIER_NEEDED
+        pair = _PAIR
+        f_write = _F_WRITE
+        seq = self._used_dseq
+        pos = seq % n
+        expected = _USED_BITS[1 ^ (seq // n) & 1]  # _wrap(seq, n), inlined
+        try:
+            while seq != pub and limit:
+                flags = desc_h[pos * 8 + 7]
+                if flags & pair != expected:
+                    if flags & pair == pair ^ expected:
+                        # AVAIL == USED, of the other lap: a used descriptor with the
+                        # wrong device wrap counter (§2.8.1).
+                        self._fail_here(seq, out, "flags", flags, "AVAIL = USED = "
+                                        f"{_wrap(seq, n)}, the device wrap counter")
+                    break  # AVAIL != USED: still available, not used yet
+                # The id and len were written before the flags (§2.8.22, the read barrier
+                # of its example): read them after.
+                if barrier:
+                    observe_barrier()
+                buffer_id = desc_h[pos * 8 + 6]
+                length = desc_w[pos * 4 + 2]
+                try:
+                    token, capacity, ndesc, cseq, home, item, head_len = states[buffer_id]  # type: ignore[misc]
+                except (IndexError, TypeError):
+                    self._fail_here(seq, out, "id", buffer_id,
+                                    f"a buffer id in flight (queue size {n})")
+                if unpublished and cseq >= pub_cseq:
+                    self._fail_here(seq, out, "id", buffer_id,
+                                    "a buffer that has been published")
+                if not flags & f_write and (length > capacity or length == head_len):
+                    length = capacity  # _used_len(), inlined: the length is not known
+                elif length > capacity and strict:
+                    self._fail_here(seq, out, "len", length, f"<= {capacity}, the writable "
+                                    f"capacity of buffer {buffer_id}")
+                append((token, length))
+                states[buffer_id] = None
+                home.append(item)
+                seq += ndesc
+                pos += ndesc
+                if pos >= n:
+                    pos -= n
+                    expected ^= pair  # the next lap
+                limit -= 1
+        finally:
+            # Also when a check above breaks the queue: what was handed out is reaped.
+            self._used_cseq += len(out)
         self._used_dseq = seq
         return out
 
@@ -1152,6 +1221,9 @@ class PackedTemplate(TemplateSlots, Generic[T]):
         self._w: list[object] = [None] * slots
         self._entries: list[list[tuple[int, int, int]]] = [[] for _ in range(slots)]
         self._cap = [0] * slots
+        # Per slot whose chain is one ring descriptor (indirect, or one buffer): that
+        # descriptor's (addr, len, WRITE|INDIRECT flags), for submit_many's one loop.
+        self._ring: list[tuple[int, int, int] | None] = [None] * slots
 
     def _shape(self, slot: int, readable: Sequence[Buffer], writable: Sequence[Buffer]
                ) -> list[tuple[int, int, int]]:
@@ -1159,6 +1231,22 @@ class PackedTemplate(TemplateSlots, Generic[T]):
         date (only entries that changed are written)."""
         if readable is self._r[slot] and writable is self._w[slot]:
             return self._entries[slot]
+        moved = self._moved(slot, readable, writable)
+        if moved is not None:  # only addresses moved: rewrite just those entries
+            entries = self._entries[slot]
+            if moved:
+                entries = entries[:]
+                base = self._tables[slot] - self._q.iova if self.indirect else 0
+                for k, iova, length, flags in moved:
+                    entries[k] = (iova, length, flags)
+                    if self.indirect:
+                        _PACK_DESC(self._q._mem, base + (k << 4), iova, length, 0,
+                                   flags & _F_WRITE)
+                if not self.indirect and len(entries) == 1:
+                    self._ring[slot] = entries[0]
+                self._entries[slot] = entries
+            self._r[slot], self._w[slot] = readable, writable
+            return entries
         try:
             nr = len(readable)
             n = nr + len(writable)
@@ -1182,6 +1270,10 @@ class PackedTemplate(TemplateSlots, Generic[T]):
         self._entries[slot] = entries
         self._r[slot], self._w[slot] = readable, writable
         self._cap[slot] = capacity
+        if self.indirect:
+            self._ring[slot] = (self._tables[slot], DESC_SIZE * n, _F_INDIRECT)
+        elif n == 1:
+            self._ring[slot] = entries[0]
         return entries
 
     def _ring_entries(self, slot: int, entries: list[tuple[int, int, int]]
@@ -1224,6 +1316,9 @@ class PackedTemplate(TemplateSlots, Generic[T]):
             return
         if slots is not self._batch:
             self._check_held_all(slots)
+        if self.indirect or self.max_buffers == 1:
+            self._submit_one_desc_many(slots, readables, writables, tokens, same)
+            return
         mark = q._mark()
         try:
             for i, (slot, token) in enumerate(zip(slots, tokens, strict=True)):
@@ -1242,6 +1337,67 @@ class PackedTemplate(TemplateSlots, Generic[T]):
         except BaseException:
             q._rollback(mark)  # the slots stay held; their ids stay theirs
             raise
+        self._held.difference_update(slots)
+        self._batch = None
+
+    def _submit_one_desc_many(self, slots: Sequence[int],
+                              readables: Sequence[Sequence[Buffer]] | None,
+                              writables: Sequence[Sequence[Buffer]] | None,
+                              tokens: Sequence[T], same: bool) -> None:
+        """submit_many() when every chain is one ring descriptor (its indirect table, or
+        its one buffer): every check and every table write first, then one loop that
+        writes a descriptor and a shadow state per slot -- what _place() and _commit() do
+        per chain, without their calls and lists.  ``slots`` were checked to be held."""
+        q = self._q
+        count = len(slots)
+        n = q.size
+        seq = q._avail_dseq
+        room = n - (seq - q._used_dseq)
+        if count > room:
+            raise QueueFullError(count, room, "ring positions")
+        ring = self._ring
+        if same:
+            if None in map(ring.__getitem__, slots):
+                slot = next(s for s in slots if ring[s] is None)
+                raise ArgumentError("slot", slot, "has never been submitted: nothing to repeat")
+        else:
+            assert readables is not None and writables is not None
+            # Tables are the held slots' own, invisible to the device until their ring
+            # descriptors are published: writing them before a later slot fails its check
+            # leaves nothing to undo (each slot's remembered shape is its table's).
+            r_cache, w_cache, shape = self._r, self._w, self._shape
+            for slot, readable, writable in zip(slots, readables, writables, strict=True):
+                if readable is not r_cache[slot] or writable is not w_cache[slot]:
+                    shape(slot, readable, writable)
+        desc = q._desc_mem
+        state = q._state
+        ids = self._ids
+        caps = self._cap
+        home = self._free
+        cseq = q._avail_cseq
+        pos = seq % n
+        bits = _AVAIL_BITS[1 ^ (seq // n) & 1]  # _wrap(seq, n), inlined
+        first = q._pending is None
+        for slot, token in zip(slots, tokens, strict=True):
+            addr, length, flags = ring[slot]  # type: ignore[misc]
+            buffer_id = ids[slot]
+            if first:
+                # The batch's first flags wait for publish() (§2.8.21.1.1).
+                _PACK_DESC_NOFLAGS(desc, pos << 4, addr, length, buffer_id)
+                q._pending = (pos * 8 + 7, flags | bits)
+                first = False
+            else:
+                _PACK_DESC(desc, pos << 4, addr, length, buffer_id, flags | bits)
+            state[buffer_id] = (token, caps[slot], 1, cseq, home, slot, length)
+            cseq += 1
+            pos += 1
+            if pos == n:
+                pos = 0
+                bits ^= _PAIR  # the next lap: AVAIL and USED both flip
+        if q.in_order:
+            q._order.extend(map(ids.__getitem__, slots))
+        q._avail_dseq = seq + count
+        q._avail_cseq = cseq
         self._held.difference_update(slots)
         self._batch = None
 

@@ -48,6 +48,7 @@ T = TypeVar("T")
 # addr, len, flags, next (struct virtq_desc, §2.7.5); one call writes a whole descriptor.
 _PACK_DESC = struct.Struct("<QIHH").pack_into
 _U32_LIMIT = 1 << 32
+_U64_LIMIT = 1 << 64
 _SEQUENTIAL = list(range(32769))  # indirect table entries are chained 0 -> 1 -> 2 ...
 _F_NEXT = VIRTQ_DESC_F_NEXT
 _F_WRITE = VIRTQ_DESC_F_WRITE
@@ -318,7 +319,8 @@ class SplitQueue(_SplitCore[T]):
         self._avail_seq = seq
         return added
 
-    def _add_chains(self, chains: Sequence[tuple[Sequence[Buffer], Sequence[Buffer], T]]
+    def _add_chains(self, chains: Sequence[tuple[Sequence[Buffer], Sequence[Buffer], T]],
+                    items: Sequence[int] | None = None, home: list[int] | None = None
                     ) -> int:
         """:meth:`add` for each of ``chains`` (the caller checked that they fit), in one
         loop: what add() -> _add_chain() -> _write_chain() do per chain, without their
@@ -326,7 +328,9 @@ class SplitQueue(_SplitCore[T]):
         descriptor it writes).  Every buffer is checked as there, and on any error the
         shadow state of the chains added so far is undone: the descriptors written sit in
         free entries, the avail entries past ``next_avail``, both invisible to the device
-        until publish() (§2.7.13)."""
+        until publish() (§2.7.13).  ``items`` and ``home``: a direct template's slots, one
+        per chain, which completion gives back to ``home`` (the chain's descriptors,
+        head included, go back to the free list)."""
         mem = self._mem
         desc_mem = self._desc_mem
         avail = self._avail
@@ -424,7 +428,11 @@ class SplitQueue(_SplitCore[T]):
                     rest = tuple(descs[1:k])
                 else:
                     raise ArgumentError("buffers", 0, "a chain needs at least one buffer")
-                state[head] = (token, capacity, rest, seq, free, head)
+                if items is None:
+                    state[head] = (token, capacity, rest, seq, free, head)
+                else:
+                    state[head] = (token, capacity, (head, *rest), seq, home,  # type: ignore[assignment]
+                                   items[seq - start])
                 added(head)
                 avail[2 + (seq & mask)] = head
                 seq += 1
@@ -715,7 +723,8 @@ class SplitTemplate(TemplateSlots, Generic[T]):
             self._bad_slot(slot)
         seq = q._avail_seq
         if self.persistent:
-            if readable is not self._r[slot] or writable is not self._w[slot]:
+            if (readable is not self._r[slot] or writable is not self._w[slot]) \
+                    and not self._patch(slot, readable, writable):
                 self._write(slot, readable, writable)
             head = self._heads[slot]
             q._state[head] = (token, self._cap[slot], (), seq, self._free, slot)
@@ -750,10 +759,6 @@ class SplitTemplate(TemplateSlots, Generic[T]):
         if not count:
             return
         if not self.persistent:
-            if same:
-                readables = [self._last(s)[0] for s in slots]
-                writables = [self._last(s)[1] for s in slots]
-            assert readables is not None and writables is not None
             self._submit_direct_many(slots, readables, writables, tokens)
             return
         held = self._held
@@ -771,9 +776,9 @@ class SplitTemplate(TemplateSlots, Generic[T]):
         try:
             if same:
                 r_cache = self._r
+                if None in map(r_cache.__getitem__, slots):  # one C-level pass
+                    self._last(next(s for s in slots if r_cache[s] is None))  # raises
                 for slot, token in zip(slots, tokens, strict=True):
-                    if r_cache[slot] is None:
-                        self._last(slot)  # raises: it never held a chain to repeat
                     head = heads[slot]
                     state[head] = (token, caps[slot], (), seq, home, slot)
                     avail[2 + (seq & mask)] = head
@@ -782,9 +787,11 @@ class SplitTemplate(TemplateSlots, Generic[T]):
                 assert readables is not None and writables is not None
                 r_cache = self._r
                 w_cache = self._w
+                patch = self._patch
                 for slot, readable, writable, token in zip(slots, readables, writables,
                                                            tokens, strict=True):
-                    if readable is not r_cache[slot] or writable is not w_cache[slot]:
+                    if (readable is not r_cache[slot] or writable is not w_cache[slot]) \
+                            and not patch(slot, readable, writable):
                         self._write(slot, readable, writable)
                     head = heads[slot]
                     state[head] = (token, caps[slot], (), seq, home, slot)
@@ -809,43 +816,66 @@ class SplitTemplate(TemplateSlots, Generic[T]):
             raise ArgumentError("slot", slot, "has never been submitted: nothing to repeat")
         return r, w  # type: ignore[return-value]
 
-    def _submit_direct_many(self, slots: Sequence[int], readables: Sequence[Sequence[Buffer]],
-                            writables: Sequence[Sequence[Buffer]], tokens: Sequence[T]) -> None:
+    def _submit_direct_many(self, slots: Sequence[int],
+                            readables: Sequence[Sequence[Buffer]] | None,
+                            writables: Sequence[Sequence[Buffer]] | None,
+                            tokens: Sequence[T]) -> None:
+        """submit_many() of a direct template: checks first, then the queue's add_many
+        loop with each chain's slot as the item its completion gives back.  None buffers:
+        each slot's last ones."""
         q = self._q
-        needed = 0
-        seen: set[int] = set()
-        for slot, readable, writable in zip(slots, readables, writables, strict=True):
-            if not self._is_held(slot) or slot in seen:
-                self._bad_slot(slot)
-            seen.add(slot)
-            needed += len(readable) + len(writable)
+        if slots is not self._batch:
+            self._check_held_all(slots)
+        if readables is None or writables is None:
+            r_cache, w_cache = self._r, self._w
+            if None in map(r_cache.__getitem__, slots):
+                self._last(next(s for s in slots if r_cache[s] is None))  # raises
+            readables = list(map(r_cache.__getitem__, slots))  # type: ignore[arg-type]
+            writables = list(map(w_cache.__getitem__, slots))  # type: ignore[arg-type]
+            repeat = True
+        else:
+            readables = [_as_seq(r, "readable") for r in readables]
+            writables = [_as_seq(w, "writable") for w in writables]
+            repeat = False
+        needed = sum(map(len, readables)) + sum(map(len, writables))
         if needed > len(q._free):
             raise QueueFullError(needed, len(q._free))
+        chains = list(zip(readables, writables, tokens, strict=True))
+        if type(q)._add_chain in _ONE_LOOP_ADD:
+            # One loop for the whole batch (add_many's), each chain's slot its item.
+            q._add_chains(chains, slots, self._free)
+        else:
+            self._direct_each(chains, slots)
+        if not repeat:
+            r_cache, w_cache = self._r, self._w
+            for slot, readable, writable in zip(slots, readables, writables, strict=True):
+                r_cache[slot], w_cache[slot] = readable, writable
+        self._held.difference_update(slots)
+        self._batch = None
+
+    def _direct_each(self, chains: Sequence[tuple[Sequence[Buffer], Sequence[Buffer], T]],
+                     slots: Sequence[int]) -> None:
+        """A direct batch chain by chain, for a queue subclass that places descriptors its
+        own way; undone from the shadow on an error (the avail entries past
+        ``next_avail`` were never visible)."""
+        q = self._q
         start_seq = seq = q._avail_seq
         start_free = list(q._free)
-        done: list[tuple[int, int]] = []
+        done: list[int] = []
         try:
-            for slot, readable, writable, token in zip(slots, readables, writables, tokens,
-                                                       strict=True):
-                head, state = q._add_chain(_as_seq(readable, "readable"),
-                                           _as_seq(writable, "writable"), token, self._free,
-                                           slot)
+            for slot, (readable, writable, token) in zip(slots, chains, strict=True):
+                head, state = q._add_chain(readable, writable, token, self._free, slot)
                 q._state[head] = state
-                self._r[slot], self._w[slot] = readable, writable
-                done.append((head, slot))
+                done.append(head)
                 q._avail[2 + (seq & q._mask)] = head
                 seq += 1
                 q._avail_seq = seq  # _add_chain records the position from it
         except BaseException:
-            # Undone from the shadow (the driver never reads its own state back from shared
-            # memory); avail entries past the old next_avail were never visible.
-            for head, _ in done:
+            for head in done:
                 q._state[head] = None
             q._avail_seq = start_seq
             q._free[:] = start_free
             raise
-        self._held.difference_update(slots)
-        self._batch = None
 
     def _write(self, slot: int, readable: Sequence[Buffer], writable: Sequence[Buffer]) -> None:
         """Bring slot's persistent chain to these buffers, writing only the descriptors
@@ -882,6 +912,31 @@ class SplitTemplate(TemplateSlots, Generic[T]):
         self._r[slot] = readable
         self._w[slot] = writable
         self._cap[slot] = capacity
+
+    def _patch(self, slot: int, readable: Sequence[Buffer], writable: Sequence[Buffer]) -> bool:
+        """A refill where only buffer addresses moved (see ``_moved``): rewrite just those
+        descriptors.  False (nothing written): :meth:`_write` takes the general path."""
+        new = self._moved(slot, readable, writable)
+        if new is None:
+            return False
+        if new:
+            entries = self._entries[slot][:]
+            q = self._q
+            if self.indirect:
+                mem = q._mem
+                base = self._tables[slot]
+                for k, iova, length, flags in new:
+                    entries[k] = (iova, length, flags)
+                    # Entries are chained 0 -> 1 -> ... inside the table (§2.7.5.3.2).
+                    _PACK_DESC(mem, base + (k << 4), iova, length, flags, k + 1)
+            else:  # one buffer, one ring descriptor of its own
+                ((k, iova, length, flags),) = new
+                entries[0] = (iova, length, flags)
+                _PACK_DESC(q._desc_mem, self._heads[slot] << 4, iova, length, flags, 0)
+            self._entries[slot] = entries
+        self._r[slot] = readable
+        self._w[slot] = writable
+        return True
 
     def describe(self) -> str:
         """One line for logs: the shape, the slots and how many are free."""
