@@ -316,6 +316,11 @@ def test_bench_all_quick(tmp_path):
     # Ring: 2 formats x in-order off/on x 1/3 descriptors; blk at QD 32: CPU and IOPS;
     # queues at QD 32; net: TX and RX x split and packed.
     assert len(verdicts) == 8 + 2 + 1 + 4, text
+    # Each ring verdict names virtq's way that did best: add_many() or a template refill.
+    ring_verdicts = [v for v in verdicts if v.startswith("- ring ")]
+    assert len(ring_verdicts) == 8
+    assert all("(best: indirect o" in v and ("add_many()" in v or "template, same buffers" in v)
+               for v in ring_verdicts), ring_verdicts
     assert f"targets: {sum(': met (' in v for v in verdicts)} of 15 met" in text
     for header in (RING_HEADER, "| QD | mode | front-end | IOPS |",
                    "| queues | QD | mode | IOPS |", NET_HEADER, "| floor operation | ns |",
