@@ -186,7 +186,7 @@ def test_one_buffer_template_moves_its_buffer(fmt, indirect):
 
 @pytest.mark.parametrize(("fmt", "indirect"), FORMATS)
 def test_repeating_a_slot_never_submitted_is_refused(fmt, indirect):
-    with ring(fmt, indirect) as (q, dev, layout):
+    with ring(fmt, indirect) as (q, _dev, _layout):
         tpl = q.template(3, slots=2)
         slots = tpl.acquire_many(2)
         before = q.snapshot()
@@ -195,3 +195,50 @@ def test_repeating_a_slot_never_submitted_is_refused(fmt, indirect):
         assert q.snapshot() == before
         tpl.release_many(slots)
         assert tpl.num_free == 2
+
+
+@pytest.mark.parametrize(("fmt", "indirect"), FORMATS)
+@pytest.mark.parametrize("same_list", [True, False], ids=["same list", "new list"])
+def test_a_list_changed_in_place_cannot_hide_a_move(fmt, indirect, same_list):
+    """The caller reuses its buffer list: changed in place after a submission, then
+    submitted again (the very list, or a new one equal to the changed one).  The template
+    compares with its own copy of what the slot holds, so the device sees the new data
+    buffer -- never the old one, which the caller may have handed to someone else."""
+    with ring(fmt, indirect) as (q, dev, layout):
+        tpl = q.template(3, slots=1)
+        (slot,) = tpl.acquire_many(1)
+        r, w = shapes(layout, slot, 1)
+        tpl.submit(slot, r, w, "a")
+        q.publish()
+        assert complete_all(q, dev, seen(dev, 1), 1) == [("a", 1)]
+        moved = (BASE + layout.buffer(7) + 64, 512)
+        w[0] = moved  # in place
+        (slot,) = tpl.acquire_many(1)
+        tpl.submit(slot, r, w if same_list else list(w), "b")
+        q.publish()
+        popped = seen(dev, 1)
+        assert popped[0][1][1] == (moved[0], 512, True)
+        assert complete_all(q, dev, popped, 1) == [("b", 1)]
+
+
+def test_a_direct_repeat_uses_what_was_submitted():
+    """A direct split template repeats (buffers None) what each slot was submitted with,
+    even if the caller changed its list in place since."""
+    with ring("split", False) as (q, dev, layout):
+        tpl = q.template(3, slots=1)
+        assert not tpl.persistent
+        (slot,) = tpl.acquire_many(1)
+        r, w = shapes(layout, slot, 1)
+        first = [(g[0], g[1], i > 0) for i, g in enumerate(r + w)]
+        tpl.submit_many((slot,), [r], [w], ["a"])
+        q.publish()
+        popped = seen(dev, 1)
+        assert [segs for _, segs in popped] == [first]
+        assert complete_all(q, dev, popped, 1) == [("a", 1)]
+        w[0] = (BASE + layout.buffer(9), 512)  # in place, after the submission
+        (slot,) = tpl.acquire_many(1)
+        tpl.submit_many((slot,), None, None, ["b"])
+        q.publish()
+        popped = seen(dev, 1)
+        assert [segs for _, segs in popped] == [first]
+        assert complete_all(q, dev, popped, 1) == [("b", 1)]

@@ -20,9 +20,9 @@ _U64_LIMIT = 1 << 64
 
 class TemplateSlots:
     """Free / held slot bookkeeping of a chain template (a base class: the template sets
-    ``slots``, ``_free``, ``_held`` and ``_batch`` in its constructor and on reset, and
-    keeps each slot's last buffers in ``_r``/``_w`` and their descriptor entries in
-    ``_entries``)."""
+    ``slots``, ``_free``, ``_held`` and ``_batch`` in its constructor and on reset), and
+    the per-slot record of what each slot's chain holds (``_entries``, ``_snap``) that
+    lets a refill rewrite only what moved."""
 
     slots: int
     _free: list[int]
@@ -30,11 +30,18 @@ class TemplateSlots:
     # The tuple the last acquire_many() returned, all of its slots still held: a
     # submit_many() of that very tuple needs no per-slot check.
     _batch: tuple[int, ...] | None
-    # Per slot: the readable and writable sequences last submitted (None: never), and
-    # the (iova, length, flags) of each of their buffers, validated.
-    _r: list[object]
-    _w: list[object]
+    # Per slot: the (iova, length, flags) of each buffer of its chain as validated when
+    # it was written, and the same buffers as (iova, length) per side for _moved's
+    # comparisons (None: never submitted) -- the template's own copies, so that a caller's
+    # list changed in place since cannot make a moved buffer look unchanged.
     _entries: list[list[tuple[int, int, int]]]
+    _snap: list[tuple[list[tuple[int, int]], list[tuple[int, int]]] | None]
+
+    def _keep(self, slot: int, entries: list[tuple[int, int, int]], nr: int) -> None:
+        """Remember ``slot``'s validated chain: ``entries``, the first ``nr`` readable."""
+        self._entries[slot] = entries
+        self._snap[slot] = ([(e[0], e[1]) for e in entries[:nr]],
+                            [(e[0], e[1]) for e in entries[nr:]])
 
     def _moved(self, slot: int, readable: Sequence[Any], writable: Sequence[Any]
                ) -> list[tuple[int, int, int, int]] | None:
@@ -44,21 +51,22 @@ class TemplateSlots:
         each buffer that moved (checked: an int address in the u64 range, the length it
         had, so the chain's flags, total and writable capacity stay), possibly none; None
         for anything else, which the template's general path then checks and writes.
-        A buffer that is the very object the slot held is not even compared."""
-        old_r = self._r[slot]
-        old_w = self._w[slot]
+        Each buffer is compared (in C) with the copy kept of what the slot holds."""
+        snap = self._snap[slot]
+        if snap is None:
+            return None
+        snap_r, snap_w = snap
         moved: list[tuple[int, int, int, int]] = []
         # Only reads and comparisons here: a caller's odd object (no len(), an __eq__ that
         # raises or answers with an array) sends the call to the general path, which
         # refuses it with an ArgumentError.
         try:
-            nr = len(readable)
-            if nr != len(old_r) or len(writable) != len(old_w):  # type: ignore[arg-type]
+            nr = len(snap_r)
+            if len(readable) != nr or len(writable) != len(snap_w):
                 return None
             entries = self._entries[slot]
             for k, buf in enumerate(readable):
-                old = old_r[k]  # type: ignore[index]
-                if buf is not old and buf != old:
+                if buf != snap_r[k]:
                     iova, length = buf
                     entry = entries[k]
                     if iova.__class__ is not int or length.__class__ is not int \
@@ -66,8 +74,7 @@ class TemplateSlots:
                         return None
                     moved.append((k, iova, length, entry[2]))
             for k, buf in enumerate(writable, nr):
-                old = old_w[k - nr]  # type: ignore[index]
-                if buf is not old and buf != old:
+                if buf != snap_w[k - nr]:
                     iova, length = buf
                     entry = entries[k]
                     if iova.__class__ is not int or length.__class__ is not int \
@@ -76,6 +83,23 @@ class TemplateSlots:
                     moved.append((k, iova, length, entry[2]))
         except (TypeError, ValueError, IndexError):
             return None
+        return moved
+
+    def _move(self, slot: int, moved: list[tuple[int, int, int, int]]
+              ) -> list[tuple[int, int, int, int]]:
+        """Record what :meth:`_moved` found in ``slot``'s entries and kept buffers (the
+        caller writes the descriptors); returns ``moved``."""
+        entries = self._entries[slot]
+        snap = self._snap[slot]
+        assert snap is not None
+        snap_r, snap_w = snap
+        nr = len(snap_r)
+        for k, iova, length, flags in moved:
+            entries[k] = (iova, length, flags)
+            if k < nr:
+                snap_r[k] = (iova, length)
+            else:
+                snap_w[k - nr] = (iova, length)
         return moved
 
     @property

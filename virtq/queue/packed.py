@@ -1217,9 +1217,9 @@ class PackedTemplate(TemplateSlots, Generic[T]):
         self._free = list(range(slots - 1, -1, -1))
         self._held: set[int] = set()
         self._batch: tuple[int, ...] | None = None
-        self._r: list[object] = [None] * slots
-        self._w: list[object] = [None] * slots
         self._entries: list[list[tuple[int, int, int]]] = [[] for _ in range(slots)]
+        self._snap: list[tuple[list[tuple[int, int]], list[tuple[int, int]]] | None] = \
+            [None] * slots
         self._cap = [0] * slots
         # Per slot whose chain is one ring descriptor (indirect, or one buffer): that
         # descriptor's (addr, len, WRITE|INDIRECT flags), for submit_many's one loop.
@@ -1229,24 +1229,18 @@ class PackedTemplate(TemplateSlots, Generic[T]):
                ) -> list[tuple[int, int, int]]:
         """Slot's chain as descriptor entries, validated; its indirect table brought up to
         date (only entries that changed are written)."""
-        if readable is self._r[slot] and writable is self._w[slot]:
-            return self._entries[slot]
         moved = self._moved(slot, readable, writable)
         if moved is not None:  # only addresses moved: rewrite just those entries
-            entries = self._entries[slot]
             if moved:
-                entries = entries[:]
-                base = self._tables[slot] - self._q.iova if self.indirect else 0
-                for k, iova, length, flags in moved:
-                    entries[k] = (iova, length, flags)
-                    if self.indirect:
-                        _PACK_DESC(self._q._mem, base + (k << 4), iova, length, 0,
-                                   flags & _F_WRITE)
-                if not self.indirect and len(entries) == 1:
-                    self._ring[slot] = entries[0]
-                self._entries[slot] = entries
-            self._r[slot], self._w[slot] = readable, writable
-            return entries
+                self._move(slot, moved)
+                if self.indirect:
+                    mem = self._q._mem
+                    base = self._tables[slot] - self._q.iova
+                    for k, iova, length, flags in moved:
+                        _PACK_DESC(mem, base + (k << 4), iova, length, 0, flags & _F_WRITE)
+                elif len(self._entries[slot]) == 1:
+                    self._ring[slot] = self._entries[slot][0]
+            return self._entries[slot]
         try:
             nr = len(readable)
             n = nr + len(writable)
@@ -1267,8 +1261,7 @@ class PackedTemplate(TemplateSlots, Generic[T]):
                 if k >= len(old) or old[k] != entry:
                     _PACK_DESC(mem, base + (k << 4), entry[0], entry[1], 0,
                                entry[2] & _F_WRITE)
-        self._entries[slot] = entries
-        self._r[slot], self._w[slot] = readable, writable
+        self._keep(slot, entries, nr)
         self._cap[slot] = capacity
         if self.indirect:
             self._ring[slot] = (self._tables[slot], DESC_SIZE * n, _F_INDIRECT)
@@ -1323,7 +1316,7 @@ class PackedTemplate(TemplateSlots, Generic[T]):
         try:
             for i, (slot, token) in enumerate(zip(slots, tokens, strict=True)):
                 if same:
-                    if self._r[slot] is None:
+                    if self._snap[slot] is None:
                         raise ArgumentError("slot", slot,
                                             "has never been submitted: nothing to repeat")
                     entries = self._entries[slot]
@@ -1365,10 +1358,9 @@ class PackedTemplate(TemplateSlots, Generic[T]):
             # Tables are the held slots' own, invisible to the device until their ring
             # descriptors are published: writing them before a later slot fails its check
             # leaves nothing to undo (each slot's remembered shape is its table's).
-            r_cache, w_cache, shape = self._r, self._w, self._shape
+            shape = self._shape
             for slot, readable, writable in zip(slots, readables, writables, strict=True):
-                if readable is not r_cache[slot] or writable is not w_cache[slot]:
-                    shape(slot, readable, writable)
+                shape(slot, readable, writable)
         desc = q._desc_mem
         state = q._state
         ids = self._ids

@@ -79,6 +79,12 @@ def _as_seq(value: object, name: str) -> Sequence[Any]:
         raise ArgumentError(name, value, "must be a sequence of (iova, length)") from None
 
 
+def _copy(buffers: Sequence[Buffer]) -> tuple[Buffer, ...]:
+    """A template's own copy of buffers it wrote (each an (iova, length) pair already
+    checked), which a caller's later in-place change cannot reach."""
+    return tuple(map(tuple, buffers))  # type: ignore[arg-type]  # (a tuple maps to itself)
+
+
 def _chain_entries(readable: Sequence[Buffer], writable: Sequence[Buffer], nr: int, n: int
                    ) -> tuple[list[tuple[int, int, int]], int]:
     """The ``(iova, length, flags)`` of each descriptor of a chain of ``nr`` readable then
@@ -654,11 +660,11 @@ class SplitTemplate(TemplateSlots, Generic[T]):
     """A request shape on a :class:`SplitQueue`: up to ``max_buffers`` buffers, ``slots``
     request slots (see :class:`~virtq.queue.ChainTemplate`).
 
-    Each slot's last submitted buffers are remembered.  A submission whose buffer
-    sequences are the very objects of the slot's previous one writes nothing but the avail
-    entry; otherwise each descriptor is compared with what the slot holds and only the
-    ones that differ are rewritten (a block request with a new data buffer rewrites one
-    16-byte entry; its header and status entries stay).
+    Each slot's last submitted buffers are remembered (as the template's own copies).  A
+    submission is compared with them buffer by buffer and only the descriptors that
+    differ are rewritten (a block request with a new data buffer rewrites one 16-byte
+    entry; its header and status entries stay); ``submit_many(slots, None, None, tokens)``
+    repeats every slot's chain writing nothing but the avail entries.
     """
 
     def __init__(self, queue: SplitQueue[T], max_buffers: int, slots: int,
@@ -696,6 +702,8 @@ class SplitTemplate(TemplateSlots, Generic[T]):
         self._r: list[object] = [None] * slots
         self._w: list[object] = [None] * slots
         self._entries: list[list[tuple[int, int, int]]] = [[] for _ in range(slots)]
+        self._snap: list[tuple[list[tuple[int, int]], list[tuple[int, int]]] | None] = \
+            [None] * slots
         self._cap = [0] * slots
         self._nent = [0] * slots
         if self.indirect:
@@ -723,16 +731,16 @@ class SplitTemplate(TemplateSlots, Generic[T]):
             self._bad_slot(slot)
         seq = q._avail_seq
         if self.persistent:
-            if (readable is not self._r[slot] or writable is not self._w[slot]) \
-                    and not self._patch(slot, readable, writable):
+            if not self._patch(slot, readable, writable):
                 self._write(slot, readable, writable)
             head = self._heads[slot]
             q._state[head] = (token, self._cap[slot], (), seq, self._free, slot)
         else:
-            head, state = q._add_chain(_as_seq(readable, "readable"),
-                                       _as_seq(writable, "writable"), token, self._free, slot)
+            readable = _as_seq(readable, "readable")
+            writable = _as_seq(writable, "writable")
+            head, state = q._add_chain(readable, writable, token, self._free, slot)
             q._state[head] = state
-            self._r[slot], self._w[slot] = readable, writable
+            self._r[slot], self._w[slot] = _copy(readable), _copy(writable)
         held.discard(slot)
         self._batch = None
         q._avail[2 + (seq & q._mask)] = head
@@ -775,9 +783,11 @@ class SplitTemplate(TemplateSlots, Generic[T]):
         start = seq = q._avail_seq
         try:
             if same:
-                r_cache = self._r
-                if None in map(r_cache.__getitem__, slots):  # one C-level pass
-                    self._last(next(s for s in slots if r_cache[s] is None))  # raises
+                snaps = self._snap
+                if None in map(snaps.__getitem__, slots):  # one C-level pass
+                    slot = next(s for s in slots if snaps[s] is None)
+                    raise ArgumentError("slot", slot,
+                                        "has never been submitted: nothing to repeat")
                 for slot, token in zip(slots, tokens, strict=True):
                     head = heads[slot]
                     state[head] = (token, caps[slot], (), seq, home, slot)
@@ -785,13 +795,10 @@ class SplitTemplate(TemplateSlots, Generic[T]):
                     seq += 1
             else:
                 assert readables is not None and writables is not None
-                r_cache = self._r
-                w_cache = self._w
                 patch = self._patch
                 for slot, readable, writable, token in zip(slots, readables, writables,
                                                            tokens, strict=True):
-                    if (readable is not r_cache[slot] or writable is not w_cache[slot]) \
-                            and not patch(slot, readable, writable):
+                    if not patch(slot, readable, writable):
                         self._write(slot, readable, writable)
                     head = heads[slot]
                     state[head] = (token, caps[slot], (), seq, home, slot)
@@ -847,9 +854,10 @@ class SplitTemplate(TemplateSlots, Generic[T]):
         else:
             self._direct_each(chains, slots)
         if not repeat:
+            # Copies: a caller's list changed in place later must not change a repeat.
             r_cache, w_cache = self._r, self._w
             for slot, readable, writable in zip(slots, readables, writables, strict=True):
-                r_cache[slot], w_cache[slot] = readable, writable
+                r_cache[slot], w_cache[slot] = _copy(readable), _copy(writable)
         self._held.difference_update(slots)
         self._batch = None
 
@@ -908,9 +916,7 @@ class SplitTemplate(TemplateSlots, Generic[T]):
         elif not old or old[0] != entries[0]:
             addr, size, flags = entries[0]
             _PACK_DESC(q._desc_mem, self._heads[slot] << 4, addr, size, flags, 0)
-        self._entries[slot] = entries
-        self._r[slot] = readable
-        self._w[slot] = writable
+        self._keep(slot, entries, nr)
         self._cap[slot] = capacity
 
     def _patch(self, slot: int, readable: Sequence[Buffer], writable: Sequence[Buffer]) -> bool:
@@ -920,22 +926,16 @@ class SplitTemplate(TemplateSlots, Generic[T]):
         if new is None:
             return False
         if new:
-            entries = self._entries[slot][:]
             q = self._q
             if self.indirect:
                 mem = q._mem
                 base = self._tables[slot]
-                for k, iova, length, flags in new:
-                    entries[k] = (iova, length, flags)
+                for k, iova, length, flags in self._move(slot, new):
                     # Entries are chained 0 -> 1 -> ... inside the table (§2.7.5.3.2).
                     _PACK_DESC(mem, base + (k << 4), iova, length, flags, k + 1)
             else:  # one buffer, one ring descriptor of its own
-                ((k, iova, length, flags),) = new
-                entries[0] = (iova, length, flags)
+                ((_, iova, length, flags),) = self._move(slot, new)
                 _PACK_DESC(q._desc_mem, self._heads[slot] << 4, iova, length, flags, 0)
-            self._entries[slot] = entries
-        self._r[slot] = readable
-        self._w[slot] = writable
         return True
 
     def describe(self) -> str:
