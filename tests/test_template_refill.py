@@ -242,3 +242,26 @@ def test_a_direct_repeat_uses_what_was_submitted():
         popped = seen(dev, 1)
         assert [segs for _, segs in popped] == [first]
         assert complete_all(q, dev, popped, 1) == [("b", 1)]
+
+
+@pytest.mark.parametrize("in_order", [False, True])
+def test_a_direct_batch_with_an_empty_chain_is_refused(in_order):
+    """One buffer per chain on average is not one buffer each: an empty chain beside a
+    two-buffer one is refused (ArgumentError, nothing submitted), not taken by the
+    one-descriptor loop."""
+    layout = ring_layout(N, buffer_size=64, ring="split")
+    region = MemfdRegion(layout.nbytes)
+    q = make_queue(region, layout, iova=BASE, in_order=in_order)
+    try:
+        tpl = q.template(3, slots=4)
+        assert not tpl.persistent
+        slots = tpl.acquire_many(2)
+        before = q.snapshot()
+        with pytest.raises(ArgumentError, match="at least one buffer"):
+            tpl.submit_many(slots, [[], [(BASE, 4), (BASE + 8, 4)]], [[], []], [1, 2])
+        assert q.snapshot() == before
+        tpl.submit_many(slots, [[(BASE, 4)], [(BASE + 8, 4)]], [[], []], [1, 2])
+        assert q.num_in_flight == 2
+    finally:
+        q.close()
+        region.close()

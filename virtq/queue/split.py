@@ -29,6 +29,7 @@ A violation raises :class:`~virtq.errors.DeviceProtocolError` and breaks the que
 from __future__ import annotations
 
 import itertools
+import operator
 import struct
 from collections.abc import Iterable, Sequence
 from typing import Any, Generic, NoReturn, TypeVar
@@ -288,14 +289,21 @@ class SplitQueue(_SplitCore[T]):
             if type(self)._add_chain in _ONE_LOOP_ADD:
                 return self._add_chains(chains)
             return self._add_each(chains)  # a subclass places descriptors its own way
-        # Every chain is one descriptor.  avail.ring entries past next_avail are invisible
-        # to the device until publish(), so on a bad buffer only the shadow state written
-        # so far needs undoing.
+        return self._add_singles(chains)
+
+    def _add_singles(self, chains: Sequence[tuple[Sequence[Buffer], Sequence[Buffer], T]],
+                     items: Sequence[int] | None = None, home: list[int] | None = None
+                     ) -> int:
+        """add_many() when every chain is one descriptor (the caller checked that they fit):
+        one loop.  ``items``/``home`` as for :meth:`_add_chains`.  avail.ring entries past
+        next_avail are invisible to the device until publish(), so on a bad buffer only the
+        shadow state written so far needs undoing."""
+        free = self._free
         desc_mem = self._desc_mem
         avail = self._avail
         state = self._state
         mask = self._mask
-        seq = self._avail_seq
+        start = seq = self._avail_seq
         top = len(free)
         buf: object = None
         try:
@@ -306,14 +314,19 @@ class SplitQueue(_SplitCore[T]):
                     buf = readable[0]
                     iova, length = buf
                     _PACK_DESC(desc_mem, head << 4, iova, length, 0, 0)
-                    state[head] = (token, 0, (), seq, free, head)
+                    capacity = 0
                 else:
                     buf = writable[0]
                     iova, length = buf
                     _PACK_DESC(desc_mem, head << 4, iova, length, _F_WRITE, 0)
-                    state[head] = (token, length, (), seq, free, head)
+                    capacity = length
                 if not length > 0:
                     raise ValueError
+                if items is None:
+                    state[head] = (token, capacity, (), seq, free, head)
+                else:  # a direct template's slot: its descriptor goes back to the free list
+                    state[head] = (token, capacity, (head,), seq, home,  # type: ignore[assignment]
+                                   items[seq - start])
                 avail[2 + (seq & mask)] = head
                 seq += 1
         except (TypeError, ValueError, struct.error):
@@ -321,9 +334,8 @@ class SplitQueue(_SplitCore[T]):
                 state[undo] = None
             _bad_buffer(buf)
         del free[top:]
-        added = seq - self._avail_seq
         self._avail_seq = seq
-        return added
+        return seq - start
 
     def _add_chains(self, chains: Sequence[tuple[Sequence[Buffer], Sequence[Buffer], T]],
                     items: Sequence[int] | None = None, home: list[int] | None = None
@@ -844,11 +856,14 @@ class SplitTemplate(TemplateSlots, Generic[T]):
             readables = [_as_seq(r, "readable") for r in readables]
             writables = [_as_seq(w, "writable") for w in writables]
             repeat = False
-        needed = sum(map(len, readables)) + sum(map(len, writables))
+        counts = list(map(operator.add, map(len, readables), map(len, writables)))
+        needed = sum(counts)
         if needed > len(q._free):
             raise QueueFullError(needed, len(q._free))
         chains = list(zip(readables, writables, tokens, strict=True))
-        if type(q)._add_chain in _ONE_LOOP_ADD:
+        if counts.count(1) == len(counts):  # one buffer each: add_many's one-descriptor loop
+            q._add_singles(chains, slots, self._free)
+        elif type(q)._add_chain in _ONE_LOOP_ADD:
             # One loop for the whole batch (add_many's), each chain's slot its item.
             q._add_chains(chains, slots, self._free)
         else:
