@@ -794,6 +794,10 @@ class PackedQueue(_PackedCore[T]):
         mark = self._mark()
         seq = self._avail_dseq
         cseq = self._avail_cseq
+        # The device only frees positions when the driver reaps: none free up meanwhile.
+        limit = self._used_dseq + size
+        # The counters live in these locals until the batch is done (stored once, or
+        # before the rollback of a failed batch, which reads them).
         try:
             for readable, writable, token in chains:
                 try:
@@ -820,7 +824,7 @@ class PackedQueue(_PackedCore[T]):
                     except (TypeError, ValueError, IndexError, KeyError):
                         ok = False
                     if ok:
-                        room = size - (seq - self._used_dseq)
+                        room = limit - seq
                         if room < 1:
                             raise QueueFullError(1, room, "ring positions")
                         pos = seq % size
@@ -833,12 +837,10 @@ class PackedQueue(_PackedCore[T]):
                         else:
                             pack(desc, pos << 4, iova, length, buffer_id, bits)
                         seq += 1
-                        self._avail_dseq = seq
                         free_ids.pop()
                         states[buffer_id] = (token, 0 if nr else length, 1, cseq, free_ids,
                                              buffer_id, length)
                         cseq += 1
-                        self._avail_cseq = cseq
                         if in_order:
                             order.append(buffer_id)
                         continue
@@ -870,7 +872,7 @@ class PackedQueue(_PackedCore[T]):
                     raise ArgumentError("buffers", n, f"chain longer than the {isize}-entry "
                                         "indirect table")
                 ndesc = 1 if ind else n
-                room = size - (seq - self._used_dseq)
+                room = limit - seq
                 pos = seq % size
                 lap = _AVAIL_BITS[1 ^ (seq // size) & 1]  # _wrap(seq, size), inlined
                 if ind:
@@ -934,21 +936,21 @@ class PackedQueue(_PackedCore[T]):
                             pos = 0
                             lap = _AVAIL_BITS[_wrap(seq + i, size)]
                 seq += ndesc
-                self._avail_dseq = seq
                 free_ids.pop()
                 states[buffer_id] = (token, capacity, ndesc, cseq, free_ids, buffer_id,
                                      head_len)
                 cseq += 1
-                self._avail_cseq = cseq
                 if in_order:
                     order.append(buffer_id)
         except BaseException as exc:
+            self._avail_dseq, self._avail_cseq = seq, cseq  # the chains done, to undo
             for home, item in self._rollback(mark):
                 home.append(item)  # the buffer ids are free again
             if isinstance(exc, ArgumentError | QueueFullError) or not isinstance(
                     exc, TypeError | ValueError | OverflowError | struct.error):
                 raise
             _bad_buffer(buf)
+        self._avail_dseq, self._avail_cseq = seq, cseq
         return len(chains)
 
     def _mark(self) -> tuple[int, int, tuple[int, int] | None, int]:
