@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from virtq.errors import ArgumentError, QueueStateError
 from virtq.memory import MemfdRegion
@@ -53,3 +54,96 @@ def test_queue_arguments_and_closed_queue(ring: str) -> None:
         if ring == "split":  # (a closed packed queue answers False)
             with pytest.raises(QueueStateError):
                 q.has_used()
+
+
+class _ArrayLike:
+    """== answers with something that has no truth value (as a numpy array does)."""
+
+    def __eq__(self, other: object) -> Any:
+        return self
+
+    def __ne__(self, other: object) -> Any:
+        return self
+
+    def __bool__(self) -> bool:
+        raise ValueError("ambiguous")
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _valid(buf: Any) -> bool:
+    """What the queues take as a buffer (documented, and the same in add()): anything that
+    unpacks to two ints (a bool is an int; two bytes are two ints), a u64 address and a
+    length in 1 .. 2**32 - 1."""
+    try:
+        iova, length = buf
+    except (TypeError, ValueError):
+        return False
+    return (isinstance(iova, int) and isinstance(length, int) and 0 <= iova < 1 << 64
+            and 0 < length < 1 << 32)
+
+
+@pytest.mark.parametrize(("ring", "indirect"), [("split", False), ("split", True),
+                                                ("packed", False), ("packed", True)])
+@given(bad=st.one_of(
+    st.tuples(HOSTILE_INTS, st.just(512)),
+    st.tuples(st.just(0x10_0000), HOSTILE_INTS),
+    st.sampled_from([None, (), (1,), (0x10_0000, 512, 0), "ab", b"ab", 7, _ArrayLike(),
+                     [0x10_0000, 512], (0x20_0000, 512), (float(0x20_0000), 512),
+                     (0x20_0000, 512.0), (0x20_0000, 511)])),
+    position=st.integers(0, 2), many=st.booleans())
+@example(bad=(float(0x20_0000), 512), position=1, many=False)
+@example(bad=(float(0x20_0000), 512), position=2, many=True)
+@example(bad=(0x20_0000, 512.0), position=1, many=True)
+@settings(max_examples=40, deadline=None)
+def test_template_refill_with_a_hostile_buffer(ring: str, indirect: bool, bad: Any,
+                                               position: int, many: bool) -> None:
+    """Finding (this wave): template refills compare each buffer with what the slot holds
+    to rewrite only what moved; a hostile buffer in any position of a refill is refused
+    with ArgumentError and nothing submitted (the slot stays held, the queue unchanged),
+    or, if it is a valid buffer, the device sees exactly it."""
+    from virtq.testing import DeviceQueue  # noqa: PLC0415
+    from virtq.testing.packed_device import PackedDeviceQueue  # noqa: PLC0415
+
+    base = 0x10_0000
+    layout = ring_layout(8, ring=ring, indirect_size=4, buffer_size=4096)
+    # The device also reaches [0, base): a small valid address (two bytes unpacked) is
+    # mapped too, so that what the device sees can be compared.
+    with MemfdRegion(layout.nbytes + (4 << 20)) as region, MemfdRegion(base) as low:
+        q = make_queue(region, layout, iova=base, indirect=indirect)
+        dev = (PackedDeviceQueue(region, layout, iova=base, regions=[(0, low)])
+               if ring == "packed" else DeviceQueue(region, layout, iova=base,
+                                                    regions=[(0, low)]))
+        try:
+            tpl = q.template(3, slots=1)
+            r, w = [(base, 16)], [(base + 0x1000, 512), (base + 32, 1)]
+            (slot,) = tpl.acquire_many(1)
+            tpl.submit(slot, r, w, "first")
+            q.publish()
+            head, _ = dev.pop()
+            dev.push(head, 1)
+            assert q.drain_used() == [("first", 1)]
+            (slot,) = tpl.acquire_many(1)
+            chain = [*r, *w]
+            chain[position] = bad
+            r2, w2 = chain[:1], chain[1:]
+            before = q.snapshot()
+            try:
+                if many:
+                    tpl.submit_many((slot,), [r2], [w2], ["second"])
+                else:
+                    tpl.submit(slot, r2, w2, "second")
+            except ArgumentError:
+                assert not _valid(bad)
+                assert q.snapshot() == before
+                tpl.release(slot)  # still held: release works
+                return
+            assert _valid(bad), bad
+            q.publish()
+            head, segs = dev.pop()
+            seen = [(g.iova, g.length) for g in segs]
+            del segs  # (their views keep the regions open)
+            assert seen == [(int(b[0]), int(b[1])) for b in chain]
+        finally:
+            dev.close()
+            q.close()
