@@ -65,6 +65,9 @@ class TemplateSlots:
             if len(readable) != nr or len(writable) != len(snap_w):
                 return None
             entries = self._entries[slot]
+            # Two loops, not one over chain(readable, writable) zipped with the kept
+            # buffers: that one measured 50 % slower per refill (split, indirect 3-buffer
+            # chains with a new data buffer: 1,030 -> 1,530 ns of add per chain).
             for k, buf in enumerate(readable):
                 if buf != snap_r[k]:
                     iova, length = buf

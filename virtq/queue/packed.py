@@ -1097,7 +1097,9 @@ class PackedQueue(_PackedCore[T]):
         """:meth:`_reap` without VIRTIO_F_IN_ORDER: every used descriptor names one chain.
         The same checks as the in-order loop, with the ring position, its lap's USED bits,
         the chain count and the module constants kept in locals (one attribute store per
-        call, not per chain)."""
+        call, not per chain).  Kept apart from that loop on purpose: its per-chain batch
+        bookkeeping and attribute stores cost this one 290-358 against about 250 ns per
+        chain (``virtq bench profile``, packed reap)."""
         out: list[tuple[T, int]] = []
         append = out.append
         n = self.size
