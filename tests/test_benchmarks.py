@@ -284,16 +284,33 @@ def test_bench_profile(tmp_path):
     assert [(r[0], r[1]) for r in ring] == [
         (fmt, stage) for fmt in ("split", "packed")
         for stage in ("add", "publish", "reap", "driver total")]
-    data = check_results(tmp_path / "profile.json", "profile", 7 + 8 + 6)
+    # net against a real dpdk-testpmd: TX and RX stages, split and packed.
+    net = table_rows(out, "| dir | ring | stage | ns/pkt | floor ns/pkt | x floor |")
+    tx = ["check frames", "copy in", "submit", "publish + fence", "notify",
+          "reap + validate", "wait for room", "sum of the stages", "process CPU per packet"]
+    rx = ["reap + validate", "copy out", "re-post", "publish + fence", "notify",
+          "sum of the stages", "polls that found nothing", "process CPU per packet"]
+    assert [(r[0], r[1], r[2]) for r in net] == [
+        (d, fmt, stage) for fmt in ("split", "packed")
+        for d, stages in (("TX", tx), ("RX", rx)) for stage in stages]
+    assert all(float(r[3].replace(",", "")) >= 0 for r in net)
+    # Frames went through: a copy costs something in both directions.
+    assert all(float(r[3].replace(",", "")) > 0 for r in net if r[2].startswith("copy"))
+    # floor 7, blk 8, ring 6; net: 7 TX and 5 RX stages per ring, and two totals per
+    # direction and ring.
+    data = check_results(tmp_path / "profile.json", "profile",
+                         7 + 8 + 6 + 2 * (7 + 5) + 2 * 2 * 2)
     metrics = {(v["row"], v["metric"]) for v in data["values"]}
     assert ("blk QD 32 reap + validate", "floor ns/req") in metrics
     assert ("ring packed add", "floor ns/chain") in metrics
+    assert ("net RX packed copy out", "floor ns/pkt") in metrics
 
 
 def test_bench_profile_without_blk():
     out = run("-m", "virtq", "bench", "profile", "--seconds", "0.2", "--floor-ops", "2000",
-              "--skip-blk")
+              "--skip-blk", "--skip-net")
     assert "| stage | ns/req |" not in out
+    assert "| dir | ring | stage |" not in out
     assert len(table_rows(out, "| ring | stage | ns/chain |")) == 8
 
 

@@ -1,7 +1,7 @@
 """``virtq bench profile``: one request split into its stages, in ns, next to the CPython
 floor of comparable work measured in the same run.
 
-Three tables:
+Four tables:
 
 * **floor**: what the cheapest Python-level operation of each kind costs on this host, now
   (best of three passes of ``--floor-ops`` iterations; the empty loop is subtracted from
@@ -24,6 +24,15 @@ Three tables:
   §2.7.8), *complete* (status byte, request fields).  "floor" is the comparable work a
   request cannot avoid in CPython, built from the floor table; "x floor" is how far the
   stage is from it.
+* **net**: 64-byte frames in batches of 32 through :class:`~virtq.devices.NetDevice` in
+  poll mode against a real dpdk-testpmd (``net_vhost``), split and packed rings: TX
+  (``send_batch`` to testpmd in rxonly mode) and RX (``recv_batch`` while testpmd floods
+  in txonly mode).  NetDevice's own calls are wrapped with timers -- *check frames*
+  (lengths, all or nothing), *submit* / *re-post* (the slot queue's lengths and avail
+  entries), *publish + fence*, *notify*, *reap + validate* (used elements, §2.7.8 /
+  §2.8.4), *wait for room* (TX: spinning on a full ring) -- and *copy in* / *copy out* is
+  the rest of the call (the frame bytes, the loop around them).  RX counts only the polls
+  that found frames; the others are shown apart.  ``--skip-net`` leaves it out.
 * **ring**: the driver side of a 3-descriptor chain (a blk request's shape) on a split and
   a packed ring, 32 chains per batch, event idx on, no indirect descriptors: *add*
   (``add_many``), *publish* (with the fence and the kick decision) and *reap*
@@ -352,6 +361,183 @@ def profile_ring(ring: str, seconds: float) -> dict[str, float]:
     return out
 
 
+# -- net through NetDevice against dpdk-testpmd -------------------------------------------------
+
+NET_FRAME = 64
+NET_BATCH = 32
+#: Stages of a transmitted batch: send_batch's calls, timed one by one; "copy in" is the
+#: rest of send_batch (the frames copied into their buffers, the loop around them);
+#: "wait for room" spins (poll mode) until the device completes a transmit buffer.
+NET_TX_STAGES = ("check frames", "copy in", "submit", "publish + fence", "notify",
+                 "reap + validate", "wait for room")
+#: Stages of a received batch (a harvest that found frames): "copy out" is the rest of it
+#: (each frame's bytes taken out of its buffer, the one-buffer-per-frame check).
+NET_RX_STAGES = ("reap + validate", "copy out", "re-post", "publish + fence", "notify")
+
+
+def net_floor(f: dict[str, float], direction: str) -> dict[str, float]:
+    """The CPython floor per packet of each net stage: checking frames is a ``len()`` per
+    frame in one C-level pass (counted as a loop iteration); a copy is a loop iteration
+    and a slice copy (the 16-byte one of the floor table: 64 bytes cost about the same);
+    submit, re-post and reap write or read one field per packet in strided C-level slices
+    (counted as a field store); publish is one store and notify one ``eventfd_write``
+    per batch of 32."""
+    per_batch = {"publish + fence": f["attr"] / NET_BATCH,
+                 "notify": f["eventfd_write"] / NET_BATCH}
+    copy = f["loop"] + f["slice16"]
+    if direction == "TX":
+        return {"check frames": f["loop"], "copy in": copy, "submit": f["attr"],
+                "reap + validate": f["attr"], "wait for room": 0.0, **per_batch}
+    return {"reap + validate": f["attr"], "copy out": copy, "re-post": f["attr"],
+            **per_batch}
+
+
+class _Stopwatch:
+    """Per-stage ns totals of wrapped calls (each call's timer overhead subtracted)."""
+
+    def __init__(self, stages: tuple[str, ...]) -> None:
+        self.ns = dict.fromkeys(stages, 0.0)
+        self.overhead = timer_overhead()
+
+    def wrap(self, stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        ns = self.ns
+        pc = time.perf_counter_ns
+        overhead = self.overhead
+
+        def timed(*args: Any) -> Any:
+            t = pc()
+            try:
+                return fn(*args)
+            finally:
+                ns[stage] += pc() - t - overhead
+        return timed
+
+
+def _net_device(sock: Path, ring: str) -> Any:
+    from virtq.devices import NetDevice  # noqa: PLC0415 - one profile
+
+    return NetDevice.connect_vhost_user(sock, queue_size=RING_SIZE, poll=True, ring=ring)
+
+
+def profile_net_tx(backend: Any, sock: Path, ring: str, seconds: float) -> dict[str, float]:
+    """ns per packet of each :data:`NET_TX_STAGES` stage (and ``total``, ``total cpu``,
+    ``packets``) while ``NetDevice.send_batch`` sends batches of 32 64-byte frames to
+    ``backend`` (testpmd, rxonly) in poll mode.  Raises ``RuntimeError`` if testpmd
+    counted another number of frames, and what NetDevice raises."""
+    from virtq.cli.bench_net import _frames  # noqa: PLC0415 - one profile
+
+    backend.set_forward_mode("rxonly")
+    backend.start_forwarding()
+    frames = _frames(NET_FRAME, NET_BATCH)
+    watch = _Stopwatch(NET_TX_STAGES)
+    with _net_device(sock, ring) as dev:
+        backend.wait_link(True)
+        start = backend.port_stats().rx_packets
+        for _ in range(200):  # warm up; every frame counted before the counters are zeroed
+            dev.send_batch(frames, timeout=5)
+        backend.wait_rx_packets(start + 200 * NET_BATCH, timeout=5)
+        backend.clear_stats()
+        p = dev._tx_pairs[0]
+        txq = p.txq
+        txq.reap = watch.wrap("reap + validate", txq.reap)
+        txq.submit = watch.wrap("submit", txq.submit)
+        txq.publish = watch.wrap("publish + fence", txq.publish)
+        dev._frame_lengths = watch.wrap("check frames", dev._frame_lengths)
+        dev._wait_tx_room = watch.wrap("wait for room", dev._wait_tx_room)
+        transport = dev.transport
+        transport.notify = watch.wrap("notify", transport.notify)
+        send = dev.send_batch
+        pc = time.perf_counter_ns
+        sent = 0
+        total = 0.0
+        cpu0 = time.process_time_ns()
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            for _ in range(64):
+                t = pc()
+                sent += send(frames, timeout=5)
+                total += pc() - t - watch.overhead
+        cpu = time.process_time_ns() - cpu0
+        del transport.notify, txq.reap, txq.submit, txq.publish, dev._frame_lengths
+        del dev._wait_tx_room
+        # Every frame sent must reach the back-end.
+        stats = backend.wait_rx_packets(sent, timeout=5)
+        if stats.rx_packets != sent:
+            raise RuntimeError(f"virtq sent {sent} frames, testpmd counted "
+                               f"{stats.rx_packets}")
+    backend.stop_forwarding()
+    backend.wait_link(False)
+    per = {stage: ns / sent for stage, ns in watch.ns.items()}
+    per["copy in"] = max(0.0, total - sum(watch.ns.values())) / sent
+    per["total"] = total / sent
+    per["total cpu"] = cpu / sent
+    per["packets"] = sent
+    return per
+
+
+def profile_net_rx(backend: Any, sock: Path, ring: str, seconds: float) -> dict[str, float]:
+    """ns per packet of each :data:`NET_RX_STAGES` stage (and ``total``, ``empty polls``:
+    the time of harvests that found nothing, per packet received, ``total cpu``,
+    ``packets``) while testpmd (txonly) floods the receiveq and ``NetDevice.recv_batch``
+    polls it.  Only harvests that found frames count toward the stages.  Raises what
+    NetDevice raises."""
+    watch = _Stopwatch(NET_RX_STAGES)
+    pc = time.perf_counter_ns
+    backend.set_forward_mode("txonly")
+    with _net_device(sock, ring) as dev:
+        backend.wait_link(True)
+        backend.start_forwarding()
+        warm = time.monotonic() + 0.3
+        while time.monotonic() < warm:
+            dev.recv_batch(RING_SIZE, 0)
+        p = dev._rx_pairs[0]
+        rxq = p.rxq
+        rxq.reap = watch.wrap("reap + validate", rxq.reap)
+        rxq.submit = watch.wrap("re-post", rxq.submit)
+        rxq.publish = watch.wrap("publish + fence", rxq.publish)
+        transport = dev.transport
+        transport.notify = watch.wrap("notify", transport.notify)
+        harvest = dev._harvest_rx
+        kept = dict.fromkeys(NET_RX_STAGES, 0.0)
+        counts = {"packets": 0.0, "total": 0.0, "empty": 0.0}
+
+        def timed_harvest(pair: Any) -> list[bytes]:
+            watch.ns.update(dict.fromkeys(NET_RX_STAGES, 0.0))
+            t = pc()
+            frames: list[bytes] = harvest(pair)
+            spent = pc() - t - watch.overhead
+            if frames:
+                counts["packets"] += len(frames)
+                counts["total"] += spent
+                for stage, ns in watch.ns.items():
+                    kept[stage] += ns
+            else:
+                counts["empty"] += spent
+            return frames
+
+        dev._harvest_rx = timed_harvest
+        recv = dev.recv_batch
+        cpu0 = time.process_time_ns()
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            for _ in range(64):
+                recv(RING_SIZE, 0)
+        cpu = time.process_time_ns() - cpu0
+        del dev._harvest_rx, transport.notify, rxq.reap, rxq.submit, rxq.publish
+        backend.stop_forwarding()
+    backend.wait_link(False)
+    got = int(counts["packets"])
+    if not got:
+        raise RuntimeError("testpmd sent virtq no frames")
+    per = {stage: ns / got for stage, ns in kept.items()}
+    per["copy out"] = max(0.0, counts["total"] - sum(kept.values())) / got
+    per["total"] = counts["total"] / got
+    per["empty polls"] = counts["empty"] / got
+    per["total cpu"] = cpu / got
+    per["packets"] = got
+    return per
+
+
 def timer_overhead() -> float:
     """ns of one ``perf_counter_ns()`` call (subtracted from each timed stage)."""
     pc = time.perf_counter_ns
@@ -366,12 +552,14 @@ def timer_overhead() -> float:
 
 
 def _row(stage: str, ns: float, floor: float) -> list[object]:
-    ratio = f"{ns / floor:.1f}x" if floor >= 1 else "-"  # below 1 ns: timer noise
+    # Below 1 ns: timer noise, or a stage that did not run (a notify nobody asked for).
+    ratio = f"{ns / floor:.1f}x" if floor >= 1 and ns >= 1 else "-"
     return [stage, f"{ns:,.0f}", f"{floor:,.0f}", ratio]
 
 
 def run(depth: int, seconds: float, floor_ops: int, *, skip_blk: bool = False,
-        out: Callable[[str], None] = print) -> tuple[Results, list[str]]:
+        skip_net: bool = False, out: Callable[[str], None] = print
+        ) -> tuple[Results, list[str]]:
     """Measure and print the three tables; returns the results (for ``--json``) and the
     printed lines.  Raises what :func:`profile_blk` raises, and
     :class:`~virtq.testing.runners.BackendError` when qemu-storage-daemon cannot start."""
@@ -422,6 +610,8 @@ def run(depth: int, seconds: float, floor_ops: int, *, skip_blk: bool = False,
             results.add(f"blk QD {depth} {s}", "ns/req", per[s], "lower")
         for s in BLK_STAGES:
             results.add(f"blk QD {depth} {s}", "floor ns/req", floor[s], None)
+    if not skip_net:
+        _net_tables(f, seconds, results, say)
     rows = []
     for ring in ("split", "packed"):
         per_ring = profile_ring(ring, seconds / 2)
@@ -442,6 +632,47 @@ def run(depth: int, seconds: float, floor_ops: int, *, skip_blk: bool = False,
     return results, lines
 
 
+def _net_tables(f: dict[str, float], seconds: float, results: Results,
+                say: Callable[[str], None]) -> None:
+    """The net stage table: TX and RX, split and packed, against one dpdk-testpmd."""
+    from virtq.testing.testpmd import TestPmd  # noqa: PLC0415 - CLI only
+
+    rows: list[list[object]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        sock = Path(tmp) / "profile-net.sock"
+        with TestPmd.vhost(sock, txpkts=NET_FRAME) as backend:
+            for ring in ("split", "packed"):
+                for direction, profile, stages in (
+                        ("TX", profile_net_tx, NET_TX_STAGES),
+                        ("RX", profile_net_rx, NET_RX_STAGES)):
+                    per = profile(backend, sock, ring, seconds / 4)
+                    floor = net_floor(f, direction)
+                    for stage in stages:
+                        rows.append([direction, ring, *_row(stage, per[stage], floor[stage])])
+                        label = f"net {direction} {ring} {stage}"
+                        results.add(label, "ns/pkt", per[stage], "lower")
+                        results.add(label, "floor ns/pkt", floor[stage], None)
+                    ftotal = sum(floor.values())
+                    rows.append([direction, ring, *_row("sum of the stages", per["total"],
+                                                        ftotal)])
+                    if direction == "RX":
+                        rows.append([direction, ring, "polls that found nothing",
+                                     f"{per['empty polls']:,.0f}", "", ""])
+                    rows.append([direction, ring, "process CPU per packet",
+                                 f"{per['total cpu']:,.0f}", "", ""])
+                    results.add(f"net {direction} {ring} total", "ns/pkt", per["total"],
+                                "lower")
+                    results.add(f"net {direction} {ring} total cpu", "ns/pkt",
+                                per["total cpu"], "lower")
+    say("")
+    say(f"net: {NET_FRAME}-byte frames in batches of {NET_BATCH} through NetDevice (poll "
+        "mode) against dpdk-testpmd's net_vhost (TX: rxonly, RX: txonly); each stage timed "
+        "around NetDevice's own calls, ns per packet")
+    say("")
+    say(markdown_table(["dir", "ring", "stage", "ns/pkt", "floor ns/pkt", "x floor"], rows,
+                       "lllrrr"))
+
+
 def main(argv: list[str] | None = None) -> int:
     """``virtq bench profile [options]``: print the floor, blk and ring stage tables
     (``--json``: write the numbers too).  Returns 0; argparse exits on bad options; a
@@ -456,9 +687,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="iterations per floor operation pass")
     p.add_argument("--skip-blk", action="store_true",
                    help="no blk table (no qemu-storage-daemon needed)")
+    p.add_argument("--skip-net", action="store_true",
+                   help="no net table (no dpdk-testpmd needed)")
     p.add_argument("--json", help="also write the numbers to this file")
     args = _args.parse(p, argv)
-    results, _ = run(args.depth, args.seconds, args.floor_ops, skip_blk=args.skip_blk)
+    results, _ = run(args.depth, args.seconds, args.floor_ops, skip_blk=args.skip_blk,
+                     skip_net=args.skip_net)
     if args.json:
         results.write(args.json)
     return 0
