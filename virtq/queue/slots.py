@@ -228,33 +228,43 @@ class SlotQueue(_SplitCore[int]):
         last_used = self._used_seq
         if used_idx == last_used & 0xFFFF:
             return [], []
-        count = self._used_count(used_idx)
-        if self.in_order:
-            return self._reap_batches(last_used, count, limit)
+        count = total = self._used_count(used_idx)
         if limit is not None and count > limit:
             count = limit
-        n = self.size
-        first = last_used & self._mask
-        end = first + count
-        if not self.writable and not self._early_count:
-            # A device-readable slot completes with len 0, so an in-order element, read as
-            # one u64 (id | len << 32), equals its slot number: one list comparison checks
-            # ids and lengths together.
-            ids2, zeros, _ = self._expect
-            elems = ring_run(self._used_q, first, count, n)
-            if elems == ids2[first:end]:
+        in_order = self.in_order
+        # The run fast paths below need every element to complete the slot of its own
+        # position.  Without IN_ORDER that is the common case; with it (§2.7.9) it is a
+        # device that retires every batch of one buffer, which DPDK does for each packet
+        # -- and then every element of the run was written fresh: the batch at position
+        # p writes its element at p, and an element naming p's own slot closes a batch of
+        # one, so the next batch starts at p + 1.  (A longer batch's element names another
+        # slot, and the batch loop takes over.)  Not while a batch cut short by a limited
+        # reap is pending.
+        if not in_order or self._batch is None:
+            n = self.size
+            first = last_used & self._mask
+            end = first + count
+            if not self.writable and not self._early_count:
+                # A device-readable slot completes with len 0, so an in-order element, read
+                # as one u64 (id | len << 32), equals its slot number: one list comparison
+                # checks ids and lengths together.
+                ids2, zeros, _ = self._expect
+                elems = ring_run(self._used_q, first, count, n)
+                if elems == ids2[first:end]:
+                    self._front = self._used_seq = last_used + count
+                    return elems, zeros[:count]
+            slots = ring_run(self._used_i, first, count, n, step=2)
+            lens = ring_run(self._used_i, first, count, n, step=2, offset=1)
+            # In order: with no early completion pending, front == last_used, and positions
+            # last_used .. last_used + count - 1 are published and in flight; element k must
+            # then name the slot made available at position last_used + k.
+            if (not self._early_count and slots == self._expect[0][first:end]
+                    and (max(lens) <= self._capacity or not self.strict_len)):
                 self._front = self._used_seq = last_used + count
-                return elems, zeros[:count]
-        slots = ring_run(self._used_i, first, count, n, step=2)
-        lens = ring_run(self._used_i, first, count, n, step=2, offset=1)
-        # In order: with no early completion pending, front == last_used, and positions
-        # last_used .. last_used + count - 1 are published and in flight; element k must
-        # then name the slot made available at position last_used + k.
-        if (not self._early_count and slots == self._expect[0][first:end]
-                and (max(lens) <= self._capacity or not self.strict_len)):
-            self._front = self._used_seq = last_used + count
-            return slots, lens
-        return self._reap_one_by_one(slots, lens)
+                return slots, lens
+            if not in_order:
+                return self._reap_one_by_one(slots, lens)
+        return self._reap_batches(last_used, total, limit)
 
     def _reap_batches(self, last_used: int, count: int, limit: int | None
                       ) -> tuple[list[int], list[int]]:
