@@ -460,6 +460,7 @@ def profile_net_tx(backend: Any, sock: Path, ring: str, seconds: float) -> dict[
         cpu = time.process_time_ns() - cpu0
         del transport.notify, txq.reap, txq.submit, txq.publish, dev._frame_lengths
         del dev._wait_tx_room
+        in_order = dev.in_order
         # Every frame sent must reach the back-end.
         stats = backend.wait_rx_packets(sent, timeout=5)
         if stats.rx_packets != sent:
@@ -472,6 +473,7 @@ def profile_net_tx(backend: Any, sock: Path, ring: str, seconds: float) -> dict[
     per["total"] = total / sent
     per["total cpu"] = cpu / sent
     per["packets"] = sent
+    per["in_order"] = float(in_order)
     return per
 
 
@@ -524,6 +526,7 @@ def profile_net_rx(backend: Any, sock: Path, ring: str, seconds: float) -> dict[
                 recv(RING_SIZE, 0)
         cpu = time.process_time_ns() - cpu0
         del dev._harvest_rx, transport.notify, rxq.reap, rxq.submit, rxq.publish
+        in_order = dev.in_order
         backend.stop_forwarding()
     backend.wait_link(False)
     got = int(counts["packets"])
@@ -535,6 +538,7 @@ def profile_net_rx(backend: Any, sock: Path, ring: str, seconds: float) -> dict[
     per["empty polls"] = counts["empty"] / got
     per["total cpu"] = cpu / got
     per["packets"] = got
+    per["in_order"] = float(in_order)
     return per
 
 
@@ -647,18 +651,20 @@ def _net_tables(f: dict[str, float], seconds: float, results: Results,
                         ("RX", profile_net_rx, NET_RX_STAGES)):
                     per = profile(backend, sock, ring, seconds / 4)
                     floor = net_floor(f, direction)
+                    # As a user gets it: VIRTIO_F_IN_ORDER when the device offers it.
+                    shown = ring + (" in-order" if per["in_order"] else "")
                     for stage in stages:
-                        rows.append([direction, ring, *_row(stage, per[stage], floor[stage])])
+                        rows.append([direction, shown, *_row(stage, per[stage], floor[stage])])
                         label = f"net {direction} {ring} {stage}"
                         results.add(label, "ns/pkt", per[stage], "lower")
                         results.add(label, "floor ns/pkt", floor[stage], None)
                     ftotal = sum(floor.values())
-                    rows.append([direction, ring, *_row("sum of the stages", per["total"],
-                                                        ftotal)])
+                    rows.append([direction, shown, *_row("sum of the stages", per["total"],
+                                                         ftotal)])
                     if direction == "RX":
-                        rows.append([direction, ring, "polls that found nothing",
+                        rows.append([direction, shown, "polls that found nothing",
                                      f"{per['empty polls']:,.0f}", "", ""])
-                    rows.append([direction, ring, "process CPU per packet",
+                    rows.append([direction, shown, "process CPU per packet",
                                  f"{per['total cpu']:,.0f}", "", ""])
                     results.add(f"net {direction} {ring} total", "ns/pkt", per["total"],
                                 "lower")
@@ -666,8 +672,8 @@ def _net_tables(f: dict[str, float], seconds: float, results: Results,
                                 per["total cpu"], "lower")
     say("")
     say(f"net: {NET_FRAME}-byte frames in batches of {NET_BATCH} through NetDevice (poll "
-        "mode) against dpdk-testpmd's net_vhost (TX: rxonly, RX: txonly); each stage timed "
-        "around NetDevice's own calls, ns per packet")
+        "mode, the features it negotiates by default) against dpdk-testpmd's net_vhost (TX: "
+        "rxonly, RX: txonly); each stage timed around NetDevice's own calls, ns per packet")
     say("")
     say(markdown_table(["dir", "ring", "stage", "ns/pkt", "floor ns/pkt", "x floor"], rows,
                        "lllrrr"))
