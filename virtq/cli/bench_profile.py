@@ -398,6 +398,20 @@ class _Stopwatch:
     def __init__(self, stages: tuple[str, ...]) -> None:
         self.ns = dict.fromkeys(stages, 0.0)
         self.overhead = timer_overhead()
+        self._attached: list[tuple[object, str]] = []
+
+    def attach(self, obj: object, **stages: str) -> None:
+        """Time each method ``name`` of ``obj`` as stage ``stages[name]`` (an instance
+        attribute over the class's method, until :meth:`detach`)."""
+        for name, stage in stages.items():
+            setattr(obj, name, self.wrap(stage, getattr(obj, name)))
+            self._attached.append((obj, name))
+
+    def detach(self) -> None:
+        """Every attached method back to the class's own."""
+        for obj, name in self._attached:
+            delattr(obj, name)
+        self._attached.clear()
 
     def wrap(self, stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         ns = self.ns
@@ -437,15 +451,10 @@ def profile_net_tx(backend: Any, sock: Path, ring: str, seconds: float) -> dict[
             dev.send_batch(frames, timeout=5)
         backend.wait_rx_packets(start + 200 * NET_BATCH, timeout=5)
         backend.clear_stats()
-        p = dev._tx_pairs[0]
-        txq = p.txq
-        txq.reap = watch.wrap("reap + validate", txq.reap)
-        txq.submit = watch.wrap("submit", txq.submit)
-        txq.publish = watch.wrap("publish + fence", txq.publish)
-        dev._frame_lengths = watch.wrap("check frames", dev._frame_lengths)
-        dev._wait_tx_room = watch.wrap("wait for room", dev._wait_tx_room)
-        transport = dev.transport
-        transport.notify = watch.wrap("notify", transport.notify)
+        watch.attach(dev._tx_pairs[0].txq, reap="reap + validate", submit="submit",
+                     publish="publish + fence")
+        watch.attach(dev, _frame_lengths="check frames", _wait_tx_room="wait for room")
+        watch.attach(dev.transport, notify="notify")
         send = dev.send_batch
         pc = time.perf_counter_ns
         sent = 0
@@ -458,8 +467,7 @@ def profile_net_tx(backend: Any, sock: Path, ring: str, seconds: float) -> dict[
                 sent += send(frames, timeout=5)
                 total += pc() - t - watch.overhead
         cpu = time.process_time_ns() - cpu0
-        del transport.notify, txq.reap, txq.submit, txq.publish, dev._frame_lengths
-        del dev._wait_tx_room
+        watch.detach()
         in_order = dev.in_order
         # Every frame sent must reach the back-end.
         stats = backend.wait_rx_packets(sent, timeout=5)
@@ -492,13 +500,9 @@ def profile_net_rx(backend: Any, sock: Path, ring: str, seconds: float) -> dict[
         warm = time.monotonic() + 0.3
         while time.monotonic() < warm:
             dev.recv_batch(RING_SIZE, 0)
-        p = dev._rx_pairs[0]
-        rxq = p.rxq
-        rxq.reap = watch.wrap("reap + validate", rxq.reap)
-        rxq.submit = watch.wrap("re-post", rxq.submit)
-        rxq.publish = watch.wrap("publish + fence", rxq.publish)
-        transport = dev.transport
-        transport.notify = watch.wrap("notify", transport.notify)
+        watch.attach(dev._rx_pairs[0].rxq, reap="reap + validate", submit="re-post",
+                     publish="publish + fence")
+        watch.attach(dev.transport, notify="notify")
         harvest = dev._harvest_rx
         kept = dict.fromkeys(NET_RX_STAGES, 0.0)
         counts = {"packets": 0.0, "total": 0.0, "empty": 0.0}
@@ -525,7 +529,8 @@ def profile_net_rx(backend: Any, sock: Path, ring: str, seconds: float) -> dict[
             for _ in range(64):
                 recv(RING_SIZE, 0)
         cpu = time.process_time_ns() - cpu0
-        del dev._harvest_rx, transport.notify, rxq.reap, rxq.submit, rxq.publish
+        del dev._harvest_rx
+        watch.detach()
         in_order = dev.in_order
         backend.stop_forwarding()
     backend.wait_link(False)
