@@ -1033,7 +1033,9 @@ class PackedQueue(_PackedCore[T]):
         return self._reap(-1)
 
     def _reap(self, limit: int) -> list[tuple[T, int]]:
-        """The single ingress point for what the device writes into the ring."""
+        """The single ingress point for what the device writes into the ring: here with
+        VIRTIO_F_IN_ORDER (a used descriptor may retire a batch, §2.8.8), else
+        :meth:`_reap_any_order`."""
         if not self.in_order:
             return self._reap_any_order(limit)
         out: list[tuple[T, int]] = []
@@ -1044,7 +1046,6 @@ class PackedQueue(_PackedCore[T]):
         pub = self._pub_dseq
         pub_cseq = self._pub_cseq
         strict = self.strict_len
-        in_order = self.in_order
         seq = self._used_dseq
         if self._batch is not None:
             last_id, length = self._batch
@@ -1079,14 +1080,13 @@ class PackedQueue(_PackedCore[T]):
             if length > capacity and strict:
                 self._fail_here(seq, out, "len", length,
                                 f"<= {capacity}, the writable capacity of buffer {buffer_id}")
-            if in_order and self._order[0] != buffer_id:
+            if self._order[0] != buffer_id:
                 seq, limit = self._retire_batch(seq, buffer_id, length, out, limit)
                 continue
             out.append((token, length))
             states[buffer_id] = None
             home.append(item)
-            if in_order:
-                self._order.popleft()
+            self._order.popleft()
             seq += ndesc
             self._used_cseq += 1
             limit -= 1
