@@ -900,6 +900,9 @@ class PackedQueue(_PackedCore[T]):
                         raise QueueFullError(n, room, "ring positions")
                     # Positions seq .. seq + n - 1, each with its lap's AVAIL/USED bits and
                     # the buffer id (§2.8.6); a batch's first flags wait for publish().
+                    # Readable and writable buffers in two loops on purpose: one loop over
+                    # ((readable, 0), (writable, WRITE)) measured 6-8 % slower per
+                    # 3-descriptor chain (bench_ring, packed, 2026-11-30).
                     last = n - 1
                     i = 0
                     head_len = -1
